@@ -1,0 +1,1 @@
+"""Small seeded ONNX fixture models, built in code (see `models.fixtures`)."""

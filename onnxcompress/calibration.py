@@ -1,0 +1,537 @@
+"""Calibration inputs for validation and data-aware passes: seeded random data, `.npz` files and
+folders of images with a preprocessing spec, all cut into batches the model can run."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxcompress.errors import CompressError
+from onnxcompress.graph import dim_values, runtime_inputs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RANDOM_BATCHES = 4
+LABELS_KEY = "labels"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+@dataclass
+class Calibration:
+    batches: list[dict[str, np.ndarray]]
+    labels: np.ndarray | None
+    source: str  # in words, for the report: "random (seed 0)", "file x.npz (512 samples)", ...
+
+
+def calibration_inputs(
+    model: onnx.ModelProto,
+    input_shapes: dict[str, list[int]],
+    *,
+    data: str | Path | None = None,
+    images: str | Path | None = None,
+    preprocess: Preprocess | str | None = None,
+    labels: str | Path | None = None,
+    count: int | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    fixed: dict[str, np.ndarray] | None = None,
+) -> Calibration:
+    """The calibration set: from `data` (.npz), from `images` (a folder), else seeded random.
+
+    `count` caps the samples (random: default 4 batches of the pinned shape). `fixed` gives
+    arrays that random data cannot stand in for (e.g. an int64 sample rate).
+    """
+    if data is not None and images is not None:
+        raise CompressError("give calibration data either as --data FILE.npz or as --images DIR")
+    if labels is not None and images is None:
+        raise CompressError(
+            "a labels file goes with --images; with --data put the labels in the file "
+            f"as an int array named '{LABELS_KEY}'"
+        )
+    if data is not None:
+        batches, file_labels = load_npz_inputs(data, model, input_shapes, batch_size, limit=count)
+        samples = sum(_batch_rows(model, batch) for batch in batches)
+        return Calibration(batches, file_labels, f"file {Path(data).name} ({samples} samples)")
+    if images is not None:
+        return _image_calibration(
+            model, input_shapes, images, preprocess, labels, count, batch_size
+        )
+    rows = _pinned_batch(model, input_shapes)
+    batch_count = DEFAULT_RANDOM_BATCHES if count is None else max(1, math.ceil(count / rows))
+    batches = random_inputs(model, input_shapes, count=batch_count, seed=seed, fixed=fixed)
+    return Calibration(batches, None, f"random (seed {seed})")
+
+
+def random_inputs(
+    model: onnx.ModelProto,
+    input_shapes: dict[str, list[int]],
+    count: int = DEFAULT_RANDOM_BATCHES,
+    seed: int = 0,
+    fixed: dict[str, np.ndarray] | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """`count` batches of standard-normal data in each input's pinned shape and dtype.
+
+    Integer and bool inputs (token ids, sizes, flags) have no meaningful random stand-in: they
+    must come from `fixed`, which is used as is in every batch.
+    """
+    fixed = fixed or {}
+    rng = np.random.default_rng(seed)
+    dtypes = input_dtypes(model)
+    for name, dtype in dtypes.items():
+        if name not in fixed and not np.issubdtype(dtype, np.floating):
+            raise CompressError(
+                f"input '{name}' takes {dtype} values that random data cannot stand in for; "
+                f"give calibration data with --data FILE.npz holding an array named '{name}'"
+            )
+    batches = []
+    for _ in range(count):
+        batch = {}
+        for name, dtype in dtypes.items():
+            if name in fixed:
+                batch[name] = np.asarray(fixed[name])
+            else:
+                values = rng.standard_normal(input_shapes[name], dtype=np.float32)
+                batch[name] = values.astype(dtype)
+        batches.append(batch)
+    return batches
+
+
+def load_npz_inputs(
+    path: str | Path,
+    model: onnx.ModelProto,
+    input_shapes: dict[str, list[int]],
+    batch_size: int | None = None,
+    limit: int | None = None,
+) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
+    """Batches from a .npz holding one array per input name, plus an optional 'labels' array.
+
+    Each array stacks the samples along the input's batch axis (axis 0, or the axis carrying
+    the batch symbol, e.g. silero's state [2, N, 128]); all give the same sample count N. An
+    array of exactly the input's pinned shape whose sample count differs from N, or any array
+    for an input with no batch axis (e.g. silero's scalar int64 'sr'), is used for every batch.
+    """
+    arrays = _read_npz(path)
+    dtypes = input_dtypes(model)
+    missing = [name for name in dtypes if name not in arrays]
+    if missing:
+        raise CompressError(
+            f"{path}: no array for input(s) {', '.join(missing)}; the file has "
+            f"{', '.join(sorted(arrays)) or 'no arrays'} (arrays are named after the inputs)"
+        )
+    ignored = sorted(set(arrays) - set(dtypes) - {LABELS_KEY})
+    if ignored:
+        log.warning("%s: ignoring arrays that match no input: %s", path, ", ".join(ignored))
+    axes = batch_axes(model)
+    samples: dict[str, int] = {}
+    for name, dtype in dtypes.items():
+        array, shape, axis = arrays[name], input_shapes[name], axes[name]
+        if array.dtype != dtype:
+            raise CompressError(f"{path}: input '{name}' takes {dtype}, the file has {array.dtype}")
+        if not _matches_except(array.shape, shape, axis):
+            want = list(shape) if axis is None else [*shape[:axis], "N", *shape[axis + 1 :]]
+            raise CompressError(
+                f"{path}: array '{name}' has shape {list(array.shape)}, expected {want}"
+            )
+        if axis is not None:
+            samples[name] = array.shape[axis]
+    sample_count = max(samples.values(), default=1)
+    for name, count in list(samples.items()):
+        if count != sample_count and list(arrays[name].shape) == list(input_shapes[name]):
+            del samples[name]  # one array of the pinned shape: the same for every batch
+    if len(set(samples.values())) > 1:
+        counts = ", ".join(f"{name} {count}" for name, count in samples.items())
+        raise CompressError(f"{path}: arrays give different sample counts: {counts}")
+    if limit is not None:
+        sample_count = min(sample_count, limit)
+    labels = _npz_labels(path, arrays, sample_count, limit)
+    stacked = {name: (arrays[name], axes[name]) for name in samples}
+    constant = {name: arrays[name] for name in dtypes if name not in samples}
+    batch_size = batch_size_for(model, input_shapes, batch_size)
+    batches = _split_batches(stacked, constant, sample_count, batch_size, _batch_is_fixed(model))
+    if labels is not None:
+        labels = labels[: sum(_batch_rows(model, batch) for batch in batches)]
+    return batches, labels
+
+
+def input_dtypes(model: onnx.ModelProto) -> dict[str, np.dtype]:
+    """The numpy dtype of every runtime input, in graph order."""
+    dtypes = {}
+    for inp in runtime_inputs(model):
+        elem_type = inp.type.tensor_type.elem_type
+        try:
+            dtypes[inp.name] = np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+        except Exception as exc:
+            raise CompressError(f"input '{inp.name}' has a type numpy cannot hold") from exc
+    return dtypes
+
+
+def batch_axes(model: onnx.ModelProto) -> dict[str, int | None]:
+    """The axis each input stacks samples on, None for inputs without one.
+
+    The batch symbol is the first symbolic leading dim among the inputs; an input carries the
+    batch on the axis with that symbol. A model with no dynamic leading dim batches on axis 0.
+    """
+    dims = {inp.name: dim_values(inp) for inp in runtime_inputs(model)}
+    symbol = next((d[0] for d in dims.values() if d and isinstance(d[0], str)), None)
+    axes: dict[str, int | None] = {}
+    for name, shape in dims.items():
+        if symbol is not None and symbol in shape:
+            axes[name] = shape.index(symbol)
+        elif shape and (symbol is None or not isinstance(shape[0], int)):
+            axes[name] = 0
+        else:
+            axes[name] = None
+    return axes
+
+
+def batch_size_for(
+    model: onnx.ModelProto, input_shapes: dict[str, list[int]], requested: int | None
+) -> int:
+    """The batch size to cut data into: the user's, else the pinned batch dim."""
+    pinned = _pinned_batch(model, input_shapes)
+    if requested is None:
+        return pinned
+    if requested < 1:
+        raise CompressError(f"batch size must be at least 1, got {requested}")
+    if _batch_is_fixed(model) and requested != pinned:
+        raise CompressError(f"the model fixes its batch dim to {pinned}; cannot run {requested}")
+    return requested
+
+
+def _pinned_batch(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> int:
+    for name, axis in batch_axes(model).items():
+        if axis is not None:
+            return int(input_shapes[name][axis])
+    return 1
+
+
+def _batch_is_fixed(model: onnx.ModelProto) -> bool:
+    axes = batch_axes(model)
+    for inp in runtime_inputs(model):
+        axis = axes[inp.name]
+        if axis is not None:
+            return isinstance(dim_values(inp)[axis], int)
+    return True
+
+
+def _batch_rows(model: onnx.ModelProto, batch: dict[str, np.ndarray]) -> int:
+    for name, axis in batch_axes(model).items():
+        if axis is not None and batch[name].ndim > axis:
+            return batch[name].shape[axis]
+    return 1
+
+
+def _split_batches(
+    stacked: dict[str, tuple[np.ndarray, int]],
+    constant: dict[str, np.ndarray],
+    sample_count: int,
+    batch_size: int,
+    batch_is_fixed: bool,
+) -> list[dict[str, np.ndarray]]:
+    """Cut stacked arrays into batches (views, no copies); constants go in every batch."""
+    if not stacked:
+        return [dict(constant)]
+    if batch_is_fixed:
+        usable = sample_count - sample_count % batch_size
+        if usable == 0:
+            raise CompressError(
+                f"{sample_count} sample(s) cannot fill one batch of {batch_size}, "
+                "the batch size the model fixes"
+            )
+        if usable < sample_count:
+            log.warning(
+                "dropping the last %d sample(s): the model fixes the batch to %d",
+                sample_count - usable,
+                batch_size,
+            )
+        sample_count = usable
+    batches = []
+    for start in range(0, sample_count, batch_size):
+        stop = min(start + batch_size, sample_count)
+        batch = {}
+        for name, (array, axis) in stacked.items():
+            index = (slice(None),) * axis + (slice(start, stop),)
+            batch[name] = np.ascontiguousarray(array[index])
+        batch.update(constant)
+        batches.append(batch)
+    return batches
+
+
+def _matches_except(shape: tuple[int, ...], pinned: list[int], axis: int | None) -> bool:
+    if len(shape) != len(pinned):
+        return False
+    pairs = enumerate(zip(shape, pinned, strict=True))
+    return all(got == want for i, (got, want) in pairs if i != axis)
+
+
+def _read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise CompressError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (AttributeError, TypeError):  # np.load gave a bare array: a .npy file
+        raise CompressError(f"{path}: one bare array; give a .npz, one array per input") from None
+    except Exception as exc:
+        raise CompressError(f"{path}: not a readable .npz file ({exc})") from exc
+
+
+def _npz_labels(path, arrays, sample_count: int, limit: int | None) -> np.ndarray | None:
+    labels = arrays.get(LABELS_KEY)
+    if labels is None:
+        return None
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise CompressError(f"{path}: '{LABELS_KEY}' must be a 1-D int array")
+    if len(labels) < sample_count or (limit is None and len(labels) != sample_count):
+        raise CompressError(f"{path}: {len(labels)} labels for {sample_count} samples")
+    return labels[:sample_count].astype(np.int64)
+
+
+# -- images --------------------------------------------------------------------------------
+
+
+@dataclass
+class Preprocess:
+    """How an image becomes model input: value = (pixel * scale - mean) / std, per channel.
+
+    mean and std are in the model's channel order (after the BGR swap when `bgr`). `resize`
+    is the shorter side (an int, aspect kept) or (height, width); `crop` is a centre crop.
+    dtype "" follows the model input.
+    """
+
+    resize: int | tuple[int, int] | None = None
+    crop: int | tuple[int, int] | None = None
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    scale: float = 1.0
+    layout: str = "NCHW"
+    bgr: bool = False
+    grayscale: bool = False
+    dtype: str = ""
+
+
+PREPROCESS_HELP = (
+    "comma-separated key=value, lists split by ';', numbers may be fractions: "
+    "resize=224 (shorter side) or H;W, crop=224 or H;W, mean=104;117;123, std=58.4;57.1;57.4, "
+    "scale=1/255, layout=NCHW|NHWC, bgr, grayscale, dtype=float16"
+)
+_FLAGS = {"bgr", "grayscale"}
+
+
+def parse_preprocess(spec: str) -> Preprocess:
+    """Parse e.g. "resize=224,mean=104;117;123,bgr" (see PREPROCESS_HELP)."""
+    fields: dict = {}
+    valid = [f.name for f in dataclasses.fields(Preprocess)]
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        key, has_value, value = (s.strip() for s in item.partition("="))
+        key = key.lower()
+        if key not in valid:
+            raise CompressError(f"preprocess: unknown key '{key}'; valid keys: {', '.join(valid)}")
+        if key in fields:
+            raise CompressError(f"preprocess: '{key}' given twice")
+        try:
+            fields[key] = _parse_value(key, value if has_value else None)
+        except ValueError as exc:
+            raise CompressError(f"preprocess: bad value for '{key}': {exc}") from exc
+    return Preprocess(**fields)
+
+
+def _parse_value(key: str, value: str | None):
+    if key in _FLAGS:
+        if value is None or value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"'{value}' is not a yes/no value")
+    if not value:
+        raise ValueError("missing value")
+    if key in ("resize", "crop"):
+        sizes = [int(part) for part in value.split(";")]
+        if len(sizes) > 2 or min(sizes) < 1:
+            raise ValueError(f"'{value}' is not SIZE or HEIGHT;WIDTH")
+        return sizes[0] if len(sizes) == 1 else tuple(sizes)
+    if key in ("mean", "std"):
+        numbers = tuple(_number(part) for part in value.split(";"))
+        if key == "std" and 0 in numbers:
+            raise ValueError("std cannot be 0")
+        return numbers
+    if key == "scale":
+        return _number(value)
+    if key == "layout":
+        if value.upper() not in ("NCHW", "NHWC"):
+            raise ValueError(f"'{value}' is not NCHW or NHWC")
+        return value.upper()
+    try:
+        return np.dtype(value).name
+    except TypeError:
+        raise ValueError(f"'{value}' is not a numpy dtype name") from None
+
+
+def _number(text: str) -> float:
+    numerator, _, denominator = text.partition("/")
+    return float(numerator) / float(denominator) if denominator else float(numerator)
+
+
+def load_images(
+    folder: str | Path,
+    preprocess: Preprocess,
+    input_shape: list[int],
+    limit: int | None = None,
+    labels_path: str | Path | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """Decode and preprocess the images of a folder (sorted, not recursive) into one array
+    [N, *input_shape[1:]] of `preprocess.dtype` (float32 if empty), with labels and file names.
+
+    A labels file holds "<file or path>, <int>" or "<file> <int>" per line (matched on the file
+    name), or one int per line in sorted file order.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CompressError(f"{folder}: not a folder")
+    files = sorted(
+        entry
+        for entry in folder.iterdir()
+        if entry.suffix.lower() in IMAGE_SUFFIXES and entry.is_file()
+    )
+    if not files:
+        raise CompressError(
+            f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}); subfolders are not searched"
+        )
+    labels = read_labels(labels_path, [p.name for p in files]) if labels_path else None
+    if limit is not None:
+        files = files[:limit]
+        labels = None if labels is None else labels[:limit]
+    height, width, channels = _image_geometry(preprocess, input_shape)
+    # One array of the final dtype: no float64 or per-image copies kept around.
+    images = np.empty((len(files), *input_shape[1:]), np.dtype(preprocess.dtype or "float32"))
+    for index, path in enumerate(files):
+        images[index] = _preprocess_image(path, preprocess, height, width, channels)
+    return images, labels, [p.name for p in files]
+
+
+def read_labels(path: str | Path, names: list[str]) -> np.ndarray:
+    """Integer labels for the given file names, in their order (see load_images)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise CompressError(f"{path}: cannot read labels: {exc.strerror or exc}") from exc
+    entries = [(number, line.strip()) for number, line in enumerate(lines, 1) if line.strip()]
+    if all(re.fullmatch(r"[-+]?\d+", line) for _, line in entries):
+        if len(entries) != len(names):
+            raise CompressError(f"{path}: {len(entries)} labels for {len(names)} images")
+        return np.array([int(line) for _, line in entries], np.int64)
+    by_name: dict[str, int] = {}
+    for number, line in entries:
+        name, _, label = line.rpartition(",") if "," in line else line.rpartition(" ")
+        if not name.strip() or not re.fullmatch(r"\s*[-+]?\d+\s*", label):
+            raise CompressError(
+                f"{path}:{number}: expected '<file>, <int>' or '<file> <int>', got '{line[:80]}'"
+            )
+        name = Path(name.strip()).name
+        if by_name.setdefault(name, int(label)) != int(label):
+            raise CompressError(f"{path}: file name {name} has two different labels")
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        raise CompressError(f"{path}: no label for {len(missing)} image(s), e.g. {missing[0]}")
+    return np.array([by_name[name] for name in names], np.int64)
+
+
+def _image_calibration(model, input_shapes, folder, preprocess, labels_path, count, batch_size):
+    inputs = input_dtypes(model)
+    if len(inputs) != 1:
+        raise CompressError(
+            f"--images feeds a model with one input; this one has {', '.join(inputs)}: "
+            "give the inputs with --data FILE.npz"
+        )
+    ((name, dtype),) = inputs.items()
+    if preprocess is None:
+        log.info("no preprocessing given: images go in as 0..255 RGB values")
+        preprocess = Preprocess()
+    elif isinstance(preprocess, str):
+        preprocess = parse_preprocess(preprocess)
+    if preprocess.dtype and np.dtype(preprocess.dtype) != dtype:
+        raise CompressError(
+            f"preprocess dtype={preprocess.dtype}, but input '{name}' takes {dtype}"
+        )
+    preprocess = dataclasses.replace(preprocess, dtype=dtype.name)
+    images, labels, files = load_images(folder, preprocess, input_shapes[name], count, labels_path)
+    batch_size = batch_size_for(model, input_shapes, batch_size)
+    batches = _split_batches(
+        {name: (images, 0)}, {}, len(images), batch_size, _batch_is_fixed(model)
+    )
+    if labels is not None:
+        labels = labels[: sum(len(batch[name]) for batch in batches)]
+    return Calibration(batches, labels, f"images {folder} ({len(files)} files)")
+
+
+def _image_geometry(preprocess: Preprocess, shape: list[int]) -> tuple[int, int, int]:
+    """Height, width and channels the input takes, checked against the preprocessing."""
+    if len(shape) != 4:
+        raise CompressError(f"images need a 4-D input; the input has shape {list(shape)}")
+    if preprocess.layout == "NCHW":
+        channels, height, width = shape[1:]
+    else:
+        height, width, channels = shape[1:]
+    if channels not in (1, 3) or (preprocess.grayscale and channels != 1):
+        raise CompressError(
+            f"input shape {list(shape)} has {channels} channel(s) in layout {preprocess.layout}; "
+            "images give 3 (RGB) or 1 (grayscale): check layout= and grayscale"
+        )
+    for key in ("mean", "std"):
+        if len(getattr(preprocess, key)) not in (1, channels):
+            raise CompressError(f"preprocess {key}: give 1 or {channels} values")
+    return height, width, channels
+
+
+def _preprocess_image(
+    path: Path, preprocess: Preprocess, height: int, width: int, channels: int
+) -> np.ndarray:
+    from PIL import Image  # only image calibration needs Pillow
+
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("L" if channels == 1 else "RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise CompressError(f"{path}: cannot decode image: {exc}") from exc
+    if preprocess.resize is not None:
+        image = image.resize(_resized(image.size, preprocess.resize), Image.BILINEAR)
+    crop_height, crop_width = _pair(preprocess.crop) if preprocess.crop else (height, width)
+    if image.width >= crop_width and image.height >= crop_height:
+        left = round((image.width - crop_width) / 2)
+        top = round((image.height - crop_height) / 2)
+        image = image.crop((left, top, left + crop_width, top + crop_height))
+    if image.size != (width, height):
+        raise CompressError(
+            f"{path.name}: after resize/crop the image is {image.width}x{image.height} (WxH), "
+            f"the input takes {width}x{height}: set resize= and crop= in the preprocessing"
+        )
+    pixels = np.asarray(image, np.float32).reshape(height, width, channels)
+    if preprocess.bgr and channels == 3:
+        pixels = pixels[..., ::-1]
+    mean = np.asarray(preprocess.mean, np.float32)
+    std = np.asarray(preprocess.std, np.float32)
+    values = (pixels * np.float32(preprocess.scale) - mean) / std
+    return values.transpose(2, 0, 1) if preprocess.layout == "NCHW" else values
+
+
+def _resized(size: tuple[int, int], resize: int | tuple[int, int]) -> tuple[int, int]:
+    """(width, height) after resizing: the shorter side to an int, or exactly (height, width)."""
+    if isinstance(resize, tuple):
+        return resize[1], resize[0]
+    width, height = size
+    if width <= height:
+        return resize, max(1, round(height * resize / width))
+    return max(1, round(width * resize / height)), resize
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return size if isinstance(size, tuple) else (size, size)

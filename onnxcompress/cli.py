@@ -1,0 +1,267 @@
+"""Command line: parses flags, shows progress, prints the report, maps errors to exit codes.
+
+python -m onnxcompress model.onnx --passes fold_bn -o out.onnx
+python -m onnxcompress analyse model.onnx [--json table.json]
+python -m onnxcompress --list-passes
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from contextlib import nullcontext
+from typing import Any
+
+from rich.console import Console
+
+from onnxcompress.errors import CompressError
+
+EXIT_OK, EXIT_VALIDATION, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CompressError(f"{message} (see {self.prog} --help)")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME:D0,D1,...",
+        help="pin an input's shape (dynamic dims), e.g. input:1,3,224,224",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log details and show tracebacks"
+    )
+
+
+def compress_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m onnxcompress",
+        description="Compress an ONNX model; validate and time it with onnxruntime.",
+    )
+    p.add_argument("model", nargs="?", help="input .onnx file (never modified)")
+    p.add_argument("--passes", help="comma-separated passes to run in order, e.g. fold_bn")
+    p.add_argument("-o", "--output", help="output .onnx (default: <model>.compressed.onnx)")
+    p.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="PASS.KEY=VALUE",
+        help="a pass option, e.g. --opt fga.groups=4 (repeatable)",
+    )
+    p.add_argument("--config", help="TOML file: optional `passes = [...]`, one table per pass")
+    p.add_argument("--list-passes", action="store_true", help="list passes and their options")
+    p.add_argument("--data", help=".npz with one array per input name (+ optional 'labels')")
+    p.add_argument("--images", help="folder of images used as calibration/validation inputs")
+    p.add_argument(
+        "--preprocess",
+        help="image preprocessing spec, e.g. resize=224,mean=104/117/123,std=1,layout=NCHW,bgr",
+    )
+    p.add_argument("--labels", help="labels for --images: '<file>, <int>' lines or one int a line")
+    p.add_argument("--calib-count", type=int, help="use at most this many samples")
+    p.add_argument("--batch-size", type=int, help="batch size for data runs (dynamic batch)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random inputs (default 0)")
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime threads (default 2)")
+    p.add_argument("--no-bench", action="store_true", help="skip the latency benchmark")
+    p.add_argument("--bench-repeats", type=int, default=30, help="timed runs per model")
+    p.add_argument(
+        "--max-rel-l2", type=float, help="exit 1 if any output's relative L2 error exceeds this"
+    )
+    p.add_argument("--report", help="write the full JSON report here")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    _common(p)
+    return p
+
+
+def analyse_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m onnxcompress analyse",
+        description="Per-layer parameters, MACs and output bytes of an ONNX model.",
+    )
+    p.add_argument("model", help="input .onnx file")
+    p.add_argument("--json", help="write the table as JSON to this path")
+    p.add_argument("--top", type=int, help="show only the N layers with the most MACs")
+    _common(p)
+    return p
+
+
+def parse_input_shapes(items: list[str]) -> dict[str, list[int]]:
+    shapes = {}
+    for item in items:
+        name, sep, dims = item.rpartition(":")
+        try:
+            values = [int(d) for d in dims.split(",")]
+        except ValueError:
+            values = []
+        if not sep or not name or not values or any(v <= 0 for v in values):
+            raise CompressError(f"--input-shape {item!r}: expected NAME:D0,D1,... with dims > 0")
+        shapes[name] = values
+    return shapes
+
+
+def parse_pass_options(items: list[str], config: str | None) -> tuple[list[str], dict]:
+    """Options from a TOML config, then --opt flags on top; returns (config passes, options)."""
+    passes: list[str] = []
+    options: dict[str, dict[str, Any]] = {}
+    if config:
+        passes, options = _read_config(config)
+    for item in items:
+        key, sep, value = item.partition("=")
+        pass_name, dot, option_name = key.partition(".")
+        if not sep or not dot or not pass_name or not option_name:
+            raise CompressError(f"--opt {item!r}: expected PASS.KEY=VALUE, e.g. fga.groups=4")
+        options.setdefault(pass_name.strip(), {})[option_name.strip()] = value.strip()
+    return passes, options
+
+
+def _read_config(path: str) -> tuple[list[str], dict]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise CompressError(f"--config {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise CompressError(f"--config {path}: not valid TOML: {exc}") from exc
+    passes = data.pop("passes", [])
+    if isinstance(passes, str):
+        passes = [p.strip() for p in passes.split(",") if p.strip()]
+    bad = [key for key, value in data.items() if not isinstance(value, dict)]
+    if bad or not isinstance(passes, list):
+        raise CompressError(f"--config {path}: expected `passes = [...]` and one [table] per pass")
+    return passes, data
+
+
+def list_passes(console: Console) -> None:
+    from rich.table import Table
+
+    import passes as registry
+    from onnxcompress.passkit import option_help
+
+    for name in sorted(registry.PASSES):
+        spec = registry.PASSES[name]
+        console.print(f"[bold]{name}[/bold] — {spec.help}")
+        fields = spec.option_fields()
+        if not fields:
+            console.print("  (no options)")
+            continue
+        table = Table(show_header=True, box=None, padding=(0, 2))
+        for column in ("option", "default", "help"):
+            table.add_column(column)
+        for f in fields:
+            table.add_row(f"{name}.{f.name}", repr(f.default), option_help(f))
+        console.print(table)
+
+
+def run_compress(args: argparse.Namespace, console: Console) -> int:
+    from onnxcompress.pipeline import CompressOptions, compress
+    from onnxcompress.report import fidelity_table, pass_lines, summary_table
+
+    if args.list_passes:
+        list_passes(console)
+        return EXIT_OK
+    if not args.model:
+        raise CompressError("no model given: python -m onnxcompress MODEL.onnx --passes NAMES")
+    config_passes, pass_options = parse_pass_options(args.opt, args.config)
+    names = [p.strip() for p in (args.passes or "").split(",") if p.strip()] or config_passes
+    options = CompressOptions(
+        passes=names,
+        pass_options=pass_options,
+        output=args.output,
+        input_shapes=parse_input_shapes(args.input_shape),
+        data=args.data,
+        images=args.images,
+        preprocess=args.preprocess,
+        labels=args.labels,
+        calibration_count=args.calib_count,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        threads=args.threads,
+        bench=not args.no_bench,
+        bench_repeats=args.bench_repeats,
+        max_rel_l2=args.max_rel_l2,
+        report=args.report,
+    )
+    status = console.status("starting") if not args.quiet else nullcontext()
+    with status as spinner:
+
+        def on_step(name: str) -> None:
+            if spinner is not None:
+                spinner.update(f"{name} …")
+
+        result = compress(args.model, options, on_step=on_step)
+    out = Console()
+    for line in pass_lines(result.report):
+        out.print(line)
+    out.print(summary_table(result.report))
+    out.print(fidelity_table(result.report))
+    out.print(f"wrote {result.output}" + (f", report {args.report}" if args.report else ""))
+    if not result.passed:
+        worst = result.report["validation"]["worst_rel_l2"]
+        sys.stderr.write(
+            f"error: relative L2 error {worst:.4g} exceeds --max-rel-l2 "
+            f"{args.max_rel_l2:g}; the model and report were written anyway\n"
+        )
+    return result.exit_code
+
+
+def run_analyse(args: argparse.Namespace, console: Console) -> int:
+    from onnxcompress import io
+    from onnxcompress.analyse import analyse, format_table
+    from onnxcompress.report import write_json
+
+    model = io.load_model(args.model)
+    analysis = analyse(model, parse_input_shapes(args.input_shape))
+    Console().print(format_table(analysis, top=args.top))
+    if args.json:
+        write_json(analysis.to_dict(), args.json)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    console = Console(stderr=True)
+    verbose = "-v" in argv or "--verbose" in argv
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if argv and argv[0] == "analyse":
+            return run_analyse(analyse_parser().parse_args(argv[1:]), console)
+        return run_compress(compress_parser().parse_args(argv), console)
+    except CompressError as exc:
+        _fail(console, str(exc), verbose)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _fail(console, "interrupted", verbose)
+        return 130
+    except Exception as exc:  # a bug of ours: still one line unless -v
+        _fail(
+            console,
+            f"internal error: {type(exc).__name__}: {exc}"
+            " (run with -v for the traceback, and please report it)",
+            verbose,
+        )
+        return EXIT_BAD_INPUT
+
+
+def _fail(console: Console, message: str, verbose: bool) -> None:
+    if verbose:
+        console.print_exception()
+    first = message.strip().splitlines()[0] if message.strip() else "error"
+    # rich would wrap long lines; errors must stay one line for scripts.
+    sys.stderr.write(f"error: {first}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Loading models from disk and writing them back atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from onnxcompress.errors import CompressError
+
+# protobuf cannot serialise a message of 2 GiB or more; stay clear of the limit.
+EXTERNAL_DATA_THRESHOLD = 2_000_000_000
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX model (with external data) or raise CompressError saying what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise CompressError(f"{path}: no such file")
+    if not path.is_file():
+        raise CompressError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise CompressError(f"{path}: file is empty, not an ONNX model")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise CompressError(
+            f"{path}: not a readable ONNX model (truncated or not ONNX: {_short(exc)})"
+        ) from exc
+    if not model.graph.node and not model.graph.output:
+        raise CompressError(f"{path}: not an ONNX model (no graph found in the file)")
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:
+        raise CompressError(f"{path}: cannot read its external data: {_short(exc)}") from exc
+    return model
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """Size the model takes on disk as one protobuf file."""
+    return model.ByteSize()
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> int:
+    """Write the model atomically (temp file + rename); returns the bytes written.
+
+    Models too large for one protobuf go to external data in a `<name>.data` file beside it.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise CompressError(f"{path}: output folder {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise CompressError(f"{path}: output folder {directory} is not writable")
+    external = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        if external:
+            data_name = path.name + ".data"
+            onnx.save_model(
+                model,
+                tmp,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
+        else:
+            with open(tmp, "wb") as fh:
+                fh.write(model.SerializeToString())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise CompressError(f"{path}: cannot write: {exc.strerror or exc}") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path.stat().st_size
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:160] if text else type(exc).__name__

@@ -1,0 +1,155 @@
+"""What a pass receives and returns: context, result, per-node records, typed options."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxcompress.errors import CompressError
+
+
+@dataclass
+class PassContext:
+    """What the core knows that a pass may use; passes do no I/O of their own."""
+
+    input_shapes: dict[str, list[int]]
+    # Calibration batches (input name -> array), or None when the run has no user data.
+    calibration: list[dict[str, np.ndarray]] | None = None
+    seed: int = 0
+    threads: int = 2
+
+
+@dataclass
+class NodeRecord:
+    """What a pass did to one node: rewritten (with before/after sizes) or skipped (why)."""
+
+    node: str
+    op: str
+    status: str  # "rewritten" | "skipped" | "reverted"
+    reason: str = ""
+    params_before: int | None = None
+    params_after: int | None = None
+    macs_before: int | None = None
+    macs_after: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, "", {})}
+
+
+@dataclass
+class PassResult:
+    model: onnx.ModelProto
+    changed: bool
+    records: list[NodeRecord] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+PassFunction = Callable[[onnx.ModelProto, Any, PassContext], PassResult]
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """A registered pass: its entry function, its frozen options dataclass and one line of help."""
+
+    name: str
+    run: PassFunction
+    options: type
+    help: str
+
+    def option_fields(self) -> list[dataclasses.Field]:
+        return list(dataclasses.fields(self.options))
+
+    def make_options(self, raw: dict[str, Any]) -> Any:
+        """Build the options dataclass from strings (CLI) or typed values (TOML, API)."""
+        fields = {f.name: f for f in self.option_fields()}
+        unknown = sorted(set(raw) - set(fields))
+        if unknown:
+            valid = ", ".join(sorted(fields)) or "none"
+            raise CompressError(
+                f"unknown option {self.name}.{unknown[0]}; options of {self.name}: {valid}"
+            )
+        hints = typing.get_type_hints(self.options)
+        values = {name: coerce_option(self.name, name, hints[name], raw[name]) for name in raw}
+        try:
+            return self.options(**values)
+        except (ValueError, TypeError) as exc:
+            raise CompressError(f"{self.name}: {exc}") from exc
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field whose help text `--list-passes` shows."""
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+def option_help(f: dataclasses.Field) -> str:
+    return f.metadata.get("help", "")
+
+
+def coerce_option(pass_name: str, name: str, hint: Any, value: Any) -> Any:
+    """Turn an option value into the declared type, or raise one clear CompressError."""
+    label = f"{pass_name}.{name}"
+    kinds = _allowed_types(hint)
+    if value is None or (isinstance(value, str) and value.lower() == "none"):
+        if type(None) in kinds:
+            return None
+        raise CompressError(f"option {label} cannot be empty")
+    for kind in kinds:
+        if kind is type(None):
+            continue
+        converted = _convert(value, kind)
+        if converted is not _FAIL:
+            return converted
+    names = " or ".join(k.__name__ for k in kinds if k is not type(None))
+    raise CompressError(f"option {label}={value!r}: expected {names}")
+
+
+_FAIL = object()
+
+
+def _allowed_types(hint: Any) -> list[type]:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return list(typing.get_args(hint))
+    if origin is typing.Literal:
+        return [str]
+    return [hint]
+
+
+def _convert(value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        return _FAIL
+    if kind is int:
+        if isinstance(value, bool):
+            return _FAIL
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                return _FAIL
+        return _FAIL
+    if kind is float:
+        if isinstance(value, bool):
+            return _FAIL
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return _FAIL
+    if kind is str:
+        return str(value)
+    return _FAIL

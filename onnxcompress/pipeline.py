@@ -1,0 +1,217 @@
+"""The one flow behind the CLI and the library: load → analyse → passes → check → validate →
+benchmark → write + report. Passes are looked up by name, lazily, from the `passes` registry."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from onnxcompress import graph, io
+from onnxcompress.analyse import analyse
+from onnxcompress.errors import CompressError
+from onnxcompress.passkit import PassContext, PassSpec
+
+StepCallback = Callable[[str], None]
+
+
+@dataclass
+class CompressOptions:
+    """Everything a run needs besides the model path; the CLI fills it from its flags."""
+
+    passes: list[str]
+    pass_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    output: str | None = None
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    data: str | None = None
+    images: str | None = None
+    preprocess: str | None = None
+    labels: str | None = None
+    calibration_count: int | None = None
+    batch_size: int | None = None
+    seed: int = 0
+    threads: int = 2
+    bench: bool = True
+    bench_repeats: int = 30
+    max_rel_l2: float | None = None
+    report: str | None = None
+
+
+@dataclass
+class CompressResult:
+    report: dict[str, Any]
+    model: onnx.ModelProto
+    output: Path
+    passed: bool  # False when the result is over the --max-rel-l2 tolerance
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.passed else 1
+
+
+def lookup_passes(names: list[str]) -> list[PassSpec]:
+    """The registered passes for these names (imported lazily: the core never imports a pass)."""
+    import passes as registry
+
+    if not names:
+        raise CompressError(f"no pass given; passes are: {', '.join(sorted(registry.PASSES))}")
+    return [registry.get_pass(name) for name in names]
+
+
+def resolve_output_path(model_path: Path, output: str | None) -> Path:
+    """Default `<name>.compressed.onnx` beside the input; never the input itself."""
+    out = Path(output) if output else model_path.with_name(model_path.stem + ".compressed.onnx")
+    if out.exists() and out.resolve() == model_path.resolve():
+        raise CompressError(f"output {out} is the input file; choose another path with -o")
+    if out.is_dir():
+        raise CompressError(f"output {out} is a folder; give a file path with -o")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise CompressError(f"output folder {folder} does not exist")
+    if not _writable(folder):
+        raise CompressError(f"output folder {folder} is not writable; choose another path with -o")
+    return out
+
+
+def _writable(folder: Path) -> bool:
+    import os
+
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def build_options(specs: list[PassSpec], raw: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Typed options per pass; options for a pass that is not in the run are an error."""
+    names = [spec.name for spec in specs]
+    stray = sorted(set(raw) - set(names))
+    if stray:
+        raise CompressError(
+            f"options given for pass '{stray[0]}', which is not in --passes ({','.join(names)})"
+        )
+    return {spec.name: spec.make_options(raw.get(spec.name, {})) for spec in specs}
+
+
+def compress(
+    model_path: str | Path, options: CompressOptions, on_step: StepCallback | None = None
+) -> CompressResult:
+    """Run the whole flow on a model file and write the result; see `CompressOptions`."""
+    from onnxcompress import benchmark, validate
+
+    step = on_step or (lambda _name: None)
+    model_path = Path(model_path)
+    specs = lookup_passes(options.passes)
+    typed = build_options(specs, options.pass_options)
+    output = resolve_output_path(model_path, options.output)
+
+    step("load")
+    input_hash = io.file_sha256(model_path) if model_path.is_file() else None
+    original = io.load_model(model_path)
+    check_input_model(original, model_path)
+    validate.make_session(original, threads=options.threads)  # an opset ORT cannot run fails here
+    shapes = graph.resolve_input_shapes(original, options.input_shapes)
+
+    step("analyse")
+    before = analyse(original, shapes)
+    calibration = validate.calibration_inputs(
+        original,
+        shapes,
+        data=options.data,
+        images=options.images,
+        preprocess=options.preprocess,
+        labels=options.labels,
+        count=options.calibration_count,
+        batch_size=options.batch_size,
+        seed=options.seed,
+    )
+    user_data = None if calibration.source.startswith("random") else calibration.batches
+    context = PassContext(
+        input_shapes=shapes, calibration=user_data, seed=options.seed, threads=options.threads
+    )
+
+    model, pass_reports = run_passes(original, specs, typed, context, step)
+
+    step("check")
+    graph.check_model(model)
+    after = analyse(model, shapes)
+
+    step("validate")
+    fidelity = validate.compare_models(original, model, calibration, threads=options.threads)
+
+    latency = None
+    if options.bench:
+        step("benchmark")
+        latency = benchmark.benchmark_models(
+            {"original": original, "result": model},
+            calibration.batches[0],
+            threads=options.threads,
+            repeats=options.bench_repeats,
+        )
+        latency["speedup"] = benchmark.speedup(latency, "original", "result")
+
+    step("write")
+    written = io.save_model(model, output)
+    if input_hash is not None and io.file_sha256(model_path) != input_hash:
+        raise CompressError(f"{model_path}: input file changed during the run (not by this tool?)")
+
+    passed = options.max_rel_l2 is None or fidelity["worst_rel_l2"] <= options.max_rel_l2
+    report = {
+        "input": str(model_path),
+        "output": str(output),
+        "input_bytes": model_path.stat().st_size,
+        "output_bytes": written,
+        "input_shapes": shapes,
+        "calibration": calibration.source,
+        "passes": pass_reports,
+        "before": before.to_dict(),
+        "after": after.to_dict(),
+        "validation": fidelity,
+        "max_rel_l2": options.max_rel_l2,
+        "passed": passed,
+        "benchmark": latency,
+    }
+    if options.report:
+        from onnxcompress.report import write_json
+
+        write_json(report, options.report)
+    return CompressResult(report=report, model=model, output=output, passed=passed)
+
+
+def run_passes(
+    model: onnx.ModelProto,
+    specs: list[PassSpec],
+    typed: dict[str, Any],
+    context: PassContext,
+    step: StepCallback,
+) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
+    """Apply passes in order, with cleanup and a topological sort after each that changed."""
+    reports = []
+    for spec in specs:
+        step(f"pass {spec.name}")
+        started = time.perf_counter()
+        result = spec.run(model, typed[spec.name], context)
+        if result.changed:
+            model = graph.cleanup_and_sort(result.model)
+        reports.append(
+            {
+                "name": spec.name,
+                "options": dataclasses.asdict(typed[spec.name]),
+                "changed": result.changed,
+                "seconds": round(time.perf_counter() - started, 3),
+                "summary": result.summary,
+                "records": [record.to_dict() for record in result.records],
+            }
+        )
+    return model, reports
+
+
+def check_input_model(model: onnx.ModelProto, path: Path) -> None:
+    """Reject models the ONNX checker rejects (the light check: real exporters pass it)."""
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CompressError(f"{path}: model fails the ONNX checker: {first[:200]}") from exc

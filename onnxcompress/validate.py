@@ -1,0 +1,267 @@
+"""Run models with onnxruntime and compare the original with the result on the same inputs:
+per output max abs error, relative L2 and cosine; top-1 agreement and accuracy for classifiers."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxcompress.calibration import (
+    Calibration,
+    Preprocess,
+    calibration_inputs,
+    load_images,
+    load_npz_inputs,
+    parse_preprocess,
+    random_inputs,
+)
+from onnxcompress.errors import CompressError
+
+__all__ = [
+    "Calibration",
+    "Preprocess",
+    "calibration_inputs",
+    "compare_models",
+    "load_images",
+    "load_npz_inputs",
+    "make_session",
+    "parse_preprocess",
+    "random_inputs",
+    "run_model",
+    "run_session",
+]
+
+log = logging.getLogger(__name__)
+
+# Only errors: onnxruntime's warnings (e.g. unused initializers) are noise for the user.
+ort.set_default_logger_severity(3)
+
+
+def session_options(threads: int = 2, optimize: bool = False) -> ort.SessionOptions:
+    """CPU options shared by validation and benchmarking; optimisations only when asked."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.log_severity_level = 3
+    return options
+
+
+def make_session(
+    model: onnx.ModelProto | bytes,
+    threads: int = 2,
+    optimize: bool = False,
+    options: ort.SessionOptions | None = None,
+) -> ort.InferenceSession:
+    """A CPU session; unoptimised by default, so runtime fusions cannot hide graph bugs."""
+    options = options or session_options(threads, optimize)
+    payload = model if isinstance(model, bytes) else model.SerializeToString()
+    try:
+        return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... classes
+        raise CompressError(f"onnxruntime cannot run the model: {ort_message(exc)}") from exc
+
+
+def run_session(
+    session: ort.InferenceSession, batch: dict[str, np.ndarray], output_names=None
+) -> list[np.ndarray]:
+    """Run one batch, feeding the inputs the session takes."""
+    feeds = {}
+    for inp in session.get_inputs():
+        if inp.name not in batch:
+            raise CompressError(f"no data for model input '{inp.name}'")
+        feeds[inp.name] = batch[inp.name]
+    try:
+        return session.run(output_names, feeds)
+    except Exception as exc:
+        raise CompressError(f"onnxruntime failed running the model: {ort_message(exc)}") from exc
+
+
+def run_model(
+    model: onnx.ModelProto | bytes,
+    batches: list[dict[str, np.ndarray]],
+    threads: int = 2,
+    output_names: list[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Outputs over all batches, concatenated along axis 0 (scalars become one row each)."""
+    session = make_session(model, threads)
+    names = output_names or [out.name for out in session.get_outputs()]
+    unknown = sorted(set(names) - {out.name for out in session.get_outputs()})
+    if unknown:
+        raise CompressError(f"the model has no output(s) {', '.join(unknown)}")
+    collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for batch in batches:
+        for name, value in zip(names, run_session(session, batch, names), strict=True):
+            collected[name].append(np.atleast_1d(value))
+    return {name: np.concatenate(parts) for name, parts in collected.items() if parts}
+
+
+def compare_models(
+    original: onnx.ModelProto | bytes,
+    result: onnx.ModelProto | bytes,
+    calibration: Calibration,
+    threads: int = 2,
+) -> dict:
+    """Run both models batch by batch and compare every output (JSON-ready).
+
+    Per output: max_abs; rel_l2 = ||a - b|| / ||a|| over the whole calibration set (||a - b||
+    when the original output is all zeros); cosine = mean over samples (axis 0) of the cosine
+    of the flattened per-sample outputs, with cosine_min the worst sample (one cosine over
+    everything when each sample has a single value). Classifier-like outputs ([N, C] or
+    [N, C, 1, 1], C > 1) add top1_agreement, and with labels accuracy_original,
+    accuracy_result and accuracy_drop. Non-finite result values make max_abs and rel_l2 inf.
+    """
+    session_before = make_session(original, threads)
+    session_after = make_session(result, threads)
+    names = [out.name for out in session_before.get_outputs()]
+    names_after = [out.name for out in session_after.get_outputs()]
+    if sorted(names) != sorted(names_after):
+        raise CompressError(
+            f"the result's outputs ({', '.join(names_after)}) differ from the original's "
+            f"({', '.join(names)})"
+        )
+    stats = {name: _OutputStats(name) for name in names}
+    for batch in calibration.batches:
+        before = run_session(session_before, batch, names)
+        after = run_session(session_after, batch, names)
+        for name, a, b in zip(names, before, after, strict=True):
+            stats[name].add(a, b)
+    labels = calibration.labels
+    if labels is not None and not any(s.predictions_before for s in stats.values()):
+        log.warning("labels given, but no output looks like class scores: no accuracy")
+    outputs = {name: stat.summary(labels) for name, stat in stats.items()}
+    return {
+        "outputs": outputs,
+        "worst_rel_l2": max((out["rel_l2"] for out in outputs.values()), default=0.0),
+        "samples": stats[names[0]].rows if names else 0,
+        "source": calibration.source,
+    }
+
+
+def is_classifier_output(shape: tuple[int, ...]) -> bool:
+    """[N, C] or [N, C, 1, 1] with C > 1: scores over classes."""
+    if len(shape) == 2:
+        return shape[1] > 1
+    return len(shape) == 4 and shape[1] > 1 and shape[2] == shape[3] == 1
+
+
+def ort_message(exc: Exception) -> str:
+    """onnxruntime's message without its status prefix and C++ source location."""
+    text = str(exc).strip()
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"^\S+\.(?:h|cc|cpp):\d+ [^(]*\([^)]*\)\s*", "", text)
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
+
+
+@dataclass
+class _OutputStats:
+    """Running sums for one output, so batches need not be kept."""
+
+    name: str
+    shape: list[int] | None = None
+    max_abs: float = 0.0
+    diff_square: float = 0.0
+    reference_square: float = 0.0
+    cosine_sum: float = 0.0
+    cosine_min: float = 1.0
+    rows: int = 0
+    row_size: int = 0
+    dot: float = 0.0  # whole-output cosine, for outputs with one value per sample
+    square_before: float = 0.0
+    square_after: float = 0.0
+    nonfinite_result: int = 0
+    predictions_before: list[np.ndarray] = field(default_factory=list)
+    predictions_after: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, before: np.ndarray, after: np.ndarray) -> None:
+        before = np.atleast_1d(np.asarray(before, np.float64))
+        after = np.atleast_1d(np.asarray(after, np.float64))
+        if before.shape != after.shape:
+            raise CompressError(
+                f"output '{self.name}' has shape {list(before.shape)} in the original and "
+                f"{list(after.shape)} in the result"
+            )
+        self.shape = self.shape or list(before.shape)
+        self.nonfinite_result += int(np.count_nonzero(~np.isfinite(after)))
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            diff = np.where(before == after, 0.0, before - after)  # equal infinities: no error
+            diff[~np.isfinite(diff)] = np.inf
+            if diff.size:
+                self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))))
+            self.diff_square += float(np.sum(diff * diff))
+            self.reference_square += float(np.sum(np.square(before[np.isfinite(before)])))
+            self._add_cosines(before.reshape(len(before), -1), after.reshape(len(after), -1))
+        if is_classifier_output(before.shape):
+            self.predictions_before.append(before.reshape(len(before), -1).argmax(axis=1))
+            self.predictions_after.append(after.reshape(len(after), -1).argmax(axis=1))
+
+    def _add_cosines(self, before: np.ndarray, after: np.ndarray) -> None:
+        dots = np.sum(before * after, axis=1)
+        norms_before = np.sum(before * before, axis=1)
+        norms_after = np.sum(after * after, axis=1)
+        cosines = np.nan_to_num(dots / np.sqrt(norms_before * norms_after), nan=0.0)
+        both_zero = (norms_before == 0) & (norms_after == 0)
+        cosines = np.clip(np.where(both_zero, 1.0, cosines), -1.0, 1.0)
+        self.cosine_sum += float(np.sum(cosines))
+        if cosines.size:
+            self.cosine_min = min(self.cosine_min, float(np.min(cosines)))
+        self.rows += len(before)
+        self.row_size = before.shape[1]
+        self.dot += float(np.sum(dots))
+        self.square_before += float(np.sum(norms_before))
+        self.square_after += float(np.sum(norms_after))
+
+    def summary(self, labels: np.ndarray | None) -> dict:
+        error_norm = math.sqrt(self.diff_square)
+        reference_norm = math.sqrt(self.reference_square)
+        rel_l2 = error_norm / reference_norm if reference_norm > 0 else error_norm
+        summary = {
+            "shape": self.shape,
+            "max_abs": self.max_abs,
+            "rel_l2": rel_l2 if math.isfinite(rel_l2) else math.inf,
+            "cosine": self._cosine(),
+            "cosine_min": self.cosine_min if self.row_size > 1 else self._cosine(),
+            "nonfinite_result": self.nonfinite_result,
+        }
+        if self.predictions_before:
+            summary.update(self._classification(labels))
+        return summary
+
+    def _cosine(self) -> float:
+        if self.row_size > 1:
+            return self.cosine_sum / self.rows if self.rows else 1.0
+        if self.square_before == 0 and self.square_after == 0:
+            return 1.0
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            cosine = self.dot / math.sqrt(self.square_before * self.square_after)
+        return float(np.clip(cosine, -1.0, 1.0)) if math.isfinite(cosine) else 0.0
+
+    def _classification(self, labels: np.ndarray | None) -> dict:
+        before = np.concatenate(self.predictions_before)
+        after = np.concatenate(self.predictions_after)
+        figures = {"top1_agreement": float(np.mean(before == after))}
+        if labels is not None:
+            if len(labels) != len(before):
+                raise CompressError(
+                    f"{len(labels)} labels for {len(before)} samples of output '{self.name}'"
+                )
+            accuracy_before = float(np.mean(before == labels))
+            accuracy_after = float(np.mean(after == labels))
+            figures.update(
+                accuracy_original=accuracy_before,
+                accuracy_result=accuracy_after,
+                accuracy_drop=accuracy_before - accuracy_after,
+            )
+        return figures

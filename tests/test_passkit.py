@@ -1,0 +1,62 @@
+"""Typed pass options: coercion from CLI strings, unknown options, help text."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from onnxcompress.errors import CompressError
+from onnxcompress.passkit import PassResult, PassSpec, option, option_help
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    groups: int = option(4, "number of groups")
+    energy: float | None = option(None, "energy to keep")
+    refit: bool = option(True, "refit on data")
+    variant: str = option("plain", "plain or btd")
+
+    def __post_init__(self):
+        if self.groups < 1:
+            raise ValueError("groups must be >= 1")
+
+
+def _spec():
+    return PassSpec("demo", lambda m, o, c: PassResult(m, False), DemoOptions, "demo pass")
+
+
+def test_strings_become_declared_types():
+    opts = _spec().make_options(
+        {"groups": "8", "energy": "0.9", "refit": "false", "variant": "btd"}
+    )
+    assert opts == DemoOptions(groups=8, energy=0.9, refit=False, variant="btd")
+
+
+def test_typed_values_from_toml_pass_through():
+    assert _spec().make_options({"groups": 2, "refit": True}).groups == 2
+
+
+def test_optional_accepts_none():
+    assert _spec().make_options({"energy": "none"}).energy is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        ({"groups": "four"}, "demo.groups='four': expected int"),
+        ({"refit": "maybe"}, "demo.refit='maybe': expected bool"),
+        (
+            {"rank": "3"},
+            "unknown option demo.rank; options of demo: energy, groups, refit, variant",
+        ),
+        ({"groups": "0"}, "demo: groups must be >= 1"),
+        ({"groups": True}, "expected int"),
+    ],
+)
+def test_bad_options_raise_one_clear_error(raw, words):
+    with pytest.raises(CompressError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        _spec().make_options(raw)
+
+
+def test_help_comes_from_field_metadata():
+    fields = {f.name: f for f in _spec().option_fields()}
+    assert option_help(fields["groups"]) == "number of groups"
