@@ -26,6 +26,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 @dataclass
 class Calibration:
+    """Batches ready to feed, labels per sample (or None), and where they came from."""
+
     batches: list[dict[str, np.ndarray]]
     labels: np.ndarray | None
     source: str  # in words, for the report: "random (seed 0)", "file x.npz (512 samples)", ...
@@ -51,6 +53,8 @@ def calibration_inputs(
     """
     if data is not None and images is not None:
         raise CompressError("give calibration data either as --data FILE.npz or as --images DIR")
+    if count is not None and count < 1:
+        raise CompressError(f"calibration count must be at least 1, got {count}")
     if labels is not None and images is None:
         raise CompressError(
             "a labels file goes with --images; with --data put the labels in the file "
@@ -149,9 +153,10 @@ def load_npz_inputs(
     if len(set(samples.values())) > 1:
         counts = ", ".join(f"{name} {count}" for name, count in samples.items())
         raise CompressError(f"{path}: arrays give different sample counts: {counts}")
+    # An input named 'labels' wins: then the file holds no labels.
+    labels = None if LABELS_KEY in dtypes else _npz_labels(path, arrays, sample_count)
     if limit is not None:
         sample_count = min(sample_count, limit)
-    labels = _npz_labels(path, arrays, sample_count, limit)
     stacked = {name: (arrays[name], axes[name]) for name in samples}
     constant = {name: arrays[name] for name in dtypes if name not in samples}
     batch_size = batch_size_for(model, input_shapes, batch_size)
@@ -285,15 +290,15 @@ def _read_npz(path: str | Path) -> dict[str, np.ndarray]:
         raise CompressError(f"{path}: not a readable .npz file ({exc})") from exc
 
 
-def _npz_labels(path, arrays, sample_count: int, limit: int | None) -> np.ndarray | None:
+def _npz_labels(path, arrays, sample_count: int) -> np.ndarray | None:
     labels = arrays.get(LABELS_KEY)
     if labels is None:
         return None
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise CompressError(f"{path}: '{LABELS_KEY}' must be a 1-D int array")
-    if len(labels) < sample_count or (limit is None and len(labels) != sample_count):
+    if len(labels) != sample_count:
         raise CompressError(f"{path}: {len(labels)} labels for {sample_count} samples")
-    return labels[:sample_count].astype(np.int64)
+    return labels.astype(np.int64)
 
 
 # -- images --------------------------------------------------------------------------------
@@ -378,7 +383,11 @@ def _parse_value(key: str, value: str | None):
 
 def _number(text: str) -> float:
     numerator, _, denominator = text.partition("/")
-    return float(numerator) / float(denominator) if denominator else float(numerator)
+    if not denominator:
+        return float(numerator)
+    if float(denominator) == 0:
+        raise ValueError(f"'{text}' divides by 0")
+    return float(numerator) / float(denominator)
 
 
 def load_images(

@@ -61,7 +61,7 @@ def compress_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="folder of images used as calibration/validation inputs")
     p.add_argument(
         "--preprocess",
-        help="image preprocessing spec, e.g. resize=224,mean=104/117/123,std=1,layout=NCHW,bgr",
+        help="image preprocessing spec, e.g. 'resize=224,mean=104;117;123,bgr' (lists split by ;)",
     )
     p.add_argument("--labels", help="labels for --images: '<file>, <int>' lines or one int a line")
     p.add_argument("--calib-count", type=int, help="use at most this many samples")
@@ -167,7 +167,7 @@ def run_compress(args: argparse.Namespace, console: Console) -> int:
     from onnxcompress.report import fidelity_table, pass_lines, summary_table
 
     if args.list_passes:
-        list_passes(console)
+        list_passes(Console())
         return EXIT_OK
     if not args.model:
         raise CompressError("no model given: python -m onnxcompress MODEL.onnx --passes NAMES")

@@ -33,7 +33,7 @@ def one_error_line(capsys):
 
 def _model(opset=17, input_dims=(1, 4), node=None, extra_opsets=()):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_dims))
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(input_dims))
     node = node or helper.make_node("Relu", ["x"], ["y"])
     opsets = [helper.make_opsetid("", opset), *extra_opsets]
     return helper.make_model(helper.make_graph([node], "g", [x], [y]), opset_imports=opsets)

@@ -220,6 +220,7 @@ def test_npz_drops_the_remainder_of_a_fixed_batch(tmp_path):
         ({"x": np.zeros((2, 3, 5, 4), np.float32)}, r"'x' has shape \[2, 3, 5, 4\], expected"),
         ({"x": np.zeros((2, 3, 4, 4), np.float64)}, "'x' takes float32, the file has float64"),
         ({"x": np.zeros((2, 3, 4, 4), np.float32), "labels": np.zeros(3)}, "1-D int"),
+        ({"x": np.zeros((2, 3, 4, 4), np.float32), "labels": np.zeros(3, int)}, "3 labels for 2"),
     ],
 )
 def test_npz_problems_are_named(tmp_path, arrays, message):
@@ -305,6 +306,8 @@ def test_parse_preprocess():
         parse_preprocess("size=224")
     with pytest.raises(CompressError, match="bad value for 'layout'"):
         parse_preprocess("layout=CHW")
+    with pytest.raises(CompressError, match="divides by 0"):
+        parse_preprocess("scale=1/0")
 
 
 @pytest.mark.skipif(not (SHARED / "models").is_dir(), reason="no ../shared data")
