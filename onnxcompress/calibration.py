@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +15,12 @@ from onnx import helper
 
 from onnxcompress.errors import CompressError
 from onnxcompress.graph import dim_values, runtime_inputs
+from onnxcompress.images import Preprocess, load_images, parse_preprocess
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RANDOM_BATCHES = 4
 LABELS_KEY = "labels"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 @dataclass
@@ -304,156 +303,6 @@ def _npz_labels(path, arrays, sample_count: int) -> np.ndarray | None:
 # -- images --------------------------------------------------------------------------------
 
 
-@dataclass
-class Preprocess:
-    """How an image becomes model input: value = (pixel * scale - mean) / std, per channel.
-
-    mean and std are in the model's channel order (after the BGR swap when `bgr`). `resize`
-    is the shorter side (an int, aspect kept) or (height, width); `crop` is a centre crop.
-    dtype "" follows the model input.
-    """
-
-    resize: int | tuple[int, int] | None = None
-    crop: int | tuple[int, int] | None = None
-    mean: tuple[float, ...] = (0.0,)
-    std: tuple[float, ...] = (1.0,)
-    scale: float = 1.0
-    layout: str = "NCHW"
-    bgr: bool = False
-    grayscale: bool = False
-    dtype: str = ""
-
-
-PREPROCESS_HELP = (
-    "comma-separated key=value, lists split by ';', numbers may be fractions: "
-    "resize=224 (shorter side) or H;W, crop=224 or H;W, mean=104;117;123, std=58.4;57.1;57.4, "
-    "scale=1/255, layout=NCHW|NHWC, bgr, grayscale, dtype=float16"
-)
-_FLAGS = {"bgr", "grayscale"}
-
-
-def parse_preprocess(spec: str) -> Preprocess:
-    """Parse e.g. "resize=224,mean=104;117;123,bgr" (see PREPROCESS_HELP)."""
-    fields: dict = {}
-    valid = [f.name for f in dataclasses.fields(Preprocess)]
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        key, has_value, value = (s.strip() for s in item.partition("="))
-        key = key.lower()
-        if key not in valid:
-            raise CompressError(f"preprocess: unknown key '{key}'; valid keys: {', '.join(valid)}")
-        if key in fields:
-            raise CompressError(f"preprocess: '{key}' given twice")
-        try:
-            fields[key] = _parse_value(key, value if has_value else None)
-        except ValueError as exc:
-            raise CompressError(f"preprocess: bad value for '{key}': {exc}") from exc
-    return Preprocess(**fields)
-
-
-def _parse_value(key: str, value: str | None):
-    if key in _FLAGS:
-        if value is None or value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"'{value}' is not a yes/no value")
-    if not value:
-        raise ValueError("missing value")
-    if key in ("resize", "crop"):
-        sizes = [int(part) for part in value.split(";")]
-        if len(sizes) > 2 or min(sizes) < 1:
-            raise ValueError(f"'{value}' is not SIZE or HEIGHT;WIDTH")
-        return sizes[0] if len(sizes) == 1 else tuple(sizes)
-    if key in ("mean", "std"):
-        numbers = tuple(_number(part) for part in value.split(";"))
-        if key == "std" and 0 in numbers:
-            raise ValueError("std cannot be 0")
-        return numbers
-    if key == "scale":
-        return _number(value)
-    if key == "layout":
-        if value.upper() not in ("NCHW", "NHWC"):
-            raise ValueError(f"'{value}' is not NCHW or NHWC")
-        return value.upper()
-    try:
-        return np.dtype(value).name
-    except TypeError:
-        raise ValueError(f"'{value}' is not a numpy dtype name") from None
-
-
-def _number(text: str) -> float:
-    numerator, _, denominator = text.partition("/")
-    if not denominator:
-        return float(numerator)
-    if float(denominator) == 0:
-        raise ValueError(f"'{text}' divides by 0")
-    return float(numerator) / float(denominator)
-
-
-def load_images(
-    folder: str | Path,
-    preprocess: Preprocess,
-    input_shape: list[int],
-    limit: int | None = None,
-    labels_path: str | Path | None = None,
-) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
-    """Decode and preprocess the images of a folder (sorted, not recursive) into one array
-    [N, *input_shape[1:]] of `preprocess.dtype` (float32 if empty), with labels and file names.
-
-    A labels file holds "<file or path>, <int>" or "<file> <int>" per line (matched on the file
-    name), or one int per line in sorted file order.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CompressError(f"{folder}: not a folder")
-    files = sorted(
-        entry
-        for entry in folder.iterdir()
-        if entry.suffix.lower() in IMAGE_SUFFIXES and entry.is_file()
-    )
-    if not files:
-        raise CompressError(
-            f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}); subfolders are not searched"
-        )
-    labels = read_labels(labels_path, [p.name for p in files]) if labels_path else None
-    if limit is not None:
-        files = files[:limit]
-        labels = None if labels is None else labels[:limit]
-    height, width, channels = _image_geometry(preprocess, input_shape)
-    # One array of the final dtype: no float64 or per-image copies kept around.
-    images = np.empty((len(files), *input_shape[1:]), np.dtype(preprocess.dtype or "float32"))
-    for index, path in enumerate(files):
-        images[index] = _preprocess_image(path, preprocess, height, width, channels)
-    return images, labels, [p.name for p in files]
-
-
-def read_labels(path: str | Path, names: list[str]) -> np.ndarray:
-    """Integer labels for the given file names, in their order (see load_images)."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise CompressError(f"{path}: cannot read labels: {exc.strerror or exc}") from exc
-    entries = [(number, line.strip()) for number, line in enumerate(lines, 1) if line.strip()]
-    if all(re.fullmatch(r"[-+]?\d+", line) for _, line in entries):
-        if len(entries) != len(names):
-            raise CompressError(f"{path}: {len(entries)} labels for {len(names)} images")
-        return np.array([int(line) for _, line in entries], np.int64)
-    by_name: dict[str, int] = {}
-    for number, line in entries:
-        name, _, label = line.rpartition(",") if "," in line else line.rpartition(" ")
-        if not name.strip() or not re.fullmatch(r"\s*[-+]?\d+\s*", label):
-            raise CompressError(
-                f"{path}:{number}: expected '<file>, <int>' or '<file> <int>', got '{line[:80]}'"
-            )
-        name = Path(name.strip()).name
-        if by_name.setdefault(name, int(label)) != int(label):
-            raise CompressError(f"{path}: file name {name} has two different labels")
-    missing = [name for name in names if name not in by_name]
-    if missing:
-        raise CompressError(f"{path}: no label for {len(missing)} image(s), e.g. {missing[0]}")
-    return np.array([by_name[name] for name in names], np.int64)
-
-
 def _image_calibration(model, input_shapes, folder, preprocess, labels_path, count, batch_size):
     inputs = input_dtypes(model)
     if len(inputs) != 1:
@@ -480,67 +329,3 @@ def _image_calibration(model, input_shapes, folder, preprocess, labels_path, cou
     if labels is not None:
         labels = labels[: sum(len(batch[name]) for batch in batches)]
     return Calibration(batches, labels, f"images {folder} ({len(files)} files)")
-
-
-def _image_geometry(preprocess: Preprocess, shape: list[int]) -> tuple[int, int, int]:
-    """Height, width and channels the input takes, checked against the preprocessing."""
-    if len(shape) != 4:
-        raise CompressError(f"images need a 4-D input; the input has shape {list(shape)}")
-    if preprocess.layout == "NCHW":
-        channels, height, width = shape[1:]
-    else:
-        height, width, channels = shape[1:]
-    if channels not in (1, 3) or (preprocess.grayscale and channels != 1):
-        raise CompressError(
-            f"input shape {list(shape)} has {channels} channel(s) in layout {preprocess.layout}; "
-            "images give 3 (RGB) or 1 (grayscale): check layout= and grayscale"
-        )
-    for key in ("mean", "std"):
-        if len(getattr(preprocess, key)) not in (1, channels):
-            raise CompressError(f"preprocess {key}: give 1 or {channels} values")
-    return height, width, channels
-
-
-def _preprocess_image(
-    path: Path, preprocess: Preprocess, height: int, width: int, channels: int
-) -> np.ndarray:
-    from PIL import Image  # only image calibration needs Pillow
-
-    try:
-        with Image.open(path) as opened:
-            image = opened.convert("L" if channels == 1 else "RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise CompressError(f"{path}: cannot decode image: {exc}") from exc
-    if preprocess.resize is not None:
-        image = image.resize(_resized(image.size, preprocess.resize), Image.BILINEAR)
-    crop_height, crop_width = _pair(preprocess.crop) if preprocess.crop else (height, width)
-    if image.width >= crop_width and image.height >= crop_height:
-        left = round((image.width - crop_width) / 2)
-        top = round((image.height - crop_height) / 2)
-        image = image.crop((left, top, left + crop_width, top + crop_height))
-    if image.size != (width, height):
-        raise CompressError(
-            f"{path.name}: after resize/crop the image is {image.width}x{image.height} (WxH), "
-            f"the input takes {width}x{height}: set resize= and crop= in the preprocessing"
-        )
-    pixels = np.asarray(image, np.float32).reshape(height, width, channels)
-    if preprocess.bgr and channels == 3:
-        pixels = pixels[..., ::-1]
-    mean = np.asarray(preprocess.mean, np.float32)
-    std = np.asarray(preprocess.std, np.float32)
-    values = (pixels * np.float32(preprocess.scale) - mean) / std
-    return values.transpose(2, 0, 1) if preprocess.layout == "NCHW" else values
-
-
-def _resized(size: tuple[int, int], resize: int | tuple[int, int]) -> tuple[int, int]:
-    """(width, height) after resizing: the shorter side to an int, or exactly (height, width)."""
-    if isinstance(resize, tuple):
-        return resize[1], resize[0]
-    width, height = size
-    if width <= height:
-        return resize, max(1, round(height * resize / width))
-    return max(1, round(width * resize / height)), resize
-
-
-def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
-    return size if isinstance(size, tuple) else (size, size)
