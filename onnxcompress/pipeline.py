@@ -71,6 +71,8 @@ def resolve_output_path(model_path: Path, output: str | None) -> Path:
     if out.is_dir():
         raise CompressError(f"output {out} is a folder; give a file path with -o")
     folder = out.parent if str(out.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise CompressError(f"output folder {folder} is a file, not a folder")
     if not folder.is_dir():
         raise CompressError(f"output folder {folder} does not exist")
     if not _writable(folder):

@@ -193,13 +193,18 @@ def _bad_inputs(tmp_path):
         (
             "output unwritable",
             [FIXTURE, "--passes", "identity", "-o", a_file / "o.onnx"],
-            "does not exist",
+            "is a file, not a folder",
         ),
         ("output is input", [FIXTURE, "--passes", "identity", "-o", FIXTURE], "is the input"),
         (
             "bad input shape",
             [FIXTURE, "--passes", "identity", "--input-shape", "input:a,b"],
             "--input-shape",
+        ),
+        (
+            "output folder missing",
+            [FIXTURE, "--passes", "identity", "-o", tmp_path / "nope" / "o.onnx"],
+            "does not exist",
         ),
         ("unknown flag", [FIXTURE, "--passes", "identity", "--frobnicate"], "unrecognized"),
     ]
