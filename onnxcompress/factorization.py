@@ -1,0 +1,302 @@
+"""The driver every factorization pass shares: find layers, choose a rank per layer (explicit,
+by energy, or under a global MACs budget), rewrite, time each layer and revert what is not
+faster, then refit the last factors on calibration data. A pass supplies a `Method`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import onnx
+
+from onnxcompress import graph, layer_refit, layer_timing
+from onnxcompress.analyse import ModelAnalysis, analyse
+from onnxcompress.errors import CompressError
+from onnxcompress.layers import Namer, named_copy, replace_node
+from onnxcompress.passkit import NodeRecord, PassContext, PassResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Candidate:
+    """One way to rewrite one layer; `error` is the relative (Frobenius) weight error."""
+
+    config: dict[str, Any]
+    macs: int
+    params: int
+    error: float
+    factors: Any = None
+
+
+@dataclass
+class Rewrite:
+    """The subgraph that replaces a layer; its last node writes the layer's output tensor."""
+
+    nodes: list[onnx.NodeProto]
+    initializers: list[onnx.TensorProto]
+    refit: layer_refit.RefitSite | None = None
+
+
+class Method(Protocol):
+    """What a factorization pass tells the driver about its decomposition."""
+
+    def layers(self, model: onnx.ModelProto, analysis: ModelAnalysis) -> tuple[list, list]:
+        """(layers it may rewrite, skip records for the others)."""
+
+    def skip_reason(self, layer: Any) -> str:
+        """Why this layer cannot be rewritten by this method ("" if it can)."""
+
+    def candidates(self, layer: Any) -> list[Candidate]:
+        """Versions of the layer the pass's explicit options allow (any order)."""
+
+    def build(self, layer: Any, candidate: Candidate, namer: Namer) -> Rewrite:
+        """Nodes and initializers for the chosen candidate."""
+
+
+@dataclass(frozen=True)
+class DriverOptions:
+    """The options every factorization pass shares (each pass re-declares them with help)."""
+
+    target_macs: float | None = None
+    energy: float | None = None
+    never_slower: bool = True
+    min_speedup: float = 1.05
+    refit: bool = True
+
+
+@dataclass
+class _Choice:
+    layer: Any
+    ladder: list[Candidate]
+    index: int = -1  # -1: keep the original layer
+
+    @property
+    def current(self) -> Candidate | None:
+        return self.ladder[self.index] if self.index >= 0 else None
+
+
+@dataclass
+class _Plan:
+    chosen: list[tuple[Any, Candidate]] = field(default_factory=list)
+    records: list[NodeRecord] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def run_factorization(
+    model: onnx.ModelProto,
+    method: Method,
+    options: DriverOptions,
+    context: PassContext,
+    pass_name: str,
+) -> PassResult:
+    """Apply `method` to every layer it can take, as `options` and the budget say."""
+    model = named_copy(model)
+    analysis = analyse(model, context.input_shapes)
+    layers, skipped = method.layers(model, analysis)
+    plan = _plan(layers, method, options, analysis)
+    plan.records[:0] = skipped
+    if not plan.chosen:
+        return PassResult(model, False, plan.records, plan.summary)
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    namer = Namer(rewritten)
+    rewrites = {}
+    for layer, candidate in plan.chosen:
+        rewrite = method.build(layer, candidate, namer)
+        replace_node(rewritten, layer.name, rewrite.nodes, rewrite.initializers)
+        rewrites[layer.name] = (layer, candidate, rewrite)
+    if options.never_slower:
+        rewritten = _revert_slower(rewritten, model, rewrites, options, context, plan)
+        if not rewrites:  # every layer was put back: hand back the model as it came
+            rewritten = model
+    if options.refit and context.calibration and rewrites:
+        plan.summary["refit"] = layer_refit.refit_layers(
+            model, rewritten, [r.refit for _, _, r in rewrites.values() if r.refit], context
+        )
+    else:
+        plan.summary["refit"] = "weight-only (no calibration data)" if options.refit else "off"
+    _record_rewrites(rewrites, plan)
+    plan.summary["macs_after"] = analyse(rewritten, context.input_shapes).total_macs
+    plan.summary["macs_ratio"] = plan.summary["macs_after"] / max(1, analysis.total_macs)
+    log.info("%s: %d layers rewritten", pass_name, len(rewrites))
+    return PassResult(rewritten, bool(rewrites), plan.records, plan.summary)
+
+
+def _plan(layers, method: Method, options: DriverOptions, analysis: ModelAnalysis) -> _Plan:
+    plan = _Plan(summary={"macs_before": analysis.total_macs})
+    choices = []
+    for layer in layers:
+        reason = method.skip_reason(layer)
+        ladder = [] if reason else pareto_ladder(method.candidates(layer), layer.macs)
+        if not reason and not ladder:
+            reason = "no rank saves MACs"
+        if not reason and options.energy is not None:
+            ladder = _within_energy(ladder, options.energy)
+            reason = "" if ladder else f"every rank that saves MACs keeps < {options.energy} energy"
+        if reason:
+            plan.records.append(
+                NodeRecord(
+                    layer.name, layer.node.op_type, "skipped", reason, macs_before=layer.macs
+                )
+            )
+            continue
+        choices.append(_Choice(layer, ladder))
+    if options.target_macs is None:
+        for choice in choices:  # explicit rank or energy: the cheapest allowed candidate
+            choice.index = len(choice.ladder) - 1
+    else:
+        _allocate(choices, options.target_macs, analysis.total_macs, plan.summary)
+    for choice in choices:
+        if choice.current is None:
+            plan.records.append(
+                NodeRecord(
+                    choice.layer.name,
+                    choice.layer.node.op_type,
+                    "skipped",
+                    "kept: the budget was met without it",
+                    macs_before=choice.layer.macs,
+                )
+            )
+        else:
+            plan.chosen.append((choice.layer, choice.current))
+    return plan
+
+
+def pareto_ladder(candidates: list[Candidate], layer_macs: int) -> list[Candidate]:
+    """Candidates that save MACs and are not beaten on both MACs and error, most MACs first."""
+    ladder: list[Candidate] = []
+    for candidate in sorted(candidates, key=lambda c: (c.macs, c.error)):
+        if candidate.macs < layer_macs and (not ladder or candidate.error < ladder[-1].error):
+            ladder.append(candidate)
+    return ladder[::-1]
+
+
+def _within_energy(ladder: list[Candidate], energy: float) -> list[Candidate]:
+    """Keep candidates whose weight keeps at least `energy` of ‖W‖² (error² ≤ 1 − energy)."""
+    if not 0 < energy <= 1:
+        raise CompressError(f"energy={energy}: expected a fraction in (0, 1]")
+    return [c for c in ladder if c.error**2 <= 1 - energy + 1e-12]
+
+
+# Budget units for the knapsack: finer is closer to optimal, linear in time and memory.
+BUDGET_STEPS = 4000
+
+
+def _allocate(choices: list[_Choice], target: float, total_macs: int, summary: dict) -> None:
+    """Pick one rung per layer (or keep it) with the least total squared weight error such
+    that the model's MACs stay within `target` × the original: a multiple-choice knapsack,
+    solved by dynamic programming over the MAC budget in `BUDGET_STEPS` units. Each option's
+    MACs are rounded *up* to whole units, so the plan always meets the budget it claims."""
+    if not 0 < target <= 1:
+        raise CompressError(f"target_macs={target}: expected a fraction in (0, 1]")
+    fixed = total_macs - sum(choice.layer.macs for choice in choices)
+    budget = target * total_macs - fixed
+    cheapest = sum(choice.ladder[-1].macs for choice in choices)
+    if not choices or budget < cheapest:
+        for choice in choices:
+            choice.index = len(choice.ladder) - 1
+    else:
+        _knapsack(choices, budget)
+    planned = fixed + sum(_macs(choice) for choice in choices)
+    summary["target_macs"] = target
+    summary["planned_macs_ratio"] = planned / max(1, total_macs)
+    if planned > target * total_macs:
+        summary["target_reached"] = False
+        summary["note"] = (
+            f"target {target:.2f} not reachable by this pass: every rewritable "
+            f"layer is at its smallest rank ({planned / total_macs:.3f} of MACs)"
+        )
+
+
+def _macs(choice: _Choice) -> int:
+    return choice.current.macs if choice.current else choice.layer.macs
+
+
+def _knapsack(choices: list[_Choice], budget: float) -> None:
+    unit = budget / BUDGET_STEPS
+    steps = BUDGET_STEPS + 1
+    best = np.zeros(steps)  # least error² of the layers so far, per budget used (≤ b units)
+    picks = []
+    for choice in choices:
+        options = [(-1, choice.layer.macs, 0.0)] + [
+            (i, c.macs, c.error**2) for i, c in enumerate(choice.ladder)
+        ]
+        table = np.full((len(options), steps), np.inf)
+        for row, (_, macs, error2) in enumerate(options):
+            width = int(np.ceil(macs / unit - 1e-9))
+            if width < steps:
+                table[row, width:] = best[: steps - width] + error2
+        picks.append((options, table.argmin(axis=0)))
+        best = table.min(axis=0)
+    remaining = steps - 1
+    for choice, (options, argmin) in zip(reversed(choices), reversed(picks), strict=True):
+        index, macs, _ = options[argmin[remaining]]
+        choice.index = index
+        remaining -= int(np.ceil(macs / unit - 1e-9))
+
+
+def _revert_slower(rewritten, original, rewrites, options, context, plan) -> onnx.ModelProto:
+    """Time each rewritten layer alone against the original layer; put back the slow ones."""
+    constants = graph.constant_tensors(original)
+    for name, (layer, candidate, rewrite) in list(rewrites.items()):
+        timing = layer_timing.compare_layer(constants, layer, rewrite, context.threads)
+        candidate.config["timing"] = timing
+        if timing["speedup"] < options.min_speedup:
+            rewritten = _restore(rewritten, layer, rewrite)
+            del rewrites[name]
+            verdict = (
+                f"{1 / timing['speedup']:.2f}× slower"
+                if timing["speedup"] < 1
+                else f"only {timing['speedup']:.2f}× faster"
+            )
+            plan.records.append(
+                NodeRecord(
+                    name,
+                    layer.node.op_type,
+                    "reverted",
+                    f"reverted: {verdict} (min_speedup {options.min_speedup})",
+                    macs_before=layer.macs,
+                    macs_after=candidate.macs,
+                    details=dict(candidate.config),
+                )
+            )
+    return rewritten
+
+
+def _restore(model: onnx.ModelProto, layer: Any, rewrite: Rewrite) -> onnx.ModelProto:
+    names = {node.name for node in rewrite.nodes}
+    positions = [i for i, node in enumerate(model.graph.node) if node.name in names]
+    for index in reversed(positions):
+        del model.graph.node[index]
+    model.graph.node.insert(positions[0], layer.node)
+    dropped = {init.name for init in rewrite.initializers}
+    keep = [init for init in model.graph.initializer if init.name not in dropped]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    inputs = [vi for vi in model.graph.input if vi.name not in dropped]  # IR 3 lists them
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    return model
+
+
+def _record_rewrites(rewrites: dict, plan: _Plan) -> None:
+    for name, (layer, candidate, rewrite) in rewrites.items():
+        params_before = layer.weight.size + (layer.bias.size if layer.bias is not None else 0)
+        details = {**candidate.config, "weight_rel_error": round(candidate.error, 6)}
+        if rewrite.refit and rewrite.refit.result:
+            details["refit"] = rewrite.refit.result
+        plan.records.append(
+            NodeRecord(
+                name,
+                layer.node.op_type,
+                "rewritten",
+                params_before=params_before,
+                params_after=candidate.params,
+                macs_before=layer.macs,
+                macs_after=candidate.macs,
+                details=details,
+            )
+        )

@@ -1,0 +1,227 @@
+"""`fga`: filter group approximation (Peng et al., ECCV 2018). A k×k Conv becomes a grouped
+k×k Conv (g groups of r filters, original stride/pads/dilations) followed by a 1×1 Conv that
+carries the bias; each input-channel group's unfolded weight gets its optimal rank-r SVD.
+Variant `btd` (block-term) puts a learned 1×1 channel mixing (c → g·c′) in front."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxcompress import factorize, ranks
+from onnxcompress.factorization import Candidate, DriverOptions, Rewrite, run_factorization
+from onnxcompress.layer_refit import RefitSite
+from onnxcompress.layers import ConvLayer, Namer, conv_layers, conv_node
+from onnxcompress.passkit import PassContext, PassResult, option
+from passes import register
+
+DEFAULT_TARGET_MACS = 0.5
+VARIANTS = ("plain", "btd")
+
+
+@dataclass(frozen=True)
+class FgaOptions:
+    groups: int | None = option(
+        None, "groups per layer (default: searched; channels/group ≥ align)"
+    )
+    rank: int | None = option(None, "filters per group (default: chosen by budget or energy)")
+    target_macs: float | None = option(
+        None,
+        f"keep this fraction of the model's MACs (default {DEFAULT_TARGET_MACS} when "
+        "neither rank nor energy is given); ranks chosen for least total squared error (knapsack)",
+    )
+    energy: float | None = option(None, "per layer: smallest cost keeping this fraction of ‖W‖²")
+    align: int = option(16, "round ranks and group widths to multiples of this (ORT CPU speed)")
+    variant: str = option(
+        "plain",
+        "plain: contiguous input-channel groups; btd: a leading 1×1 (c → g·c′) learns the "
+        "channel mixing (block-term decomposition, fitted by alternating least squares)",
+    )
+    inner_channels: int | None = option(
+        None, "btd only: channels per group after the leading 1×1, c′ (default c/groups)"
+    )
+    never_slower: bool = option(True, "time each rewritten layer; revert those not faster")
+    min_speedup: float = option(1.05, "a rewritten layer must be this much faster to stay")
+    refit: bool = option(True, "refit the 1×1 factor and bias on calibration data")
+
+    def __post_init__(self) -> None:
+        for name in ("groups", "rank", "align", "inner_channels"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.inner_channels is not None and self.variant != "btd":
+            raise ValueError("inner_channels applies to variant=btd only")
+
+
+class FgaMethod:
+    def __init__(self, options: FgaOptions) -> None:
+        self.options = options
+
+    def layers(self, model: onnx.ModelProto, analysis):
+        return conv_layers(model, analysis)
+
+    def skip_reason(self, layer: ConvLayer) -> str:
+        groups, inner, rank = self.options.groups, self.options.inner_channels, self.options.rank
+        c = layer.in_channels
+        if layer.group != 1:
+            kind = "depthwise" if layer.group == c else "grouped"
+            return f"{kind} conv (group={layer.group}): fga applies to dense convs"
+        if layer.kernel == (1, 1):
+            return "1×1 conv: fga needs a spatial kernel (svd applies)"
+        if inner is not None and inner * (groups or 1) > c:
+            return f"groups·inner_channels = {groups or 1}·{inner} exceeds the {c} input channels"
+        if groups and inner is None and c % groups:
+            return f"groups={groups} does not divide {c} channels"
+        if groups and rank:
+            width = inner or c // groups
+            maximum = min(layer.out_channels, width * layer.kernel[0] * layer.kernel[1])
+            if rank > maximum:
+                return f"rank={rank} exceeds the group's maximum rank {maximum}"
+        return ""
+
+    def candidates(self, layer: ConvLayer) -> list[Candidate]:
+        n, c = layer.out_channels, layer.in_channels
+        kh, kw = layer.kernel
+        norm = float(np.sum(layer.weight.astype(np.float64) ** 2)) or 1.0
+        btd = self.options.variant == "btd"
+        found = []
+        for groups in self._group_choices(c):
+            inner = self._inner_channels(c, groups)
+            tails = _tail_energy(layer.weight, groups, inner)
+            for rank in self._rank_choices(min(n, inner * kh * kw)):
+                config = {"groups": groups, "rank": rank}
+                if btd:
+                    config["inner_channels"] = inner
+                    macs = fga_btd_macs(layer, groups, rank, inner)
+                else:
+                    macs = ranks.fga_macs_per_pixel(n, c, kh, kw, groups, rank) * (
+                        layer.batch * layer.output_pixels
+                    )
+                params = (inner * c if btd else 0) * groups + groups * rank * inner * kh * kw
+                params += n * groups * rank + n
+                # plain: the exact error. btd: the error of its contiguous-groups start, an
+                # upper bound (its alternating fit never does worse); `build` measures the fit.
+                error = float(np.sqrt(tails[:, rank].sum() / norm))
+                found.append(Candidate(config, macs, params, error))
+        return found
+
+    def _inner_channels(self, channels: int, groups: int) -> int:
+        return self.options.inner_channels or channels // groups
+
+    def _group_choices(self, channels: int) -> list[int]:
+        if self.options.groups:
+            return [self.options.groups]
+        inner = self.options.inner_channels
+        if inner is not None:  # btd with a fixed c′: any g with g·c′ ≤ c
+            return [g for g in (1, 2, 4, 8, 16, 32, 64) if g * inner <= channels]
+        # Powers of two that keep at least `align` input channels per group.
+        limit = max(1, channels // self.options.align)
+        return [g for g in (1, 2, 4, 8, 16, 32, 64) if g <= limit and channels % g == 0]
+
+    def _rank_choices(self, maximum: int) -> list[int]:
+        if self.options.rank:
+            return [self.options.rank] if self.options.rank <= maximum else []
+        align = self.options.align
+        return sorted({ranks.align_rank(r, align, maximum) for r in range(align, maximum, align)})
+
+    def build(self, layer: ConvLayer, candidate: Candidate, namer: Namer) -> Rewrite:
+        groups, rank = candidate.config["groups"], candidate.config["rank"]
+        dtype = layer.weight.dtype
+        nodes, inits = [], []
+        x = layer.node.input[0]
+        if self.options.variant == "btd":
+            inner = candidate.config["inner_channels"]
+            leading, grouped, pointwise = factorize.fga_btd_factors(
+                layer.weight, groups, rank, inner, seed=0
+            )
+            approx = factorize.compose_fga_btd(leading, grouped, pointwise, groups)
+            weight = layer.weight.astype(np.float64)
+            exact = np.linalg.norm(weight - approx) / max(np.linalg.norm(weight), 1e-30)
+            candidate.config["weight_rel_error_exact"] = round(float(exact), 6)
+            # No bias: the 1×1 maps the grouped conv's zero padding to zero, so it commutes
+            # with the pads that follow.
+            mix, mix_inits = conv_node(
+                namer, f"{layer.name}.fga_leading", x, leading, kernel_shape=[1, 1]
+            )
+            nodes.append(mix)
+            inits += mix_inits
+            x = mix.output[0]
+        else:
+            grouped, pointwise = factorize.fga_factors(layer.weight, groups, rank)
+        bias = layer.bias if layer.bias is not None else np.zeros(layer.out_channels, dtype)
+        first, first_inits = conv_node(
+            namer,
+            f"{layer.name}.fga_grouped",
+            x,
+            grouped,
+            group=groups,
+            kernel_shape=list(layer.kernel),
+            strides=list(layer.strides),
+            dilations=list(layer.dilations),
+            pads=list(layer.pads),
+        )
+        last, last_inits = conv_node(
+            namer,
+            f"{layer.name}.fga_pointwise",
+            first.output[0],
+            pointwise,
+            out=layer.node.output[0],
+            bias=bias.astype(dtype),
+            kernel_shape=[1, 1],
+        )
+        site = RefitSite(
+            first.output[0], layer.node.output[0], last.input[1], last.input[2], "conv1x1"
+        )
+        return Rewrite(nodes + [first, last], inits + first_inits + last_inits, site)
+
+
+def fga_btd_macs(layer: ConvLayer, groups: int, rank: int, inner: int) -> int:
+    """MACs of the btd subgraph: the leading 1×1 runs at the layer's *input* resolution
+    (before the grouped conv's stride and pads), the other two at its output resolution."""
+    n, c = layer.out_channels, layer.in_channels
+    kh, kw = layer.kernel
+    input_pixels = int(np.prod(layer.input_shape[2:])) * layer.input_shape[0]
+    output_pixels = layer.output_pixels * layer.batch
+    leading = groups * inner * c
+    rest = ranks.fga_btd_macs_per_pixel(n, c, kh, kw, groups, rank, inner) - leading
+    return leading * input_pixels + rest * output_pixels
+
+
+def _tail_energy(weight: np.ndarray, groups: int, inner: int | None = None) -> np.ndarray:
+    """tails[i, r] = error² of group i at rank r when group i keeps its first `inner` of the
+    c/g contiguous channels (all of them by default): Σ_{j ≥ r} σ_j² of that block's unfolded
+    weight, plus (in row 0) the energy of the channels no group keeps."""
+    n, per_group = weight.shape[0], weight.shape[1] // groups
+    inner = per_group if inner is None else inner
+    w = weight.astype(np.float64)
+    spectra, dropped = [], 0.0
+    for i in range(groups):
+        block = w[:, i * per_group : (i + 1) * per_group]
+        spectra.append(np.linalg.svd(block[:, :inner].reshape(n, -1), compute_uv=False) ** 2)
+        dropped += float(np.sum(block[:, inner:] ** 2))
+    dropped += float(np.sum(w[:, groups * per_group :] ** 2))
+    width = max(len(s) for s in spectra) + 1
+    tails = np.zeros((groups, width))
+    for i, sq in enumerate(spectra):
+        tails[i, : len(sq)] = np.cumsum(sq[::-1])[::-1]
+    tails[0] += dropped
+    return tails
+
+
+@register("fga", FgaOptions, "filter group approximation: k×k Conv → grouped k×k → 1×1")
+def fga(model: onnx.ModelProto, options: FgaOptions, context: PassContext) -> PassResult:
+    target = options.target_macs
+    if target is None and options.rank is None and options.energy is None:
+        target = DEFAULT_TARGET_MACS
+    driver = DriverOptions(
+        target_macs=target,
+        energy=options.energy,
+        never_slower=options.never_slower,
+        min_speedup=options.min_speedup,
+        refit=options.refit,
+    )
+    return run_factorization(model, FgaMethod(options), driver, context, "fga")

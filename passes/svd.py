@@ -1,0 +1,251 @@
+"""`svd`: truncated SVD of linear layers and spatial SVD of convolutions (methods.md §2).
+
+Gemm/MatMul with a constant 2-D weight: W ≈ A·B at rank r, two nodes through width r (either
+side of the product; a Gemm keeps transA/transB on the activation, alpha goes into the
+weight, beta·C onto the second node). k×k Conv (dense, kh, kw > 1): a kh×1 conv (c → r, the
+vertical stride/dilation/pads) then a 1×kw conv (r → n, the horizontal ones, the bias)
+(Jaderberg et al., BMVC 2014). 1×1 Conv: 1×1 (c → r, stride and pads) then 1×1 (r → n).
+
+Bias of a right-side MatMul, for the calibration refit: when an Add of an [N] bias
+initializer alone reads the MatMul's output (the usual transformer linear layer), the refit
+fits the second MatMul and that bias through the Add, at no cost. Otherwise, only when a refit
+will run (refit on and calibration data given), the rewrite ends in an Add of a zero bias (N
+MACs per row, counted in the candidate) so the refit has a bias to set; without calibration
+no Add is written. Refit sites: the second MatMul/Gemm ("matmul") and the second 1×1 conv
+("conv1x1"); spatial SVD (last factor 1×kw) and left-side products (W @ x) have none, which
+their records say under details.refit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import scipy.linalg
+
+from onnxcompress import factorize, ranks
+from onnxcompress.factorization import Candidate, DriverOptions, Rewrite, run_factorization
+from onnxcompress.layer_refit import RefitSite
+from onnxcompress.layers import ConvLayer, Namer, conv_layers, conv_node
+from onnxcompress.linear_layers import LinearLayer, linear_layers, low_rank_nodes
+from onnxcompress.passkit import PassContext, PassResult, option
+from passes import register
+
+DEFAULT_TARGET_MACS = 0.5
+NO_SITE_SPATIAL = "none: the last factor is a 1×kw conv (only 1×1 and matmul factors are refit)"
+NO_SITE_LEFT = "none: W @ x has its features on axis -2 (only x @ W factors are refit)"
+NO_SITE_ROW_C = "none: C varies by row, so there is no [N] bias to refit"
+
+
+@dataclass(frozen=True)
+class SvdOptions:
+    rank: int | None = option(None, "rank of every factorization (default: by budget or energy)")
+    energy: float | None = option(None, "per layer: smallest cost keeping this fraction of ‖W‖²")
+    target_macs: float | None = option(
+        None,
+        f"keep this fraction of the model's MACs (default {DEFAULT_TARGET_MACS} when "
+        "neither rank nor energy is given); ranks chosen for least total squared error (knapsack)",
+    )
+    align: int = option(16, "round ranks to multiples of this (ORT CPU speed)")
+    conv: bool = option(True, "also factorize convs: spatial SVD of k×k, plain SVD of 1×1")
+    never_slower: bool = option(True, "time each rewritten layer; revert those not faster")
+    min_speedup: float = option(1.05, "a rewritten layer must be this much faster to stay")
+    refit: bool = option(True, "refit the last factor and bias on calibration data")
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "align"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.min_speedup <= 0:
+            raise ValueError(f"min_speedup must be > 0, got {self.min_speedup}")
+
+
+class SvdMethod:
+    def __init__(self, options: SvdOptions, refit_data: bool) -> None:
+        self.options = options
+        self.refit_data = refit_data  # a refit will run: bias-less MatMuls get a bias Add
+
+    def layers(self, model: onnx.ModelProto, analysis):
+        convs, conv_skips = conv_layers(model, analysis)
+        linears, linear_skips = linear_layers(model, analysis)
+        position = {stats.name: i for i, stats in enumerate(analysis.nodes)}
+        layers = sorted([*convs, *linears], key=lambda layer: position[layer.name])
+        skips = sorted([*conv_skips, *linear_skips], key=lambda record: position[record.node])
+        return layers, skips
+
+    def skip_reason(self, layer: ConvLayer | LinearLayer) -> str:
+        if isinstance(layer, LinearLayer):
+            return ""
+        if not self.options.conv:
+            return "conv=false: convolutions are left alone"
+        if layer.group != 1:
+            kind = "depthwise" if layer.group == layer.in_channels else "grouped"
+            return f"{kind} conv (group={layer.group}): svd applies to dense convs"
+        kh, kw = layer.kernel
+        if (kh == 1) != (kw == 1):
+            return f"{kh}×{kw} kernel: spatial SVD needs kh > 1 and kw > 1"
+        return ""
+
+    def candidates(self, layer: ConvLayer | LinearLayer) -> list[Candidate]:
+        matrix = _matrix(layer).astype(np.float64)
+        squares = scipy.linalg.svdvals(matrix) ** 2
+        tails = np.append(np.cumsum(squares[::-1])[::-1], 0.0)
+        norm = float(tails[0]) or 1.0
+        form, note = _form(layer), self._refit_note(layer)
+        found = []
+        for rank in self._rank_choices(min(matrix.shape)):
+            macs, params = self._cost(layer, form, rank)
+            config = {"form": form, "rank": rank}
+            if note:
+                config["refit"] = note
+            error = float(np.sqrt(max(tails[rank], 0.0) / norm))
+            found.append(Candidate(config, macs, params, error))
+        return found
+
+    def _rank_choices(self, maximum: int) -> list[int]:
+        if self.options.rank:
+            return [self.options.rank] if self.options.rank <= maximum else []
+        align = self.options.align
+        return sorted({ranks.align_rank(r, align, maximum) for r in range(align, maximum, align)})
+
+    def _extra_add(self, layer: ConvLayer | LinearLayer) -> bool:
+        return (
+            self.refit_data
+            and isinstance(layer, LinearLayer)
+            and layer.op == "MatMul"
+            and layer.side == "right"
+            and layer.bias_add is None
+        )
+
+    def _refit_note(self, layer: ConvLayer | LinearLayer) -> str:
+        if isinstance(layer, ConvLayer):
+            return NO_SITE_SPATIAL if layer.kernel != (1, 1) else ""
+        if layer.side == "left":
+            return NO_SITE_LEFT
+        if layer.op == "Gemm" and layer.bias is None and layer.c is not None:
+            return NO_SITE_ROW_C
+        return ""
+
+    def _cost(self, layer: ConvLayer | LinearLayer, form: str, rank: int) -> tuple[int, int]:
+        """(MACs, parameters) of the written rewrite, as `analyse` counts them."""
+        if isinstance(layer, LinearLayer):
+            k, n = layer.in_features, layer.out_features
+            macs = layer.positions * ranks.matrix_macs_per_row(k, n, rank)
+            params = rank * (k + n)
+            if layer.op == "Gemm":
+                params += n if layer.c is None and layer.side == "right" else 0
+                params += layer.bias.size if layer.bias is not None else 0
+                params += layer.c.size if layer.c is not None and layer.bias is None else 0
+            if self._extra_add(layer):
+                macs += layer.positions * n  # the Add counts one MAC per output element
+                params += n
+            return macs, params
+        n, c, kh, kw = layer.weight.shape
+        batch, out_h, out_w = layer.batch, layer.output_shape[2], layer.output_shape[3]
+        if form == "pointwise":
+            return batch * out_h * out_w * rank * (c + n), rank * (c + n) + n
+        # The kh×1 conv keeps the input's width; the 1×kw conv brings it to the output's.
+        in_w = layer.input_shape[3]
+        macs = batch * out_h * (rank * c * kh * in_w + n * rank * kw * out_w)
+        bias = layer.bias.size if layer.bias is not None else 0
+        return macs, rank * c * kh + n * rank * kw + bias
+
+    def build(self, layer: ConvLayer | LinearLayer, candidate: Candidate, namer: Namer) -> Rewrite:
+        rank = candidate.config["rank"]
+        if isinstance(layer, LinearLayer):
+            a, b = factorize.matrix_factors(layer.weight, rank)
+            nodes, inits, site = low_rank_nodes(layer, a, b, namer, "svd", self._extra_add(layer))
+            return Rewrite(nodes, inits, site)
+        if candidate.config["form"] == "pointwise":
+            return _pointwise_rewrite(layer, rank, namer)
+        return _spatial_rewrite(layer, rank, namer)
+
+
+def _form(layer: ConvLayer | LinearLayer) -> str:
+    if isinstance(layer, LinearLayer):
+        return f"{layer.op.lower()}_{layer.side}"
+    return "pointwise" if layer.kernel == (1, 1) else "spatial"
+
+
+def _matrix(layer: ConvLayer | LinearLayer) -> np.ndarray:
+    """The matrix whose truncated SVD the rewrite uses (its singular values give the error)."""
+    if isinstance(layer, LinearLayer):
+        return layer.weight
+    n, c, kh, kw = layer.weight.shape
+    if (kh, kw) == (1, 1):
+        return layer.weight.reshape(n, c)
+    return layer.weight.transpose(1, 2, 0, 3).reshape(c * kh, n * kw)  # as spatial_svd_factors
+
+
+def _pointwise_rewrite(layer: ConvLayer, rank: int, namer: Namer) -> Rewrite:
+    n, c = layer.weight.shape[:2]
+    a, b = factorize.matrix_factors(layer.weight.reshape(n, c), rank)
+    bias = layer.bias if layer.bias is not None else np.zeros(n)
+    first, first_inits = conv_node(
+        namer,
+        f"{layer.name}.svd_first",
+        layer.node.input[0],
+        b.reshape(rank, c, 1, 1),
+        kernel_shape=[1, 1],
+        strides=list(layer.strides),
+        pads=list(layer.pads),
+    )
+    last, last_inits = conv_node(
+        namer,
+        f"{layer.name}.svd_second",
+        first.output[0],
+        a.reshape(n, rank, 1, 1),
+        out=layer.node.output[0],
+        bias=bias.astype(layer.weight.dtype),
+        kernel_shape=[1, 1],
+    )
+    site = RefitSite(first.output[0], layer.node.output[0], last.input[1], last.input[2], "conv1x1")
+    return Rewrite([first, last], first_inits + last_inits, site)
+
+
+def _spatial_rewrite(layer: ConvLayer, rank: int, namer: Namer) -> Rewrite:
+    vertical, horizontal = factorize.spatial_svd_factors(layer.weight, rank)
+    (sh, sw), (dh, dw) = layer.strides, layer.dilations
+    top, left, bottom, right = layer.pads
+    kh, kw = layer.kernel
+    first, first_inits = conv_node(
+        namer,
+        f"{layer.name}.svd_vertical",
+        layer.node.input[0],
+        vertical,
+        kernel_shape=[kh, 1],
+        strides=[sh, 1],
+        dilations=[dh, 1],
+        pads=[top, 0, bottom, 0],
+    )
+    last, last_inits = conv_node(
+        namer,
+        f"{layer.name}.svd_horizontal",
+        first.output[0],
+        horizontal,
+        out=layer.node.output[0],
+        bias=layer.bias,
+        kernel_shape=[1, kw],
+        strides=[1, sw],
+        dilations=[1, dw],
+        pads=[0, left, 0, right],
+    )
+    return Rewrite([first, last], first_inits + last_inits, None)
+
+
+@register("svd", SvdOptions, "truncated SVD: Gemm/MatMul → two through rank r; k×k Conv → k×1, 1×k")
+def svd(model: onnx.ModelProto, options: SvdOptions, context: PassContext) -> PassResult:
+    target = options.target_macs
+    if target is None and options.rank is None and options.energy is None:
+        target = DEFAULT_TARGET_MACS
+    driver = DriverOptions(
+        target_macs=target,
+        energy=options.energy,
+        never_slower=options.never_slower,
+        min_speedup=options.min_speedup,
+        refit=options.refit,
+    )
+    method = SvdMethod(options, refit_data=bool(options.refit and context.calibration))
+    return run_factorization(model, method, driver, context, "svd")

@@ -1,0 +1,203 @@
+"""`tucker2`: Tucker-2 decomposition of a k×k Conv on its channel modes (Kim et al., ICLR 2016).
+The Conv becomes 1×1 (c → r_in) → k×k core (r_in → r_out, original stride/pads/dilations)
+→ 1×1 (r_out → n) that carries the bias; the factors come from tensorly's `partial_tucker`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxcompress import factorize, ranks
+from onnxcompress.factorization import Candidate, DriverOptions, Rewrite, run_factorization
+from onnxcompress.layer_refit import RefitSite
+from onnxcompress.layers import ConvLayer, Namer, conv_layers, conv_node
+from onnxcompress.passkit import PassContext, PassResult, option
+from passes import register
+
+DEFAULT_TARGET_MACS = 0.5
+
+
+@dataclass(frozen=True)
+class Tucker2Options:
+    rank_in: int | None = option(
+        None, "width after the leading 1×1 (default: chosen by budget, energy or vbmf)"
+    )
+    rank_out: int | None = option(
+        None, "width of the core's output (default: chosen by budget, energy or vbmf)"
+    )
+    target_macs: float | None = option(
+        None,
+        f"keep this fraction of the model's MACs (default {DEFAULT_TARGET_MACS} unless both "
+        "ranks, energy or vbmf are given); ranks chosen for least total squared error (knapsack)",
+    )
+    energy: float | None = option(
+        None, "per layer: cheapest ranks whose truncated HOSVD keeps this fraction of ‖W‖²"
+    )
+    vbmf: bool = option(
+        False, "per layer: ranks by EVBMF of the weight's mode-0/mode-1 unfoldings, aligned"
+    )
+    align: int = option(16, "round ranks to multiples of this (ORT CPU speed)")
+    never_slower: bool = option(True, "time each rewritten layer; revert those not faster")
+    min_speedup: float = option(1.05, "a rewritten layer must be this much faster to stay")
+    refit: bool = option(True, "refit the last 1×1 factor and bias on calibration data")
+
+    def __post_init__(self) -> None:
+        for name in ("rank_in", "rank_out", "align"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.vbmf and (self.rank_in is not None or self.rank_out is not None):
+            raise ValueError("vbmf chooses the ranks: do not give rank_in/rank_out with it")
+        if self.vbmf and self.energy is not None:
+            raise ValueError("give either vbmf or energy, not both")
+
+
+class Tucker2Method:
+    def __init__(self, options: Tucker2Options) -> None:
+        self.options = options
+
+    def layers(self, model: onnx.ModelProto, analysis):
+        return conv_layers(model, analysis)
+
+    def skip_reason(self, layer: ConvLayer) -> str:
+        if layer.group != 1:
+            kind = "depthwise" if layer.group == layer.in_channels else "grouped"
+            return f"{kind} conv (group={layer.group}): tucker2 applies to dense convs"
+        if layer.kernel == (1, 1):
+            return "1×1 conv: tucker2 needs a spatial kernel (svd applies)"
+        for name, rank, channels, side in (
+            ("rank_in", self.options.rank_in, layer.in_channels, "input"),
+            ("rank_out", self.options.rank_out, layer.out_channels, "output"),
+        ):
+            if rank is not None and rank > channels:
+                return f"{name}={rank} exceeds the layer's {channels} {side} channels"
+        return ""
+
+    def candidates(self, layer: ConvLayer) -> list[Candidate]:
+        n, c = layer.out_channels, layer.in_channels
+        kh, kw = layer.kernel
+        kept = _hosvd_kept_energy(layer.weight)
+        norm = float(np.sum(layer.weight.astype(np.float64) ** 2)) or 1.0
+        if self.options.vbmf:
+            pairs = [self._vbmf_ranks(layer)]
+        else:
+            pairs = [
+                (r_in, r_out)
+                for r_in in self._rank_choices(self.options.rank_in, c)
+                for r_out in self._rank_choices(self.options.rank_out, n)
+            ]
+        found = []
+        for r_in, r_out in pairs:
+            params = r_in * c + r_out * r_in * kh * kw + n * r_out + n
+            # The truncated HOSVD's error, exactly: with orthonormal factors ‖W − Ŵ‖² =
+            # ‖W‖² − ‖core‖². HOOI (partial_tucker, started from the HOSVD) only improves on it,
+            # so this is an upper bound on the error of the factors `build` writes.
+            error = float(np.sqrt(max(0.0, 1.0 - kept[r_out, r_in] / norm)))
+            config = {"rank_in": r_in, "rank_out": r_out}
+            found.append(Candidate(config, tucker2_macs(layer, r_in, r_out), params, error))
+        return found
+
+    def _rank_choices(self, explicit: int | None, maximum: int) -> list[int]:
+        if explicit is not None:
+            return [explicit] if explicit <= maximum else []
+        align = self.options.align
+        # Multiples of `align` below the channel count, and the channel count itself.
+        return sorted(
+            {ranks.align_rank(r, align, maximum) for r in range(align, maximum + align, align)}
+        )
+
+    def _vbmf_ranks(self, layer: ConvLayer) -> tuple[int, int]:
+        w = layer.weight.astype(np.float64)
+        n, c = layer.out_channels, layer.in_channels
+        r_out = max(1, ranks.vbmf_rank(w.reshape(n, -1)))
+        r_in = max(1, ranks.vbmf_rank(w.transpose(1, 0, 2, 3).reshape(c, -1)))
+        align = self.options.align
+        return ranks.align_rank(r_in, align, c), ranks.align_rank(r_out, align, n)
+
+    def build(self, layer: ConvLayer, candidate: Candidate, namer: Namer) -> Rewrite:
+        r_in, r_out = candidate.config["rank_in"], candidate.config["rank_out"]
+        first, core, last = factorize.tucker2_factors(layer.weight, r_in, r_out)
+        # The ladder ranks candidates by the HOSVD bound; the chosen factors' error is cheap.
+        approx = factorize.compose_tucker2(first, core, last)
+        weight = layer.weight.astype(np.float64)
+        exact = np.linalg.norm(weight - approx) / max(np.linalg.norm(weight), 1e-30)
+        candidate.config["weight_rel_error_exact"] = round(float(exact), 6)
+        dtype = layer.weight.dtype
+        bias = layer.bias if layer.bias is not None else np.zeros(layer.out_channels, dtype)
+        reduce, reduce_inits = conv_node(
+            namer, f"{layer.name}.tucker2_in", layer.node.input[0], first, kernel_shape=[1, 1]
+        )
+        spatial, spatial_inits = conv_node(
+            namer,
+            f"{layer.name}.tucker2_core",
+            reduce.output[0],
+            core,
+            kernel_shape=list(layer.kernel),
+            strides=list(layer.strides),
+            dilations=list(layer.dilations),
+            pads=list(layer.pads),
+        )
+        expand, expand_inits = conv_node(
+            namer,
+            f"{layer.name}.tucker2_out",
+            spatial.output[0],
+            last,
+            out=layer.node.output[0],
+            bias=bias.astype(dtype),
+            kernel_shape=[1, 1],
+        )
+        site = RefitSite(
+            spatial.output[0], layer.node.output[0], expand.input[1], expand.input[2], "conv1x1"
+        )
+        return Rewrite([reduce, spatial, expand], reduce_inits + spatial_inits + expand_inits, site)
+
+
+def tucker2_macs(layer: ConvLayer, r_in: int, r_out: int) -> int:
+    """MACs of the written subgraph: the leading 1×1 runs at the layer's *input* resolution
+    (before the core's stride and pads), the core and the last 1×1 at its output resolution."""
+    n, c = layer.out_channels, layer.in_channels
+    kh, kw = layer.kernel
+    input_pixels = int(np.prod(layer.input_shape[2:])) * layer.input_shape[0]
+    output_pixels = layer.output_pixels * layer.batch
+    at_output = ranks.tucker2_macs_per_pixel(n, c, kh, kw, r_in, r_out) - r_in * c
+    return r_in * c * input_pixels + at_output * output_pixels
+
+
+def _hosvd_kept_energy(weight: np.ndarray) -> np.ndarray:
+    """kept[r_out, r_in] = ‖core‖² of the HOSVD of W truncated to (r_out, r_in), for every pair.
+
+    U_out, U_in are the left singular vectors of the mode-0 (output channel) and mode-1 (input
+    channel) unfoldings; the full core G = U_outᵀ ×₀ W ×₁ U_inᵀ is computed once, and a 2-D
+    cumulative sum of its per-(i, j) energies gives every truncation. Shape (n + 1, c + 1).
+    """
+    w = weight.astype(np.float64)
+    n, c = w.shape[:2]
+    u_out = np.linalg.svd(w.reshape(n, -1), full_matrices=False)[0]
+    u_in = np.linalg.svd(w.transpose(1, 0, 2, 3).reshape(c, -1), full_matrices=False)[0]
+    core = np.einsum("np,ncab,cq->pqab", u_out, w, u_in, optimize=True)
+    energy = np.sum(core**2, axis=(2, 3)).cumsum(axis=0).cumsum(axis=1)
+    kept = np.zeros((n + 1, c + 1))
+    p, q = energy.shape
+    kept[1 : p + 1, 1 : q + 1] = energy
+    # Ranks beyond an unfolding's rank keep no more than its full rank does.
+    kept[p + 1 :, :] = kept[p, :]
+    kept[:, q + 1 :] = kept[:, q : q + 1]
+    return kept
+
+
+@register("tucker2", Tucker2Options, "Tucker-2: k×k Conv → 1×1 → k×k core → 1×1")
+def tucker2(model: onnx.ModelProto, options: Tucker2Options, context: PassContext) -> PassResult:
+    target = options.target_macs
+    both_ranks = options.rank_in is not None and options.rank_out is not None
+    if target is None and not both_ranks and options.energy is None and not options.vbmf:
+        target = DEFAULT_TARGET_MACS
+    driver = DriverOptions(
+        target_macs=target,
+        energy=options.energy,
+        never_slower=options.never_slower,
+        min_speedup=options.min_speedup,
+        refit=options.refit,
+    )
+    return run_factorization(model, Tucker2Method(options), driver, context, "tucker2")
