@@ -121,6 +121,15 @@ def run_factorization(
     _record_rewrites(rewrites, plan)
     plan.summary["macs_after"] = analyse(rewritten, context.input_shapes).total_macs
     plan.summary["macs_ratio"] = plan.summary["macs_after"] / max(1, analysis.total_macs)
+    target = plan.summary.get("target_macs")
+    if target is not None and plan.summary["macs_ratio"] > target + 1e-9:
+        # Reverted (slower) layers give back MACs the plan had counted on.
+        plan.summary["target_reached"] = False
+        plan.summary.setdefault(
+            "note",
+            f"target {target:.2f} missed: {plan.summary['macs_ratio']:.3f} of MACs "
+            "after reverting layers that were not faster",
+        )
     log.info("%s: %d layers rewritten", pass_name, len(rewrites))
     return PassResult(rewritten, bool(rewrites), plan.records, plan.summary)
 

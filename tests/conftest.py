@@ -1,9 +1,16 @@
 """Shared test helpers: where the real models live, and quiet onnxruntime."""
 
-from pathlib import Path
+import os
 
-import onnxruntime
-import pytest
+# Multi-threaded BLAS spins and, on a busy 2-core machine, makes SVDs 10–100× slower; one
+# thread keeps test times steady. Must be set before numpy loads its BLAS.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+from pathlib import Path  # noqa: E402
+
+import onnxruntime  # noqa: E402
+import pytest  # noqa: E402
 
 onnxruntime.set_default_logger_severity(3)
 

@@ -1,0 +1,270 @@
+"""`cp`: CP decomposition of a k×k Conv (Lebedev et al., ICLR 2015). The Conv becomes
+1×1 (c → R) → depthwise kh×1 (vertical stride/dilation/pads) → depthwise 1×kw (horizontal
+ones) → 1×1 (R → n) that carries the bias; the factors come from tensorly's CP-ALS."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import scipy.linalg
+
+from onnxcompress import factorize
+from onnxcompress.factorization import Candidate, DriverOptions, Rewrite, run_factorization
+from onnxcompress.layer_refit import RefitSite
+from onnxcompress.layers import ConvLayer, Namer, conv_layers, conv_node
+from onnxcompress.passkit import PassContext, PassResult, option
+from passes import register
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGET_MACS = 0.5
+# Ladder estimate: ALS sweeps per anchor rank, and how many anchors at most (see estimate_errors).
+ESTIMATE_SWEEPS = 20
+MAX_ANCHORS = 7
+
+
+@dataclass(frozen=True)
+class CpOptions:
+    rank: int | None = option(None, "CP rank R per layer (default: chosen by the MACs budget)")
+    target_macs: float | None = option(
+        None,
+        f"keep this fraction of the model's MACs (default {DEFAULT_TARGET_MACS} when no rank "
+        "is given); ranks allocated greedily by estimated error per MAC saved",
+    )
+    align: int = option(16, "budget ranks are multiples of this (ORT CPU speed)")
+    seed: int = option(0, "seed of the ALS initialisations: the same seed gives the same model")
+    n_iter_max: int = option(100, "ALS sweeps at most per layer (records say if it converged)")
+    never_slower: bool = option(True, "time each rewritten layer; revert those not faster")
+    min_speedup: float = option(1.05, "a rewritten layer must be this much faster to stay")
+    refit: bool = option(True, "refit the last 1×1 factor and bias on calibration data")
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "align", "n_iter_max"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+class CpMethod:
+    def __init__(self, options: CpOptions) -> None:
+        self.options = options
+
+    def layers(self, model: onnx.ModelProto, analysis):
+        return conv_layers(model, analysis)
+
+    def skip_reason(self, layer: ConvLayer) -> str:
+        if layer.group != 1:
+            kind = "depthwise" if layer.group == layer.in_channels else "grouped"
+            return f"{kind} conv (group={layer.group}): cp applies to dense convs"
+        if layer.kernel == (1, 1):
+            return "1×1 conv: cp needs a spatial kernel (svd applies)"
+        rank = self.options.rank
+        if rank is not None and cp_macs(layer, rank) >= layer.macs:
+            return f"rank {rank} saves no MACs ({cp_macs(layer, rank)} ≥ {layer.macs})"
+        return ""
+
+    def candidates(self, layer: ConvLayer) -> list[Candidate]:
+        if self.options.rank is not None:
+            # One rank: fit it for real now; `build` writes these factors.
+            factors = self._fit(layer, self.options.rank)
+            return [self._candidate(layer, self.options.rank, factors.relative_error, factors)]
+        ladder = self._rank_choices(layer)
+        errors = estimate_errors(layer.weight, ladder, seed=self.options.seed)
+        return [self._candidate(layer, rank, errors[rank]) for rank in ladder]
+
+    def _candidate(self, layer: ConvLayer, rank: int, error: float, factors=None) -> Candidate:
+        n, c = layer.out_channels, layer.in_channels
+        kh, kw = layer.kernel
+        params = factorize.cp_macs_per_pixel(n, c, kh, kw, rank) + n
+        config = {"rank": rank}
+        if factors is None:
+            config["estimated_rel_error"] = round(error, 6)
+        return Candidate(config, cp_macs(layer, rank), params, error, factors)
+
+    def _rank_choices(self, layer: ConvLayer) -> list[int]:
+        """Multiples of `align` that save MACs (or the largest rank that does, if none)."""
+        largest = (layer.macs - 1) // cp_macs(layer, 1)
+        align = self.options.align
+        return list(range(align, largest + 1, align)) or ([largest] if largest >= 1 else [])
+
+    def _fit(self, layer: ConvLayer, rank: int) -> factorize.CPFactors:
+        with warnings.catch_warnings():
+            # tensorly warns each time R exceeds a mode's size in its SVD initialisation.
+            warnings.filterwarnings("ignore", "Trying to compute SVD", UserWarning)
+            factors = factorize.cp_factors(
+                layer.weight, rank, seed=self.options.seed, n_iter_max=self.options.n_iter_max
+            )
+        if not factors.converged:
+            log.info(
+                "%s: CP-ALS at rank %d did not converge in %d sweeps (relative error %.4g)",
+                layer.name,
+                rank,
+                factors.iterations,
+                factors.relative_error,
+            )
+        return factors
+
+    def build(self, layer: ConvLayer, candidate: Candidate, namer: Namer) -> Rewrite:
+        rank = candidate.config["rank"]
+        cp = candidate.factors or self._fit(layer, rank)
+        candidate.config.update(
+            converged=bool(cp.converged),  # cp_factors may hand back a numpy bool
+            iterations=int(cp.iterations),
+            relative_error=round(cp.relative_error, 6),
+        )
+        candidate.error = cp.relative_error  # the record then shows the real, not the estimate
+        (sh, sw), (dh, dw) = layer.strides, layer.dilations
+        top, left, bottom, right = layer.pads
+        kh, kw = layer.kernel
+        dtype = layer.weight.dtype
+        bias = layer.bias if layer.bias is not None else np.zeros(layer.out_channels, dtype)
+        first, first_inits = conv_node(
+            namer, f"{layer.name}.cp_in", layer.node.input[0], cp.first, kernel_shape=[1, 1]
+        )
+        vertical, vertical_inits = conv_node(
+            namer,
+            f"{layer.name}.cp_vertical",
+            first.output[0],
+            cp.vertical,
+            group=rank,
+            kernel_shape=[kh, 1],
+            strides=[sh, 1],
+            dilations=[dh, 1],
+            pads=[top, 0, bottom, 0],
+        )
+        horizontal, horizontal_inits = conv_node(
+            namer,
+            f"{layer.name}.cp_horizontal",
+            vertical.output[0],
+            cp.horizontal,
+            group=rank,
+            kernel_shape=[1, kw],
+            strides=[1, sw],
+            dilations=[1, dw],
+            pads=[0, left, 0, right],
+        )
+        last, last_inits = conv_node(
+            namer,
+            f"{layer.name}.cp_out",
+            horizontal.output[0],
+            cp.last,
+            out=layer.node.output[0],
+            bias=bias.astype(dtype),
+            kernel_shape=[1, 1],
+        )
+        site = RefitSite(
+            horizontal.output[0], layer.node.output[0], last.input[1], last.input[2], "conv1x1"
+        )
+        inits = first_inits + vertical_inits + horizontal_inits + last_inits
+        return Rewrite([first, vertical, horizontal, last], inits, site)
+
+
+def cp_macs(layer: ConvLayer, rank: int) -> int:
+    """MACs of the written subgraph, each factor at the resolution it really runs at: the first
+    1×1 at the input's H×W, the vertical depthwise at H_out×W (its stride and pads change only
+    H), the horizontal depthwise and the last 1×1 at H_out×W_out."""
+    n, c = layer.out_channels, layer.in_channels
+    kh, kw = layer.kernel
+    batch, (h_in, w_in), (h_out, w_out) = layer.batch, layer.input_shape[2:], layer.output_shape[2:]
+    return batch * rank * (c * h_in * w_in + kh * h_out * w_in + (kw + n) * h_out * w_out)
+
+
+def estimate_errors(
+    weight: np.ndarray, ranks: list[int], seed: int = 0, sweeps: int = ESTIMATE_SWEEPS
+) -> dict[int, float]:
+    """Relative CP error ‖W − W_R‖/‖W‖ for every rank in `ranks`, estimated cheaply.
+
+    Fitting CP at every rung is too slow (tensorly's ALS forms explicit Khatri–Rao products:
+    seconds per rank at R ≈ 128 on a 64×64×3×3 weight). Instead a few anchor ranks (the
+    largest R_max, then ¾, ½, ¼, … of it, and the smallest; see `_anchor_ranks`) get
+    `sweeps` sweeps of a lean numpy ALS, each started from the previous anchor's factors plus
+    seeded random columns; log(error) is interpolated linearly in R between anchors, and a
+    running minimum keeps it non-increasing (the best rank-R error cannot rise with R). Few
+    sweeps overstate the error of large ranks a little; `build` records the real error.
+    """
+    ranks = sorted(set(ranks))
+    if not ranks:
+        return {}
+    anchors = _anchor_ranks(ranks)
+    w = np.asarray(weight, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    fitted, factors = [], None
+    for rank in anchors:
+        factors, error = _als(w, rank, sweeps, rng, factors)
+        fitted.append(max(error, 1e-12))
+    fitted = np.minimum.accumulate(fitted)
+    curve = np.exp(np.interp(ranks, anchors, np.log(fitted)))
+    return {rank: float(error) for rank, error in zip(ranks, curve, strict=True)}
+
+
+def _anchor_ranks(ranks: list[int]) -> list[int]:
+    """The ladder's ends and the rungs nearest ¾, ½, ¼, ⅛, … of its largest rank: the error
+    falls fastest at the top of the ladder, where the rungs also cost the most to fit."""
+    picked = {ranks[0], ranks[-1]}
+    fractions = [0.75] + [0.5**k for k in range(1, 64)]
+    for target in (ranks[-1] * f for f in fractions):
+        if len(picked) >= MAX_ANCHORS or target <= ranks[0]:
+            break
+        picked.add(min(ranks, key=lambda r: abs(r - target)))
+    return sorted(picked)
+
+
+def _als(w: np.ndarray, rank: int, sweeps: int, rng: np.random.Generator, start=None):
+    """`sweeps` ALS sweeps for W[n, c, kh, kw] ≈ Σ_r a_r ∘ b_r ∘ v_r ∘ h_r; returns the factors
+    (a, b, v, h) and the relative error. `start` (factors of a lower rank) is padded with
+    random columns (`a` needs none: each sweep solves it first). W is contracted with one
+    channel factor at a time, so no Khatri–Rao product is formed and the largest temporary
+    is (n + c)·kh·kw × R, not tensorly's n·c·kw × R."""
+    n, c, kh, kw = w.shape
+    if start is None:
+        b, v, h = (rng.standard_normal((size, rank)) for size in (c, kh, kw))
+    else:
+        extra = rank - start[0].shape[1]
+        b, v, h = (np.hstack([f, rng.standard_normal((f.shape[0], extra))]) for f in start[1:])
+    by_out = w.transpose(0, 2, 3, 1).reshape(n * kh * kw, c)  # rows (n, i, j)
+    by_in = w.transpose(1, 2, 3, 0).reshape(c * kh * kw, n)  # rows (c, i, j)
+    norm_sq = float(np.sum(w * w)) or 1.0
+    error = 1.0
+    for _ in range(max(1, sweeps)):
+        spatial = (v[:, None, :] * h[None, :, :]).reshape(kh * kw, rank)
+        gram_vh = (v.T @ v) * (h.T @ h)
+        with_b = (by_out @ b).reshape(n, kh * kw, rank)
+        a = _solve(gram_vh * (b.T @ b), np.einsum("nsr,sr->nr", with_b, spatial))
+        with_a = (by_in @ a).reshape(c, kh * kw, rank)
+        b = _solve(gram_vh * (a.T @ a), np.einsum("csr,sr->cr", with_a, spatial))
+        rest = np.einsum("csr,cr->sr", with_a, b).reshape(kh, kw, rank)  # W ×₀ a ×₁ b
+        gram_ab = (a.T @ a) * (b.T @ b)
+        v = _solve(gram_ab * (h.T @ h), np.einsum("ijr,jr->ir", rest, h))
+        mttkrp_h = np.einsum("ijr,ir->jr", rest, v)
+        gram = gram_ab * (v.T @ v)
+        h = _solve(gram, mttkrp_h)
+        # ‖W − Ŵ‖² = ‖W‖² − 2⟨W, Ŵ⟩ + ‖Ŵ‖², all from quantities at hand.
+        residual = norm_sq - 2 * np.sum(mttkrp_h * h) + np.sum(gram * (h.T @ h))
+        error = float(np.sqrt(max(residual, 0.0) / norm_sq))
+    return (a, b, v, h), error
+
+
+def _solve(gram: np.ndarray, mttkrp: np.ndarray) -> np.ndarray:
+    """The factor F minimising the ALS objective: F · gram = mttkrp, with a tiny ridge so that
+    rank-deficient Gram matrices (R above a mode's size) stay solvable."""
+    ridge = 1e-10 * max(float(np.trace(gram)) / len(gram), 1e-30)
+    regular = gram + ridge * np.eye(len(gram))
+    return scipy.linalg.solve(regular, mttkrp.T, assume_a="pos").T
+
+
+@register("cp", CpOptions, "CP: k×k Conv → 1×1 → depthwise kh×1 → depthwise 1×kw → 1×1")
+def cp(model: onnx.ModelProto, options: CpOptions, context: PassContext) -> PassResult:
+    target = options.target_macs
+    if target is None and options.rank is None:
+        target = DEFAULT_TARGET_MACS
+    driver = DriverOptions(
+        target_macs=target,
+        never_slower=options.never_slower,
+        min_speedup=options.min_speedup,
+        refit=options.refit,
+    )
+    return run_factorization(model, CpMethod(options), driver, context, "cp")
