@@ -5,13 +5,14 @@ Conv weights follow ONNX: W[n, c, kh, kw] (n outputs, c inputs) of a 2-D conv wi
 weights of the replacement convs in execution order, and each `compose_*` rebuilds the
 equivalent full weight (for tests and error measurement). The arithmetic is float64; results
 come back in the input's floating dtype (float32 for non-float input). Rank choice and MAC
-costs live in `onnxcompress.ranks`, the calibration refit in `onnxcompress.refit`; both are
-re-exported here so that passes have one module to import.
+costs live in `onnxcompress.ranks`, the calibration refit in `onnxcompress.refit` and the
+block-term FGA in `onnxcompress.btd`; all are re-exported here so passes import one module.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,16 @@ from onnxcompress.ranks import (  # noqa: F401  (re-exported)
 from onnxcompress.refit import LeastSquaresAccumulator, refit_least_squares  # noqa: F401
 
 log = logging.getLogger(__name__)
+
+
+def __getattr__(name: str):
+    # Lazy re-export: onnxcompress.btd builds on this module's helpers, so it cannot be
+    # imported here at load time without a cycle.
+    if name in ("fga_btd_factors", "compose_fga_btd"):
+        from onnxcompress import btd
+
+        return getattr(btd, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _output_dtype(array: np.ndarray) -> np.dtype:
@@ -192,24 +203,28 @@ class CPFactors:
 
 
 def cp_factors(
-    weight: np.ndarray, rank: int, seed: int = 0, n_iter_max: int = 500, tol: float = 1e-8
+    weight: np.ndarray, rank: int, seed: int = 0, n_iter_max: int = 300, tol: float = 1e-7
 ) -> CPFactors:
     """Rank-R CP of a 2-D conv weight [n, c, kh, kw] by tensorly's ALS (`parafac`).
 
     ALS starts from an SVD initialisation (tensorly pads it with seeded random columns when
     R exceeds a mode's size) and falls back to a seeded random one if that fails. ALS stops
     when the relative error changes by less than `tol` between sweeps; `converged` says
-    whether that happened within `n_iter_max` sweeps.
+    whether that happened within `n_iter_max` sweeps. A sweep costs about 4·R·|W| MACs plus
+    tensorly's overhead, so large layers may want a smaller `n_iter_max`.
     """
     w = _conv_weight(weight)
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     options = dict(n_iter_max=n_iter_max, tol=tol, random_state=seed, return_errors=True)
-    try:
-        cp, errors = parafac(tl.tensor(w), rank, init="svd", **options)
-    except (ValueError, np.linalg.LinAlgError) as error:
-        log.debug("parafac SVD init failed (%s); using a random init", error)
-        cp, errors = parafac(tl.tensor(w), rank, init="random", **options)
+    with warnings.catch_warnings():
+        # Expected when R exceeds a mode's size: tensorly pads the SVD init with random columns.
+        warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
+        try:
+            cp, errors = parafac(tl.tensor(w), rank, init="svd", **options)
+        except (ValueError, np.linalg.LinAlgError) as error:
+            log.debug("parafac SVD init failed (%s); using a random init", error)
+            cp, errors = parafac(tl.tensor(w), rank, init="random", **options)
     weights, factors = cp
     out_f, in_f, vert_f, horiz_f = (np.asarray(f, dtype=np.float64) for f in factors)
     scale = np.ones(rank) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -220,21 +235,18 @@ def cp_factors(
         scale = scale * norms
     out_f = out_f * scale
     # tensorly breaks on |Δerror| < tol, so the last two recorded errors say whether it did.
-    converged = bool(tol) and len(errors) >= 2 and abs(errors[-2] - errors[-1]) < tol
+    converged = bool(tol and len(errors) >= 2 and abs(errors[-2] - errors[-1]) < tol)
     kh, kw = w.shape[2:]
     dtype = _output_dtype(weight)
-    result = CPFactors(
-        first=in_f.T.reshape(rank, -1, 1, 1).astype(dtype),
-        vertical=vert_f.T.reshape(rank, 1, kh, 1).astype(dtype),
-        horizontal=horiz_f.T.reshape(rank, 1, 1, kw).astype(dtype),
-        last=out_f.reshape(-1, rank, 1, 1).astype(dtype),
-        converged=converged,
-        iterations=len(errors),
-        relative_error=0.0,
-    )
-    approx = compose_cp(result.first, result.vertical, result.horizontal, result.last)
-    relative = float(np.linalg.norm(w - approx) / max(np.linalg.norm(w), np.finfo(float).tiny))
-    return CPFactors(**{**result.__dict__, "relative_error": relative})
+    first = in_f.T.reshape(rank, -1, 1, 1).astype(dtype)
+    vertical = vert_f.T.reshape(rank, 1, kh, 1).astype(dtype)
+    horizontal = horiz_f.T.reshape(rank, 1, 1, kw).astype(dtype)
+    last = out_f.reshape(-1, rank, 1, 1).astype(dtype)
+    # Measured on the returned factors, not tensorly's running estimate, which loses accuracy
+    # near zero (it is a square root of a difference of squares).
+    residual = np.linalg.norm(w - compose_cp(first, vertical, horizontal, last))
+    relative = float(residual / max(np.linalg.norm(w), np.finfo(float).tiny))
+    return CPFactors(first, vertical, horizontal, last, converged, len(errors), relative)
 
 
 def compose_cp(
@@ -275,125 +287,3 @@ def compose_spatial_svd(vertical: np.ndarray, horizontal: np.ndarray) -> np.ndar
         np.asarray(horizontal, dtype=np.float64)[:, :, 0, :],
         np.asarray(vertical, dtype=np.float64)[:, :, :, 0],
     )
-
-
-def fga_btd_factors(
-    weight: np.ndarray,
-    groups: int,
-    rank: int,
-    inner_channels: int | None = None,
-    seed: int = 0,
-    iterations: int = 100,
-    tol: float = 1e-7,
-    random_starts: int = 0,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Block-term FGA of a 2-D conv weight [n, c, kh, kw]: 1×1 → grouped kh×kw → 1×1.
-
-    Returns leading (g·c′, c, 1, 1), grouped (g·r, c′, kh, kw) for a Conv with group=g, and
-    pointwise (n, g·r, 1, 1); c′ = `inner_channels` (default c // g), with g·c′ ≤ c.
-
-    Algorithm: the leading 1×1 is kept with orthonormal rows (a rotation of the input channels
-    followed by a split into g groups of c′), which makes both alternating steps exact:
-    given the mixing A, each group's core and pointwise are the rank-r SVD of the projected
-    weight (FGA on the rotated channels); given those, the best orthonormal A is an orthogonal
-    Procrustes solution. So the error never rises; iterations stop when it falls by less than
-    `tol` (relative to ‖W‖). General block-term decompositions allow any A; this variant
-    gives up that freedom for exact steps. ALS can stop in a local minimum, so it runs from
-    the top singular vectors of the mode-1 unfolding (dealt round-robin to the groups), from
-    contiguous channel groups (= plain FGA, so with c′ = c/g the result is never worse than
-    `fga_factors`), and from `random_starts` seeded random rotations; the best fit is kept.
-    """
-    w = _conv_weight(weight)
-    n, c, kh, kw = w.shape
-    if groups < 1:
-        raise ValueError(f"groups must be >= 1, got {groups}")
-    inner = c // groups if inner_channels is None else inner_channels
-    if inner < 1 or groups * inner > c:
-        raise ValueError(f"groups·inner_channels = {groups}·{inner} must be in [1, c={c}]")
-    _check_rank(rank, min(n, inner * kh * kw))
-    slices = w.reshape(n, c, kh * kw)
-    best = None
-    for mixing in _btd_starts(slices, groups, inner, seed, random_starts):
-        fit = _btd_alternate(slices, mixing, groups, rank, iterations, tol)
-        if best is None or fit[0] < best[0]:
-            best = fit
-    error, mixing, pointwise, cores = best
-    log.debug("fga_btd: relative error %.4g", error)
-    dtype = _output_dtype(weight)
-    return (
-        mixing.T.reshape(groups * inner, c, 1, 1).astype(dtype),
-        cores.reshape(groups * rank, inner, kh, kw).astype(dtype),
-        pointwise.reshape(n, groups * rank, 1, 1).astype(dtype),
-    )
-
-
-def _btd_starts(slices: np.ndarray, groups: int, inner: int, seed: int, random_starts: int):
-    """Initial orthonormal mixings (c × g·c′, column g·c′ + j is channel j of group g)."""
-    n, c, s = slices.shape
-    u, _, _ = _svd(slices.transpose(1, 0, 2).reshape(c, n * s), groups * inner)
-    # Round-robin: group g gets singular vectors g, g + groups, ... so energy is spread evenly.
-    yield u.reshape(c, inner, groups).transpose(0, 2, 1).reshape(c, groups * inner)
-    per_group = c // groups
-    channels = [g * per_group + j for g in range(groups) for j in range(inner)]
-    yield np.eye(c)[:, channels]
-    rng = np.random.default_rng(seed)
-    for _ in range(random_starts):
-        yield np.linalg.qr(rng.standard_normal((c, groups * inner)))[0]
-
-
-def _btd_alternate(
-    slices: np.ndarray, mixing: np.ndarray, groups: int, rank: int, iterations: int, tol: float
-) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-    """Alternate the exact (core, pointwise) and mixing steps; return (error, A, P, G)."""
-    norm_sq = float(np.sum(slices**2)) or 1.0
-    previous = np.inf
-    for step in range(max(iterations, 1)):
-        pointwise, cores, captured = _btd_fit_groups(slices, mixing, groups, rank)
-        # A has orthonormal columns, so ‖W − model‖² = ‖W‖² − Σ captured σ².
-        error = float(np.sqrt(max(norm_sq - captured, 0.0) / norm_sq))
-        if previous - error < tol or step == iterations - 1:
-            break
-        previous = error
-        mixing = _btd_procrustes(slices, pointwise, cores)
-    return error, mixing, pointwise, cores
-
-
-def _btd_fit_groups(
-    slices: np.ndarray, mixing: np.ndarray, groups: int, rank: int
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Given A: per group, the rank-r SVD of W projected on the group's c′ mixed channels.
-
-    Returns pointwise P (n, g, r), cores G (g, r, c′, s) and the energy the fit captures.
-    """
-    n, c, s = slices.shape
-    inner = mixing.shape[1] // groups
-    projected = (slices.transpose(0, 2, 1).reshape(n * s, c) @ mixing).reshape(n, s, groups, inner)
-    pointwise = np.empty((n, groups, rank))
-    cores = np.empty((groups, rank, inner, s))
-    captured = 0.0
-    for g in range(groups):
-        u, sigma, vt = _svd(projected[:, :, g].transpose(0, 2, 1).reshape(n, inner * s), rank)
-        pointwise[:, g] = u * sigma
-        cores[g] = vt.reshape(rank, inner, s)
-        captured += float(np.sum(sigma**2))
-    return pointwise, cores, captured
-
-
-def _btd_procrustes(slices: np.ndarray, pointwise: np.ndarray, cores: np.ndarray) -> np.ndarray:
-    """The orthonormal A minimising ‖W₍₁₎ − A K‖ for fixed (P, G): U Vᵀ from SVD(W₍₁₎ Kᵀ)."""
-    n, c, s = slices.shape
-    groups, rank, inner, _ = cores.shape
-    target = np.empty((c, groups, inner))
-    for g in range(groups):
-        block = (pointwise[:, g] @ cores[g].reshape(rank, -1)).reshape(n, inner, s)
-        target[:, g] = np.tensordot(slices, block, axes=([0, 2], [0, 2]))
-    u, _, vt = scipy.linalg.svd(target.reshape(c, groups * inner), full_matrices=False)
-    return u @ vt
-
-
-def compose_fga_btd(
-    leading: np.ndarray, grouped: np.ndarray, pointwise: np.ndarray, groups: int
-) -> np.ndarray:
-    """The full weight (n, c, kh, kw) of 1×1(pointwise) ∘ grouped(group=g) ∘ 1×1(leading)."""
-    inner_weight = compose_fga(grouped, pointwise, groups)  # (n, g·c′, kh, kw)
-    return np.einsum("nmij,mc->ncij", inner_weight, np.asarray(leading, np.float64)[:, :, 0, 0])

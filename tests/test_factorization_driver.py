@@ -316,3 +316,18 @@ def test_nothing_chosen_returns_the_model_unchanged():
     assert not result.changed
     assert result.model.SerializeToString() == MODEL.SerializeToString()
     assert [r.node for r in result.records] == ["conv1", "conv2", "conv0"]  # method's skips first
+
+
+def test_reverted_layers_that_miss_the_target_are_said(monkeypatch):
+    import onnxcompress.layer_timing as layer_timing
+
+    slow = {"original_ms": 1.0, "rewritten_ms": 1.07, "speedup": 1 / 1.07}
+    monkeypatch.setattr(layer_timing, "compare_layer", lambda *args, **kwargs: dict(slow))
+    tables = {name: [(0.5, 0.01)] for name in LAYERS}
+    driver = DriverOptions(never_slower=True, refit=False, target_macs=0.9)
+    context = PassContext(ANALYSIS.input_shapes)
+    result = run_factorization(MODEL, FakeMethod(tables), driver, context, "fake")
+    reverted = [r for r in result.records if r.status == "reverted"]
+    assert reverted and all("1.07× slower" in r.reason for r in reverted)
+    assert result.summary["target_reached"] is False
+    assert "after reverting" in result.summary["note"]
