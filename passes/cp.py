@@ -33,7 +33,7 @@ class CpOptions:
     target_macs: float | None = option(
         None,
         f"keep this fraction of the model's MACs (default {DEFAULT_TARGET_MACS} when no rank "
-        "is given); ranks allocated greedily by estimated error per MAC saved",
+        "is given); ranks chosen for least total estimated squared error (knapsack)",
     )
     align: int = option(16, "budget ranks are multiples of this (ORT CPU speed)")
     seed: int = option(0, "seed of the ALS initialisations: the same seed gives the same model")
