@@ -201,7 +201,7 @@ def run_compress(args: argparse.Namespace, console: Console) -> int:
         result = compress(args.model, options, on_step=on_step)
     out = Console()
     for line in pass_lines(result.report):
-        out.print(line)
+        out.print(line, soft_wrap=True)
     out.print(summary_table(result.report))
     out.print(fidelity_table(result.report))
     out.print(f"wrote {result.output}" + (f", report {args.report}" if args.report else ""))

@@ -111,4 +111,9 @@ def pass_lines(report: dict[str, Any]) -> list[str]:
         done = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no nodes"
         changed = "changed the model" if entry["changed"] else "left the model unchanged"
         lines.append(f"pass {entry['name']}: {done}; {changed} ({entry['seconds']:.2f} s)")
+        summary = entry.get("summary") or {}
+        if summary.get("note"):
+            lines.append(f"  warning: {summary['note']}")
+        if isinstance(summary.get("refit"), str):
+            lines.append(f"  refit: {summary['refit']}")
     return lines
