@@ -14,7 +14,7 @@ import onnx
 from onnxcompress import graph, layer_refit, layer_timing
 from onnxcompress.analyse import ModelAnalysis, analyse
 from onnxcompress.errors import CompressError
-from onnxcompress.layers import Namer, named_copy, replace_node
+from onnxcompress.layers import Namer, conv_node, named_copy, replace_node
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,10 @@ class Method(Protocol):
         """Nodes and initializers for the chosen candidate."""
 
 
+# The budget a factorization pass uses when its options fix no rank and no energy.
+DEFAULT_TARGET_MACS = 0.5
+
+
 @dataclass(frozen=True)
 class DriverOptions:
     """The options every factorization pass shares (each pass re-declares them with help)."""
@@ -65,6 +69,41 @@ class DriverOptions:
     never_slower: bool = True
     min_speedup: float = 1.05
     refit: bool = True
+
+    @classmethod
+    def for_pass(cls, options: Any, explicit: bool) -> DriverOptions:
+        """From a pass's options; `explicit`: they already fix the ranks (no default budget)."""
+        energy = getattr(options, "energy", None)
+        target = options.target_macs
+        if target is None and not explicit and energy is None:
+            target = DEFAULT_TARGET_MACS
+        return cls(
+            target_macs=target,
+            energy=energy,
+            never_slower=options.never_slower,
+            min_speedup=options.min_speedup,
+            refit=options.refit,
+        )
+
+
+def pointwise_output(
+    namer: Namer, layer: Any, x: str, weight: np.ndarray, tag: str
+) -> tuple[onnx.NodeProto, list[onnx.TensorProto], layer_refit.RefitSite]:
+    """The closing 1×1 Conv of a factorized conv layer: it writes the layer's output tensor,
+    carries the bias (zeros if the layer had none, so a refit can set one) and is the refit site."""
+    dtype = layer.weight.dtype
+    bias = layer.bias if layer.bias is not None else np.zeros(layer.out_channels, dtype)
+    node, inits = conv_node(
+        namer,
+        f"{layer.name}.{tag}",
+        x,
+        weight.astype(dtype),
+        out=layer.node.output[0],
+        bias=bias.astype(dtype),
+        kernel_shape=[1, 1],
+    )
+    site = layer_refit.RefitSite(x, layer.node.output[0], node.input[1], node.input[2], "conv1x1")
+    return node, inits, site
 
 
 @dataclass

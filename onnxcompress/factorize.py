@@ -48,6 +48,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def relative_error(weight: np.ndarray, approx: np.ndarray) -> float:
+    """‖W − Ŵ‖ / ‖W‖ (Frobenius), in float64."""
+    w = np.asarray(weight, dtype=np.float64)
+    return float(np.linalg.norm(w - approx) / max(np.linalg.norm(w), 1e-30))
+
+
 def _output_dtype(array: np.ndarray) -> np.dtype:
     dtype = np.asarray(array).dtype
     return dtype if np.issubdtype(dtype, np.floating) else np.dtype(np.float32)

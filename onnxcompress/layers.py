@@ -227,3 +227,20 @@ def named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
             node.name = f"{node.op_type}_{index}"
         seen.add(node.name)
     return copy
+
+
+def spatial_conv_node(
+    namer: Namer, layer: ConvLayer, name: str, x: str, weight: np.ndarray, group: int = 1
+) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """A kh×kw Conv with the layer's own kernel, stride, dilations and resolved pads."""
+    return conv_node(
+        namer,
+        name,
+        x,
+        weight,
+        group=group,
+        kernel_shape=list(layer.kernel),
+        strides=list(layer.strides),
+        dilations=list(layer.dilations),
+        pads=list(layer.pads),
+    )

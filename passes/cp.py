@@ -13,15 +13,20 @@ import onnx
 import scipy.linalg
 
 from onnxcompress import factorize
-from onnxcompress.factorization import Candidate, DriverOptions, Rewrite, run_factorization
-from onnxcompress.layer_refit import RefitSite
+from onnxcompress.factorization import (
+    DEFAULT_TARGET_MACS,
+    Candidate,
+    DriverOptions,
+    Rewrite,
+    pointwise_output,
+    run_factorization,
+)
 from onnxcompress.layers import ConvLayer, Namer, conv_layers, conv_node
 from onnxcompress.passkit import PassContext, PassResult, option
 from passes import register
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TARGET_MACS = 0.5
 # Ladder estimate: ALS sweeps per anchor rank, and how many anchors at most (see estimate_errors).
 ESTIMATE_SWEEPS = 20
 MAX_ANCHORS = 7
@@ -120,8 +125,6 @@ class CpMethod:
         (sh, sw), (dh, dw) = layer.strides, layer.dilations
         top, left, bottom, right = layer.pads
         kh, kw = layer.kernel
-        dtype = layer.weight.dtype
-        bias = layer.bias if layer.bias is not None else np.zeros(layer.out_channels, dtype)
         first, first_inits = conv_node(
             namer, f"{layer.name}.cp_in", layer.node.input[0], cp.first, kernel_shape=[1, 1]
         )
@@ -147,17 +150,8 @@ class CpMethod:
             dilations=[1, dw],
             pads=[0, left, 0, right],
         )
-        last, last_inits = conv_node(
-            namer,
-            f"{layer.name}.cp_out",
-            horizontal.output[0],
-            cp.last,
-            out=layer.node.output[0],
-            bias=bias.astype(dtype),
-            kernel_shape=[1, 1],
-        )
-        site = RefitSite(
-            horizontal.output[0], layer.node.output[0], last.input[1], last.input[2], "conv1x1"
+        last, last_inits, site = pointwise_output(
+            namer, layer, horizontal.output[0], cp.last, "cp_out"
         )
         inits = first_inits + vertical_inits + horizontal_inits + last_inits
         return Rewrite([first, vertical, horizontal, last], inits, site)
@@ -258,13 +252,5 @@ def _solve(gram: np.ndarray, mttkrp: np.ndarray) -> np.ndarray:
 
 @register("cp", CpOptions, "CP: k×k Conv → 1×1 → depthwise kh×1 → depthwise 1×kw → 1×1")
 def cp(model: onnx.ModelProto, options: CpOptions, context: PassContext) -> PassResult:
-    target = options.target_macs
-    if target is None and options.rank is None:
-        target = DEFAULT_TARGET_MACS
-    driver = DriverOptions(
-        target_macs=target,
-        never_slower=options.never_slower,
-        min_speedup=options.min_speedup,
-        refit=options.refit,
-    )
+    driver = DriverOptions.for_pass(options, explicit=options.rank is not None)
     return run_factorization(model, CpMethod(options), driver, context, "cp")

@@ -11,13 +11,18 @@ import numpy as np
 import onnx
 
 from onnxcompress import factorize, ranks
-from onnxcompress.factorization import Candidate, DriverOptions, Rewrite, run_factorization
-from onnxcompress.layer_refit import RefitSite
-from onnxcompress.layers import ConvLayer, Namer, conv_layers, conv_node
+from onnxcompress.factorization import (
+    DEFAULT_TARGET_MACS,
+    Candidate,
+    DriverOptions,
+    Rewrite,
+    pointwise_output,
+    run_factorization,
+)
+from onnxcompress.layers import ConvLayer, Namer, conv_layers, conv_node, spatial_conv_node
 from onnxcompress.passkit import PassContext, PassResult, option
 from passes import register
 
-DEFAULT_TARGET_MACS = 0.5
 VARIANTS = ("plain", "btd")
 
 
@@ -130,7 +135,6 @@ class FgaMethod:
 
     def build(self, layer: ConvLayer, candidate: Candidate, namer: Namer) -> Rewrite:
         groups, rank = candidate.config["groups"], candidate.config["rank"]
-        dtype = layer.weight.dtype
         nodes, inits = [], []
         x = layer.node.input[0]
         if self.options.variant == "btd":
@@ -139,9 +143,8 @@ class FgaMethod:
                 layer.weight, groups, rank, inner, seed=0
             )
             approx = factorize.compose_fga_btd(leading, grouped, pointwise, groups)
-            weight = layer.weight.astype(np.float64)
-            exact = np.linalg.norm(weight - approx) / max(np.linalg.norm(weight), 1e-30)
-            candidate.config["weight_rel_error_exact"] = round(float(exact), 6)
+            exact = factorize.relative_error(layer.weight, approx)
+            candidate.config["weight_rel_error_exact"] = round(exact, 6)
             # No bias: the 1×1 maps the grouped conv's zero padding to zero, so it commutes
             # with the pads that follow.
             mix, mix_inits = conv_node(
@@ -152,29 +155,11 @@ class FgaMethod:
             x = mix.output[0]
         else:
             grouped, pointwise = factorize.fga_factors(layer.weight, groups, rank)
-        bias = layer.bias if layer.bias is not None else np.zeros(layer.out_channels, dtype)
-        first, first_inits = conv_node(
-            namer,
-            f"{layer.name}.fga_grouped",
-            x,
-            grouped,
-            group=groups,
-            kernel_shape=list(layer.kernel),
-            strides=list(layer.strides),
-            dilations=list(layer.dilations),
-            pads=list(layer.pads),
+        first, first_inits = spatial_conv_node(
+            namer, layer, f"{layer.name}.fga_grouped", x, grouped, group=groups
         )
-        last, last_inits = conv_node(
-            namer,
-            f"{layer.name}.fga_pointwise",
-            first.output[0],
-            pointwise,
-            out=layer.node.output[0],
-            bias=bias.astype(dtype),
-            kernel_shape=[1, 1],
-        )
-        site = RefitSite(
-            first.output[0], layer.node.output[0], last.input[1], last.input[2], "conv1x1"
+        last, last_inits, site = pointwise_output(
+            namer, layer, first.output[0], pointwise, "fga_pointwise"
         )
         return Rewrite(nodes + [first, last], inits + first_inits + last_inits, site)
 
@@ -214,14 +199,5 @@ def _tail_energy(weight: np.ndarray, groups: int, inner: int | None = None) -> n
 
 @register("fga", FgaOptions, "filter group approximation: k×k Conv → grouped k×k → 1×1")
 def fga(model: onnx.ModelProto, options: FgaOptions, context: PassContext) -> PassResult:
-    target = options.target_macs
-    if target is None and options.rank is None and options.energy is None:
-        target = DEFAULT_TARGET_MACS
-    driver = DriverOptions(
-        target_macs=target,
-        energy=options.energy,
-        never_slower=options.never_slower,
-        min_speedup=options.min_speedup,
-        refit=options.refit,
-    )
+    driver = DriverOptions.for_pass(options, explicit=options.rank is not None)
     return run_factorization(model, FgaMethod(options), driver, context, "fga")

@@ -25,14 +25,19 @@ import onnx
 import scipy.linalg
 
 from onnxcompress import factorize, ranks
-from onnxcompress.factorization import Candidate, DriverOptions, Rewrite, run_factorization
+from onnxcompress.factorization import (
+    DEFAULT_TARGET_MACS,
+    Candidate,
+    DriverOptions,
+    Rewrite,
+    run_factorization,
+)
 from onnxcompress.layer_refit import RefitSite
 from onnxcompress.layers import ConvLayer, Namer, conv_layers, conv_node
 from onnxcompress.linear_layers import LinearLayer, linear_layers, low_rank_nodes
 from onnxcompress.passkit import PassContext, PassResult, option
 from passes import register
 
-DEFAULT_TARGET_MACS = 0.5
 NO_SITE_SPATIAL = "none: the last factor is a 1×kw conv (only 1×1 and matmul factors are refit)"
 NO_SITE_LEFT = "none: W @ x has its features on axis -2 (only x @ W factors are refit)"
 NO_SITE_ROW_C = "none: C varies by row, so there is no [N] bias to refit"
@@ -237,15 +242,6 @@ def _spatial_rewrite(layer: ConvLayer, rank: int, namer: Namer) -> Rewrite:
 
 @register("svd", SvdOptions, "truncated SVD: Gemm/MatMul → two through rank r; k×k Conv → k×1, 1×k")
 def svd(model: onnx.ModelProto, options: SvdOptions, context: PassContext) -> PassResult:
-    target = options.target_macs
-    if target is None and options.rank is None and options.energy is None:
-        target = DEFAULT_TARGET_MACS
-    driver = DriverOptions(
-        target_macs=target,
-        energy=options.energy,
-        never_slower=options.never_slower,
-        min_speedup=options.min_speedup,
-        refit=options.refit,
-    )
+    driver = DriverOptions.for_pass(options, explicit=options.rank is not None)
     method = SvdMethod(options, refit_data=bool(options.refit and context.calibration))
     return run_factorization(model, method, driver, context, "svd")

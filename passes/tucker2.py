@@ -10,13 +10,17 @@ import numpy as np
 import onnx
 
 from onnxcompress import factorize, ranks
-from onnxcompress.factorization import Candidate, DriverOptions, Rewrite, run_factorization
-from onnxcompress.layer_refit import RefitSite
-from onnxcompress.layers import ConvLayer, Namer, conv_layers, conv_node
+from onnxcompress.factorization import (
+    DEFAULT_TARGET_MACS,
+    Candidate,
+    DriverOptions,
+    Rewrite,
+    pointwise_output,
+    run_factorization,
+)
+from onnxcompress.layers import ConvLayer, Namer, conv_layers, conv_node, spatial_conv_node
 from onnxcompress.passkit import PassContext, PassResult, option
 from passes import register
-
-DEFAULT_TARGET_MACS = 0.5
 
 
 @dataclass(frozen=True)
@@ -121,35 +125,16 @@ class Tucker2Method:
         first, core, last = factorize.tucker2_factors(layer.weight, r_in, r_out)
         # The ladder ranks candidates by the HOSVD bound; the chosen factors' error is cheap.
         approx = factorize.compose_tucker2(first, core, last)
-        weight = layer.weight.astype(np.float64)
-        exact = np.linalg.norm(weight - approx) / max(np.linalg.norm(weight), 1e-30)
-        candidate.config["weight_rel_error_exact"] = round(float(exact), 6)
-        dtype = layer.weight.dtype
-        bias = layer.bias if layer.bias is not None else np.zeros(layer.out_channels, dtype)
+        exact = factorize.relative_error(layer.weight, approx)
+        candidate.config["weight_rel_error_exact"] = round(exact, 6)
         reduce, reduce_inits = conv_node(
             namer, f"{layer.name}.tucker2_in", layer.node.input[0], first, kernel_shape=[1, 1]
         )
-        spatial, spatial_inits = conv_node(
-            namer,
-            f"{layer.name}.tucker2_core",
-            reduce.output[0],
-            core,
-            kernel_shape=list(layer.kernel),
-            strides=list(layer.strides),
-            dilations=list(layer.dilations),
-            pads=list(layer.pads),
+        spatial, spatial_inits = spatial_conv_node(
+            namer, layer, f"{layer.name}.tucker2_core", reduce.output[0], core
         )
-        expand, expand_inits = conv_node(
-            namer,
-            f"{layer.name}.tucker2_out",
-            spatial.output[0],
-            last,
-            out=layer.node.output[0],
-            bias=bias.astype(dtype),
-            kernel_shape=[1, 1],
-        )
-        site = RefitSite(
-            spatial.output[0], layer.node.output[0], expand.input[1], expand.input[2], "conv1x1"
+        expand, expand_inits, site = pointwise_output(
+            namer, layer, spatial.output[0], last, "tucker2_out"
         )
         return Rewrite([reduce, spatial, expand], reduce_inits + spatial_inits + expand_inits, site)
 
@@ -189,15 +174,8 @@ def _hosvd_kept_energy(weight: np.ndarray) -> np.ndarray:
 
 @register("tucker2", Tucker2Options, "Tucker-2: k×k Conv → 1×1 → k×k core → 1×1")
 def tucker2(model: onnx.ModelProto, options: Tucker2Options, context: PassContext) -> PassResult:
-    target = options.target_macs
-    both_ranks = options.rank_in is not None and options.rank_out is not None
-    if target is None and not both_ranks and options.energy is None and not options.vbmf:
-        target = DEFAULT_TARGET_MACS
-    driver = DriverOptions(
-        target_macs=target,
-        energy=options.energy,
-        never_slower=options.never_slower,
-        min_speedup=options.min_speedup,
-        refit=options.refit,
+    driver = DriverOptions.for_pass(
+        options,
+        explicit=(options.rank_in is not None and options.rank_out is not None) or options.vbmf,
     )
     return run_factorization(model, Tucker2Method(options), driver, context, "tucker2")
