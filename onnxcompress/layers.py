@@ -244,3 +244,13 @@ def spatial_conv_node(
         dilations=list(layer.dilations),
         pads=list(layer.pads),
     )
+
+
+def dense_spatial_reason(layer: ConvLayer, pass_name: str) -> str:
+    """Why a pass that factorizes dense k×k convs cannot take this layer ("" if it can)."""
+    if layer.group != 1:
+        kind = "depthwise" if layer.group == layer.in_channels else "grouped"
+        return f"{kind} conv (group={layer.group}): {pass_name} applies to dense convs"
+    if layer.kernel == (1, 1):
+        return f"1×1 conv: {pass_name} needs a spatial kernel (svd applies)"
+    return ""

@@ -21,7 +21,7 @@ from onnxcompress.factorization import (
     pointwise_output,
     run_factorization,
 )
-from onnxcompress.layers import ConvLayer, Namer, conv_layers, conv_node
+from onnxcompress.layers import ConvLayer, Namer, conv_layers, conv_node, dense_spatial_reason
 from onnxcompress.passkit import PassContext, PassResult, option
 from passes import register
 
@@ -62,11 +62,9 @@ class CpMethod:
         return conv_layers(model, analysis)
 
     def skip_reason(self, layer: ConvLayer) -> str:
-        if layer.group != 1:
-            kind = "depthwise" if layer.group == layer.in_channels else "grouped"
-            return f"{kind} conv (group={layer.group}): cp applies to dense convs"
-        if layer.kernel == (1, 1):
-            return "1×1 conv: cp needs a spatial kernel (svd applies)"
+        reason = dense_spatial_reason(layer, "cp")
+        if reason:
+            return reason
         rank = self.options.rank
         if rank is not None and cp_macs(layer, rank) >= layer.macs:
             return f"rank {rank} saves no MACs ({cp_macs(layer, rank)} ≥ {layer.macs})"

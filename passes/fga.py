@@ -19,7 +19,14 @@ from onnxcompress.factorization import (
     pointwise_output,
     run_factorization,
 )
-from onnxcompress.layers import ConvLayer, Namer, conv_layers, conv_node, spatial_conv_node
+from onnxcompress.layers import (
+    ConvLayer,
+    Namer,
+    conv_layers,
+    conv_node,
+    dense_spatial_reason,
+    spatial_conv_node,
+)
 from onnxcompress.passkit import PassContext, PassResult, option
 from passes import register
 
@@ -72,11 +79,9 @@ class FgaMethod:
     def skip_reason(self, layer: ConvLayer) -> str:
         groups, inner, rank = self.options.groups, self.options.inner_channels, self.options.rank
         c = layer.in_channels
-        if layer.group != 1:
-            kind = "depthwise" if layer.group == c else "grouped"
-            return f"{kind} conv (group={layer.group}): fga applies to dense convs"
-        if layer.kernel == (1, 1):
-            return "1×1 conv: fga needs a spatial kernel (svd applies)"
+        reason = dense_spatial_reason(layer, "fga")
+        if reason:
+            return reason
         if inner is not None and inner * (groups or 1) > c:
             return f"groups·inner_channels = {groups or 1}·{inner} exceeds the {c} input channels"
         if groups and inner is None and c % groups:

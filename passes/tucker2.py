@@ -18,7 +18,14 @@ from onnxcompress.factorization import (
     pointwise_output,
     run_factorization,
 )
-from onnxcompress.layers import ConvLayer, Namer, conv_layers, conv_node, spatial_conv_node
+from onnxcompress.layers import (
+    ConvLayer,
+    Namer,
+    conv_layers,
+    conv_node,
+    dense_spatial_reason,
+    spatial_conv_node,
+)
 from onnxcompress.passkit import PassContext, PassResult, option
 from passes import register
 
@@ -66,11 +73,9 @@ class Tucker2Method:
         return conv_layers(model, analysis)
 
     def skip_reason(self, layer: ConvLayer) -> str:
-        if layer.group != 1:
-            kind = "depthwise" if layer.group == layer.in_channels else "grouped"
-            return f"{kind} conv (group={layer.group}): tucker2 applies to dense convs"
-        if layer.kernel == (1, 1):
-            return "1×1 conv: tucker2 needs a spatial kernel (svd applies)"
+        reason = dense_spatial_reason(layer, "tucker2")
+        if reason:
+            return reason
         for name, rank, channels, side in (
             ("rank_in", self.options.rank_in, layer.in_channels, "input"),
             ("rank_out", self.options.rank_out, layer.out_channels, "output"),
