@@ -66,6 +66,13 @@ def compress_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="labels for --images: '<file>, <int>' lines or one int a line")
     p.add_argument("--calib-count", type=int, help="use at most this many samples")
     p.add_argument("--batch-size", type=int, help="batch size for data runs (dynamic batch)")
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=0.25,
+        help="fraction of --data/--images samples kept out of refit and used only "
+        "to validate (default 0.25; 0 validates on the refit samples)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for random inputs (default 0)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime threads (default 2)")
     p.add_argument("--no-bench", action="store_true", help="skip the latency benchmark")
@@ -184,6 +191,7 @@ def run_compress(args: argparse.Namespace, console: Console) -> int:
         labels=args.labels,
         calibration_count=args.calib_count,
         batch_size=args.batch_size,
+        holdout=args.holdout,
         seed=args.seed,
         threads=args.threads,
         bench=not args.no_bench,

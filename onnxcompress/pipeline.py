@@ -33,6 +33,8 @@ class CompressOptions:
     preprocess: str | None = None
     labels: str | None = None
     calibration_count: int | None = None
+    # Fraction of the user's samples kept out of the passes' refit and used only to validate.
+    holdout: float = 0.25
     batch_size: int | None = None
     seed: int = 0
     threads: int = 2
@@ -129,7 +131,8 @@ def compress(
         batch_size=options.batch_size,
         seed=options.seed,
     )
-    user_data = None if calibration.source.startswith("random") else calibration.batches
+    fit, calibration = split_holdout(calibration, options.holdout)
+    user_data = None if fit.source.startswith("random") else fit.batches
     context = PassContext(
         input_shapes=shapes, calibration=user_data, seed=options.seed, threads=options.threads
     )
@@ -167,6 +170,7 @@ def compress(
         "output_bytes": written,
         "input_shapes": shapes,
         "calibration": calibration.source,
+        "calibration_for_passes": fit.source,
         "passes": pass_reports,
         "before": before.to_dict(),
         "after": after.to_dict(),
@@ -180,6 +184,38 @@ def compress(
 
         write_json(report, options.report)
     return CompressResult(report=report, model=model, output=output, passed=passed)
+
+
+def split_holdout(calibration, holdout: float):
+    """(batches the passes may fit on, batches validation measures on).
+
+    With user data and at least two batches, the last `holdout` fraction of batches is kept
+    out of the passes so that refitted models are not validated on what they were fitted to.
+    Random inputs are not split (passes do not fit on them).
+    """
+    from onnxcompress.calibration import Calibration
+
+    if not 0 <= holdout < 1:
+        raise CompressError(f"--holdout {holdout}: expected a fraction in [0, 1)")
+    count = len(calibration.batches)
+    held = min(count - 1, max(1, round(count * holdout))) if holdout > 0 else 0
+    if calibration.source.startswith("random") or held < 1:
+        return calibration, calibration
+    fit_batches, eval_batches = calibration.batches[:-held], calibration.batches[-held:]
+    fit_rows = sum(len(next(iter(batch.values()))) for batch in fit_batches)
+    eval_rows = sum(len(next(iter(batch.values()))) for batch in eval_batches)
+    labels = calibration.labels
+    fit = Calibration(
+        fit_batches,
+        None if labels is None else labels[:fit_rows],
+        f"{calibration.source}, first {fit_rows} samples",
+    )
+    evaluation = Calibration(
+        eval_batches,
+        None if labels is None else labels[fit_rows:],
+        f"{calibration.source}, {eval_rows} held-out samples",
+    )
+    return fit, evaluation
 
 
 def run_passes(
