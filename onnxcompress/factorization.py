@@ -14,7 +14,7 @@ import onnx
 from onnxcompress import graph, layer_refit, layer_timing
 from onnxcompress.analyse import ModelAnalysis, analyse
 from onnxcompress.errors import CompressError
-from onnxcompress.layers import Namer, conv_node, named_copy, replace_node
+from onnxcompress.layers import Namer, conv_layers, conv_node, named_copy, replace_node
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,16 @@ class Method(Protocol):
 
 # The budget a factorization pass uses when its options fix no rank and no energy.
 DEFAULT_TARGET_MACS = 0.5
+
+
+class ConvMethod:
+    """Base of the methods that rewrite 2-D Convs only: keeps the options, finds the layers."""
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+
+    def layers(self, model: onnx.ModelProto, analysis: ModelAnalysis) -> tuple[list, list]:
+        return conv_layers(model, analysis)
 
 
 @dataclass(frozen=True)

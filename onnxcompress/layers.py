@@ -246,6 +246,53 @@ def spatial_conv_node(
     )
 
 
+def vertical_conv_node(
+    namer: Namer, layer: ConvLayer, name: str, x: str, weight: np.ndarray, group: int = 1
+) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """The kh×1 half of a separable form: the layer's vertical stride, dilation and pads."""
+    (sh, _), (dh, _) = layer.strides, layer.dilations
+    top, _, bottom, _ = layer.pads
+    return conv_node(
+        namer,
+        name,
+        x,
+        weight,
+        group=group,
+        kernel_shape=[layer.kernel[0], 1],
+        strides=[sh, 1],
+        dilations=[dh, 1],
+        pads=[top, 0, bottom, 0],
+    )
+
+
+def horizontal_conv_node(
+    namer: Namer,
+    layer: ConvLayer,
+    name: str,
+    x: str,
+    weight: np.ndarray,
+    group: int = 1,
+    out: str | None = None,
+    bias: np.ndarray | None = None,
+) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """The 1×kw half of a separable form: the layer's horizontal stride, dilation and pads."""
+    (_, sw), (_, dw) = layer.strides, layer.dilations
+    _, left, _, right = layer.pads
+    return conv_node(
+        namer,
+        name,
+        x,
+        weight,
+        out=out,
+        bias=bias,
+        group=group,
+        kernel_shape=[1, layer.kernel[1]],
+        strides=[1, sw],
+        dilations=[1, dw],
+        pads=[0, left, 0, right],
+    )
+
+
 def dense_spatial_reason(layer: ConvLayer, pass_name: str) -> str:
     """Why a pass that factorizes dense k×k convs cannot take this layer ("" if it can)."""
     if layer.group != 1:

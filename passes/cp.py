@@ -16,12 +16,20 @@ from onnxcompress import factorize
 from onnxcompress.factorization import (
     DEFAULT_TARGET_MACS,
     Candidate,
+    ConvMethod,
     DriverOptions,
     Rewrite,
     pointwise_output,
     run_factorization,
 )
-from onnxcompress.layers import ConvLayer, Namer, conv_layers, conv_node, dense_spatial_reason
+from onnxcompress.layers import (
+    ConvLayer,
+    Namer,
+    conv_node,
+    dense_spatial_reason,
+    horizontal_conv_node,
+    vertical_conv_node,
+)
 from onnxcompress.passkit import PassContext, PassResult, option
 from passes import register
 
@@ -54,12 +62,8 @@ class CpOptions:
                 raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-class CpMethod:
-    def __init__(self, options: CpOptions) -> None:
-        self.options = options
-
-    def layers(self, model: onnx.ModelProto, analysis):
-        return conv_layers(model, analysis)
+class CpMethod(ConvMethod):
+    options: CpOptions
 
     def skip_reason(self, layer: ConvLayer) -> str:
         reason = dense_spatial_reason(layer, "cp")
@@ -120,33 +124,19 @@ class CpMethod:
             relative_error=round(cp.relative_error, 6),
         )
         candidate.error = cp.relative_error  # the record then shows the real, not the estimate
-        (sh, sw), (dh, dw) = layer.strides, layer.dilations
-        top, left, bottom, right = layer.pads
-        kh, kw = layer.kernel
         first, first_inits = conv_node(
             namer, f"{layer.name}.cp_in", layer.node.input[0], cp.first, kernel_shape=[1, 1]
         )
-        vertical, vertical_inits = conv_node(
-            namer,
-            f"{layer.name}.cp_vertical",
-            first.output[0],
-            cp.vertical,
-            group=rank,
-            kernel_shape=[kh, 1],
-            strides=[sh, 1],
-            dilations=[dh, 1],
-            pads=[top, 0, bottom, 0],
+        vertical, vertical_inits = vertical_conv_node(
+            namer, layer, f"{layer.name}.cp_vertical", first.output[0], cp.vertical, group=rank
         )
-        horizontal, horizontal_inits = conv_node(
+        horizontal, horizontal_inits = horizontal_conv_node(
             namer,
+            layer,
             f"{layer.name}.cp_horizontal",
             vertical.output[0],
             cp.horizontal,
             group=rank,
-            kernel_shape=[1, kw],
-            strides=[1, sw],
-            dilations=[1, dw],
-            pads=[0, left, 0, right],
         )
         last, last_inits, site = pointwise_output(
             namer, layer, horizontal.output[0], cp.last, "cp_out"

@@ -14,6 +14,7 @@ from onnxcompress import factorize, ranks
 from onnxcompress.factorization import (
     DEFAULT_TARGET_MACS,
     Candidate,
+    ConvMethod,
     DriverOptions,
     Rewrite,
     pointwise_output,
@@ -22,7 +23,6 @@ from onnxcompress.factorization import (
 from onnxcompress.layers import (
     ConvLayer,
     Namer,
-    conv_layers,
     conv_node,
     dense_spatial_reason,
     spatial_conv_node,
@@ -69,12 +69,8 @@ class FgaOptions:
             raise ValueError("inner_channels applies to variant=btd only")
 
 
-class FgaMethod:
-    def __init__(self, options: FgaOptions) -> None:
-        self.options = options
-
-    def layers(self, model: onnx.ModelProto, analysis):
-        return conv_layers(model, analysis)
+class FgaMethod(ConvMethod):
+    options: FgaOptions
 
     def skip_reason(self, layer: ConvLayer) -> str:
         groups, inner, rank = self.options.groups, self.options.inner_channels, self.options.rank

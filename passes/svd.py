@@ -30,10 +30,17 @@ from onnxcompress.factorization import (
     Candidate,
     DriverOptions,
     Rewrite,
+    pointwise_output,
     run_factorization,
 )
-from onnxcompress.layer_refit import RefitSite
-from onnxcompress.layers import ConvLayer, Namer, conv_layers, conv_node
+from onnxcompress.layers import (
+    ConvLayer,
+    Namer,
+    conv_layers,
+    conv_node,
+    horizontal_conv_node,
+    vertical_conv_node,
+)
 from onnxcompress.linear_layers import LinearLayer, linear_layers, low_rank_nodes
 from onnxcompress.passkit import PassContext, PassResult, option
 from passes import register
@@ -187,7 +194,6 @@ def _matrix(layer: ConvLayer | LinearLayer) -> np.ndarray:
 def _pointwise_rewrite(layer: ConvLayer, rank: int, namer: Namer) -> Rewrite:
     n, c = layer.weight.shape[:2]
     a, b = factorize.matrix_factors(layer.weight.reshape(n, c), rank)
-    bias = layer.bias if layer.bias is not None else np.zeros(n)
     first, first_inits = conv_node(
         namer,
         f"{layer.name}.svd_first",
@@ -197,45 +203,25 @@ def _pointwise_rewrite(layer: ConvLayer, rank: int, namer: Namer) -> Rewrite:
         strides=list(layer.strides),
         pads=list(layer.pads),
     )
-    last, last_inits = conv_node(
-        namer,
-        f"{layer.name}.svd_second",
-        first.output[0],
-        a.reshape(n, rank, 1, 1),
-        out=layer.node.output[0],
-        bias=bias.astype(layer.weight.dtype),
-        kernel_shape=[1, 1],
+    last, last_inits, site = pointwise_output(
+        namer, layer, first.output[0], a.reshape(n, rank, 1, 1), "svd_second"
     )
-    site = RefitSite(first.output[0], layer.node.output[0], last.input[1], last.input[2], "conv1x1")
     return Rewrite([first, last], first_inits + last_inits, site)
 
 
 def _spatial_rewrite(layer: ConvLayer, rank: int, namer: Namer) -> Rewrite:
     vertical, horizontal = factorize.spatial_svd_factors(layer.weight, rank)
-    (sh, sw), (dh, dw) = layer.strides, layer.dilations
-    top, left, bottom, right = layer.pads
-    kh, kw = layer.kernel
-    first, first_inits = conv_node(
-        namer,
-        f"{layer.name}.svd_vertical",
-        layer.node.input[0],
-        vertical,
-        kernel_shape=[kh, 1],
-        strides=[sh, 1],
-        dilations=[dh, 1],
-        pads=[top, 0, bottom, 0],
+    first, first_inits = vertical_conv_node(
+        namer, layer, f"{layer.name}.svd_vertical", layer.node.input[0], vertical
     )
-    last, last_inits = conv_node(
+    last, last_inits = horizontal_conv_node(
         namer,
+        layer,
         f"{layer.name}.svd_horizontal",
         first.output[0],
         horizontal,
         out=layer.node.output[0],
         bias=layer.bias,
-        kernel_shape=[1, kw],
-        strides=[1, sw],
-        dilations=[1, dw],
-        pads=[0, left, 0, right],
     )
     return Rewrite([first, last], first_inits + last_inits, None)
 

@@ -13,6 +13,7 @@ from onnxcompress import factorize, ranks
 from onnxcompress.factorization import (
     DEFAULT_TARGET_MACS,
     Candidate,
+    ConvMethod,
     DriverOptions,
     Rewrite,
     pointwise_output,
@@ -21,7 +22,6 @@ from onnxcompress.factorization import (
 from onnxcompress.layers import (
     ConvLayer,
     Namer,
-    conv_layers,
     conv_node,
     dense_spatial_reason,
     spatial_conv_node,
@@ -65,12 +65,8 @@ class Tucker2Options:
             raise ValueError("give either vbmf or energy, not both")
 
 
-class Tucker2Method:
-    def __init__(self, options: Tucker2Options) -> None:
-        self.options = options
-
-    def layers(self, model: onnx.ModelProto, analysis):
-        return conv_layers(model, analysis)
+class Tucker2Method(ConvMethod):
+    options: Tucker2Options
 
     def skip_reason(self, layer: ConvLayer) -> str:
         reason = dense_spatial_reason(layer, "tucker2")
