@@ -14,7 +14,6 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxcompress import graph
 from onnxcompress.passkit import PassContext
 from onnxcompress.refit import LeastSquaresAccumulator
 
@@ -82,7 +81,7 @@ def _accumulate(source, rewritten, site: RefitSite, context: PassContext):
     target = make_session(
         _exposing(rewritten, [site.input]), threads=context.threads, optimize=True
     )
-    weight = graph.constant_tensors(rewritten)[site.weight]
+    weight = _initializer(rewritten, site.weight)
     k, n = (weight.shape[1], weight.shape[0]) if site.kind == "conv1x1" else weight.shape
     equations = LeastSquaresAccumulator(k, n)
     batch_bytes = 0
@@ -103,10 +102,15 @@ def _rows(tensor: np.ndarray, kind: str) -> np.ndarray:
 
 def _current_factor(model: onnx.ModelProto, site: RefitSite) -> tuple[np.ndarray, np.ndarray]:
     """The last factor as P (n × k) and b (n,), the accumulator's convention."""
-    constants = graph.constant_tensors(model)
-    weight = constants[site.weight].astype(np.float64)
+    weight = _initializer(model, site.weight).astype(np.float64)
     projection = weight.reshape(weight.shape[0], -1) if site.kind == "conv1x1" else weight.T
-    return projection, constants[site.bias].astype(np.float64).reshape(-1)
+    return projection, _initializer(model, site.bias).astype(np.float64).reshape(-1)
+
+
+def _initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    # Refit sites always point at initializers the pass wrote; converting only these two
+    # (not every weight of the model) keeps each site's cost independent of model size.
+    return numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == name))
 
 
 def _write_factor(model: onnx.ModelProto, site: RefitSite, projection, bias) -> None:
