@@ -1,6 +1,8 @@
 """Command line: parses flags, shows progress, prints the report, maps errors to exit codes.
 
 python -m onnxcompress model.onnx --passes fold_bn -o out.onnx
+python -m onnxcompress model.onnx --passes prune -o out.onnxc   (entropy-coded model file)
+python -m onnxcompress decode out.onnxc [-o model.onnx]
 python -m onnxcompress analyse model.onnx [--json table.json]
 python -m onnxcompress --list-passes
 """
@@ -47,7 +49,12 @@ def compress_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", nargs="?", help="input .onnx file (never modified)")
     p.add_argument("--passes", help="comma-separated passes to run in order, e.g. fold_bn")
-    p.add_argument("-o", "--output", help="output .onnx (default: <model>.compressed.onnx)")
+    p.add_argument(
+        "-o",
+        "--output",
+        help="output .onnx, or .onnxc for an entropy-coded file that `decode` turns back "
+        "into .onnx (default: <model>.compressed.onnx)",
+    )
     p.add_argument(
         "--opt",
         action="append",
@@ -95,6 +102,17 @@ def analyse_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the table as JSON to this path")
     p.add_argument("--top", type=int, help="show only the N layers with the most MACs")
     _common(p)
+    return p
+
+
+def decode_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m onnxcompress decode",
+        description="Restore a standard .onnx model from a .onnxc file.",
+    )
+    p.add_argument("model", help="input .onnxc file (never modified)")
+    p.add_argument("-o", "--output", help="output .onnx (default: <name>.onnx beside the input)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks")
     return p
 
 
@@ -235,6 +253,23 @@ def run_analyse(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def run_decode(args: argparse.Namespace, console: Console) -> int:
+    from pathlib import Path
+
+    from onnxcompress import io, onnxc
+
+    source = Path(args.model)
+    if not source.is_file():
+        raise CompressError(f"{source}: no such file")
+    output = Path(args.output) if args.output else source.with_suffix(".onnx")
+    if output.exists() and output.resolve() == source.resolve():
+        raise CompressError(f"output {output} is the input file; choose another path with -o")
+    model = onnxc.load_onnxc(source)
+    written = io.save_model(model, output)
+    Console().print(f"wrote {output} ({written} bytes)")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     console = Console(stderr=True)
@@ -246,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "analyse":
             return run_analyse(analyse_parser().parse_args(argv[1:]), console)
+        if argv and argv[0] == "decode":
+            return run_decode(decode_parser().parse_args(argv[1:]), console)
         return run_compress(compress_parser().parse_args(argv), console)
     except CompressError as exc:
         _fail(console, str(exc), verbose)

@@ -24,6 +24,10 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise CompressError(f"{path}: not a file")
     if path.stat().st_size == 0:
         raise CompressError(f"{path}: file is empty, not an ONNX model")
+    if _is_onnxc(path):  # a coded model file: decode it transparently
+        from onnxcompress import onnxc
+
+        return onnxc.load_onnxc(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends
@@ -72,6 +76,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> int:
         else:
             with open(tmp, "wb") as fh:
                 fh.write(model.SerializeToString())
+        _default_permissions(tmp)
         os.replace(tmp, path)
     except OSError as exc:
         raise CompressError(f"{path}: cannot write: {exc.strerror or exc}") from exc
@@ -81,12 +86,46 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> int:
     return path.stat().st_size
 
 
+def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> int:
+    """Write bytes atomically (temp file in the same folder + rename); returns bytes written."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise CompressError(f"{path}: output folder {directory} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        _default_permissions(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise CompressError(f"{path}: cannot write: {exc.strerror or exc}") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return len(data)
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _default_permissions(path: str) -> None:
+    # mkstemp creates 0600 files; give the output the permissions a plain open() would.
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def _is_onnxc(path: Path) -> bool:
+    from onnxcompress.onnxc import MAGIC
+
+    with open(path, "rb") as fh:
+        return fh.read(len(MAGIC)) == MAGIC
 
 
 def _short(exc: Exception) -> str:

@@ -50,6 +50,9 @@ class PassResult:
     changed: bool
     records: list[NodeRecord] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    # Outputs for the writer rather than the report, e.g. "coded_weights": a list of
+    # onnxc.CodedWeights that a `.onnxc` output uses if the weights are still the same.
+    artifacts: dict[str, Any] = field(default_factory=dict)
 
 
 PassFunction = Callable[[onnx.ModelProto, Any, PassContext], PassResult]

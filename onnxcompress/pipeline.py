@@ -137,7 +137,8 @@ def compress(
         input_shapes=shapes, calibration=user_data, seed=options.seed, threads=options.threads
     )
 
-    model, pass_reports = run_passes(original, specs, typed, context, step)
+    coded: list = []
+    model, pass_reports = run_passes(original, specs, typed, context, step, coded=coded)
 
     step("check")
     graph.check_model(model)
@@ -158,7 +159,11 @@ def compress(
         latency["speedup"] = benchmark.speedup(latency, "original", "result")
 
     step("write")
-    written = io.save_model(model, output)
+    sizes = None
+    if output.suffix.lower() == ".onnxc":
+        written, sizes = write_onnxc(original, model, output, coded)
+    else:
+        written = io.save_model(model, output)
     if input_hash is not None and io.file_sha256(model_path) != input_hash:
         raise CompressError(f"{model_path}: input file changed during the run (not by this tool?)")
 
@@ -168,6 +173,7 @@ def compress(
         "output": str(output),
         "input_bytes": model_path.stat().st_size,
         "output_bytes": written,
+        "sizes": sizes,
         "input_shapes": shapes,
         "calibration": calibration.source,
         "calibration_for_passes": fit.source,
@@ -184,6 +190,21 @@ def compress(
 
         write_json(report, options.report)
     return CompressResult(report=report, model=model, output=output, passed=passed)
+
+
+def write_onnxc(
+    original: onnx.ModelProto, model: onnx.ModelProto, output: Path, coded: list
+) -> tuple[int, dict[str, Any]]:
+    """Write the `.onnxc` file; return its bytes and the reference sizes of plain files:
+    the original and the result as `.onnx`, each also under gzip -9 and zstd -19."""
+    from onnxcompress import onnxc
+
+    written = onnxc.save_onnxc(model, output, coded)
+    sizes: dict[str, Any] = {"onnxc_bytes": written}
+    for label, which in (("original", original), ("result", model)):
+        if which.ByteSize() < io.EXTERNAL_DATA_THRESHOLD:
+            sizes[label] = onnxc.reference_sizes(which.SerializeToString())
+    return written, sizes
 
 
 def split_holdout(calibration, holdout: float):
@@ -224,13 +245,20 @@ def run_passes(
     typed: dict[str, Any],
     context: PassContext,
     step: StepCallback,
+    coded: list | None = None,
 ) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
-    """Apply passes in order, with cleanup and a topological sort after each that changed."""
+    """Apply passes in order, with cleanup and a topological sort after each that changed.
+
+    Pre-coded weights that passes hand over (`artifacts["coded_weights"]`) are appended to
+    `coded` when a list is given; the `.onnxc` writer checks they still match the model.
+    """
     reports = []
     for spec in specs:
         step(f"pass {spec.name}")
         started = time.perf_counter()
         result = spec.run(model, typed[spec.name], context)
+        if coded is not None:
+            coded.extend(result.artifacts.get("coded_weights", []))
         if result.changed:
             model = graph.cleanup_and_sort(result.model)
         reports.append(

@@ -61,6 +61,14 @@ def summary_table(report: dict[str, Any]) -> Table:
         ("weight bytes", before["weight_bytes"], after["weight_bytes"], "B"),
         ("file bytes", report["input_bytes"], report["output_bytes"], "B"),
     ]
+    sizes = report.get("sizes") or {}
+    if "original" in sizes and "result" in sizes:
+        for label, key in (
+            ("plain .onnx bytes", "bytes"),
+            ("  gzip -9", "gzip9"),
+            ("  zstd -19", "zstd19"),
+        ):
+            rows.append((label, sizes["original"][key], sizes["result"][key], "B"))
     for label, b, a, unit in rows:
         table.add_row(label, _size(b, unit), _size(a, unit), _ratio(b, a))
     bench = report.get("benchmark")
@@ -114,6 +122,9 @@ def pass_lines(report: dict[str, Any]) -> list[str]:
         summary = entry.get("summary") or {}
         if summary.get("note"):
             lines.append(f"  warning: {summary['note']}")
+        notes = summary.get("notes") or []
+        for note in [notes] if isinstance(notes, str) else notes:
+            lines.append(f"  note: {note}")
         if isinstance(summary.get("refit"), str):
             lines.append(f"  refit: {summary['refit']}")
     return lines

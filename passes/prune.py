@@ -1,0 +1,280 @@
+"""`prune`: magnitude pruning of Conv/ConvTranspose/Gemm/MatMul constant weights (global or per
+layer, or an N:M pattern), optionally quantising the survivors. Zeros in a dense tensor save
+nothing at run time or on disk as plain `.onnx`; the summary gives the size once coded."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxcompress import graph, onnxc
+from onnxcompress.errors import CompressError
+from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option
+from onnxcompress.sparsity import SCOPES, magnitude_masks, nm_mask, quantize_uniform
+from passes import register
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SPARSITY = 0.5
+PRUNABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+FLOATS = (np.float16, np.float32, np.float64)
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    sparsity: float | None = option(
+        None,
+        f"fraction of prunable weights set to zero (default {DEFAULT_SPARSITY}); "
+        "leave unset with pattern, which fixes it at 1 - N/M",
+    )
+    scope: str = option(
+        "global",
+        "global: rank |w|/rms(tensor) over all layers; layer: same sparsity in each "
+        "(not with pattern)",
+    )
+    keep: str | None = option(
+        "first,last",
+        "layers left dense, comma-separated: first, last (prunable layers in graph order) "
+        "and fnmatch patterns on node names; none keeps nothing",
+    )
+    pattern: str | None = option(
+        None, "N:M pattern, e.g. 2:4: keep N of every M weights along the input dimension"
+    )
+    quantize_bits: int | None = option(
+        None,
+        "quantise surviving weights per tensor to 2**bits levels (2..8): .onnxc codes them small",
+    )
+
+    def __post_init__(self) -> None:
+        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
+            raise CompressError(f"prune.sparsity={self.sparsity}: expected a fraction in [0, 1)")
+        if self.scope not in SCOPES:
+            raise CompressError(f"prune.scope={self.scope!r}: expected one of {', '.join(SCOPES)}")
+        if self.pattern is not None:
+            parse_pattern(self.pattern)
+            if self.sparsity is not None:
+                raise CompressError(
+                    "prune.pattern and prune.sparsity exclude each other: "
+                    f"pattern {self.pattern} fixes the sparsity"
+                )
+        if self.quantize_bits is not None and not 2 <= self.quantize_bits <= 8:
+            raise CompressError(f"prune.quantize_bits={self.quantize_bits}: expected 2..8")
+        if self.keep is not None and not [t for t in self.keep.split(",") if t.strip()]:
+            raise CompressError("prune.keep is empty: give first,last, patterns, or none")
+
+
+def parse_pattern(text: str) -> tuple[int, int]:
+    """(N, M) of an "N:M" pattern, or CompressError."""
+    n, sep, m = text.partition(":")
+    try:
+        n_value, m_value = int(n), int(m)
+    except ValueError:
+        n_value = m_value = 0
+    if not sep or not 0 < n_value < m_value:
+        raise CompressError(f"prune.pattern={text!r}: expected N:M with 0 < N < M, e.g. 2:4")
+    return n_value, m_value
+
+
+@dataclass
+class _Layer:
+    node: onnx.NodeProto
+    weight: str  # tensor name (initializer or Constant output)
+    axis: int  # the weight axis of input features, for N:M
+
+
+@register("prune", PruneOptions, "magnitude pruning of Conv/Gemm/MatMul weights (size once coded)")
+def prune(model: onnx.ModelProto, options: PruneOptions, context: PassContext) -> PassResult:
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    constants = graph.constant_tensors(work)
+    layers, records = _find_layers(work, constants)
+    layers, kept = _split_kept(layers, options.keep)
+    records += [_record(layer, "skipped", reason) for layer, reason in kept]
+    weights = {layer.weight: constants[layer.weight] for layer in layers}
+    masks, reasons = _masks(layers, weights, options)
+    new_values = {}
+    for name, mask in masks.items():
+        new_values[name] = _apply(weights[name], mask, options.quantize_bits)
+    for layer in layers:
+        if layer.weight in reasons:
+            records.append(_record(layer, "skipped", reasons[layer.weight]))
+            continue
+        value = new_values[layer.weight]
+        nonzero = int(np.count_nonzero(value))
+        records.append(
+            _record(
+                layer,
+                "rewritten",
+                params_before=value.size,
+                params_after=nonzero,
+                details={"weight": layer.weight, "sparsity": round(1 - nonzero / value.size, 6)},
+            )
+        )
+    order = {_label(node): index for index, node in enumerate(work.graph.node)}
+    records.sort(key=lambda record: order.get(record.node, len(order)))
+    changed = any(not np.array_equal(new_values[n], weights[n]) for n in new_values)
+    if changed:
+        _write_back(work, new_values)
+    summary = _summary(work, new_values, constants, kept, options)
+    return PassResult(model=work, changed=changed, records=records, summary=summary)
+
+
+def _find_layers(
+    model: onnx.ModelProto, constants: dict[str, np.ndarray]
+) -> tuple[list[_Layer], list[NodeRecord]]:
+    """Prunable layers in graph order, and records for those that cannot be pruned."""
+    layers, records = [], []
+    users = graph.consumers(model)
+    for node in model.graph.node:
+        if node.op_type not in PRUNABLE or node.domain not in ("", "ai.onnx"):
+            continue
+        slot, axis, why = _weight_slot(node, constants)
+        if slot is not None:
+            name = node.input[slot]
+            others = [u for u in users.get(name, []) if u.op_type not in PRUNABLE]
+            if others:
+                why = f"weight {name} is also used by {others[0].op_type} {_label(others[0])}"
+            elif constants[name].dtype not in FLOATS:
+                why = f"weight {name} is {constants[name].dtype}, not a float type"
+        if why:
+            records.append(NodeRecord(_label(node), node.op_type, "skipped", why))
+        else:
+            layers.append(_Layer(node, node.input[slot], axis))
+    return layers, records
+
+
+def _weight_slot(node: onnx.NodeProto, constants: dict) -> tuple[int | None, int, str]:
+    """(input index of the constant weight, its input-feature axis, reason if none)."""
+    const = [i < len(node.input) and node.input[i] in constants for i in (0, 1)]
+    if node.op_type in ("Conv", "ConvTranspose"):
+        if not const[1]:
+            return None, 0, "weight is not a constant tensor"
+        return 1, (1 if node.op_type == "Conv" else 0), ""
+    if const[0] and const[1]:
+        return None, 0, "both operands are constant (nothing to prune at run time)"
+    if not (const[0] or const[1]):
+        return None, 0, "weight is not a constant tensor"
+    attrs = graph.node_attributes(node)
+    if node.op_type == "Gemm":  # input features: K of A[M,K] / B[K,N] (after transposes)
+        if const[1]:
+            return 1, (1 if attrs.get("transB", 0) else 0), ""
+        return 0, (0 if attrs.get("transA", 0) else 1), ""
+    return (1, -2, "") if const[1] else (0, -1, "")  # MatMul: x @ W or W @ x
+
+
+def _split_kept(
+    layers: list[_Layer], keep: str | None
+) -> tuple[list[_Layer], list[tuple[_Layer, str]]]:
+    """(layers to prune, [(layer, why kept dense)]); a shared weight is kept if any user is.
+    `keep` None (the option value "none") keeps nothing."""
+    tokens = [t.strip() for t in (keep or "").split(",") if t.strip()]
+    kept: dict[int, str] = {}
+    if tokens != ["none"]:
+        for token in tokens:
+            if token == "first" and layers:
+                kept.setdefault(0, "kept dense: first prunable layer (prune.keep)")
+            elif token == "last" and layers:
+                kept.setdefault(len(layers) - 1, "kept dense: last prunable layer (prune.keep)")
+            else:
+                for index, layer in enumerate(layers):
+                    if fnmatch.fnmatchcase(_label(layer.node), token):
+                        kept.setdefault(index, f"kept dense: name matches '{token}' (prune.keep)")
+    dense_weights = {layers[i].weight for i in kept}
+    pruned, dense = [], []
+    for index, layer in enumerate(layers):
+        if index in kept or layer.weight in dense_weights:
+            dense.append((layer, kept.get(index, "kept dense: weight shared with a kept layer")))
+        else:
+            pruned.append(layer)
+    return pruned, dense
+
+
+def _masks(
+    layers: list[_Layer], weights: dict[str, np.ndarray], options: PruneOptions
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(keep-mask per weight, reason per weight that cannot take the pattern)."""
+    if options.pattern is None:
+        sparsity = DEFAULT_SPARSITY if options.sparsity is None else options.sparsity
+        return magnitude_masks(weights, sparsity, options.scope), {}
+    n, m = parse_pattern(options.pattern)
+    masks, reasons = {}, {}
+    for layer in layers:
+        weight = weights[layer.weight]
+        if layer.weight in masks or layer.weight in reasons:
+            continue
+        length = weight.shape[layer.axis] if weight.ndim else 0
+        if weight.ndim == 0 or length % m:
+            reasons[layer.weight] = f"{length} input features are not a multiple of {m}"
+        else:
+            masks[layer.weight] = nm_mask(weight, n, m, layer.axis)
+    return masks, reasons
+
+
+def _apply(weight: np.ndarray, keep: np.ndarray, bits: int | None) -> np.ndarray:
+    """The weight with pruned entries zeroed and, with `bits`, survivors quantised."""
+    pruned = np.where(keep, weight, np.zeros((), dtype=weight.dtype)).astype(weight.dtype)
+    if bits is None:
+        return pruned
+    survivors = keep & (weight != 0)
+    codes, codebook = quantize_uniform(weight[survivors], bits)
+    pruned[survivors] = codebook[codes].astype(weight.dtype)
+    return pruned
+
+
+def _write_back(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> None:
+    """Store new values where the weights came from: initializer or Constant node."""
+    for init in model.graph.initializer:
+        if init.name in values:
+            init.CopyFrom(numpy_helper.from_array(values[init.name], init.name))
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output and node.output[0] in values:
+            tensor = numpy_helper.from_array(values[node.output[0]], node.output[0])
+            del node.attribute[:]
+            node.attribute.append(onnx.helper.make_attribute("value", tensor))
+
+
+def _summary(
+    model: onnx.ModelProto,
+    new_values: dict[str, np.ndarray],
+    constants: dict[str, np.ndarray],
+    kept: list[tuple[_Layer, str]],
+    options: PruneOptions,
+) -> dict:
+    params = sum(v.size for v in new_values.values())
+    nonzero = sum(int(np.count_nonzero(v)) for v in new_values.values())
+    dense = {layer.weight: constants[layer.weight] for layer, _ in kept}
+    all_params = params + sum(v.size for v in dense.values())
+    all_nonzero = nonzero + sum(int(np.count_nonzero(v)) for v in dense.values())
+    sizes = onnxc.reference_sizes(model.SerializeToString())
+    coded = onnxc.coded_size(model)
+    return {
+        "pruned_tensors": len(new_values),
+        "params": params,
+        "nonzero_params": nonzero,
+        "sparsity": round(1 - nonzero / params, 6) if params else 0.0,
+        "sparsity_all_weights": round(1 - all_nonzero / all_params, 6) if all_params else 0.0,
+        "quantize_bits": options.quantize_bits,
+        "onnx_bytes": sizes["bytes"],
+        "gzip9_bytes": sizes["gzip9"],
+        "zstd19_bytes": sizes["zstd19"],
+        "onnxc_bytes": coded["total_bytes"],
+        "notes": [
+            "zeros in a dense ONNX tensor make neither onnxruntime faster nor the .onnx file "
+            f"smaller; size once coded: {coded['total_bytes']:,} bytes as .onnxc (-o model.onnxc) "
+            f"vs {sizes['bytes']:,} plain .onnx, {sizes['zstd19']:,} zstd -19, "
+            f"{sizes['gzip9']:,} gzip -9"
+        ],
+    }
+
+
+def _record(layer: _Layer, status: str, reason: str = "", **fields) -> NodeRecord:
+    return NodeRecord(_label(layer.node), layer.node.op_type, status, reason, **fields)
+
+
+def _label(node: onnx.NodeProto) -> str:
+    return node.name or node.output[0]
