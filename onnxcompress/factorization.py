@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
-from onnxcompress import graph, layer_refit, layer_timing
+from onnxcompress import activation_scale, graph, layer_refit, layer_timing
 from onnxcompress.analyse import ModelAnalysis, analyse
 from onnxcompress.errors import CompressError
 from onnxcompress.layers import Namer, conv_layers, conv_node, named_copy, replace_node
@@ -79,6 +79,8 @@ class DriverOptions:
     never_slower: bool = True
     min_speedup: float = 1.05
     refit: bool = True
+    activation_aware: bool = False
+    default_target: bool = False  # target_macs is the pass's default, not the user's
 
     @classmethod
     def for_pass(cls, options: Any, explicit: bool) -> DriverOptions:
@@ -93,6 +95,8 @@ class DriverOptions:
             never_slower=options.never_slower,
             min_speedup=options.min_speedup,
             refit=options.refit,
+            activation_aware=getattr(options, "activation_aware", False),
+            default_target=options.target_macs is None and target is not None,
         )
 
 
@@ -145,8 +149,16 @@ def run_factorization(
     model = named_copy(model)
     analysis = analyse(model, context.input_shapes)
     layers, skipped = method.layers(model, analysis)
+    transforms = _input_transforms(model, layers, method, options, context)
+    layers = [
+        activation_scale.transformed_layer(x, transforms[x.name]) if transforms else x
+        for x in layers
+    ]
     plan = _plan(layers, method, options, analysis)
     plan.records[:0] = skipped
+    plan.summary["error_basis"] = (
+        f"calibration data ({_whitening_kind(method)} input whitening)" if transforms else "weights"
+    )
     if not plan.chosen:
         return PassResult(model, False, plan.records, plan.summary)
     rewritten = onnx.ModelProto()
@@ -155,6 +167,11 @@ def run_factorization(
     rewrites = {}
     for layer, candidate in plan.chosen:
         rewrite = method.build(layer, candidate, namer)
+        if transforms:
+            x = activation_scale.activation_of(layer)
+            activation_scale.restore_inputs(
+                rewrite.nodes, rewrite.initializers, x, transforms[layer.name]
+            )
         replace_node(rewritten, layer.name, rewrite.nodes, rewrite.initializers)
         rewrites[layer.name] = (layer, candidate, rewrite)
     if options.never_slower:
@@ -173,6 +190,20 @@ def run_factorization(
     _check_target_after_reverts(plan, analysis.total_macs)
     log.info("%s: %d layers rewritten", pass_name, len(rewrites))
     return PassResult(rewritten, bool(rewrites), plan.records, plan.summary)
+
+
+def _input_transforms(model, layers, method, options: DriverOptions, context) -> dict:
+    """Per-layer input whitening for activation-aware fitting (empty: weight-only)."""
+    if not (options.activation_aware and context.calibration and layers):
+        return {}
+    moments = activation_scale.input_second_moments(model, layers, context)
+    diagonal = _whitening_kind(method) == "diagonal"
+    return {name: activation_scale.whitening(m, diagonal) for name, m in moments.items()}
+
+
+def _whitening_kind(method) -> str:
+    """Methods whose first factor is a grouped conv (fga) can absorb only a diagonal T."""
+    return "diagonal" if getattr(method, "grouped_input", False) else "full"
 
 
 def _plan(layers, method: Method, options: DriverOptions, analysis: ModelAnalysis) -> _Plan:
@@ -198,7 +229,7 @@ def _plan(layers, method: Method, options: DriverOptions, analysis: ModelAnalysi
         for choice in choices:  # explicit rank or energy: the cheapest allowed candidate
             choice.index = len(choice.ladder) - 1
     else:
-        _allocate(choices, options.target_macs, analysis.total_macs, plan.summary)
+        _allocate(choices, options, analysis.total_macs, plan.summary)
     for choice in choices:
         if choice.current is None:
             plan.records.append(
@@ -235,29 +266,58 @@ def _within_energy(ladder: list[Candidate], energy: float) -> list[Candidate]:
 BUDGET_STEPS = 4000
 
 
-def _allocate(choices: list[_Choice], target: float, total_macs: int, summary: dict) -> None:
-    """Pick one rung per layer (or keep it) with the least total squared weight error such
-    that the model's MACs stay within `target` × the original: a multiple-choice knapsack,
-    solved by dynamic programming over the MAC budget in `BUDGET_STEPS` units. Each option's
-    MACs are rounded *up* to whole units, so the plan always meets the budget it claims."""
+def _allocate(
+    choices: list[_Choice], options: DriverOptions, total_macs: int, summary: dict
+) -> None:
+    """Pick one rung per layer (or keep it) with the least total squared relative error (of
+    the weights, or on calibration data when the layers were whitened) such that the model's
+    MACs stay within `target_macs` × the original: a multiple-choice knapsack, solved by
+    dynamic programming over the MAC budget in `BUDGET_STEPS` units. Each option's MACs are
+    rounded *up* to whole units, so the plan always meets the budget it claims. A target the
+    user set that cannot be reached is refused; the passes' default target does what it can."""
+    target = options.target_macs
     if not 0 < target <= 1:
         raise CompressError(f"target_macs={target}: expected a fraction in (0, 1]")
     fixed = total_macs - sum(choice.layer.macs for choice in choices)
     budget = target * total_macs - fixed
     cheapest = sum(choice.ladder[-1].macs for choice in choices)
-    if not choices or budget < cheapest:
-        for choice in choices:
-            choice.index = len(choice.ladder) - 1
-    else:
+    summary["target_macs"] = target
+    if choices and budget < cheapest:
+        best = (fixed + cheapest) / max(1, total_macs)
+        if not options.default_target:
+            # Every layer at its smallest rank would still miss the target the user asked
+            # for, and would wreck the model on the way: refuse, and say how far we can go.
+            raise CompressError(
+                f"target_macs={target:g} is not reachable: with every layer it can rewrite "
+                f"at its smallest rank, this pass keeps {best:.3f} of the model's MACs "
+                f"({len(choices)} layers rewritable)"
+            )
+        # The pass's own default budget: do what it can, at a ratio the layers allow.
+        budget = cheapest + (sum(c.layer.macs for c in choices) - cheapest) / 2
+        summary["note"] = (
+            f"default target {target:g} not reachable by this pass ({best:.3f} at best); "
+            "halved the MACs it can remove instead — set target_macs to choose"
+        )
+    if choices:
         _knapsack(choices, budget)
     planned = fixed + sum(_macs(choice) for choice in choices)
-    summary["target_macs"] = target
     summary["planned_macs_ratio"] = planned / max(1, total_macs)
-    if planned > target * total_macs:
-        summary["target_reached"] = False
+    _warn_past_the_cliff(choices, summary)
+
+
+# A layer kept with more relative error than this has lost over 3/4 of its (weight or data)
+# energy: such plans are far past the point where accuracy holds; the summary says so.
+CLIFF_ERROR = 0.5
+
+
+def _warn_past_the_cliff(choices: list[_Choice], summary: dict) -> None:
+    over = [c for c in choices if c.current is not None and c.current.error > CLIFF_ERROR]
+    if over:
+        worst = max(c.current.error for c in over)
         summary["note"] = (
-            f"target {target:.2f} not reachable by this pass: every rewritable "
-            f"layer is at its smallest rank ({planned / total_macs:.3f} of MACs)"
+            f"{len(over)} of {len(choices)} layers keep a relative error above {CLIFF_ERROR} "
+            f"(worst {worst:.2f}) to meet the budget: expect a large accuracy drop — check the "
+            "validation, or ask for fewer MACs removed"
         )
 
 

@@ -25,6 +25,8 @@ class RefitSite:
     """Where a rewritten layer's last linear factor sits.
 
     kind "conv1x1": weight (n, k, 1, 1), channels on axis 1 of `input`/`output`;
+    kind "conv": weight (n, k, kh, kw) of a Conv with the geometry in `conv` (strides, pads,
+    dilations); its rows are the input's kh×kw patches (im2col);
     kind "matmul": weight (k, n), features on the last axis (x @ W).
     """
 
@@ -34,6 +36,7 @@ class RefitSite:
     bias: str  # initializer of its bias (builders always create one, zeros if need be)
     kind: str
     result: dict[str, Any] | None = None
+    conv: dict[str, list[int]] | None = None  # kind "conv": strides, pads, dilations
 
 
 def refit_layers(
@@ -82,28 +85,54 @@ def _accumulate(source, rewritten, site: RefitSite, context: PassContext):
         _exposing(rewritten, [site.input]), threads=context.threads, optimize=True
     )
     weight = _initializer(rewritten, site.weight)
-    k, n = (weight.shape[1], weight.shape[0]) if site.kind == "conv1x1" else weight.shape
+    if site.kind == "matmul":
+        k, n = weight.shape
+    else:
+        k, n = int(np.prod(weight.shape[1:])), weight.shape[0]
     equations = LeastSquaresAccumulator(k, n)
     batch_bytes = 0
     for batch in context.calibration or []:
         (y,) = source.run([site.output], _feeds(source, batch))
         (z,) = target.run([site.input], _feeds(target, batch))
         batch_bytes = max(batch_bytes, y.nbytes + z.nbytes)
-        equations.add(_rows(z, site.kind), _rows(y, site.kind))
+        inputs = _patches(z, weight.shape[2:], site.conv) if site.kind == "conv" else z
+        equations.add(_rows(inputs, site.kind), _rows(y, site.kind))
     return equations, batch_bytes
 
 
 def _rows(tensor: np.ndarray, kind: str) -> np.ndarray:
     """One row per sample position, features in columns."""
-    if kind == "conv1x1":
+    if kind in ("conv1x1", "conv"):
         return np.moveaxis(tensor, 1, -1).reshape(-1, tensor.shape[1])
     return tensor.reshape(-1, tensor.shape[-1])
+
+
+def _patches(x: np.ndarray, kernel, geometry: dict[str, list[int]]) -> np.ndarray:
+    """im2col of a 2-D Conv's input: (N, k·kh·kw, H_out, W_out), features ordered as the
+    weight's (k, kh, kw) so that the weight reshaped to (n, k·kh·kw) multiplies it."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel, geometry["strides"], geometry["dilations"]
+    top, left, bottom, right = geometry["pads"]
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    out_h = (padded.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    out_w = (padded.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    taps = [
+        padded[
+            :,
+            :,
+            i * dh : i * dh + sh * (out_h - 1) + 1 : sh,
+            j * dw : j * dw + sw * (out_w - 1) + 1 : sw,
+        ]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    stacked = np.stack(taps, axis=2)  # N, k, kh·kw, H_out, W_out
+    return stacked.reshape(x.shape[0], -1, out_h, out_w)
 
 
 def _current_factor(model: onnx.ModelProto, site: RefitSite) -> tuple[np.ndarray, np.ndarray]:
     """The last factor as P (n × k) and b (n,), the accumulator's convention."""
     weight = _initializer(model, site.weight).astype(np.float64)
-    projection = weight.reshape(weight.shape[0], -1) if site.kind == "conv1x1" else weight.T
+    projection = weight.T if site.kind == "matmul" else weight.reshape(weight.shape[0], -1)
     return projection, _initializer(model, site.bias).astype(np.float64).reshape(-1)
 
 
@@ -116,7 +145,7 @@ def _initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
 def _write_factor(model: onnx.ModelProto, site: RefitSite, projection, bias) -> None:
     inits = {init.name: init for init in model.graph.initializer}
     for name, value in (
-        (site.weight, projection if site.kind == "conv1x1" else projection.T),
+        (site.weight, projection.T if site.kind == "matmul" else projection),
         (site.bias, bias),
     ):
         old = numpy_helper.to_array(inits[name])

@@ -11,9 +11,10 @@ initializer alone reads the MatMul's output (the usual transformer linear layer)
 fits the second MatMul and that bias through the Add, at no cost. Otherwise, only when a refit
 will run (refit on and calibration data given), the rewrite ends in an Add of a zero bias (N
 MACs per row, counted in the candidate) so the refit has a bias to set; without calibration
-no Add is written. Refit sites: the second MatMul/Gemm ("matmul") and the second 1×1 conv
-("conv1x1"); spatial SVD (last factor 1×kw) and left-side products (W @ x) have none, which
-their records say under details.refit.
+no Add is written. Refit sites: the second MatMul/Gemm ("matmul"), the second 1×1 conv
+("conv1x1") and spatial SVD's 1×kw conv ("conv", on 1×kw patches; it always carries a bias,
+zeros if the layer had none); left-side products (W @ x) have none, which their records say
+under details.refit.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from onnxcompress.factorization import (
     pointwise_output,
     run_factorization,
 )
+from onnxcompress.layer_refit import RefitSite
 from onnxcompress.layers import (
     ConvLayer,
     Namer,
@@ -45,7 +47,6 @@ from onnxcompress.linear_layers import LinearLayer, linear_layers, low_rank_node
 from onnxcompress.passkit import PassContext, PassResult, option
 from passes import register
 
-NO_SITE_SPATIAL = "none: the last factor is a 1×kw conv (only 1×1 and matmul factors are refit)"
 NO_SITE_LEFT = "none: W @ x has its features on axis -2 (only x @ W factors are refit)"
 NO_SITE_ROW_C = "none: C varies by row, so there is no [N] bias to refit"
 
@@ -64,6 +65,12 @@ class SvdOptions:
     never_slower: bool = option(True, "time each rewritten layer; revert those not faster")
     min_speedup: float = option(1.05, "a rewritten layer must be this much faster to stay")
     refit: bool = option(True, "refit the last factor and bias on calibration data")
+    activation_aware: bool = option(
+        False,
+        "with calibration data, factorize W·T (T: input whitening from the data) and allocate "
+        "ranks by that data error instead of weight error; measured: helps SqueezeNet, hurts "
+        "ResNet-20 after refit (README)",
+    )
 
     def __post_init__(self) -> None:
         for name in ("rank", "align"):
@@ -133,7 +140,7 @@ class SvdMethod:
 
     def _refit_note(self, layer: ConvLayer | LinearLayer) -> str:
         if isinstance(layer, ConvLayer):
-            return NO_SITE_SPATIAL if layer.kernel != (1, 1) else ""
+            return ""
         if layer.side == "left":
             return NO_SITE_LEFT
         if layer.op == "Gemm" and layer.bias is None and layer.c is not None:
@@ -161,8 +168,7 @@ class SvdMethod:
         # The kh×1 conv keeps the input's width; the 1×kw conv brings it to the output's.
         in_w = layer.input_shape[3]
         macs = batch * out_h * (rank * c * kh * in_w + n * rank * kw * out_w)
-        bias = layer.bias.size if layer.bias is not None else 0
-        return macs, rank * c * kh + n * rank * kw + bias
+        return macs, rank * c * kh + n * rank * kw + n  # the 1×kw conv always has a bias
 
     def build(self, layer: ConvLayer | LinearLayer, candidate: Candidate, namer: Namer) -> Rewrite:
         rank = candidate.config["rank"]
@@ -214,6 +220,7 @@ def _spatial_rewrite(layer: ConvLayer, rank: int, namer: Namer) -> Rewrite:
     first, first_inits = vertical_conv_node(
         namer, layer, f"{layer.name}.svd_vertical", layer.node.input[0], vertical
     )
+    bias = layer.bias if layer.bias is not None else np.zeros(layer.out_channels, vertical.dtype)
     last, last_inits = horizontal_conv_node(
         namer,
         layer,
@@ -221,9 +228,14 @@ def _spatial_rewrite(layer: ConvLayer, rank: int, namer: Namer) -> Rewrite:
         first.output[0],
         horizontal,
         out=layer.node.output[0],
-        bias=layer.bias,
+        bias=bias,
     )
-    return Rewrite([first, last], first_inits + last_inits, None)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in last.attribute}
+    geometry = {key: list(attrs[key]) for key in ("strides", "pads", "dilations")}
+    site = RefitSite(
+        first.output[0], last.output[0], last.input[1], last.input[2], "conv", conv=geometry
+    )
+    return Rewrite([first, last], first_inits + last_inits, site)
 
 
 @register("svd", SvdOptions, "truncated SVD: Gemm/MatMul → two through rank r; k×k Conv → k×1, 1×k")

@@ -256,13 +256,28 @@ def test_layers_left_alone_by_the_budget_get_a_record():
     assert "target_reached" not in summary
 
 
-def test_unreachable_target_is_said_in_the_summary():
+def test_unreachable_target_is_refused_with_how_far_the_pass_goes():
     tables = {name: [(0.9, 0.1), (0.8, 0.2)] for name in LAYERS}
+    with pytest.raises(CompressError, match=r"target_macs=0.5 is not reachable.* keeps 0\.800"):
+        plan(tables, target_macs=0.5)
+
+
+def test_an_unreachable_default_target_halves_what_the_pass_can_remove():
+    tables = {name: [(0.9, 0.01), (0.6, 0.04)] for name in LAYERS}
+    chosen, _, summary = plan(tables, target_macs=0.5, default_target=True)
+    assert "default target 0.5 not reachable by this pass (0.600 at best)" in summary["note"]
+    # Half of the removable 40 % is removed: the plan keeps at most 80 % of the MACs.
+    assert 0.6 <= summary["planned_macs_ratio"] <= 0.8 + 1e-9
+    assert any(index is not None for index in chosen.values())
+
+
+def test_a_plan_past_the_error_cliff_is_warned_about():
+    tables = {name: [(0.9, 0.01), (0.5, 0.49)] for name in LAYERS}  # (MACs, error²)
     chosen, _, summary = plan(tables, target_macs=0.5)
-    assert chosen == {name: 1 for name in LAYERS}  # every layer at its cheapest rung
-    assert summary["target_reached"] is False
-    assert "not reachable" in summary["note"]
-    assert summary["planned_macs_ratio"] == pytest.approx(cost(tables, chosen)[0] / TOTAL)
+    assert chosen == {name: 1 for name in LAYERS}
+    assert "3 of 3 layers keep a relative error above 0.5 (worst 0.70)" in summary["note"]
+    _, _, gentle = plan(tables, target_macs=0.95)
+    assert "note" not in gentle
 
 
 @pytest.mark.parametrize("value", [0.0, 1.5, -0.1])
