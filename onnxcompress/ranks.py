@@ -33,6 +33,25 @@ def align_rank(rank: int, align: int = 16, maximum: int | None = None) -> int:
     return aligned if maximum is None else min(aligned, maximum)
 
 
+def layer_align(align: int, width: int) -> int:
+    """The alignment a layer of rank `width` at most can use: `align` halved until it is
+    below `width`, so that a 16-wide layer with align 16 still has a rank (8) under its full
+    width instead of none (wide layers keep `align` as it is)."""
+    if align < 1:
+        raise ValueError(f"align must be >= 1, got {align}")
+    while align > 1 and align >= width:
+        align //= 2
+    return align
+
+
+def aligned_ranks(align: int, maximum: int, include_maximum: bool = False) -> list[int]:
+    """The ranks a budget may choose from: multiples of the layer's alignment below `maximum`
+    (and `maximum` itself when asked)."""
+    step = layer_align(align, maximum)
+    stop = maximum + step if include_maximum else maximum
+    return sorted({align_rank(r, step, maximum) for r in range(step, stop, step)})
+
+
 def rank_for_energy(singular_values: np.ndarray, energy: float) -> int:
     """Smallest r whose top-r singular values keep at least `energy` of Σσ² (0 < energy ≤ 1).
 

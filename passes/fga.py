@@ -135,15 +135,15 @@ class FgaMethod(ConvMethod):
         inner = self.options.inner_channels
         if inner is not None:  # btd with a fixed c′: any g with g·c′ ≤ c
             return [g for g in (1, 2, 4, 8, 16, 32, 64) if g * inner <= channels]
-        # Powers of two that keep at least `align` input channels per group.
-        limit = max(1, channels // self.options.align)
+        # Powers of two that keep at least `align` input channels per group (an alignment
+        # that narrow layers shrink, as their ranks do).
+        limit = max(1, channels // ranks.layer_align(self.options.align, channels))
         return [g for g in (1, 2, 4, 8, 16, 32, 64) if g <= limit and channels % g == 0]
 
     def _rank_choices(self, maximum: int) -> list[int]:
         if self.options.rank:
             return [self.options.rank] if self.options.rank <= maximum else []
-        align = self.options.align
-        return sorted({ranks.align_rank(r, align, maximum) for r in range(align, maximum, align)})
+        return ranks.aligned_ranks(self.options.align, maximum)
 
     def build(self, layer: ConvLayer, candidate: Candidate, namer: Namer) -> Rewrite:
         groups, rank = candidate.config["groups"], candidate.config["rank"]

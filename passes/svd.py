@@ -126,8 +126,7 @@ class SvdMethod:
     def _rank_choices(self, maximum: int) -> list[int]:
         if self.options.rank:
             return [self.options.rank] if self.options.rank <= maximum else []
-        align = self.options.align
-        return sorted({ranks.align_rank(r, align, maximum) for r in range(align, maximum, align)})
+        return ranks.aligned_ranks(self.options.align, maximum)
 
     def _extra_add(self, layer: ConvLayer | LinearLayer) -> bool:
         return (

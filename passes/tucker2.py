@@ -113,11 +113,8 @@ class Tucker2Method(ConvMethod):
     def _rank_choices(self, explicit: int | None, maximum: int) -> list[int]:
         if explicit is not None:
             return [explicit] if explicit <= maximum else []
-        align = self.options.align
-        # Multiples of `align` below the channel count, and the channel count itself.
-        return sorted(
-            {ranks.align_rank(r, align, maximum) for r in range(align, maximum + align, align)}
-        )
+        # Multiples of the alignment below the channel count, and the channel count itself.
+        return ranks.aligned_ranks(self.options.align, maximum, include_maximum=True)
 
     def _vbmf_ranks(self, layer: ConvLayer) -> tuple[int, int]:
         w = layer.weight.astype(np.float64)
@@ -125,7 +122,10 @@ class Tucker2Method(ConvMethod):
         r_out = max(1, ranks.vbmf_rank(w.reshape(n, -1)))
         r_in = max(1, ranks.vbmf_rank(w.transpose(1, 0, 2, 3).reshape(c, -1)))
         align = self.options.align
-        return ranks.align_rank(r_in, align, c), ranks.align_rank(r_out, align, n)
+        return (
+            ranks.align_rank(r_in, ranks.layer_align(align, c), c),
+            ranks.align_rank(r_out, ranks.layer_align(align, n), n),
+        )
 
     def build(self, layer: ConvLayer, candidate: Candidate, namer: Namer) -> Rewrite:
         r_in, r_out = candidate.config["rank_in"], candidate.config["rank_out"]

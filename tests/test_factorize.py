@@ -436,3 +436,22 @@ def test_refit_handles_dependent_inputs_without_ridge():
     duplicated = np.hstack([inputs, inputs[:, :1]])  # a repeated channel: ZᵀZ is singular
     p, b = fz.refit_least_squares(duplicated, targets, ridge=0.0)
     np.testing.assert_allclose(duplicated @ p.T + b, targets, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "align, width, expected",
+    [(16, 64, 16), (16, 17, 16), (16, 16, 8), (16, 9, 8), (16, 8, 4), (8, 2, 1), (16, 1, 1)],
+)
+def test_narrow_layers_shrink_the_alignment(align, width, expected):
+    from onnxcompress.ranks import layer_align
+
+    assert layer_align(align, width) == expected
+
+
+def test_aligned_ranks_always_offer_a_rank_below_the_width():
+    from onnxcompress.ranks import aligned_ranks
+
+    assert aligned_ranks(16, 64) == [16, 32, 48]
+    assert aligned_ranks(16, 16) == [8]  # align 16 alone would leave a 16-wide layer nothing
+    assert aligned_ranks(16, 16, include_maximum=True) == [8, 16]
+    assert aligned_ranks(16, 20) == [16]

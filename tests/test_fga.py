@@ -439,3 +439,12 @@ def test_btd_is_never_worse_than_plain_and_chooses_under_a_budget():
     budget = rewrite(model, variant="btd", target_macs=0.5, align=4)
     assert budget.changed and budget.summary["macs_ratio"] <= 0.5
     assert_macs_match_analyse(model, budget)
+
+
+def test_default_alignment_still_rewrites_a_16_channel_layer():
+    # align 16 on a 16→16 3×3 conv leaves no rank below 16; the layer's alignment shrinks to 8.
+    weight = np.random.default_rng(5).standard_normal((16, 16, 3, 3)).astype(np.float32)
+    model = conv_model(weight, pads=[1, 1, 1, 1])
+    result = rewrite(model, align=16, target_macs=0.6)
+    (record,) = result.records
+    assert record.status == "rewritten" and record.details["rank"] % 8 == 0
