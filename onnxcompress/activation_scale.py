@@ -45,15 +45,14 @@ def input_second_moments(
 ) -> dict[str, np.ndarray]:
     """E[x xᵀ] over the input channels of each layer on the calibration batches (original
     model), one pass over the data for all layers."""
-    from onnxcompress.layer_refit import _exposing, _feeds
-    from onnxcompress.validate import make_session
+    from onnxcompress.validate import expose_outputs, make_session, run_session
 
     names = sorted({activation_of(layer) for layer in layers})
-    session = make_session(_exposing(model, names), threads=context.threads, optimize=True)
+    session = make_session(expose_outputs(model, names), threads=context.threads, optimize=True)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for batch in context.calibration or []:
-        values = dict(zip(names, session.run(names, _feeds(session, batch)), strict=True))
+        values = dict(zip(names, run_session(session, batch, names), strict=True))
         for layer in layers:
             x = np.moveaxis(values[activation_of(layer)], feature_axis(layer), 0)
             x = x.reshape(x.shape[0], -1).astype(np.float64)

@@ -12,15 +12,6 @@ from onnxcompress import graph
 TOTAL_ROWS = 16384  # rows (output positions) sampled per consumer over all batches
 
 
-def expose(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy with `names` added as graph outputs (onnxruntime types them itself)."""
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    present = {out.name for out in exposed.graph.output}
-    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
-    return exposed
-
-
 def prefix(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
     """The part of `model` that computes `outputs` (and only that), with them as outputs."""
     needed, nodes = set(outputs), []
@@ -28,7 +19,7 @@ def prefix(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
         if any(out in needed for out in node.output):
             nodes.append(node)
             needed.update(name for name in node.input if name)
-            needed |= _subgraph_names(node)
+            needed |= graph.subgraph_names(node)
     part = onnx.ModelProto()
     part.ir_version = model.ir_version
     part.opset_import.extend(model.opset_import)
@@ -39,11 +30,6 @@ def prefix(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
     g.initializer.extend(t for t in model.graph.initializer if t.name in needed)
     g.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
     return part
-
-
-def feeds(session, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    wanted = {inp.name for inp in session.get_inputs()}
-    return {name: value for name, value in batch.items() if name in wanted}
 
 
 def rows_per_batch(batches: int) -> int:
@@ -133,13 +119,3 @@ def weight_as_features(node: onnx.NodeProto, weight: np.ndarray, alpha: float = 
     if node.op_type == "Gemm":
         return (w.T if graph.node_attributes(node).get("transB", 0) else w) * alpha
     return w
-
-
-def _subgraph_names(node: onnx.NodeProto) -> set[str]:
-    names: set[str] = set()
-    for attr in node.attribute:
-        for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-            for inner in sub.node:
-                names.update(inner.input)
-                names |= _subgraph_names(inner)
-    return names

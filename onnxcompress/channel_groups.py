@@ -280,7 +280,7 @@ class Walker:
                 self._touch(layout, index)
         for name in self.graph_outputs:
             self.fail(self.layouts.get(name), f"reaches graph output '{name}'")
-        for name in _names_in_subgraphs(self.model.graph):
+        for name in graph.names_in_subgraphs(self.model.graph):
             self.fail(self.layouts.get(name), f"tensor '{name}' is used inside a subgraph")
 
     def result(self) -> ChannelGraph:
@@ -372,14 +372,3 @@ def _tensor_dims(
     for name, value in graph.constant_tensors(model).items():
         dims.setdefault(name, list(value.shape))
     return dims
-
-
-def _names_in_subgraphs(g: onnx.GraphProto) -> set[str]:
-    names: set[str] = set()
-    for node in g.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                for inner in sub.node:
-                    names.update(inner.input)
-                names |= _names_in_subgraphs(sub)
-    return names

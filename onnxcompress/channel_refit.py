@@ -19,8 +19,6 @@ import onnx
 
 from onnxcompress import graph
 from onnxcompress.channel_activations import (
-    expose,
-    feeds,
     input_features,
     output_rows,
     output_table,
@@ -129,17 +127,17 @@ def _target_tensor(model, node: onnx.NodeProto, constants: dict) -> str:
 
 def _collect_targets(original: onnx.ModelProto, sites: list[Site], context: PassContext) -> None:
     """One run of the original per batch: each site keeps its target rows at sampled rows."""
-    from onnxcompress.validate import make_session
+    from onnxcompress.validate import expose_outputs, make_session, run_session
 
     if not sites:
         return
     batches = context.calibration or []
     names = list(dict.fromkeys(s.target for s in sites))
-    session = make_session(expose(original, names), threads=context.threads, optimize=True)
+    session = make_session(expose_outputs(original, names), threads=context.threads, optimize=True)
     limit = rows_per_batch(len(batches))
     generators = {s.node: np.random.default_rng(context.seed + s.node) for s in sites}
     for batch in batches:
-        values = dict(zip(names, session.run(names, feeds(session, batch)), strict=True))
+        values = dict(zip(names, run_session(session, batch, names), strict=True))
         for site in sites:
             node, y = original.graph.node[site.node], values[site.target]
             rows = sample_rows(output_rows(node, y.shape), limit, generators[site.node])
@@ -150,7 +148,7 @@ def _collect_targets(original: onnx.ModelProto, sites: list[Site], context: Pass
 
 
 def _refit(pruned, node, site: Site, context, max_features) -> dict[str, Any]:
-    from onnxcompress.validate import make_session
+    from onnxcompress.validate import make_session, run_session
 
     weights = ConstantEditor(pruned)
     weight = weights.get(node, 1)
@@ -164,7 +162,7 @@ def _refit(pruned, node, site: Site, context, max_features) -> dict[str, Any]:
     for batch, rows, targets in zip(
         context.calibration or [], site.rows, site.targets, strict=True
     ):
-        values = session.run(wanted, feeds(session, batch))
+        values = run_session(session, batch, wanted)
         if bias_only:
             shift.add(targets, output_table(node, values[1], rows))
             continue

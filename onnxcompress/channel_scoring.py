@@ -13,8 +13,6 @@ import onnx
 
 from onnxcompress import graph
 from onnxcompress.channel_activations import (
-    expose,
-    feeds,
     input_features,
     output_rows,
     output_shape,
@@ -92,13 +90,13 @@ def activation_moments(
 ) -> dict[str, ChannelMoments]:
     """Per-position moments of each tensor along its layout's channel axis (features after a
     flatten), over every calibration batch."""
-    from onnxcompress.validate import make_session
+    from onnxcompress.validate import expose_outputs, make_session, run_session
 
     names = list(tensors)
-    session = make_session(expose(model, names), threads=context.threads, optimize=True)
+    session = make_session(expose_outputs(model, names), threads=context.threads, optimize=True)
     moments: dict[str, ChannelMoments] = {}
     for batch in context.calibration or []:
-        values = session.run(names, feeds(session, batch))
+        values = run_session(session, batch, names)
         for name, value in zip(names, values, strict=True):
             layout = tensors[name]
             if name not in moments:
@@ -196,15 +194,15 @@ def _full_covariance(node: onnx.NodeProto, constants: dict, max_features: int) -
 
 def _consumer_statistics(model, edits, full, constants, context) -> dict:
     """Per consumer: the covariance of its sampled input features, or per-position moments."""
-    from onnxcompress.validate import make_session
+    from onnxcompress.validate import expose_outputs, make_session, run_session
 
     names = list(dict.fromkeys(model.graph.node[e.node].input[0] for e in edits))
-    session = make_session(expose(model, names), threads=context.threads, optimize=True)
+    session = make_session(expose_outputs(model, names), threads=context.threads, optimize=True)
     batches = context.calibration or []
     limit = rows_per_batch(len(batches))
     stats: dict[int, object] = {}
     for number, batch in enumerate(batches):
-        values = dict(zip(names, session.run(names, feeds(session, batch)), strict=True))
+        values = dict(zip(names, run_session(session, batch, names), strict=True))
         for edit in edits:
             node = model.graph.node[edit.node]
             x, weight = values[node.input[0]], constants[node.input[1]]

@@ -46,6 +46,24 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
+def subgraph_names(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name read or written inside the subgraphs (If/Loop/Scan bodies) of `node`,
+    at any depth: rewrites must leave these tensors as they are."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            for inner in sub.node:
+                names.update(inner.input)
+                names.update(inner.output)
+                names |= subgraph_names(inner)
+    return names
+
+
+def names_in_subgraphs(g: onnx.GraphProto) -> set[str]:
+    """`subgraph_names` of every node of `g`."""
+    return set().union(*(subgraph_names(node) for node in g.node))
+
+
 def runtime_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """Graph inputs that a caller feeds (those that are not also initializers)."""
     initializers = {init.name for init in model.graph.initializer}

@@ -54,48 +54,46 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> int:
     Models too large for one protobuf go to external data in a `<name>.data` file beside it.
     """
     path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise CompressError(f"{path}: output folder {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise CompressError(f"{path}: output folder {directory} is not writable")
-    external = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        if external:
-            data_name = path.name + ".data"
-            onnx.save_model(
-                model,
-                tmp,
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
-        else:
-            with open(tmp, "wb") as fh:
-                fh.write(model.SerializeToString())
-        _default_permissions(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise CompressError(f"{path}: cannot write: {exc.strerror or exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        return write_bytes_atomic(model.SerializeToString(), path)
+
+    def write_external(tmp: str) -> None:
+        onnx.save_model(
+            model,
+            tmp,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=1024,
+        )
+
+    _write_atomic(path, write_external)
     return path.stat().st_size
 
 
 def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> int:
     """Write bytes atomically (temp file in the same folder + rename); returns bytes written."""
-    path = Path(path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+    _write_atomic(Path(path), write)
+    return len(data)
+
+
+def _write_atomic(path: Path, write) -> None:
+    """`write(tmp)` into a temp file beside `path`, then rename it over `path`: readers never
+    see a half-written file, and a failure leaves no temp file behind."""
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise CompressError(f"{path}: output folder {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise CompressError(f"{path}: output folder {directory} is not writable")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        write(tmp)
         _default_permissions(tmp)
         os.replace(tmp, path)
     except OSError as exc:
@@ -103,7 +101,6 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> int:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return len(data)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

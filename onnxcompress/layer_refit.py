@@ -46,12 +46,12 @@ def refit_layers(
     context: PassContext,
 ) -> dict[str, Any]:
     """Refit every site in place in `rewritten`; returns a summary for the pass record."""
-    from onnxcompress.validate import make_session
+    from onnxcompress.validate import expose_outputs, make_session
 
     order = {out: i for i, node in enumerate(rewritten.graph.node) for out in node.output}
     # The original never changes: one session exposes every layer output refit needs.
     source = make_session(
-        _exposing(original, [s.output for s in sites]), threads=context.threads, optimize=True
+        expose_outputs(original, [s.output for s in sites]), threads=context.threads, optimize=True
     )
     peak = 0
     improved = 0
@@ -79,10 +79,10 @@ def refit_layers(
 
 
 def _accumulate(source, rewritten, site: RefitSite, context: PassContext):
-    from onnxcompress.validate import make_session
+    from onnxcompress.validate import expose_outputs, make_session, run_session
 
     target = make_session(
-        _exposing(rewritten, [site.input]), threads=context.threads, optimize=True
+        expose_outputs(rewritten, [site.input]), threads=context.threads, optimize=True
     )
     weight = _initializer(rewritten, site.weight)
     if site.kind == "matmul":
@@ -92,8 +92,8 @@ def _accumulate(source, rewritten, site: RefitSite, context: PassContext):
     equations = LeastSquaresAccumulator(k, n)
     batch_bytes = 0
     for batch in context.calibration or []:
-        (y,) = source.run([site.output], _feeds(source, batch))
-        (z,) = target.run([site.input], _feeds(target, batch))
+        (y,) = run_session(source, batch, [site.output])
+        (z,) = run_session(target, batch, [site.input])
         batch_bytes = max(batch_bytes, y.nbytes + z.nbytes)
         inputs = _patches(z, weight.shape[2:], site.conv) if site.kind == "conv" else z
         equations.add(_rows(inputs, site.kind), _rows(y, site.kind))
@@ -152,26 +152,3 @@ def _write_factor(model: onnx.ModelProto, site: RefitSite, projection, bias) -> 
         inits[name].CopyFrom(
             numpy_helper.from_array(value.reshape(old.shape).astype(old.dtype), name)
         )
-
-
-def _exposing(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy with `names` added as graph outputs (typed from shape inference)."""
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    present = {out.name for out in exposed.graph.output}
-    types = {vi.name: vi for vi in onnx.shape_inference.infer_shapes(model).graph.value_info}
-    for name in names:
-        if name in present:
-            continue
-        if name in types:
-            exposed.graph.output.append(types[name])
-        else:
-            exposed.graph.output.append(
-                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-            )
-    return exposed
-
-
-def _feeds(session, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    names = {inp.name for inp in session.get_inputs()}
-    return {name: value for name, value in batch.items() if name in names}

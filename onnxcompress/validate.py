@@ -73,6 +73,16 @@ def make_session(
         raise CompressError(f"onnxruntime cannot run the model: {ort_message(exc)}") from exc
 
 
+def expose_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy with `names` (intermediate tensors) added as graph outputs, so one onnxruntime
+    run returns them; onnxruntime types them itself."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    present = {out.name for out in exposed.graph.output}
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
+    return exposed
+
+
 def run_session(
     session: ort.InferenceSession, batch: dict[str, np.ndarray], output_names=None
 ) -> list[np.ndarray]:

@@ -127,7 +127,7 @@ class _Folder:
         self.opset = graph.default_opset(model)
         self.constants = graph.constant_tensors(model)
         self.graph_outputs = {out.name for out in model.graph.output}
-        self.in_subgraphs = _names_used_in_subgraphs(model.graph)
+        self.in_subgraphs = graph.names_in_subgraphs(model.graph)
         self.used_names = _all_names(model.graph)
 
     def run(self) -> list[NodeRecord]:
@@ -350,17 +350,4 @@ def _all_names(g: onnx.GraphProto) -> set[str]:
     for node in g.node:
         names.update(node.input)
         names.update(node.output)
-    return names | _names_used_in_subgraphs(g)
-
-
-def _names_used_in_subgraphs(g: onnx.GraphProto) -> set[str]:
-    """Every tensor name mentioned inside the subgraphs (If/Loop/Scan bodies) of `g`."""
-    names: set[str] = set()
-    for node in g.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                for inner in sub.node:
-                    names.update(inner.input)
-                    names.update(inner.output)
-                names.update(_names_used_in_subgraphs(sub))
-    return names
+    return names | graph.names_in_subgraphs(g)
