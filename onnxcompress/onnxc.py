@@ -165,7 +165,8 @@ def _block_matches(block: CodedWeights, tensors: dict, done: set[str]) -> bool:
         if not why and set(decoded) != set(names):
             why = "its payload decodes to other tensors than it names"
         for name in names if not why else []:
-            if not _bit_equal(decoded[name], onnx.numpy_helper.to_array(tensors[name])):
+            current = onnx.numpy_helper.to_array(tensors[name])
+            if not _bit_equal(_as_graph_dtype(decoded[name], current.dtype), current):
                 why = f"tensor {name} changed after the pass that coded it"
                 break
     if why:
@@ -173,6 +174,15 @@ def _block_matches(block: CodedWeights, tensors: dict, done: set[str]) -> bool:
             "not using the %s-coded block: %s; coding those tensors as sparse", block.codec, why
         )
     return not why
+
+
+def _as_graph_dtype(array: np.ndarray, dtype) -> np.ndarray:
+    """A codec may decode float32 for a float16 tensor (SuRP works in float32): the graph's
+    tensor holds the decoded values cast to its own float type, a deterministic step."""
+    array = np.asarray(array)
+    if array.dtype != dtype and array.dtype.kind == "f" and np.dtype(dtype).kind == "f":
+        return array.astype(dtype)
+    return array
 
 
 def _bit_equal(a: np.ndarray, b: np.ndarray) -> bool:
@@ -279,8 +289,8 @@ def _fill(tensor: onnx.TensorProto | None, name: str, array: np.ndarray, typed_f
     (float_data for float32, int32_data holding float16 bit patterns)."""
     if tensor is None:
         raise OnnxcError(f"corrupted .onnxc file: coded tensor {name} has no place in the graph")
-    array = np.asarray(array)
     dtype = _FLOAT_TYPES[tensor.data_type][0]
+    array = _as_graph_dtype(array, dtype)
     if array.dtype != dtype or list(array.shape) != list(tensor.dims):
         raise OnnxcError(
             f"corrupted .onnxc file: tensor {name} decodes to {array.dtype}{list(array.shape)}, "

@@ -102,14 +102,9 @@ def rdprune(model: onnx.ModelProto, options: RdPruneOptions, context: PassContex
         write_back(work, new_values)
     records += [_rewritten(node, name, new_values[name]) for node, name in layers]
     summary = _summary(result, payload)
-    artifacts = {}
-    if all(value.dtype == np.float32 for value in weights.values()):
-        artifacts["coded_weights"] = [CodedWeights("surp", list(weights), payload)]
-    else:
-        summary["notes"] = [
-            "weights are not all float32: the .onnxc container codes float32 tensors only, "
-            "so this payload is not attached; the model holds the decoded values cast back"
-        ]
+    # Float16 weights hold the decoded float32 values cast to float16; the .onnxc reader
+    # casts the same way, so the block still restores them bit for bit.
+    artifacts = {"coded_weights": [CodedWeights("surp", list(weights), payload)]}
     if options.compare:
         summary["comparison"] = compare(model, pooled, decoded, payload, options, context)
     return PassResult(work, changed, records, summary, artifacts)

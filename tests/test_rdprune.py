@@ -196,7 +196,7 @@ def test_onnxc_round_trip_by_the_cli(tmp_path):
     assert coded.stat().st_size < 0.8 * len(onnxc.encode_model(expected.model))
 
 
-def test_float16_weights_are_pruned_but_not_attached_for_onnxc():
+def test_float16_weights_are_pruned_and_round_trip_through_onnxc(caplog):
     model = constant_node_model()
     for tensor in [*model.graph.initializer, model.graph.node[0].attribute[0].t]:
         value = numpy_helper.to_array(tensor).astype(np.float16)
@@ -206,7 +206,12 @@ def test_float16_weights_are_pruned_but_not_attached_for_onnxc():
     graph.check_model(model)
     result = run_pass(model, sparsity=0.5)
     graph.check_model(result.model)
-    assert "coded_weights" not in result.artifacts and result.summary["notes"]
+    (block,) = result.artifacts["coded_weights"]
+    with caplog.at_level("WARNING"):
+        decoded = onnxc.decode_model(onnxc.encode_model(result.model, [block]))
+    assert "not using the surp-coded block" not in caplog.text  # the SuRP block was used
+    for name, value in graph.constant_tensors(result.model).items():
+        assert graph.constant_tensors(decoded)[name].tobytes() == value.tobytes()
     constants = graph.constant_tensors(result.model)
     weights = {
         name: graph.constant_tensors(model)[name].astype(np.float32) for name in ("w1", "w2")
