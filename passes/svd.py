@@ -68,8 +68,8 @@ class SvdOptions:
     activation_aware: bool = option(
         False,
         "with calibration data, factorize W·T (T: input whitening from the data) and allocate "
-        "ranks by that data error instead of weight error; measured: helps SqueezeNet, hurts "
-        "ResNet-20 after refit (README)",
+        "ranks by that data error instead of weight error; measured: SqueezeNet @0.7 44 → 57 %, "
+        "ResNet-20 @0.5 −0.4 → −1.6 points (README)",
     )
 
     def __post_init__(self) -> None:
