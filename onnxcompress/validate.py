@@ -166,6 +166,16 @@ def is_classifier_output(shape: tuple[int, ...]) -> bool:
     return len(shape) == 4 and shape[1] > 1 and shape[2] == shape[3] == 1
 
 
+def _unit_rows(scores: np.ndarray) -> bool:
+    """Signed rows of L2 norm 1: normalised embeddings (sentence encoders), not class scores,
+    so top-1 agreement would mean nothing (cosine is the figure that does). Softmax
+    probabilities are never negative, so a confident softmax (L2 norm near 1) is not taken."""
+    rows = scores.reshape(len(scores), -1).astype(np.float64)
+    if not rows.size or not np.any(rows < 0):
+        return False
+    return bool(np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-4))
+
+
 def ort_message(exc: Exception) -> str:
     """onnxruntime's message without its status prefix and C++ source location."""
     text = str(exc).strip()
@@ -192,6 +202,7 @@ class _OutputStats:
     square_before: float = 0.0
     square_after: float = 0.0
     nonfinite_result: int = 0
+    embedding: bool | None = None  # decided on the first batch, so every batch counts alike
     predictions_before: list[np.ndarray] = field(default_factory=list)
     predictions_after: list[np.ndarray] = field(default_factory=list)
 
@@ -213,7 +224,9 @@ class _OutputStats:
             self.diff_square += float(np.sum(diff * diff))
             self.reference_square += float(np.sum(np.square(before[np.isfinite(before)])))
             self._add_cosines(before.reshape(len(before), -1), after.reshape(len(after), -1))
-        if is_classifier_output(before.shape):
+        if self.embedding is None:
+            self.embedding = _unit_rows(before)
+        if is_classifier_output(before.shape) and not self.embedding:
             self.predictions_before.append(before.reshape(len(before), -1).argmax(axis=1))
             self.predictions_after.append(after.reshape(len(after), -1).argmax(axis=1))
 

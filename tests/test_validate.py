@@ -328,3 +328,24 @@ def test_squeezenet_on_real_images():
     assert report["top1_agreement"] == 1.0
     assert 0.0 <= report["accuracy_original"] <= 1.0
     assert report["accuracy_drop"] == 0.0
+
+
+def test_normalised_embeddings_get_cosine_but_no_top1():
+    from onnxcompress.validate import _OutputStats
+
+    rng = np.random.default_rng(0)
+    before = rng.standard_normal((6, 16))
+    before /= np.linalg.norm(before, axis=1, keepdims=True)
+    after = before + 0.01 * rng.standard_normal(before.shape)
+    stats = _OutputStats("embedding")
+    stats.add(before, after)
+    summary = stats.summary(None)
+    assert "top1_agreement" not in summary and summary["cosine"] > 0.99
+    logits = _OutputStats("logits")
+    logits.add(3 * before, 3 * after)  # same shape, not unit rows: class scores
+    assert "top1_agreement" in logits.summary(None)
+    probabilities = _OutputStats("softmax")  # a confident softmax has L2 norm ≈ 1: still scores
+    confident = np.full((6, 16), 1e-6)
+    confident[:, 3] = 1 - 15e-6
+    probabilities.add(confident, confident)
+    assert "top1_agreement" in probabilities.summary(None)
