@@ -161,12 +161,16 @@ def run_factorization(
     )
     if not plan.chosen:
         return PassResult(model, False, plan.records, plan.summary)
+    chosen, built, namer = plan.chosen, {}, Namer(model)
+    if options.never_slower:
+        chosen = _faster_only(model, chosen, method, namer, built, options, context, plan)
+        if not chosen:  # every layer would be slower: hand back the model as it came
+            return _finish(model, model, {}, plan, options, context, analysis, pass_name)
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(model)
-    namer = Namer(rewritten)
     rewrites = {}
-    for layer, candidate in plan.chosen:
-        rewrite = method.build(layer, candidate, namer)
+    for layer, candidate in chosen:
+        rewrite = built.get(layer.name) or method.build(layer, candidate, namer)
         if transforms:
             x = activation_scale.activation_of(layer)
             activation_scale.restore_inputs(
@@ -174,10 +178,11 @@ def run_factorization(
             )
         replace_node(rewritten, layer.name, rewrite.nodes, rewrite.initializers)
         rewrites[layer.name] = (layer, candidate, rewrite)
-    if options.never_slower:
-        rewritten = _revert_slower(rewritten, model, rewrites, options, context, plan)
-        if not rewrites:  # every layer was put back: hand back the model as it came
-            rewritten = model
+    return _finish(model, rewritten, rewrites, plan, options, context, analysis, pass_name)
+
+
+def _finish(model, rewritten, rewrites, plan, options, context, analysis, pass_name):
+    """Refit, records and the summary's MACs, for the layers that stayed rewritten."""
     if options.refit and context.calibration and rewrites:
         plan.summary["refit"] = layer_refit.refit_layers(
             model, rewritten, [r.refit for _, _, r in rewrites.values() if r.refit], context
@@ -364,48 +369,42 @@ def _check_target_after_reverts(plan: _Plan, total_macs: int) -> None:
         )
 
 
-def _revert_slower(rewritten, original, rewrites, options, context, plan) -> onnx.ModelProto:
-    """Time each rewritten layer alone against the original layer; put back the slow ones."""
-    constants = graph.constant_tensors(original)
-    for name, (layer, candidate, rewrite) in list(rewrites.items()):
+def _faster_only(model, chosen, method, namer, built, options, context, plan) -> list:
+    """The chosen (layer, candidate) pairs whose rewrite, timed alone against the original
+    layer, is at least `min_speedup` faster; a record for each one left out. Timing needs only
+    the rewrite's shapes, so a method with slow fits (cp) may `probe` with stand-in factors,
+    and a layer that stays original never pays for its fit; other methods' rewrites are built
+    here once and kept in `built`."""
+    constants = graph.constant_tensors(model)
+    probe = getattr(method, "probe", None)
+    kept = []
+    for layer, candidate in chosen:
+        if probe is not None:
+            rewrite = probe(layer, candidate, namer)
+        else:
+            rewrite = built[layer.name] = method.build(layer, candidate, namer)
         timing = layer_timing.compare_layer(constants, layer, rewrite, context.threads)
         candidate.config["timing"] = timing
-        if timing["speedup"] < options.min_speedup:
-            rewritten = _restore(rewritten, layer, rewrite)
-            del rewrites[name]
-            verdict = (
-                f"{1 / timing['speedup']:.2f}× slower"
-                if timing["speedup"] < 1
-                else f"only {timing['speedup']:.2f}× faster"
+        if timing["speedup"] >= options.min_speedup:
+            kept.append((layer, candidate))
+            continue
+        verdict = (
+            f"{1 / timing['speedup']:.2f}× slower"
+            if timing["speedup"] < 1
+            else f"only {timing['speedup']:.2f}× faster"
+        )
+        plan.records.append(
+            NodeRecord(
+                layer.name,
+                layer.node.op_type,
+                "reverted",
+                f"reverted: {verdict} (min_speedup {options.min_speedup})",
+                macs_before=layer.macs,
+                macs_after=candidate.macs,
+                details=dict(candidate.config),
             )
-            plan.records.append(
-                NodeRecord(
-                    name,
-                    layer.node.op_type,
-                    "reverted",
-                    f"reverted: {verdict} (min_speedup {options.min_speedup})",
-                    macs_before=layer.macs,
-                    macs_after=candidate.macs,
-                    details=dict(candidate.config),
-                )
-            )
-    return rewritten
-
-
-def _restore(model: onnx.ModelProto, layer: Any, rewrite: Rewrite) -> onnx.ModelProto:
-    names = {node.name for node in rewrite.nodes}
-    positions = [i for i, node in enumerate(model.graph.node) if node.name in names]
-    for index in reversed(positions):
-        del model.graph.node[index]
-    model.graph.node.insert(positions[0], layer.node)
-    dropped = {init.name for init in rewrite.initializers}
-    keep = [init for init in model.graph.initializer if init.name not in dropped]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    inputs = [vi for vi in model.graph.input if vi.name not in dropped]  # IR 3 lists them
-    del model.graph.input[:]
-    model.graph.input.extend(inputs)
-    return model
+        )
+    return kept
 
 
 def _record_rewrites(rewrites: dict, plan: _Plan) -> None:

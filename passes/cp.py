@@ -4,6 +4,7 @@ ones) → 1×1 (R → n) that carries the bias; the factors come from tensorly's
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass
@@ -120,6 +121,19 @@ class CpMethod(ConvMethod):
                 factors.relative_error,
             )
         return factors
+
+    def probe(self, layer: ConvLayer, candidate: Candidate, namer: Namer) -> Rewrite:
+        """The rewrite with stand-in factors of the right shapes: enough to time it, without
+        paying for a CP fit the timing may throw away."""
+        rank, (n, c), (kh, kw) = candidate.config["rank"], layer.weight.shape[:2], layer.kernel
+        shapes = [(rank, c, 1, 1), (rank, 1, kh, 1), (rank, 1, 1, kw), (n, rank, 1, 1)]
+        stand_in = factorize.CPFactors(
+            *(np.ones(shape, layer.weight.dtype) for shape in shapes), True, 0, 1.0
+        )
+        config = dict(candidate.config)
+        return self.build(
+            layer, dataclasses.replace(candidate, config=config, factors=stand_in), namer
+        )
 
     def build(self, layer: ConvLayer, candidate: Candidate, namer: Namer) -> Rewrite:
         rank = candidate.config["rank"]

@@ -271,3 +271,27 @@ def test_refit_lowers_calibration_error():
         for name, result in (("plain", plain), ("refitted", refitted))
     }
     assert errors["refitted"] < errors["plain"]
+
+
+def test_a_layer_reverted_by_timing_is_never_fitted(monkeypatch):
+    # Under a budget, candidates carry estimated errors; the CP fit happens when building.
+    import passes.cp as cp_module
+    from onnxcompress import layer_timing
+
+    fits = []
+    real_fit = cp_module.factorize.cp_factors
+    monkeypatch.setattr(
+        cp_module.factorize, "cp_factors", lambda *a, **k: fits.append(1) or real_fit(*a, **k)
+    )
+    slower = {"original_ms": 1.0, "rewritten_ms": 2.0, "speedup": 0.5}
+    monkeypatch.setattr(layer_timing, "compare_layer", lambda *args: dict(slower))
+    result = run_cp(two_conv_model(), target_macs=0.7, align=4, never_slower=True)
+    assert not result.changed and not fits
+    assert {r.status for r in result.records if r.status != "skipped"} == {"reverted"}
+    assert all("2.00× slower" in r.reason for r in result.records if r.status == "reverted")
+    faster = {"original_ms": 2.0, "rewritten_ms": 1.0, "speedup": 2.0}
+    monkeypatch.setattr(layer_timing, "compare_layer", lambda *args: dict(faster))
+    result = run_cp(two_conv_model(), target_macs=0.7, align=4, never_slower=True)
+    rewritten = [r for r in result.records if r.status == "rewritten"]
+    assert rewritten and len(fits) == len(rewritten)  # each kept layer fitted once, for real
+    assert all(r.details["timing"]["speedup"] == 2.0 for r in rewritten)
