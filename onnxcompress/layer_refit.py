@@ -95,7 +95,7 @@ def _accumulate(source, rewritten, site: RefitSite, context: PassContext):
         (y,) = run_session(source, batch, [site.output])
         (z,) = run_session(target, batch, [site.input])
         batch_bytes = max(batch_bytes, y.nbytes + z.nbytes)
-        inputs = _patches(z, weight.shape[2:], site.conv) if site.kind == "conv" else z
+        inputs = conv_patches(z, weight.shape[2:], site.conv) if site.kind == "conv" else z
         equations.add(_rows(inputs, site.kind), _rows(y, site.kind))
     return equations, batch_bytes
 
@@ -107,7 +107,7 @@ def _rows(tensor: np.ndarray, kind: str) -> np.ndarray:
     return tensor.reshape(-1, tensor.shape[-1])
 
 
-def _patches(x: np.ndarray, kernel, geometry: dict[str, list[int]]) -> np.ndarray:
+def conv_patches(x: np.ndarray, kernel, geometry: dict[str, list[int]]) -> np.ndarray:
     """im2col of a 2-D Conv's input: (N, k·kh·kw, H_out, W_out), features ordered as the
     weight's (k, kh, kw) so that the weight reshaped to (n, k·kh·kw) multiplies it."""
     (kh, kw), (sh, sw), (dh, dw) = kernel, geometry["strides"], geometry["dilations"]

@@ -27,4 +27,15 @@ def get_pass(name: str) -> PassSpec:
 
 
 # Importing the modules registers them; keep this list in one place.
-from passes import channels, cp, fga, fold_bn, identity, prune, rdprune, svd, tucker2  # noqa: E402, F401
+from passes import (  # noqa: E402, F401
+    channels,
+    cp,
+    fga,
+    fold_bn,
+    identity,
+    lrs,
+    prune,
+    rdprune,
+    svd,
+    tucker2,
+)

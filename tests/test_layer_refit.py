@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcompress.layer_refit import _patches
+from onnxcompress.layer_refit import conv_patches
 from onnxcompress.validate import run_model
 
 GEOMETRIES = [
@@ -34,6 +34,6 @@ def test_patches_times_weight_is_the_conv(kernel, geometry):
     )
     model = helper.make_model(body, opset_imports=[helper.make_opsetid("", 17)])
     expected = run_model(onnx.shape_inference.infer_shapes(model), [{"x": x}])["y"]
-    patches = _patches(x.astype(np.float64), kernel, geometry)
+    patches = conv_patches(x.astype(np.float64), kernel, geometry)
     got = np.einsum("nf,bfhw->bnhw", w.reshape(5, -1).astype(np.float64), patches)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
