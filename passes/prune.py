@@ -10,19 +10,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxcompress import graph, onnxc
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option
+from onnxcompress.prunable import PrunableLayer, label, prunable_layers, write_weights
 from onnxcompress.sparsity import SCOPES, magnitude_masks, nm_mask, quantize_uniform
 from passes import register
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SPARSITY = 0.5
-PRUNABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-FLOATS = (np.float16, np.float32, np.float64)
 
 
 @dataclass(frozen=True)
@@ -80,19 +78,12 @@ def parse_pattern(text: str) -> tuple[int, int]:
     return n_value, m_value
 
 
-@dataclass
-class _Layer:
-    node: onnx.NodeProto
-    weight: str  # tensor name (initializer or Constant output)
-    axis: int  # the weight axis of input features, for N:M
-
-
 @register("prune", PruneOptions, "magnitude pruning of Conv/Gemm/MatMul weights (size once coded)")
 def prune(model: onnx.ModelProto, options: PruneOptions, context: PassContext) -> PassResult:
     work = onnx.ModelProto()
     work.CopyFrom(model)
     constants = graph.constant_tensors(work)
-    layers, records = _find_layers(work, constants)
+    layers, records = prunable_layers(work, constants)
     layers, kept = _split_kept(layers, options.keep)
     records += [_record(layer, "skipped", reason) for layer, reason in kept]
     weights = {layer.weight: constants[layer.weight] for layer in layers}
@@ -115,61 +106,18 @@ def prune(model: onnx.ModelProto, options: PruneOptions, context: PassContext) -
                 details={"weight": layer.weight, "sparsity": round(1 - nonzero / value.size, 6)},
             )
         )
-    order = {_label(node): index for index, node in enumerate(work.graph.node)}
+    order = {label(node): index for index, node in enumerate(work.graph.node)}
     records.sort(key=lambda record: order.get(record.node, len(order)))
     changed = any(not np.array_equal(new_values[n], weights[n]) for n in new_values)
     if changed:
-        _write_back(work, new_values)
+        write_weights(work, new_values)
     summary = _summary(work, new_values, constants, kept, options)
     return PassResult(model=work, changed=changed, records=records, summary=summary)
 
 
-def _find_layers(
-    model: onnx.ModelProto, constants: dict[str, np.ndarray]
-) -> tuple[list[_Layer], list[NodeRecord]]:
-    """Prunable layers in graph order, and records for those that cannot be pruned."""
-    layers, records = [], []
-    users = graph.consumers(model)
-    for node in model.graph.node:
-        if node.op_type not in PRUNABLE or node.domain not in ("", "ai.onnx"):
-            continue
-        slot, axis, why = _weight_slot(node, constants)
-        if slot is not None:
-            name = node.input[slot]
-            others = [u for u in users.get(name, []) if u.op_type not in PRUNABLE]
-            if others:
-                why = f"weight {name} is also used by {others[0].op_type} {_label(others[0])}"
-            elif constants[name].dtype not in FLOATS:
-                why = f"weight {name} is {constants[name].dtype}, not a float type"
-        if why:
-            records.append(NodeRecord(_label(node), node.op_type, "skipped", why))
-        else:
-            layers.append(_Layer(node, node.input[slot], axis))
-    return layers, records
-
-
-def _weight_slot(node: onnx.NodeProto, constants: dict) -> tuple[int | None, int, str]:
-    """(input index of the constant weight, its input-feature axis, reason if none)."""
-    const = [i < len(node.input) and node.input[i] in constants for i in (0, 1)]
-    if node.op_type in ("Conv", "ConvTranspose"):
-        if not const[1]:
-            return None, 0, "weight is not a constant tensor"
-        return 1, (1 if node.op_type == "Conv" else 0), ""
-    if const[0] and const[1]:
-        return None, 0, "both operands are constant (nothing to prune at run time)"
-    if not (const[0] or const[1]):
-        return None, 0, "weight is not a constant tensor"
-    attrs = graph.node_attributes(node)
-    if node.op_type == "Gemm":  # input features: K of A[M,K] / B[K,N] (after transposes)
-        if const[1]:
-            return 1, (1 if attrs.get("transB", 0) else 0), ""
-        return 0, (0 if attrs.get("transA", 0) else 1), ""
-    return (1, -2, "") if const[1] else (0, -1, "")  # MatMul: x @ W or W @ x
-
-
 def _split_kept(
-    layers: list[_Layer], keep: str | None
-) -> tuple[list[_Layer], list[tuple[_Layer, str]]]:
+    layers: list[PrunableLayer], keep: str | None
+) -> tuple[list[PrunableLayer], list[tuple[PrunableLayer, str]]]:
     """(layers to prune, [(layer, why kept dense)]); a shared weight is kept if any user is.
     `keep` None (the option value "none") keeps nothing."""
     tokens = [t.strip() for t in (keep or "").split(",") if t.strip()]
@@ -182,7 +130,7 @@ def _split_kept(
                 kept.setdefault(len(layers) - 1, "kept dense: last prunable layer (prune.keep)")
             else:
                 for index, layer in enumerate(layers):
-                    if fnmatch.fnmatchcase(_label(layer.node), token):
+                    if fnmatch.fnmatchcase(label(layer.node), token):
                         kept.setdefault(index, f"kept dense: name matches '{token}' (prune.keep)")
     dense_weights = {layers[i].weight for i in kept}
     pruned, dense = [], []
@@ -195,7 +143,7 @@ def _split_kept(
 
 
 def _masks(
-    layers: list[_Layer], weights: dict[str, np.ndarray], options: PruneOptions
+    layers: list[PrunableLayer], weights: dict[str, np.ndarray], options: PruneOptions
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(keep-mask per weight, reason per weight that cannot take the pattern)."""
     if options.pattern is None:
@@ -226,23 +174,11 @@ def _apply(weight: np.ndarray, keep: np.ndarray, bits: int | None) -> np.ndarray
     return pruned
 
 
-def _write_back(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> None:
-    """Store new values where the weights came from: initializer or Constant node."""
-    for init in model.graph.initializer:
-        if init.name in values:
-            init.CopyFrom(numpy_helper.from_array(values[init.name], init.name))
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.output and node.output[0] in values:
-            tensor = numpy_helper.from_array(values[node.output[0]], node.output[0])
-            del node.attribute[:]
-            node.attribute.append(onnx.helper.make_attribute("value", tensor))
-
-
 def _summary(
     model: onnx.ModelProto,
     new_values: dict[str, np.ndarray],
     constants: dict[str, np.ndarray],
-    kept: list[tuple[_Layer, str]],
+    kept: list[tuple[PrunableLayer, str]],
     options: PruneOptions,
 ) -> dict:
     params = sum(v.size for v in new_values.values())
@@ -272,9 +208,5 @@ def _summary(
     }
 
 
-def _record(layer: _Layer, status: str, reason: str = "", **fields) -> NodeRecord:
-    return NodeRecord(_label(layer.node), layer.node.op_type, status, reason, **fields)
-
-
-def _label(node: onnx.NodeProto) -> str:
-    return node.name or node.output[0]
+def _record(layer: PrunableLayer, status: str, reason: str = "", **fields) -> NodeRecord:
+    return NodeRecord(label(layer.node), layer.node.op_type, status, reason, **fields)

@@ -11,21 +11,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxcompress import graph, surp
 from onnxcompress.entropy import encode_categorical, encode_gaps, pack_sections
 from onnxcompress.errors import CompressError
 from onnxcompress.onnxc import CodedWeights, encode_sparse
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option
+from onnxcompress.prunable import label, prunable_layers, write_weights
 from onnxcompress.sparsity import magnitude_masks, quantize_uniform
 from passes import register
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SPARSITY = 0.8
-PRUNABLE = ("Conv", "Gemm", "MatMul")
-FLOATS = (np.float16, np.float32, np.float64)
+RDPRUNE_OPS = ("Conv", "Gemm", "MatMul")
 RANDOM_BATCHES = 16
 
 
@@ -99,7 +98,7 @@ def rdprune(model: onnx.ModelProto, options: RdPruneOptions, context: PassContex
     new_values = {name: decoded[name].astype(weights[name].dtype) for name in weights}
     changed = any(not np.array_equal(new_values[n], weights[n]) for n in weights)
     if changed:
-        write_back(work, new_values)
+        write_weights(work, new_values)
     records += [_rewritten(node, name, new_values[name]) for node, name in layers]
     summary = _summary(result, payload)
     # Float16 weights hold the decoded float32 values cast to float16; the .onnxc reader
@@ -130,67 +129,32 @@ def find_layers(
 ) -> tuple[list[tuple[onnx.NodeProto, str]], list[NodeRecord]]:
     """[(node, weight name)] of the prunable layers in graph order, and skip records."""
     patterns = [t.strip() for t in (keep or "").split(",") if t.strip() and t.strip() != "none"]
-    users = graph.consumers(model)
-    found, records, dense = [], [], set()
-    for node in model.graph.node:
-        if node.op_type not in PRUNABLE or node.domain not in ("", "ai.onnx"):
-            continue
-        name, why = _weight_input(node, constants)
-        if name:
-            others = [u for u in users.get(name, []) if u.op_type not in PRUNABLE]
-            if others:
-                why = f"weight {name} is also used by {others[0].op_type} {_label(others[0])}"
-            elif constants[name].dtype not in FLOATS or constants[name].size == 0:
-                why = f"weight {name} is an empty or {constants[name].dtype} tensor"
-            elif not np.all(np.isfinite(constants[name])):
-                why = f"weight {name} has non-finite values"
-            elif match := next((p for p in patterns if fnmatch.fnmatchcase(_label(node), p)), ""):
-                why = f"kept dense: name matches '{match}' (rdprune.keep)"
-        if why:
-            dense.update([name] if name and why.startswith("kept") else [])
-            records.append(NodeRecord(_label(node), node.op_type, "skipped", why))
+    layers, records = prunable_layers(model, constants, ops=RDPRUNE_OPS)
+    found, dense = [], set()
+    for layer in layers:
+        match = next((p for p in patterns if fnmatch.fnmatchcase(label(layer.node), p)), "")
+        if match:
+            dense.add(layer.weight)
+            why = f"kept dense: name matches '{match}' (rdprune.keep)"
+            records.append(NodeRecord(label(layer.node), layer.node.op_type, "skipped", why))
         else:
-            found.append((node, name))
+            found.append((layer.node, layer.weight))
     # A weight shared with a layer kept dense stays dense everywhere.
     pruned = [(node, name) for node, name in found if name not in dense]
     records += [
-        NodeRecord(_label(node), node.op_type, "skipped", "weight shared with a layer kept dense")
+        NodeRecord(label(node), node.op_type, "skipped", "weight shared with a layer kept dense")
         for node, name in found
         if name in dense
     ]
+    order = {label(node): index for index, node in enumerate(model.graph.node)}
+    records.sort(key=lambda record: order.get(record.node, len(order)))
     return pruned, records
-
-
-def _weight_input(node: onnx.NodeProto, constants: dict) -> tuple[str, str]:
-    """(name of the constant weight input, reason if there is none)."""
-    const = [i < len(node.input) and node.input[i] in constants for i in (0, 1)]
-    if node.op_type == "Conv":
-        return (node.input[1], "") if const[1] else ("", "weight is not a constant tensor")
-    if const[0] and const[1]:
-        return "", "both operands are constant (nothing to prune at run time)"
-    if const[1]:
-        return node.input[1], ""
-    if const[0]:
-        return node.input[0], ""
-    return "", "weight is not a constant tensor"
-
-
-def write_back(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> None:
-    """Store new values where the weights came from: initializer or Constant node."""
-    for init in model.graph.initializer:
-        if init.name in values:
-            init.CopyFrom(numpy_helper.from_array(values[init.name], init.name))
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.output and node.output[0] in values:
-            tensor = numpy_helper.from_array(values[node.output[0]], node.output[0])
-            del node.attribute[:]
-            node.attribute.append(onnx.helper.make_attribute("value", tensor))
 
 
 def _rewritten(node: onnx.NodeProto, name: str, value: np.ndarray) -> NodeRecord:
     nonzero = int(np.count_nonzero(value))
     return NodeRecord(
-        _label(node),
+        label(node),
         node.op_type,
         "rewritten",
         params_before=int(value.size),
@@ -303,7 +267,7 @@ def output_fidelity(
     for key, values in variants.items():
         candidate = onnx.ModelProto()
         candidate.CopyFrom(model)
-        write_back(candidate, {n: v.astype(constants[n].dtype) for n, v in values.items()})
+        write_weights(candidate, {n: v.astype(constants[n].dtype) for n, v in values.items()})
         outputs = run_model(candidate, batches, threads=context.threads)
         worst, agreement = 0.0, None
         for name, ref in reference.items():
@@ -344,7 +308,3 @@ def _equal_fidelity(table: dict) -> str:
         f"SuRP's {mine['rel_l2']}), {coded:,} bytes vs SuRP's {mine['bytes']:,}: SuRP is {verdict}"
         + caveat
     )
-
-
-def _label(node: onnx.NodeProto) -> str:
-    return node.name or node.output[0]
