@@ -91,6 +91,18 @@ def linear_layers(
     return layers, skipped
 
 
+def conv_and_linear_layers(model: onnx.ModelProto, analysis: ModelAnalysis) -> tuple[list, list]:
+    """Conv layers and Gemm/MatMul layers together, in graph order, with their skip records."""
+    from onnxcompress.layers import conv_layers
+
+    convs, conv_skips = conv_layers(model, analysis)
+    linears, linear_skips = linear_layers(model, analysis)
+    position = {stats.name: i for i, stats in enumerate(analysis.nodes)}
+    layers = sorted([*convs, *linears], key=lambda layer: position[layer.name])
+    skips = sorted([*conv_skips, *linear_skips], key=lambda record: position[record.node])
+    return layers, skips
+
+
 def _skip_reason(node, constants, shapes) -> str:
     operands = list(node.input[:2])
     constant = [name in constants for name in operands]

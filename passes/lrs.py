@@ -49,13 +49,12 @@ from onnxcompress.layer_refit import conv_patches
 from onnxcompress.layers import (
     ConvLayer,
     Namer,
-    conv_layers,
     conv_node,
     named_copy,
     replace_node,
     spatial_conv_node,
 )
-from onnxcompress.linear_layers import LinearLayer, linear_layers
+from onnxcompress.linear_layers import LinearLayer, conv_and_linear_layers
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option
 from passes import register
 
@@ -154,11 +153,7 @@ class LrsMethod:
         self.samples: dict[str, np.ndarray] = {}  # input rows of ReLU-fed layers (admm)
 
     def layers(self, model: onnx.ModelProto, analysis):
-        convs, conv_skips = conv_layers(model, analysis)
-        linears, linear_skips = linear_layers(model, analysis)
-        position = {stats.name: i for i, stats in enumerate(analysis.nodes)}
-        layers = sorted([*convs, *linears], key=lambda layer: position[layer.name])
-        skips = sorted([*conv_skips, *linear_skips], key=lambda record: position[record.node])
+        layers, skips = conv_and_linear_layers(model, analysis)
         usable = [layer for layer in layers if not self.skip_reason(layer)]
         if self.options.solver != "weight" and self.context.calibration and usable:
             relu = _relu_fed(model, usable) if self.options.solver == "admm" else []

@@ -38,12 +38,15 @@ from onnxcompress.layer_refit import RefitSite
 from onnxcompress.layers import (
     ConvLayer,
     Namer,
-    conv_layers,
     conv_node,
     horizontal_conv_node,
     vertical_conv_node,
 )
-from onnxcompress.linear_layers import LinearLayer, linear_layers, low_rank_nodes
+from onnxcompress.linear_layers import (
+    LinearLayer,
+    conv_and_linear_layers,
+    low_rank_nodes,
+)
 from onnxcompress.passkit import PassContext, PassResult, option
 from passes import register
 
@@ -87,11 +90,7 @@ class SvdMethod:
         self.refit_data = refit_data  # a refit will run: bias-less MatMuls get a bias Add
 
     def layers(self, model: onnx.ModelProto, analysis):
-        convs, conv_skips = conv_layers(model, analysis)
-        linears, linear_skips = linear_layers(model, analysis)
-        position = {stats.name: i for i, stats in enumerate(analysis.nodes)}
-        layers = sorted([*convs, *linears], key=lambda layer: position[layer.name])
-        skips = sorted([*conv_skips, *linear_skips], key=lambda record: position[record.node])
+        layers, skips = conv_and_linear_layers(model, analysis)
         return layers, skips
 
     def skip_reason(self, layer: ConvLayer | LinearLayer) -> str:
