@@ -17,8 +17,9 @@ IR_VERSION = 8
 PRODUCER = "onnxcompress-fixtures"
 
 
-class _Builder:
-    """Collects nodes and initializers; every op helper returns the name of its output tensor."""
+class GraphBuilder:
+    """Collects nodes and initializers; every op helper returns the name of its output tensor
+    (shared by the fixtures here and the MiniLM builder)."""
 
     def __init__(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
@@ -147,7 +148,7 @@ LOGITS = ["batch", 10]
 
 def vgg_style(seed: int = 0) -> onnx.ModelProto:
     """Plain Conv3x3+Relu stack with max pooling, global pooling and a Gemm classifier."""
-    b = _Builder(seed)
+    b = GraphBuilder(seed)
     x = "input"
     stages = [[(3, 16), (16, 16)], [(16, 32), (32, 32)], [(32, 64)]]
     for stage, convs in enumerate(stages, start=1):
@@ -160,7 +161,7 @@ def vgg_style(seed: int = 0) -> onnx.ModelProto:
     return b.model("vgg_style", seed, [_tensor("input", IMAGE_INPUT)], [_tensor(logits, LOGITS)])
 
 
-def _basic_block(b: _Builder, name: str, x: str, cin: int, cout: int, stride: int) -> str:
+def _basic_block(b: GraphBuilder, name: str, x: str, cin: int, cout: int, stride: int) -> str:
     y = b.conv(f"{name}.conv1", x, cin, cout, stride=stride, bias=False)
     y = b.relu(f"{name}.relu1", b.bn(f"{name}.bn1", y, cout))
     y = b.bn(f"{name}.bn2", b.conv(f"{name}.conv2", y, cout, cout, bias=False), cout)
@@ -174,7 +175,7 @@ def _basic_block(b: _Builder, name: str, x: str, cin: int, cout: int, stride: in
 def resnet_style(seed: int = 0) -> onnx.ModelProto:
     """CIFAR ResNet-like: Conv+BN+Relu stem, three basic blocks (two with stride 2 and a
     1x1 Conv+BN projection shortcut), global pooling and a Gemm classifier."""
-    b = _Builder(seed)
+    b = GraphBuilder(seed)
     x = b.relu("stem.relu", b.bn("stem.bn", b.conv("stem.conv", "input", 3, 16, bias=False), 16))
     x = _basic_block(b, "stage1.block0", x, 16, 16, stride=1)
     x = _basic_block(b, "stage2.block0", x, 16, 32, stride=2)
@@ -183,7 +184,7 @@ def resnet_style(seed: int = 0) -> onnx.ModelProto:
     return b.model("resnet_style", seed, [_tensor("input", IMAGE_INPUT)], [_tensor(logits, LOGITS)])
 
 
-def _conv_bn(b: _Builder, name: str, x: str, cin: int, cout: int, act: bool, **conv) -> str:
+def _conv_bn(b: GraphBuilder, name: str, x: str, cin: int, cout: int, act: bool, **conv) -> str:
     y = b.bn(f"{name}.bn", b.conv(f"{name}.conv", x, cin, cout, bias=False, **conv), cout)
     return b.relu6(f"{name}.relu6", y) if act else y
 
@@ -191,7 +192,7 @@ def _conv_bn(b: _Builder, name: str, x: str, cin: int, cout: int, act: bool, **c
 def mobilenet_style(seed: int = 0) -> onnx.ModelProto:
     """MobileNet-like: stem, a depthwise-separable block, an inverted residual with Add,
     a 1x1 expansion, global pooling and a Gemm classifier. Relu6 is Clip(0, 6)."""
-    b = _Builder(seed)
+    b = GraphBuilder(seed)
     x = _conv_bn(b, "stem", "input", 3, 16, act=True, stride=2)
     x = _conv_bn(b, "block1.depthwise", x, 16, 16, act=True, group=16)
     x = _conv_bn(b, "block1.pointwise", x, 16, 24, act=False, k=1)
@@ -207,7 +208,7 @@ def mobilenet_style(seed: int = 0) -> onnx.ModelProto:
 
 def mlp(seed: int = 0) -> onnx.ModelProto:
     """Three Gemm layers 64 -> 128 -> 64 -> 10: transB=1, then transB=0 with alpha/beta != 1."""
-    b = _Builder(seed)
+    b = GraphBuilder(seed)
     x = b.relu("fc1.relu", b.gemm("fc1", "input", 64, 128, trans_b=True))
     x = b.relu("fc2.relu", b.gemm("fc2", x, 128, 64, trans_b=False, alpha=0.5, beta=2.0))
     logits = b.gemm("fc3", x, 64, 10, trans_b=True, out="logits")
@@ -217,7 +218,7 @@ def mlp(seed: int = 0) -> onnx.ModelProto:
 def transformer_block(seed: int = 0) -> onnx.ModelProto:
     """One post-norm encoder block: 2-head self-attention with residual and LayerNormalization,
     then a Relu FFN (64 -> 128 -> 64) with residual and LayerNormalization."""
-    b = _Builder(seed)
+    b = GraphBuilder(seed)
     seq, dim, heads = 16, 64, 2
     head_dim = dim // heads
     split = b.const("attn.split_shape", np.array([0, 0, heads, head_dim], dtype=np.int64))
@@ -249,7 +250,7 @@ def transformer_block(seed: int = 0) -> onnx.ModelProto:
     return b.model("transformer_block", seed, [_tensor("tokens", shape)], [_tensor(hidden, shape)])
 
 
-def _layer_norm(b: _Builder, name: str, x: str, dim: int, out: str | None = None) -> str:
+def _layer_norm(b: GraphBuilder, name: str, x: str, dim: int, out: str | None = None) -> str:
     scale = b.const(f"{name}.scale", b.rng.uniform(0.8, 1.2, dim).astype(np.float32))
     bias = b.normal(f"{name}.bias", (dim,), 0.05)
     return b.op("LayerNormalization", name, [x, scale, bias], out=out, axis=-1, epsilon=1e-5)

