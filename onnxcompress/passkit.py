@@ -92,6 +92,15 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help, **kwargs})
 
 
+def require_at_least_one(options: Any, names: tuple[str, ...]) -> None:
+    """ValueError for the first of `names` that is set (not None) and below 1: counts such as
+    ranks, groups and alignments."""
+    for name in names:
+        value = getattr(options, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
 def option_help(f: dataclasses.Field) -> str:
     return f.metadata.get("help", "")
 

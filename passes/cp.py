@@ -20,6 +20,9 @@ from onnxcompress.factorization import (
     ConvMethod,
     DriverOptions,
     Rewrite,
+    activation_aware_option,
+    min_speedup_option,
+    never_slower_option,
     pointwise_output,
     run_factorization,
 )
@@ -31,7 +34,7 @@ from onnxcompress.layers import (
     horizontal_conv_node,
     vertical_conv_node,
 )
-from onnxcompress.passkit import PassContext, PassResult, option
+from onnxcompress.passkit import PassContext, PassResult, option, require_at_least_one
 from passes import register
 
 log = logging.getLogger(__name__)
@@ -52,21 +55,13 @@ class CpOptions:
     align: int = option(16, "budget ranks are multiples of this (ORT CPU speed)")
     seed: int = option(0, "seed of the ALS initialisations: the same seed gives the same model")
     n_iter_max: int = option(100, "ALS sweeps at most per layer (records say if it converged)")
-    never_slower: bool = option(True, "time each rewritten layer; revert those not faster")
-    min_speedup: float = option(1.05, "a rewritten layer must be this much faster to stay")
+    never_slower: bool = never_slower_option()
+    min_speedup: float = min_speedup_option()
     refit: bool = option(True, "refit the last 1×1 factor and bias on calibration data")
-    activation_aware: bool = option(
-        False,
-        "with calibration data, factorize W·T (T: input whitening from the data) and allocate "
-        "ranks by that data error instead of weight error; measured: helps SqueezeNet, hurts "
-        "ResNet-20 after refit (README)",
-    )
+    activation_aware: bool = activation_aware_option()
 
     def __post_init__(self) -> None:
-        for name in ("rank", "align", "n_iter_max"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        require_at_least_one(self, ("rank", "align", "n_iter_max"))
 
 
 class CpMethod(ConvMethod):

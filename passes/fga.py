@@ -17,6 +17,9 @@ from onnxcompress.factorization import (
     ConvMethod,
     DriverOptions,
     Rewrite,
+    activation_aware_option,
+    min_speedup_option,
+    never_slower_option,
     pointwise_output,
     run_factorization,
 )
@@ -27,7 +30,7 @@ from onnxcompress.layers import (
     dense_spatial_reason,
     spatial_conv_node,
 )
-from onnxcompress.passkit import PassContext, PassResult, option
+from onnxcompress.passkit import PassContext, PassResult, option, require_at_least_one
 from passes import register
 
 VARIANTS = ("plain", "btd")
@@ -54,21 +57,13 @@ class FgaOptions:
     inner_channels: int | None = option(
         None, "btd only: channels per group after the leading 1×1, c′ (default c/groups)"
     )
-    never_slower: bool = option(True, "time each rewritten layer; revert those not faster")
-    min_speedup: float = option(1.05, "a rewritten layer must be this much faster to stay")
+    never_slower: bool = never_slower_option()
+    min_speedup: float = min_speedup_option()
     refit: bool = option(True, "refit the 1×1 factor and bias on calibration data")
-    activation_aware: bool = option(
-        False,
-        "with calibration data, factorize W·T (T: input whitening from the data) and allocate "
-        "ranks by that data error instead of weight error; measured: helps SqueezeNet, hurts "
-        "ResNet-20 after refit (README)",
-    )
+    activation_aware: bool = activation_aware_option()
 
     def __post_init__(self) -> None:
-        for name in ("groups", "rank", "align", "inner_channels"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        require_at_least_one(self, ("groups", "rank", "align", "inner_channels"))
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.inner_channels is not None and self.variant != "btd":

@@ -43,6 +43,8 @@ from onnxcompress.factorization import (
     Candidate,
     DriverOptions,
     Rewrite,
+    min_speedup_option,
+    never_slower_option,
     run_factorization,
 )
 from onnxcompress.layer_refit import conv_patches
@@ -55,7 +57,7 @@ from onnxcompress.layers import (
     spatial_conv_node,
 )
 from onnxcompress.linear_layers import LinearLayer, conv_and_linear_layers
-from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option
+from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option, require_at_least_one
 from passes import register
 
 SOLVERS = ("linear", "admm", "weight")
@@ -94,15 +96,12 @@ class LrsOptions:
     )
     grid: int = option(6, "at most this many ranks and kept-channel counts tried per layer")
     align: int = option(16, "round ranks and kept channels to multiples of this (ORT speed)")
-    never_slower: bool = option(True, "time each rewritten layer; revert those not faster")
-    min_speedup: float = option(1.05, "a rewritten layer must be this much faster to stay")
+    never_slower: bool = never_slower_option()
+    min_speedup: float = min_speedup_option()
     refit: bool = option(True, f"accepted for the shared interface; lrs has no refit ({NO_REFIT})")
 
     def __post_init__(self) -> None:
-        for name in ("rank", "align", "iterations", "grid"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        require_at_least_one(self, ("rank", "align", "iterations", "grid"))
         if self.sparsity is not None and not 0 <= self.sparsity <= 1:
             raise ValueError(f"sparsity must be in [0, 1], got {self.sparsity}")
         if self.solver not in SOLVERS:

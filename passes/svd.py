@@ -31,6 +31,9 @@ from onnxcompress.factorization import (
     Candidate,
     DriverOptions,
     Rewrite,
+    activation_aware_option,
+    min_speedup_option,
+    never_slower_option,
     pointwise_output,
     run_factorization,
 )
@@ -47,7 +50,7 @@ from onnxcompress.linear_layers import (
     conv_and_linear_layers,
     low_rank_nodes,
 )
-from onnxcompress.passkit import PassContext, PassResult, option
+from onnxcompress.passkit import PassContext, PassResult, option, require_at_least_one
 from passes import register
 
 NO_SITE_LEFT = "none: W @ x has its features on axis -2 (only x @ W factors are refit)"
@@ -65,21 +68,13 @@ class SvdOptions:
     )
     align: int = option(16, "round ranks to multiples of this (ORT CPU speed)")
     conv: bool = option(True, "also factorize convs: spatial SVD of k×k, plain SVD of 1×1")
-    never_slower: bool = option(True, "time each rewritten layer; revert those not faster")
-    min_speedup: float = option(1.05, "a rewritten layer must be this much faster to stay")
+    never_slower: bool = never_slower_option()
+    min_speedup: float = min_speedup_option()
     refit: bool = option(True, "refit the last factor and bias on calibration data")
-    activation_aware: bool = option(
-        False,
-        "with calibration data, factorize W·T (T: input whitening from the data) and allocate "
-        "ranks by that data error instead of weight error; measured: SqueezeNet @0.7 44 → 57 %, "
-        "ResNet-20 @0.5 −0.4 → −1.6 points (README)",
-    )
+    activation_aware: bool = activation_aware_option()
 
     def __post_init__(self) -> None:
-        for name in ("rank", "align"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        require_at_least_one(self, ("rank", "align"))
         if self.min_speedup <= 0:
             raise ValueError(f"min_speedup must be > 0, got {self.min_speedup}")
 

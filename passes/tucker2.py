@@ -16,6 +16,9 @@ from onnxcompress.factorization import (
     ConvMethod,
     DriverOptions,
     Rewrite,
+    activation_aware_option,
+    min_speedup_option,
+    never_slower_option,
     pointwise_output,
     run_factorization,
 )
@@ -26,7 +29,7 @@ from onnxcompress.layers import (
     dense_spatial_reason,
     spatial_conv_node,
 )
-from onnxcompress.passkit import PassContext, PassResult, option
+from onnxcompress.passkit import PassContext, PassResult, option, require_at_least_one
 from passes import register
 
 
@@ -50,21 +53,13 @@ class Tucker2Options:
         False, "per layer: ranks by EVBMF of the weight's mode-0/mode-1 unfoldings, aligned"
     )
     align: int = option(16, "round ranks to multiples of this (ORT CPU speed)")
-    never_slower: bool = option(True, "time each rewritten layer; revert those not faster")
-    min_speedup: float = option(1.05, "a rewritten layer must be this much faster to stay")
+    never_slower: bool = never_slower_option()
+    min_speedup: float = min_speedup_option()
     refit: bool = option(True, "refit the last 1×1 factor and bias on calibration data")
-    activation_aware: bool = option(
-        False,
-        "with calibration data, factorize W·T (T: input whitening from the data) and allocate "
-        "ranks by that data error instead of weight error; measured: helps SqueezeNet, hurts "
-        "ResNet-20 after refit (README)",
-    )
+    activation_aware: bool = activation_aware_option()
 
     def __post_init__(self) -> None:
-        for name in ("rank_in", "rank_out", "align"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        require_at_least_one(self, ("rank_in", "rank_out", "align"))
         if self.vbmf and (self.rank_in is not None or self.rank_out is not None):
             raise ValueError("vbmf chooses the ranks: do not give rank_in/rank_out with it")
         if self.vbmf and self.energy is not None:
