@@ -26,22 +26,22 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from models.fixtures import _Builder, _tensor  # noqa: E402
+from models.fixtures import GraphBuilder, _tensor  # noqa: E402
 
 IMAGE_INPUT = ["batch", 3, 224, 224]
 LOGITS = ["batch", 1000]
 CLASSES = 1000
 
 
-def _conv_relu(b: _Builder, conv: str, relu: str, x: str, cin: int, cout: int, **attrs) -> str:
+def _conv_relu(b: GraphBuilder, conv: str, relu: str, x: str, cin: int, cout: int, **attrs) -> str:
     return b.relu(relu, b.conv(conv, x, cin, cout, **attrs))
 
 
-def _max_pool(b: _Builder, name: str, x: str, k: int, stride: int, pad: int = 0) -> str:
+def _max_pool(b: GraphBuilder, name: str, x: str, k: int, stride: int, pad: int = 0) -> str:
     return b.op("MaxPool", name, [x], kernel_shape=[k, k], strides=[stride] * 2, pads=[pad] * 4)
 
 
-def _basic_block(b: _Builder, name: str, x: str, cin: int, cout: int, stride: int) -> str:
+def _basic_block(b: GraphBuilder, name: str, x: str, cin: int, cout: int, stride: int) -> str:
     y = _conv_relu(b, f"{name}.conv1", f"{name}.relu1", x, cin, cout, stride=stride)
     y = b.conv(f"{name}.conv2", y, cout, cout)
     shortcut = x
@@ -54,7 +54,7 @@ def resnet18(seed: int = 0) -> onnx.ModelProto:
     """ResNet-18 (torchvision layout, BN folded): 7×7/2 stem, 3×3/2 max pool, four stages of
     two basic blocks (64, 128, 256, 512 channels; 1×1/2 projection shortcuts), GAP, Gemm.
     About 1.8 G MACs and 11.7 M parameters at batch 1."""
-    b = _Builder(seed)
+    b = GraphBuilder(seed)
     x = _conv_relu(b, "stem.conv", "stem.relu", "input", 3, 64, k=7, stride=2)
     x = _max_pool(b, "stem.pool", x, k=3, stride=2, pad=1)
     cin = 64
@@ -73,7 +73,7 @@ VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 51
 def vgg16(seed: int = 0) -> onnx.ModelProto:
     """VGG-16 convolutions (13 × 3×3 Conv + Relu in five stages, 2×2/2 max pool after each),
     then GAP and Gemm 512 → 1000. About 15.4 G MACs and 15.2 M parameters at batch 1."""
-    b = _Builder(seed)
+    b = GraphBuilder(seed)
     x, cin = "input", 3
     for stage, widths in enumerate(VGG16_STAGES, start=1):
         for index, cout in enumerate(widths, start=1):
