@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from onnxcompress.errors import CompressError
+from onnxcompress.report_progress import TerminalProgress
 
 EXIT_OK, EXIT_VALIDATION, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -87,7 +88,11 @@ def compress_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-rel-l2", type=float, help="exit 1 if any output's relative L2 error exceeds this"
     )
-    p.add_argument("--report", help="write the full JSON report here")
+    p.add_argument(
+        "--report",
+        help="a folder (made if its parent exists) for report.json, report.md and report.html "
+        "with plots; or a .json file for the JSON report alone",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     _common(p)
     return p
@@ -217,20 +222,21 @@ def run_compress(args: argparse.Namespace, console: Console) -> int:
         max_rel_l2=args.max_rel_l2,
         report=args.report,
     )
-    status = console.status("starting") if not args.quiet else nullcontext()
-    with status as spinner:
-
-        def on_step(name: str) -> None:
-            if spinner is not None:
-                spinner.update(f"{name} …")
-
-        result = compress(args.model, options, on_step=on_step)
+    display = TerminalProgress(console) if not args.quiet else nullcontext()
+    with display as shown:
+        if shown is None:
+            result = compress(args.model, options)
+        else:
+            result = compress(args.model, options, on_step=shown.step, progress=shown)
     out = Console()
     for line in pass_lines(result.report):
         out.print(line, soft_wrap=True)
     out.print(summary_table(result.report))
     out.print(fidelity_table(result.report))
-    out.print(f"wrote {result.output}" + (f", report {args.report}" if args.report else ""))
+    written = f"wrote {result.output}"
+    if args.report:
+        written += f", report {_report_files(args.report)}"
+    out.print(written, soft_wrap=True)
     if not result.passed:
         worst = result.report["validation"]["worst_rel_l2"]
         sys.stderr.write(
@@ -238,6 +244,13 @@ def run_compress(args: argparse.Namespace, console: Console) -> int:
             f"{args.max_rel_l2:g}; the model and report were written anyway\n"
         )
     return result.exit_code
+
+
+def _report_files(raw: str) -> str:
+    from onnxcompress.report import report_target
+
+    target = report_target(raw)
+    return f"{target.path}/report.{{json,md,html}}" if target.is_folder else str(target.path)
 
 
 def run_analyse(args: argparse.Namespace, console: Console) -> int:

@@ -5,14 +5,63 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import onnx
 
 from onnxcompress.errors import CompressError
+
+
+class ProgressTask(Protocol):
+    """One long step being shown: a context manager whose `advance(n)` counts work done."""
+
+    def __enter__(self) -> ProgressTask: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def advance(self, n: int = 1) -> None: ...
+
+
+T = TypeVar("T")
+
+# progress(description, total) -> ProgressTask; total None when the amount is unknown.
+Progress = Callable[[str, "int | None"], ProgressTask]
+
+
+class _SilentTask:
+    def __enter__(self) -> _SilentTask:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def advance(self, n: int = 1) -> None:
+        return None
+
+
+def no_progress(description: str, total: int | None = None) -> ProgressTask:
+    """The default progress hook: shows nothing, so passes and tests need no display.
+
+    Passes report long loops without printing::
+
+        with context.progress("timing layers", len(layers)) as task:
+            for layer in layers:
+                ...
+                task.advance()
+    """
+    return _SilentTask()
+
+
+def track(progress: Progress, description: str, items: Sequence[T]) -> Iterator[T]:
+    """Iterate `items`, counting each one done on a progress task:
+    `for layer in track(context.progress, "timing layers", layers): ...`."""
+    with progress(description, len(items)) as task:
+        for item in items:
+            yield item
+            task.advance()
 
 
 @dataclass
@@ -24,6 +73,8 @@ class PassContext:
     calibration: list[dict[str, np.ndarray]] | None = None
     seed: int = 0
     threads: int = 2
+    # Where long loops report how far they are (the CLI shows a bar); silent by default.
+    progress: Progress = no_progress
 
 
 @dataclass

@@ -15,7 +15,7 @@ import onnx
 from onnxcompress import graph, io
 from onnxcompress.analyse import analyse
 from onnxcompress.errors import CompressError
-from onnxcompress.passkit import PassContext, PassSpec
+from onnxcompress.passkit import PassContext, PassSpec, Progress, no_progress
 
 StepCallback = Callable[[str], None]
 
@@ -41,6 +41,8 @@ class CompressOptions:
     bench: bool = True
     bench_repeats: int = 30
     max_rel_l2: float | None = None
+    # A `.json` file, or a folder (existing, ending in "/", or without `.json`) that gets
+    # report.json, report.md and report.html.
     report: str | None = None
 
 
@@ -100,16 +102,26 @@ def build_options(specs: list[PassSpec], raw: dict[str, dict[str, Any]]) -> dict
 
 
 def compress(
-    model_path: str | Path, options: CompressOptions, on_step: StepCallback | None = None
+    model_path: str | Path,
+    options: CompressOptions,
+    on_step: StepCallback | None = None,
+    progress: Progress | None = None,
 ) -> CompressResult:
-    """Run the whole flow on a model file and write the result; see `CompressOptions`."""
+    """Run the whole flow on a model file and write the result; see `CompressOptions`.
+
+    `on_step` hears the name of each step; `progress` (see `PassContext.progress`) shows
+    long loops — passes' own, validation batches, the benchmark. Both default to silence.
+    """
     from onnxcompress import benchmark, validate
+    from onnxcompress.report import report_target
 
     step = on_step or (lambda _name: None)
+    progress = progress or no_progress
     model_path = Path(model_path)
     specs = lookup_passes(options.passes)
     typed = build_options(specs, options.pass_options)
     output = resolve_output_path(model_path, options.output)
+    report_path = report_target(options.report) if options.report else None
 
     step("load")
     input_hash = io.file_sha256(model_path) if model_path.is_file() else None
@@ -134,7 +146,11 @@ def compress(
     fit, calibration = split_holdout(calibration, options.holdout)
     user_data = None if fit.source.startswith("random") else fit.batches
     context = PassContext(
-        input_shapes=shapes, calibration=user_data, seed=options.seed, threads=options.threads
+        input_shapes=shapes,
+        calibration=user_data,
+        seed=options.seed,
+        threads=options.threads,
+        progress=progress,
     )
 
     coded: list = []
@@ -145,17 +161,21 @@ def compress(
     after = analyse(model, shapes)
 
     step("validate")
-    fidelity = validate.compare_models(original, model, calibration, threads=options.threads)
+    with progress("validation batches", len(calibration.batches)) as task:
+        counted = dataclasses.replace(calibration, batches=_CountedBatches(calibration, task))
+        fidelity = validate.compare_models(original, model, counted, threads=options.threads)
 
     latency = None
     if options.bench:
         step("benchmark")
-        latency = benchmark.benchmark_models(
-            {"original": original, "result": model},
-            calibration.batches[0],
-            threads=options.threads,
-            repeats=options.bench_repeats,
-        )
+        # benchmark_models times rounds internally: a running clock, no count.
+        with progress(f"benchmark, {options.bench_repeats} timed runs per model", None):
+            latency = benchmark.benchmark_models(
+                {"original": original, "result": model},
+                calibration.batches[0],
+                threads=options.threads,
+                repeats=options.bench_repeats,
+            )
         latency["speedup"] = benchmark.speedup(latency, "original", "result")
 
     step("write")
@@ -185,11 +205,25 @@ def compress(
         "passed": passed,
         "benchmark": latency,
     }
-    if options.report:
-        from onnxcompress.report import write_json
+    if report_path is not None:
+        from onnxcompress.report import write_report
 
-        write_json(report, options.report)
+        write_report(report, report_path)
     return CompressResult(report=report, model=model, output=output, passed=passed)
+
+
+class _CountedBatches(list):
+    """The calibration batches, advancing a progress task as each one is handed out, so
+    that validation (which loops over them once) shows how far it is."""
+
+    def __init__(self, calibration, task) -> None:
+        super().__init__(calibration.batches)
+        self._task = task
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            yield batch
+            self._task.advance()
 
 
 def write_onnxc(

@@ -1,32 +1,70 @@
-"""The run's report: a before → after table for the terminal and a JSON file with every figure."""
+"""The run's report: a before → after table for the terminal, and on disk either one JSON file
+with every figure or a folder with report.json, report.md and report.html (with plots)."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.table import Table
 
+from onnxcompress.errors import CompressError
+from onnxcompress.io import write_bytes_atomic
 from onnxcompress.tables import human
+
+
+@dataclass(frozen=True)
+class ReportTarget:
+    """Where the report goes: one JSON file, or a folder for report.json/.md/.html."""
+
+    path: Path
+    is_folder: bool
+
+
+def report_target(raw: str | os.PathLike) -> ReportTarget:
+    """Read a `--report` value: a folder when it exists as one, ends with a slash or lacks a
+    `.json` suffix, else a JSON file. Checked before the run, so a typo costs no time; the
+    folder itself is made when the report is written (its parent must exist)."""
+    text = str(raw)
+    path = Path(text)
+    is_folder = text.endswith(("/", os.sep)) or path.is_dir() or path.suffix.lower() != ".json"
+    parent = path.parent if str(path.parent) else Path(".")
+    if is_folder and path.exists() and not path.is_dir():
+        raise CompressError(f"--report {text}: a file of that name exists; give a folder or .json")
+    if not parent.is_dir():
+        raise CompressError(f"--report {text}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) and not (is_folder and path.is_dir()):
+        raise CompressError(f"--report {text}: folder {parent} is not writable")
+    return ReportTarget(path, is_folder)
+
+
+def write_report(report: dict[str, Any], target: ReportTarget) -> list[Path]:
+    """Write the report where `target` says; returns the files written."""
+    if not target.is_folder:
+        write_json(report, target.path)
+        return [target.path]
+    from onnxcompress.report_html import render_html
+    from onnxcompress.report_markdown import render_markdown
+
+    try:
+        target.path.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise CompressError(f"--report {target.path}: cannot make the folder: {exc}") from exc
+    files = [target.path / name for name in ("report.json", "report.md", "report.html")]
+    write_json(report, files[0])
+    write_bytes_atomic(render_markdown(report).encode(), files[1])
+    write_bytes_atomic(render_html(report).encode(), files[2])
+    return files
 
 
 def write_json(report: dict[str, Any], path: str | os.PathLike) -> None:
     """Write the report atomically (temp file + rename), as every output of the tool."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(report, fh, indent=2, default=_json_default)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    text = json.dumps(report, indent=2, default=_json_default) + "\n"
+    write_bytes_atomic(text.encode(), path)
 
 
 def _json_default(value: Any) -> Any:
@@ -49,12 +87,23 @@ def _ratio(before: float | None, after: float | None) -> str:
     return f"{after / before:.3f}×"
 
 
+SUMMARY_COLUMNS = ("", "before", "after", "after / before")
+FIDELITY_COLUMNS = ("output", "max abs", "rel L2", "cosine", "top-1 agree", "accuracy")
+
+
 def summary_table(report: dict[str, Any]) -> Table:
-    """Before → after: MACs, parameters, bytes on disk, latency, then fidelity per output."""
-    before, after = report["before"], report["after"]
+    """Before → after: MACs, parameters, bytes on disk, latency."""
     table = Table(title=f"{report['input']} → {report['output']}", title_justify="left")
-    for column in ("", "before", "after", "after / before"):
+    for column in SUMMARY_COLUMNS:
         table.add_column(column, justify="right" if column else "left")
+    for row in summary_rows(report):
+        table.add_row(*row)
+    return table
+
+
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(figure, before, after, after / before) as text, for every output format."""
+    before, after = report["before"], report["after"]
     rows = [
         ("MACs", before["total_macs"], after["total_macs"], ""),
         ("parameters", before["total_params"], after["total_params"], ""),
@@ -69,62 +118,87 @@ def summary_table(report: dict[str, Any]) -> Table:
             ("  zstd -19", "zstd19"),
         ):
             rows.append((label, sizes["original"][key], sizes["result"][key], "B"))
-    for label, b, a, unit in rows:
-        table.add_row(label, _size(b, unit), _size(a, unit), _ratio(b, a))
+    table_rows = [
+        (label, _size(b, unit), _size(a, unit), _ratio(b, a)) for label, b, a, unit in rows
+    ]
     bench = report.get("benchmark")
     if bench:
         b, a = bench["original"]["median_ms"], bench["result"]["median_ms"]
-        table.add_row(
-            f"latency (median, {bench['original']['threads']} threads)",
-            f"{b:.3f} ms",
-            f"{a:.3f} ms",
-            f"{a / b:.3f}× (speedup {bench['speedup']:.2f}×)",
+        table_rows.append(
+            (
+                f"latency (median, {bench['original']['threads']} threads)",
+                f"{b:.3f} ms",
+                f"{a:.3f} ms",
+                f"{a / b:.3f}× (speedup {bench['speedup']:.2f}×)",
+            )
         )
     else:
-        table.add_row("latency", "not measured (--no-bench)", "", "")
-    return table
+        table_rows.append(("latency", "not measured (--no-bench)", "", ""))
+    return table_rows
+
+
+def fidelity_title(report: dict[str, Any]) -> str:
+    return f"fidelity on {report['validation']['samples']} samples ({report['calibration']})"
 
 
 def fidelity_table(report: dict[str, Any]) -> Table:
-    validation = report["validation"]
-    table = Table(
-        title=f"fidelity on {validation['samples']} samples ({report['calibration']})",
-        title_justify="left",
-    )
-    for column in ("output", "max abs", "rel L2", "cosine", "top-1 agree", "accuracy"):
+    table = Table(title=fidelity_title(report), title_justify="left")
+    for column in FIDELITY_COLUMNS:
         table.add_column(column, justify="left" if column == "output" else "right")
-    for name, stats in validation["outputs"].items():
+    for row in fidelity_rows(report):
+        table.add_row(*row)
+    return table
+
+
+def fidelity_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One row per model output, in the order of FIDELITY_COLUMNS."""
+    rows = []
+    for name, stats in report["validation"]["outputs"].items():
         accuracy = "-"
         if stats.get("accuracy_original") is not None:
             accuracy = f"{stats['accuracy_original']:.4f} → {stats['accuracy_result']:.4f}"
         agree = stats.get("top1_agreement")
-        table.add_row(
-            name,
-            f"{stats['max_abs']:.3g}",
-            f"{stats['rel_l2']:.3g}",
-            f"{stats['cosine']:.6f}",
-            "-" if agree is None else f"{agree:.4f}",
-            accuracy,
+        rows.append(
+            (
+                name,
+                f"{stats['max_abs']:.3g}",
+                f"{stats['rel_l2']:.3g}",
+                f"{stats['cosine']:.6f}",
+                "-" if agree is None else f"{agree:.4f}",
+                accuracy,
+            )
         )
-    return table
+    return rows
 
 
 def pass_lines(report: dict[str, Any]) -> list[str]:
     """One line per pass: what it rewrote and what it skipped."""
     lines = []
     for entry in report["passes"]:
-        counts: dict[str, int] = {}
-        for record in entry["records"]:
-            counts[record["status"]] = counts.get(record["status"], 0) + 1
-        done = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no nodes"
-        changed = "changed the model" if entry["changed"] else "left the model unchanged"
-        lines.append(f"pass {entry['name']}: {done}; {changed} ({entry['seconds']:.2f} s)")
-        summary = entry.get("summary") or {}
-        if summary.get("note"):
-            lines.append(f"  warning: {summary['note']}")
-        notes = summary.get("notes") or []
-        for note in [notes] if isinstance(notes, str) else notes:
-            lines.append(f"  note: {note}")
-        if isinstance(summary.get("refit"), str):
-            lines.append(f"  refit: {summary['refit']}")
+        lines.append(f"pass {entry['name']}: {pass_outcome(entry)}")
+        lines.extend(f"  {note}" for note in pass_notes(entry))
+    return lines
+
+
+def pass_outcome(entry: dict[str, Any]) -> str:
+    """What a pass did, in one phrase: counts per status, changed or not, seconds."""
+    counts: dict[str, int] = {}
+    for record in entry["records"]:
+        counts[record["status"]] = counts.get(record["status"], 0) + 1
+    done = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no nodes"
+    changed = "changed the model" if entry["changed"] else "left the model unchanged"
+    return f"{done}; {changed} ({entry['seconds']:.2f} s)"
+
+
+def pass_notes(entry: dict[str, Any]) -> list[str]:
+    """The pass summary's warning, notes and refit line, each prefixed with its kind."""
+    summary = entry.get("summary") or {}
+    lines = []
+    if summary.get("note"):
+        lines.append(f"warning: {summary['note']}")
+    notes = summary.get("notes") or []
+    for note in [notes] if isinstance(notes, str) else notes:
+        lines.append(f"note: {note}")
+    if isinstance(summary.get("refit"), str):
+        lines.append(f"refit: {summary['refit']}")
     return lines

@@ -1,0 +1,180 @@
+"""The report's tables as plain text rows, shared by the Markdown and HTML renderings: pass
+options, the per-layer records of every pass, and the `auto` pass's layers and candidates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from onnxcompress.tables import human
+
+LAYER_COLUMNS = (
+    "pass",
+    "node",
+    "op",
+    "status",
+    "method / config",
+    "MACs before → after",
+    "params before → after",
+    "latency ms before → after",
+    "reason",
+)
+AUTO_COLUMNS = (
+    "node",
+    "op",
+    "method",
+    "config",
+    "MACs before → after",
+    "params before → after",
+    "latency ms before → after",
+    "damage (sensitivity)",
+)
+CANDIDATE_COLUMNS = ("node", "method", "config", "latency ms", "MACs", "damage")
+
+
+def layer_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One row per node record of every pass, in the order of LAYER_COLUMNS."""
+    rows = []
+    for entry in report.get("passes", []):
+        for record in entry.get("records", []):
+            details = record.get("details") or {}
+            timing = details.get("timing") or {}
+            rows.append(
+                (
+                    entry["name"],
+                    str(record["node"]),
+                    str(record["op"]),
+                    str(record["status"]),
+                    config_text(details),
+                    change(record.get("macs_before"), record.get("macs_after")),
+                    change(record.get("params_before"), record.get("params_after")),
+                    change(timing.get("original_ms"), timing.get("rewritten_ms"), ms=True),
+                    str(record.get("reason", "")),
+                )
+            )
+    return rows
+
+
+def option_rows(entry: dict[str, Any]) -> list[tuple[str, str]]:
+    """(option, value) for one pass of the report."""
+    options = entry.get("options") or {}
+    return [(str(name), "None" if v is None else _value(v)) for name, v in options.items()]
+
+
+def auto_sections(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(pass name, summary["auto"]) for every pass whose summary carries an `auto` section."""
+    sections = []
+    for entry in report.get("passes", []):
+        auto = (entry.get("summary") or {}).get("auto")
+        if isinstance(auto, dict):
+            sections.append((entry["name"], auto))
+    return sections
+
+
+def budget_text(auto: dict[str, Any]) -> str:
+    budget = auto.get("budget") or {}
+    if not budget:
+        return "no budget given"
+    return f"{budget.get('kind', '?')} budget, target {_value(budget.get('target'))}"
+
+
+def auto_layer_rows(auto: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The auto pass's chosen layers, in the order of AUTO_COLUMNS."""
+    return [
+        (
+            str(layer.get("node", "")),
+            str(layer.get("op", "")),
+            str(layer.get("method", "")),
+            config_text(layer.get("config")),
+            change(layer.get("macs_before"), layer.get("macs_after")),
+            change(layer.get("params_before"), layer.get("params_after")),
+            change(layer.get("latency_ms_before"), layer.get("latency_ms_after"), ms=True),
+            _value(layer.get("damage")),
+        )
+        for layer in auto.get("layers") or []
+    ]
+
+
+def candidate_rows(auto: dict[str, Any]) -> list[tuple[str, ...]]:
+    return [
+        (
+            str(c.get("node", "")),
+            str(c.get("method", "")),
+            config_text(c.get("config")),
+            _value(c.get("latency_ms")),
+            _number(c.get("macs")),
+            _value(c.get("damage")),
+        )
+        for c in auto.get("candidates") or []
+    ]
+
+
+def rewritten_macs(report: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """(node, MACs before, MACs after) of every rewritten record, for the MACs chart."""
+    return [
+        (str(r["node"]), r["macs_before"], r["macs_after"])
+        for entry in report.get("passes", [])
+        for r in entry.get("records", [])
+        if r.get("status") == "rewritten"
+        and r.get("macs_before") is not None
+        and r.get("macs_after") is not None
+    ]
+
+
+def record_latencies(report: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """(node, ms before, ms after) of the records timed layer by layer (never_slower)."""
+    rows = []
+    for entry in report.get("passes", []):
+        for record in entry.get("records", []):
+            timing = (record.get("details") or {}).get("timing") or {}
+            if timing.get("original_ms") is not None and timing.get("rewritten_ms") is not None:
+                label = f"{record['node']} ({record['status']})"
+                rows.append((label, timing["original_ms"], timing["rewritten_ms"]))
+    return rows
+
+
+def auto_latencies(auto: dict[str, Any]) -> list[tuple[str, float, float]]:
+    return [
+        (str(layer["node"]), layer["latency_ms_before"], layer["latency_ms_after"])
+        for layer in auto.get("layers") or []
+        if layer.get("latency_ms_before") is not None and layer.get("latency_ms_after") is not None
+    ]
+
+
+def config_text(config: Any) -> str:
+    """Scalar settings as `key=value` (nested figures such as timing have their own column)."""
+    if config is None:
+        return ""
+    if not isinstance(config, dict):
+        return _value(config)
+    return ", ".join(
+        f"{key}={_value(value)}"
+        for key, value in config.items()
+        if not isinstance(value, dict | list) and key != "timing"
+    )
+
+
+def change(before: Any, after: Any, ms: bool = False) -> str:
+    """`before → after (ratio×)`, or what is known of it."""
+    show = _value if ms else _number
+    if before is None and after is None:
+        return ""
+    if after is None:
+        return show(before)
+    if before is None:
+        return f"→ {show(after)}"
+    ratio = f" ({after / before:.2f}×)" if before else ""
+    return f"{show(before)} → {show(after)}{ratio}"
+
+
+def _number(value: Any) -> str:
+    if value is None:
+        return ""
+    return human(value) if isinstance(value, int | float) else str(value)
+
+
+def _value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
