@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
-from onnxcompress import activation_scale, graph, layer_refit, layer_timing
+from onnxcompress import activation_scale, allocation, graph, layer_refit, layer_timing
 from onnxcompress.analyse import ModelAnalysis, analyse
 from onnxcompress.errors import CompressError
 from onnxcompress.layers import Namer, conv_layers, conv_node, named_copy, replace_node
@@ -349,26 +349,14 @@ def _macs(choice: _Choice) -> int:
 
 
 def _knapsack(choices: list[_Choice], budget: float) -> None:
-    unit = budget / BUDGET_STEPS
-    steps = BUDGET_STEPS + 1
-    best = np.zeros(steps)  # least error² of the layers so far, per budget used (≤ b units)
-    picks = []
-    for choice in choices:
-        options = [(-1, choice.layer.macs, 0.0)] + [
-            (i, c.macs, c.error**2) for i, c in enumerate(choice.ladder)
-        ]
-        table = np.full((len(options), steps), np.inf)
-        for row, (_, macs, error2) in enumerate(options):
-            width = int(np.ceil(macs / unit - 1e-9))
-            if width < steps:
-                table[row, width:] = best[: steps - width] + error2
-        picks.append((options, table.argmin(axis=0)))
-        best = table.min(axis=0)
-    remaining = steps - 1
-    for choice, (options, argmin) in zip(reversed(choices), reversed(picks), strict=True):
-        index, macs, _ = options[argmin[remaining]]
-        choice.index = index
-        remaining -= int(np.ceil(macs / unit - 1e-9))
+    # Per layer: keep it (its own MACs, no error) or one rung of its ladder (error²).
+    groups = [
+        [allocation.Option(choice.layer.macs, 0.0)]
+        + [allocation.Option(c.macs, c.error**2) for c in choice.ladder]
+        for choice in choices
+    ]
+    for choice, index in zip(choices, allocation.choose(groups, budget, BUDGET_STEPS), strict=True):
+        choice.index = index - 1  # option 0 is "keep" (index -1)
 
 
 def _check_target_after_reverts(plan: _Plan, total_macs: int) -> None:

@@ -34,3 +34,16 @@ def shared_model(name: str) -> Path:
 
 def shared_model_names() -> list[str]:
     return sorted(p.name for p in SHARED_MODELS.glob("*.onnx")) if SHARED_MODELS.exists() else []
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _latency_cache_in_tmp(tmp_path_factory):
+    """Layer timings go to a folder of this test session, never to the user's ~/.cache (and
+    start empty, so tests time what they mean to); subprocesses inherit the variable."""
+    previous = os.environ.get("ONNXCOMPRESS_CACHE_DIR")
+    os.environ["ONNXCOMPRESS_CACHE_DIR"] = str(tmp_path_factory.mktemp("latency_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("ONNXCOMPRESS_CACHE_DIR", None)
+    else:
+        os.environ["ONNXCOMPRESS_CACHE_DIR"] = previous
