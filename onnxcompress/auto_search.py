@@ -1,0 +1,306 @@
+"""`auto`'s search: sensitivity runs (in parallel), cost tables, allocation, then build, refit
+and check the whole model, tightening the budget or backing off until it holds."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxcompress import auto_plan, benchmark, executor, graph, sensitivity
+from onnxcompress.auto_plan import LayerTable, Scored
+from onnxcompress.calibration import random_inputs
+from onnxcompress.errors import CompressError
+from onnxcompress.passkit import NodeRecord, PassContext
+
+log = logging.getLogger(__name__)
+
+# A whole model within this much of its latency target is on target (timing noise).
+LATENCY_SLACK = 0.02
+# Re-solves with a tightened latency budget when the whole model misses its target.
+LATENCY_ROUNDS = 3
+CURVE_POINTS = 12
+FACTORY = "passes.auto:make_methods"
+
+
+@dataclass
+class Outcome:
+    model: onnx.ModelProto
+    changed: bool
+    records: list[NodeRecord] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def search(model, analysis, choices, methods, options, context: PassContext) -> Outcome:
+    kind, target = options.budget()
+    sample = first_samples(context.calibration, options.sensitivity_samples)
+    measured = run_sensitivity(model, choices, options, context, sample)
+    with context.progress("timing candidates", sum(len(c.candidates) for c in choices)) as bar:
+        tables = auto_plan.score_layers(model, choices, measured, context.threads, bar)
+    feeds = timing_feeds(model, context)
+    total = _model_total(kind, model, analysis, feeds, context.threads)
+    budget, rest = auto_plan.budget_for(kind, target, tables, total)
+    if budget < sum(min(s.cost(kind) for s in t.all()) for t in tables):
+        cheapest = (rest + sum(min(s.cost(kind) for s in t.all()) for t in tables)) / total
+        raise CompressError(
+            f"auto: target_{kind}={target:g} is not reachable: every layer at its cheapest "
+            f"candidate keeps {cheapest:.3f} of the model's {kind}"
+        )
+    checker = _Checker(model, context, feeds, options)
+    rounds, backed_off = [], []
+    for _ in range(LATENCY_ROUNDS):
+        plan = auto_plan.allocate(tables, kind, budget)
+        compressed, refit, check, restored = _build_and_check(
+            model, plan, tables, methods, context, options, checker
+        )
+        backed_off += restored
+        rounds.append({"budget": round(budget, 6), **check})
+        ratio = check.get("latency_ratio")
+        if kind != "latency" or ratio is None or ratio <= target + LATENCY_SLACK:
+            break
+        budget -= (ratio - target) * total  # the layers must give up what the model missed
+        if budget <= 0:
+            break
+    summary = _summary(kind, target, tables, plan, rounds, backed_off, refit, total, rest)
+    summary["sensitivity"] = {
+        "basis": "outputs" if sample else "weights (no calibration data)",
+        "samples": _count(sample),
+        "jobs": options.jobs,
+    }
+    records = _records(tables, plan, backed_off)
+    changed = any(s.method != "keep" for s in plan.values())
+    return Outcome(compressed if changed else model, changed, records, summary)
+
+
+def run_sensitivity(model, choices, options, context, sample) -> dict[str, list]:
+    """Damage of every candidate, one job per layer, through the executor."""
+    jobs = options.jobs
+    threads = executor.threads_per_job(jobs, context.threads)
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-auto-") as folder:
+        model_path = os.path.join(folder, "model.onnx")
+        onnx.save(model, model_path)
+        data_path = None
+        if sample:
+            data_path = os.path.join(folder, "data.npz")
+            sensitivity.save_batches(sample, data_path)
+        factory_options = {"methods": options.method_names(), "align": options.align}
+        work = [
+            sensitivity.SensitivityJob(
+                model_path,
+                data_path,
+                FACTORY,
+                factory_options,
+                c.name,
+                context.input_shapes,
+                threads,
+                context.seed,
+            )  # fmt: skip
+            for c in choices
+        ]
+        found: dict[str, list] = {}
+        with context.progress("sensitivity per layer", len(work)) as bar:
+            for job, result in zip(work, executor.make_executor(jobs).map(
+                sensitivity.measure_layer, work
+            ), strict=True):  # fmt: skip
+                found[job.layer] = result
+                bar.advance()
+    return found
+
+
+def first_samples(batches, count: int):
+    """The first `count` samples of the calibration batches (None without data)."""
+    if not batches:
+        return None
+    out, left = [], count
+    for batch in batches:
+        rows = len(next(iter(batch.values())))
+        take = min(rows, left)
+        out.append({name: value[:take] for name, value in batch.items()})
+        left -= take
+        if left <= 0:
+            break
+    return out
+
+
+def timing_feeds(model, context: PassContext) -> dict[str, np.ndarray]:
+    """Inputs in the shapes the layers were timed at: the first calibration sample(s), else
+    random data."""
+    if context.calibration:
+        first = context.calibration[0]
+        return {
+            name: value[: context.input_shapes.get(name, value.shape)[0]]
+            for name, value in first.items()
+        }
+    return random_inputs(model, context.input_shapes, count=1, seed=context.seed)[0]
+
+
+def _model_total(kind, model, analysis, feeds, threads) -> float:
+    if kind == "macs":
+        return float(analysis.total_macs)
+    if kind == "bytes":
+        return float(sum(v.nbytes for v in graph.constant_tensors(model).values()))
+    timing = benchmark.benchmark_models({"original": model}, feeds, threads=threads, repeats=50)
+    return float(timing["original"]["median_ms"])
+
+
+class _Checker:
+    """Whole-model checks against the original: latency (same run) and output fidelity."""
+
+    def __init__(self, model, context, feeds, options) -> None:
+        self.model, self.context, self.feeds, self.options = model, context, feeds, options
+        self.reference = sensitivity.run_outputs(model, context) if context.calibration else None
+
+    def __call__(self, compressed, kind: str) -> dict[str, Any]:
+        check: dict[str, Any] = {}
+        if self.reference is not None:
+            outputs = sensitivity.run_outputs(compressed, self.context)
+            damage, agreement = sensitivity.output_damage(self.reference, outputs)
+            check["rel_l2"] = round(float(np.sqrt(damage)), 6)
+            if agreement is not None:
+                check["agreement"] = round(agreement, 6)
+        if kind == "latency":
+            timing = benchmark.benchmark_models(
+                {"original": self.model, "compressed": compressed},
+                self.feeds,
+                threads=self.context.threads,
+                repeats=50,
+            )
+            check["latency_ratio"] = round(
+                1 / benchmark.speedup(timing, "original", "compressed"), 4
+            )
+            check["latency_ms"] = round(timing["compressed"]["median_ms"], 4)
+        return check
+
+    def fails(self, check: dict[str, Any]) -> str:
+        """Why the check fails the user's tolerance ("" when it holds or none was set)."""
+        tol, drop = self.options.max_rel_l2, self.options.max_accuracy_drop
+        if tol is not None and check.get("rel_l2", 0.0) > tol:
+            return f"rel L2 {check['rel_l2']:.4f} > max_rel_l2 {tol:g}"
+        if drop is not None and "agreement" in check and 100 * (1 - check["agreement"]) > drop:
+            return f"top-1 agreement {100 * check['agreement']:.2f} % < {100 - drop:g} %"
+        return ""
+
+
+def _build_and_check(model, plan, tables, methods, context, options, checker):
+    """Build the plan; while the whole-model check fails the tolerance, restore the most
+    damaging rewritten layer and rebuild. Returns (model, refit, check, restored layers)."""
+    restored: list[str] = []
+    kind = options.budget()[0]
+    while True:
+        compressed, refit = auto_plan.apply_plan(
+            model, plan, tables, methods, context, options.refit
+        )
+        check = checker(compressed, kind)
+        why = checker.fails(check)
+        layer = auto_plan.restore_worst(tables, plan) if why else None
+        if layer is None:
+            if why:
+                check["tolerance_failed"] = why
+            return compressed, refit, check, restored
+        log.info("auto: %s; restored %s", why, layer)
+        restored.append(layer)
+
+
+def _summary(kind, target, tables, plan, rounds, backed_off, refit, total, rest) -> dict:
+    layers = []
+    for table in tables:
+        chosen = plan[table.choice.name]
+        layers.append(
+            {
+                "node": table.choice.name,
+                "op": table.choice.op,
+                "method": chosen.method,
+                "config": chosen.config,
+                "macs_before": table.keep.macs,
+                "macs_after": chosen.macs,
+                "params_before": table.keep.params,
+                "params_after": chosen.params,
+                "latency_ms_before": round(table.keep.latency_ms, 4),
+                "latency_ms_after": round(chosen.latency_ms, 4),
+                "damage": chosen.damage,
+            }
+        )
+    candidates = [
+        {
+            "node": s.layer,
+            "method": s.method,
+            "config": s.config,
+            "latency_ms": round(s.latency_ms, 4),
+            "macs": s.macs,
+            "damage": s.damage,
+        }
+        for t in tables
+        for s in t.options
+    ]
+    return {
+        "budget": {"kind": kind, "target": target},
+        "layers": layers,
+        "candidates": candidates,
+        "curve": _curve(tables, kind, plan, total, rest),
+        "backed_off": backed_off,
+        "rounds": rounds,
+        "model": rounds[-1],
+        "refit": refit,
+    }
+
+
+def _curve(tables: list[LayerTable], kind, plan, total, rest) -> list[dict]:
+    """The allocator's best plans from the cheapest to the full cost (predicted cost ratio
+    and total damage), and the chosen plan marked."""
+    points = [
+        {"cost_ratio": round((rest + cost) / total, 4), "damage": damage, "chosen": False}
+        for cost, damage in auto_plan.curve(tables, kind, CURVE_POINTS)
+    ]
+    return points + [_point(plan, kind, total, rest, True)]
+
+
+def _point(plan: dict[str, Scored], kind, total, rest, chosen: bool) -> dict:
+    cost = rest + sum(s.cost(kind) for s in plan.values())
+    damage = sum(s.damage for s in plan.values())
+    return {"cost_ratio": round(cost / total, 4), "damage": damage, "chosen": chosen}
+
+
+def _records(tables: list[LayerTable], plan, backed_off: list[str]) -> list[NodeRecord]:
+    records = []
+    for table in tables:
+        name, chosen = table.choice.name, plan[table.choice.name]
+        base = dict(macs_before=table.keep.macs, params_before=table.keep.params)
+        if chosen.method == "keep":
+            why = (
+                "restored by the whole-model back-off" if name in backed_off
+                else "kept: the budget was met without it"
+            )  # fmt: skip
+            status = "reverted" if name in backed_off else "skipped"
+            records.append(NodeRecord(name, table.choice.op, status, why, **base))
+            continue
+        details = {
+            "method": chosen.method,
+            **chosen.config,
+            "damage": chosen.damage,
+            "timing": {
+                "original_ms": round(table.keep.latency_ms, 4),
+                "rewritten_ms": round(chosen.latency_ms, 4),
+            },
+        }
+        records.append(
+            NodeRecord(
+                name,
+                table.choice.op,
+                "rewritten",
+                "",
+                params_after=chosen.params,
+                macs_after=chosen.macs,
+                details=details,
+                **base,
+            )  # fmt: skip
+        )
+    return records
+
+
+def _count(batches) -> int:
+    return sum(len(next(iter(b.values()))) for b in batches or [])

@@ -1,0 +1,125 @@
+"""`auto`: choose, per layer, between keeping it and each factorization method at a ladder of
+ranks, under one global budget (latency, MACs or bytes), from measured costs and damage.
+
+Cost: each candidate rewrite timed alone against its layer in onnxruntime on the layer's real
+input shape (persistent cache: a second run times nothing it has seen). Damage: the model's
+output error on calibration data when only that layer is replaced and refit (weight error
+without data). The allocator picks one option per layer with the least total damage within
+the budget; the plan is built, refit in graph order and checked as a whole: the measured
+latency (the budget's part spent on layers is tightened and the plan re-solved when the whole
+model misses a latency target) and, with a tolerance, the output error (the most damaging
+layers are restored until it holds). Channel pruning is not a candidate: removing a channel
+changes the layers coupled to it, so its damage is not one layer's."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import onnx
+
+from onnxcompress import auto_search
+from onnxcompress.auto_candidates import layer_choices, method_layers
+from onnxcompress.errors import CompressError
+from onnxcompress.layers import named_copy
+from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option
+from passes import register
+
+log = logging.getLogger(__name__)
+
+METHODS = ("svd", "cp", "tucker2", "fga", "lrs")
+DEFAULT_METHODS = "svd,cp,tucker2,fga"
+DEFAULT_TARGET_LATENCY = 0.5
+
+
+@dataclass(frozen=True)
+class AutoOptions:
+    target_latency: float | None = option(
+        None,
+        f"keep this fraction of the model's measured latency (default {DEFAULT_TARGET_LATENCY} "
+        "when no other target is given)",
+    )
+    target_macs: float | None = option(None, "keep this fraction of the model's MACs")
+    target_bytes: float | None = option(None, "keep this fraction of the model's weight bytes")
+    max_rel_l2: float | None = option(
+        None, "whole-model check: back off (restore layers) until the outputs' relative L2 on "
+        "the calibration data is within this"
+    )  # fmt: skip
+    max_accuracy_drop: float | None = option(
+        None, "whole-model check in top-1 points: accuracy with labels, else agreement with the "
+        "original's predictions on the calibration data"
+    )  # fmt: skip
+    methods: str = option(DEFAULT_METHODS, f"candidate methods, from {', '.join(METHODS)}")
+    align: int = option(8, "rank alignment of every method's candidates")
+    sensitivity_samples: int = option(64, "calibration samples each sensitivity run uses")
+    jobs: int = option(1, "parallel processes for the sensitivity runs")
+    refit: bool = option(True, "refit the last factors of the plan on calibration data")
+
+    def __post_init__(self) -> None:
+        targets = [t for t in (self.target_latency, self.target_macs, self.target_bytes) if t]
+        if len(targets) > 1:
+            raise ValueError("give one of target_latency, target_macs, target_bytes")
+        for value in targets:
+            if not 0 < value <= 1:
+                raise ValueError(f"targets are fractions in (0, 1], got {value}")
+        unknown = sorted(set(self.method_names()) - set(METHODS))
+        if unknown or not self.method_names():
+            raise ValueError(f"methods: unknown {', '.join(unknown) or '(none given)'}")
+        for name in ("align", "sensitivity_samples", "jobs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def method_names(self) -> list[str]:
+        return [m.strip() for m in self.methods.split(",") if m.strip()]
+
+    def budget(self) -> tuple[str, float]:
+        if self.target_macs:
+            return "macs", self.target_macs
+        if self.target_bytes:
+            return "bytes", self.target_bytes
+        return "latency", self.target_latency or DEFAULT_TARGET_LATENCY
+
+
+def make_methods(factory_options: dict[str, Any], context: PassContext) -> dict[str, Any]:
+    """The candidate methods, configured as their passes would be for a budget run (never
+    timed or refit by their own driver: auto does both). Importable by worker processes."""
+    from passes import cp, fga, lrs, svd, tucker2
+
+    align = factory_options["align"]
+    data = bool(context.calibration)
+    build = {
+        "svd": lambda: svd.SvdMethod(_options(svd.SvdOptions, align), refit_data=data),
+        "cp": lambda: cp.CpMethod(_options(cp.CpOptions, align)),
+        "tucker2": lambda: tucker2.Tucker2Method(_options(tucker2.Tucker2Options, align)),
+        "fga": lambda: fga.FgaMethod(_options(fga.FgaOptions, align)),
+        "lrs": lambda: lrs.LrsMethod(_options(lrs.LrsOptions, align), context),
+    }
+    return {name: build[name]() for name in factory_options["methods"]}
+
+
+def _options(kind: type, align: int) -> Any:
+    return kind(**{"align": align} if "align" in {f.name for f in dataclasses.fields(kind)} else {})
+
+
+@register("auto", AutoOptions, "per layer: keep, svd, cp, tucker2, fga or lrs, by measured cost")
+def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> PassResult:
+    model = named_copy(model)
+    from onnxcompress.analyse import analyse
+
+    analysis = analyse(model, context.input_shapes)
+    factory_options = {"methods": options.method_names(), "align": options.align}
+    methods = make_methods(factory_options, context)
+    choices, skipped = layer_choices(model, methods, method_layers(model, analysis, methods))
+    op_of = {stats.name: stats.op for stats in analysis.nodes}
+    records = [
+        NodeRecord(name, op_of.get(name, "?"), "skipped", reason)
+        for name, reason in skipped.items()
+    ]
+    if not choices:
+        raise CompressError("auto: no layer any candidate method can rewrite to save MACs")
+    outcome = auto_search.search(model, analysis, choices, methods, options, context)
+    return PassResult(
+        outcome.model, outcome.changed, records + outcome.records, {"auto": outcome.summary}
+    )

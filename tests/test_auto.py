@@ -1,0 +1,184 @@
+"""The `auto` pass end to end on fixture models: the plan meets its budget, what it reports is
+what the written model does (checked in onnxruntime), back-off restores layers until the
+tolerance holds, sensitivity in worker processes agrees with the serial run, and a second
+run times nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.fixtures import mlp, vgg_style
+from onnxcompress import auto_plan, auto_search, benchmark, graph, sensitivity
+from onnxcompress.analyse import analyse
+from onnxcompress.errors import CompressError
+from onnxcompress.passkit import PassContext
+from onnxcompress.pipeline import build_options, lookup_passes, run_passes
+from onnxcompress.validate import run_model
+from passes import get_pass
+
+VGG_SHAPES = {"input": [1, 3, 32, 32]}
+MLP_SHAPES = {"input": [32, 64]}
+
+
+def _batches(name, shape, seed, count):
+    rng = np.random.default_rng(seed)
+    return [{name: rng.standard_normal(shape).astype(np.float32)} for _ in range(count)]
+
+
+def _run_auto(model, shapes, calibration, **options):
+    spec = get_pass("auto")
+    context = PassContext(shapes, calibration, seed=0, threads=1)
+    return spec.run(model, spec.make_options(options), context)
+
+
+def _rel_l2(original, compressed, batches) -> float:
+    want, got = run_model(original, batches), run_model(compressed, batches)
+    (name,) = want
+    return float(np.linalg.norm(got[name] - want[name]) / np.linalg.norm(want[name]))
+
+
+@pytest.fixture(scope="module")
+def vgg_calibration():
+    return _batches("input", [4, 3, 32, 32], seed=1, count=4)
+
+
+def test_macs_budget_is_met_and_reported_error_is_the_models(vgg_calibration):
+    model = vgg_style()
+    result = _run_auto(model, VGG_SHAPES, vgg_calibration, target_macs=0.6, methods="svd,cp,fga")
+    assert result.changed
+    graph.check_model(result.model)
+    macs = analyse(result.model, VGG_SHAPES).total_macs
+    assert macs <= 0.6 * analyse(model, VGG_SHAPES).total_macs
+    auto = result.summary["auto"]
+    assert auto["budget"] == {"kind": "macs", "target": 0.6}
+    # The summary's whole-model error is measured on the calibration data: recompute it.
+    assert auto["model"]["rel_l2"] == pytest.approx(
+        _rel_l2(model, result.model, vgg_calibration), rel=1e-3, abs=1e-6
+    )
+    rewritten = [r for r in result.records if r.status == "rewritten"]
+    assert rewritten and all(r.details["method"] in ("svd", "cp", "fga") for r in rewritten)
+    assert {row["node"] for row in auto["layers"]} >= {r.node for r in rewritten}
+    assert any(point["chosen"] for point in auto["curve"])
+    costs = [p["cost_ratio"] for p in auto["curve"] if not p["chosen"]]
+    damages = [p["damage"] for p in auto["curve"] if not p["chosen"]]
+    assert costs == sorted(costs) and damages == sorted(damages, reverse=True)
+
+
+def test_back_off_restores_layers_until_the_tolerance_holds(vgg_calibration):
+    model = vgg_style()
+    loose = _run_auto(model, VGG_SHAPES, vgg_calibration, target_macs=0.6, methods="svd")
+    error = loose.summary["auto"]["model"]["rel_l2"]
+    assert error > 0.01
+    tight = _run_auto(
+        model, VGG_SHAPES, vgg_calibration, target_macs=0.6, methods="svd", max_rel_l2=error / 3
+    )
+    auto = tight.summary["auto"]
+    assert auto["backed_off"], "a tolerance below the plan's error must restore layers"
+    assert auto["model"]["rel_l2"] <= error / 3 or "tolerance_failed" in auto["model"]
+    restored = {r.node for r in tight.records if r.status == "reverted"}
+    assert restored == set(auto["backed_off"])
+    if tight.changed:
+        assert _rel_l2(model, tight.model, vgg_calibration) <= error / 3 + 1e-6
+
+
+def test_latency_target_reports_the_measured_ratio(vgg_calibration):
+    # Real timings are noisy on a shared machine: a target of 1.0 is always reachable (and
+    # keeps everything); the plumbing of layer and whole-model timing is what is checked.
+    result = _run_auto(vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=1.0)
+    auto = result.summary["auto"]
+    assert auto["budget"] == {"kind": "latency", "target": 1.0}
+    assert auto["model"]["latency_ratio"] > 0 and auto["model"] == auto["rounds"][-1]
+    assert all(r["latency_ms_before"] > 0 for r in auto["layers"])
+
+
+def _weight_count(model) -> int:
+    return sum(int(np.prod(init.dims)) for init in model.graph.initializer)
+
+
+def test_latency_budget_tightens_when_the_whole_model_misses(vgg_calibration, monkeypatch):
+    """Deterministic stand-ins for the timers: a layer's latency is proportional to its
+    weights, and the whole model runs 30 % slower than its layers add up to, so the first
+    plan misses the target and the next round must spend less."""
+
+    def layer_ms(constants, layer, rewrite, threads=2, cache=None):
+        before = float(layer.weight.size)
+        after = float(sum(int(np.prod(i.dims)) for i in rewrite.initializers))
+        return {"original_ms": before, "rewritten_ms": after, "speedup": before / after}
+
+    def model_ms(models, *args, **kwargs):
+        base = {"original": {"median_ms": float(_weight_count(vgg_style()))}}
+        if "compressed" in models:
+            base["compressed"] = {"median_ms": 1.3 * _weight_count(models["compressed"])}
+        return base
+
+    monkeypatch.setattr(auto_plan.layer_timing, "compare_layer", layer_ms)
+    monkeypatch.setattr(auto_search.benchmark, "benchmark_models", model_ms)
+    result = _run_auto(vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.7)
+    rounds = result.summary["auto"]["rounds"]
+    assert len(rounds) >= 2 and rounds[0]["latency_ratio"] > 0.7 + auto_search.LATENCY_SLACK
+    assert rounds[1]["budget"] < rounds[0]["budget"]
+    assert rounds[-1]["latency_ratio"] <= rounds[0]["latency_ratio"]
+
+
+def test_without_data_damage_is_the_weight_error():
+    result = _run_auto(mlp(), MLP_SHAPES, None, target_macs=0.5, methods="svd")
+    assert result.changed
+    assert result.summary["auto"]["sensitivity"]["basis"].startswith("weights")
+    assert (
+        analyse(result.model, MLP_SHAPES).total_macs <= 0.5 * analyse(mlp(), MLP_SHAPES).total_macs
+    )
+
+
+def test_worker_processes_measure_what_the_serial_run_does(vgg_calibration):
+    model = vgg_style()
+    serial = _run_auto(model, VGG_SHAPES, vgg_calibration, target_macs=0.6, methods="svd")
+    parallel = _run_auto(model, VGG_SHAPES, vgg_calibration, target_macs=0.6, methods="svd", jobs=2)
+    damage = {
+        (c["node"], str(c["config"])): c["damage"] for c in serial.summary["auto"]["candidates"]
+    }
+    other = {
+        (c["node"], str(c["config"])): c["damage"] for c in parallel.summary["auto"]["candidates"]
+    }
+    assert damage.keys() == other.keys()
+    for key, value in damage.items():
+        assert other[key] == pytest.approx(value, rel=1e-4, abs=1e-9)
+
+
+def test_second_run_times_no_layer_again(vgg_calibration, monkeypatch):
+    model = vgg_style()
+    _run_auto(model, VGG_SHAPES, vgg_calibration, target_macs=0.6, methods="svd")
+    timed, measured = [], []
+    monkeypatch.setattr(benchmark, "benchmark_models", lambda models, *a, **k: timed.append(models))
+    monkeypatch.setattr(sensitivity, "_measure_layer", lambda job: measured.append(job.layer))
+    again = _run_auto(model, VGG_SHAPES, vgg_calibration, target_macs=0.6, methods="svd")
+    assert again.changed and timed == [] and measured == []
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"target_macs": 0.5, "target_latency": 0.5}, "one of"),
+        ({"methods": "svd,magic"}, "unknown magic"),
+        ({"jobs": 0}, "jobs"),
+        ({"target_macs": 1.5}, "fractions"),
+    ],
+)
+def test_bad_options_are_one_clear_error(options, message):
+    with pytest.raises(CompressError, match=message):
+        get_pass("auto").make_options(options)
+
+
+def test_unreachable_target_is_refused(vgg_calibration):
+    with pytest.raises(CompressError, match="not reachable"):
+        _run_auto(vgg_style(), VGG_SHAPES, vgg_calibration, target_macs=0.01, methods="svd")
+
+
+def test_through_the_pipeline_with_fga_after(vgg_calibration):
+    model = vgg_style()
+    context = PassContext(VGG_SHAPES, vgg_calibration, seed=0, threads=1)
+    specs = lookup_passes(["auto", "fga"])
+    typed = build_options(specs, {"auto": {"target_macs": 0.7, "methods": "tucker2"}})
+    written, reports = run_passes(model, specs, typed, context, lambda _: None)
+    graph.check_model(written)
+    assert [r["name"] for r in reports] == ["auto", "fga"] and reports[0]["changed"]
