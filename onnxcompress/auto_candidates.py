@@ -14,7 +14,7 @@ from onnxcompress.analyse import ModelAnalysis
 from onnxcompress.factorization import Candidate, pareto_ladder
 
 # Fractions of a layer's MACs the ladder aims at: from a light touch to a deep cut.
-RUNG_FRACTIONS = (0.75, 0.55, 0.4, 0.28, 0.18)
+RUNG_FRACTIONS = (0.75, 0.55, 0.4, 0.28, 0.18, 0.1)
 
 
 @dataclass

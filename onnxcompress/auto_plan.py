@@ -58,45 +58,51 @@ def score_layers(
     progress=None,
 ) -> list[LayerTable]:
     """Time each measured candidate against its layer (stand-in weights: speed depends on
-    shapes only; timings are cached) and put cost and damage side by side."""
+    shapes only; timings are cached) and put cost and damage side by side. Latencies are net
+    of one onnxruntime call's fixed cost, which a layer inside the whole graph does not pay."""
     constants = graph.constant_tensors(model)
-    itemsize = {c.name: _itemsize(c) for c in choices}
     tables = []
     for choice in choices:
         by_key = {m.key: m for m in measured.get(choice.name, [])}
-        keep = None
-        options = []
-        for option in choice.candidates:
-            found = by_key.get(option.key)
-            if found is None:
-                continue
-            layer = choice.layers[option.method]
-            timing = layer_timing.compare_layer(constants, layer, _stand_in(found), threads)
-            if keep is None:
-                keep = Scored(
-                    choice.name, "keep", "keep", {}, choice.macs, choice.params,
-                    choice.params * itemsize[choice.name], timing["original_ms"], 0.0, 1.0,
-                )  # fmt: skip
-            c = option.candidate
-            options.append(
-                Scored(
-                    choice.name,
-                    option.method,
-                    option.key,
-                    dict(c.config),
-                    c.macs,
-                    c.params,
-                    c.params * itemsize[choice.name],
-                    timing["rewritten_ms"],
-                    found.damage,
-                    found.agreement,
-                )  # fmt: skip
+        options = [(o, by_key[o.key]) for o in choice.candidates if o.key in by_key]
+        if not options:
+            continue
+        layer = next(iter(choice.layers.values()))
+        dtype = layer.weight.dtype
+        overhead = layer_timing.call_overhead_ms(layer, dtype, threads)
+        table = None
+        for option, found in options:
+            timing = layer_timing.compare_layer(
+                constants, choice.layers[option.method], _stand_in(found), threads
             )
+            if table is None:
+                keep = _scored(choice, "keep", "keep", {}, choice.macs, choice.params, 0.0, None)
+                keep.latency_ms = _net(timing["original_ms"], overhead)
+                table = LayerTable(choice, keep)
+            c = option.candidate
+            scored = _scored(choice, option.method, option.key, dict(c.config), c.macs, c.params,
+                             found.damage, found.agreement)  # fmt: skip
+            scored.latency_ms = _net(timing["rewritten_ms"], overhead)
+            table.options.append(scored)
             if progress is not None:
                 progress.advance()
-        if keep is not None:
-            tables.append(LayerTable(choice, keep, options))
+        tables.append(table)
     return tables
+
+
+# A layer's net latency is never counted below this (ms): timing noise can exceed it.
+MIN_NET_MS = 1e-4
+
+
+def _net(ms: float, overhead: float) -> float:
+    return max(ms - overhead, MIN_NET_MS)
+
+
+def _scored(choice, method, key, config, macs, params, damage, agreement) -> Scored:
+    itemsize = int(next(iter(choice.layers.values())).weight.dtype.itemsize)
+    return Scored(
+        choice.name, method, key, config, macs, params, params * itemsize, 0.0, damage, agreement
+    )
 
 
 def option_groups(tables: list[LayerTable], kind: str) -> list[list[allocation.Option]]:
@@ -164,10 +170,13 @@ def budget_for(
     kind: str, target: float, tables: list[LayerTable], model_total: float
 ) -> tuple[float, float]:
     """(what the tabled layers may spend, what the rest of the model costs) for `target` ×
-    the model's total `kind` cost. The rest is never counted below zero: layers timed alone
-    can add up to more than the model (onnxruntime fuses Conv + Relu in the whole graph)."""
+    the model's total `kind` cost. Layers timed alone can add up to more than the whole model
+    (each call has its own memory traffic; onnxruntime fuses Conv + Relu in the graph): then
+    the rest is taken as nothing and the budget as that share of the layers' own sum."""
     layers = sum(t.keep.cost(kind) for t in tables)
-    rest = max(0.0, model_total - layers)
+    if layers >= model_total:
+        return target * layers, 0.0
+    rest = model_total - layers
     return target * model_total - rest, rest
 
 
@@ -194,8 +203,3 @@ def _stand_in(measured: Measured):
 class _Rewrite:
     nodes: list[onnx.NodeProto]
     initializers: list[onnx.TensorProto]
-
-
-def _itemsize(choice: LayerChoices) -> int:
-    layer = next(iter(choice.layers.values()))
-    return int(layer.weight.dtype.itemsize)

@@ -45,11 +45,14 @@ def search(model, analysis, choices, methods, options, context: PassContext) -> 
     feeds = timing_feeds(model, context)
     total = _model_total(kind, model, analysis, feeds, context.threads)
     budget, rest = auto_plan.budget_for(kind, target, tables, total)
+    layers = sum(t.keep.cost(kind) for t in tables)
+    scale = total if rest else layers  # see budget_for: a share of the layers' sum
     if budget < sum(min(s.cost(kind) for s in t.all()) for t in tables):
-        cheapest = (rest + sum(min(s.cost(kind) for s in t.all()) for t in tables)) / total
+        cheapest = (rest + sum(min(s.cost(kind) for s in t.all()) for t in tables)) / scale
         raise CompressError(
             f"auto: target_{kind}={target:g} is not reachable: every layer at its cheapest "
-            f"candidate keeps {cheapest:.3f} of the model's {kind}"
+            f"candidate keeps {cheapest:.3f} of the model's {kind} (the rest of the model, "
+            f"which auto does not rewrite, is {rest / scale:.3f} of it)"
         )
     checker = _Checker(model, context, feeds, options)
     rounds, backed_off = [], []
@@ -63,10 +66,10 @@ def search(model, analysis, choices, methods, options, context: PassContext) -> 
         ratio = check.get("latency_ratio")
         if kind != "latency" or ratio is None or ratio <= target + LATENCY_SLACK:
             break
-        budget -= (ratio - target) * total  # the layers must give up what the model missed
+        budget -= (ratio - target) * scale  # the layers must give up what the model missed
         if budget <= 0:
             break
-    summary = _summary(kind, target, tables, plan, rounds, backed_off, refit, total, rest)
+    summary = _summary(kind, target, tables, plan, rounds, backed_off, refit, scale, rest)
     summary["sensitivity"] = {
         "basis": "outputs" if sample else "weights (no calibration data)",
         "samples": _count(sample),
