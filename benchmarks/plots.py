@@ -13,9 +13,9 @@ MISSING = "matplotlib is not installed (pip install 'onnxcompress[plot]'): no pl
 
 
 def write_plots(results: dict, folder: Path) -> tuple[list[Path], str | None]:
-    """Write `<model>_score_vs_macs.png`, `<model>_latency_vs_macs.png` and
-    `<model>_score_vs_bytes.png` for every model into `folder`; (paths, None), or
-    ([], why not) when matplotlib cannot be imported."""
+    """Write `<model>_score_vs_macs.png`, `<model>_latency_vs_macs.png`,
+    `<model>_score_vs_bytes.png` and `<model>_score_vs_latency.png` for every model into
+    `folder`; (paths, None), or ([], why not) when matplotlib cannot be imported."""
     try:
         import matplotlib
 
@@ -29,13 +29,10 @@ def write_plots(results: dict, folder: Path) -> tuple[list[Path], str | None]:
         for kind, x_key, y_of, y_label in _views(entry):
             figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=110)
             _draw(axes, entry, x_key, y_of)
-            axes.set_xlabel(
-                "MACs / original MACs" if x_key == "macs_ratio" else "size / original .onnx"
-            )
+            x_label, x_name = X_AXES[x_key]
+            axes.set_xlabel(x_label)
             axes.set_ylabel(y_label)
-            axes.set_title(
-                f"{entry['name']}: {y_label} vs {'MACs' if x_key == 'macs_ratio' else 'size'}"
-            )
+            axes.set_title(f"{entry['name']}: {y_label} vs {x_name}")
             axes.grid(True, alpha=0.3)
             axes.legend(fontsize=7, loc="best")
             figure.tight_layout()
@@ -43,6 +40,13 @@ def write_plots(results: dict, folder: Path) -> tuple[list[Path], str | None]:
             written.append(_save(figure, path))
             plt.close(figure)
     return written, None
+
+
+X_AXES = {
+    "macs_ratio": ("MACs / original MACs", "MACs"),
+    "size_ratio": ("size / original .onnx", "size"),
+    "latency_ratio": ("latency / original latency (first batch size timed)", "latency"),
+}
 
 
 def _views(entry: dict):
@@ -61,6 +65,7 @@ def _views(entry: dict):
         ("score_vs_macs", "macs_ratio", score, score_label),
         ("latency_vs_macs", "macs_ratio", latency, f"latency ms, batch {batch}"),
         ("score_vs_bytes", "size_ratio", score, score_label),
+        ("score_vs_latency", "latency_ratio", score, score_label),
     ]
 
 

@@ -54,6 +54,7 @@ QUICK = {
     "models": "resnet20,mnist",
     "budgets": "0.5",
     "sparsities": "0.7",
+    "latency_budgets": "0.7",
     "eval_count": 500,
     "calib_count": 128,
     "repeats": 10,
@@ -63,6 +64,7 @@ DEFAULTS = {
     "passes": ",".join(METHODS),
     "budgets": "0.7,0.5",
     "sparsities": "0.5,0.7,0.9",
+    "latency_budgets": "0.7,0.5",
     "eval_count": 2000,
     "calib_count": 512,
     "repeats": 30,
@@ -104,7 +106,7 @@ def run_suite(args: argparse.Namespace, model_builders: dict[str, Callable]) -> 
         except (OSError, ValueError, RuntimeError) as exc:
             results["skipped"].append({"model": name, "reason": f"not run: {exc}"})
             continue
-        todo = variants(args.passes, args.budgets, args.sparsities, args.opt)
+        todo = variants(args.passes, args.budgets, args.sparsities, args.opt, args.latency_budgets)
         model_started = time.perf_counter()
         entry = run_model(bench, todo, args, lambda text: progress(started, text))
         entry["seconds"] = round(time.perf_counter() - model_started, 1)
@@ -150,6 +152,11 @@ def run_model(bench: BenchModel, todo: list[Variant], args, say: Callable[[str],
             elif base:
                 entry["speedup"] = base / stats["median_ms"]
             row.setdefault("latency", {})[str(batch)] = entry
+    first = str(min(bench.latency_inputs))
+    for row in rows:
+        timing = row.get("latency", {}).get(first, {})
+        if "speedup" in timing:
+            row["latency_ratio"] = 1 / timing["speedup"]
     for row in rows[1:]:
         if "macs" in row:
             row["macs_ratio"] = row["macs"] / original["macs"]
@@ -378,7 +385,8 @@ def machine(args) -> dict:
 
 
 def settings(args) -> dict:
-    keys = ("models", "passes", "budgets", "sparsities", "eval_count", "calib_count")
+    keys = ("models", "passes", "budgets", "sparsities", "latency_budgets")
+    keys += ("eval_count", "calib_count")
     return {
         **{key: getattr(args, key) for key in keys},
         "repeats": args.repeats,
@@ -405,6 +413,9 @@ def parse_args(argv: list[str] | None = None, known_models=None) -> argparse.Nam
     parser.add_argument("--passes", help=f"methods, of: {', '.join(METHODS)}")
     parser.add_argument("--budgets", help="target_macs values of the MACs methods (0.7,0.5)")
     parser.add_argument("--sparsities", help="sparsities of the pruning methods (0.5,0.7,0.9)")
+    parser.add_argument(
+        "--latency-budgets", help="target_latency values of the auto method (0.7,0.5)"
+    )
     parser.add_argument("--eval-count", type=int, help="evaluation samples per model (2000)")
     parser.add_argument("--calib-count", type=int, help="calibration samples (512; quick 128)")
     parser.add_argument("--repeats", type=int, help="timed runs per model and batch size (30)")
@@ -431,12 +442,16 @@ def parse_args(argv: list[str] | None = None, known_models=None) -> argparse.Nam
         if unknown:
             parser.error(f"unknown {kind} {unknown[0]}; {kind}s: {', '.join(known)}")
     args.budgets, args.sparsities = _floats(args.budgets), _floats(args.sparsities)
+    args.latency_budgets = _floats(args.latency_budgets)
     try:
         args.opt = parse_options(args.opt, args.passes)
-        check_options(variants(args.passes, args.budgets, args.sparsities, args.opt))
+        check_options(
+            variants(args.passes, args.budgets, args.sparsities, args.opt, args.latency_budgets)
+        )
     except (ValueError, CompressError) as exc:
         parser.error(str(exc))
-    args.command = "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in argv or [])
+    given = sys.argv[1:] if argv is None else argv
+    args.command = "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in given)
     args.command = args.command.strip()
     return args
 

@@ -78,6 +78,12 @@ METHODS: dict[str, Method] = {
         coded=True,
         note="SuRP rate-distortion pruning, its own coded weights",
     ),  # fmt: skip
+    "auto": Method(
+        "auto",
+        "target_latency",
+        {"align": 8},
+        note="per layer: keep, svd, cp, tucker2 or fga, from measured latency and damage",
+    ),
     "int8": Method(
         None, None, note="baseline: onnxruntime quantize_dynamic, int8 weights; MACs as original"
     ),
@@ -95,10 +101,15 @@ class Variant:
 
 
 def variants(
-    methods: list[str], budgets: list[float], sparsities: list[float], opt: dict[str, dict]
+    methods: list[str],
+    budgets: list[float],
+    sparsities: list[float],
+    opt: dict[str, dict],
+    latency_budgets: list[float] = (),
 ) -> list[Variant]:
-    """Every method at every budget of its kind (MACs fractions or sparsities); `opt` maps a
-    method name or a pass name to extra options (the method's name wins)."""
+    """Every method at every budget of its kind (MACs fractions, sparsities or latency
+    fractions); `opt` maps a method name or a pass name to extra options (the method's name
+    wins)."""
     out = []
     for name in methods:
         method = METHODS[name]
@@ -107,7 +118,9 @@ def variants(
         if method.budget is None:
             out.append(Variant(name, name, base))
             continue
-        ladder = budgets if method.budget == "target_macs" else sparsities
+        ladder = {"target_macs": budgets, "sparsity": sparsities}.get(
+            method.budget, latency_budgets
+        )
         for value in ladder:
             label = f"{name}@{value:g}"
             out.append(Variant(label, name, {**base, method.budget: value}, value))
