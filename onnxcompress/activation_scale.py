@@ -21,6 +21,7 @@ from onnx import numpy_helper
 from onnxcompress.layers import ConvLayer
 from onnxcompress.linear_layers import LinearLayer
 from onnxcompress.passkit import PassContext
+from onnxcompress.token_rows import token_rows
 
 # Ridge added to C, relative to its mean diagonal: keeps T invertible when channels are dead
 # (always zero after a ReLU) or exactly correlated.
@@ -54,11 +55,19 @@ def input_second_moments(
     for batch in context.calibration or []:
         values = dict(zip(names, run_session(session, batch, names), strict=True))
         for layer in layers:
-            x = np.moveaxis(values[activation_of(layer)], feature_axis(layer), 0)
-            x = x.reshape(x.shape[0], -1).astype(np.float64)
+            x = _channel_columns(batch, values[activation_of(layer)], feature_axis(layer))
             sums[layer.name] = sums.get(layer.name, 0) + x @ x.T
             counts[layer.name] = counts.get(layer.name, 0) + x.shape[1]
     return {name: total / max(1, counts[name]) for name, total in sums.items()}
+
+
+def _channel_columns(batch: dict[str, np.ndarray], value: np.ndarray, axis: int) -> np.ndarray:
+    """The activation as channels × samples (float64); for features-last token activations,
+    padding positions are left out (their values are meaningless)."""
+    if axis in (-1, value.ndim - 1):
+        return token_rows(batch, value).T.astype(np.float64)
+    x = np.moveaxis(value, axis, 0)
+    return x.reshape(x.shape[0], -1).astype(np.float64)
 
 
 def whitening(moment: np.ndarray, diagonal: bool) -> np.ndarray:

@@ -16,6 +16,7 @@ from onnx import numpy_helper
 
 from onnxcompress.passkit import PassContext
 from onnxcompress.refit import LeastSquaresAccumulator
+from onnxcompress.token_rows import token_row_mask
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,12 @@ def _accumulate(source, rewritten, site: RefitSite, context: PassContext):
         (z,) = run_session(target, batch, [site.input])
         batch_bytes = max(batch_bytes, y.nbytes + z.nbytes)
         inputs = conv_patches(z, weight.shape[2:], site.conv) if site.kind == "conv" else z
-        equations.add(_rows(inputs, site.kind), _rows(y, site.kind))
+        inputs, targets = _rows(inputs, site.kind), _rows(y, site.kind)
+        # Token activations: padding positions hold meaningless values, fit real tokens only.
+        mask = token_row_mask(batch, z) if site.kind == "matmul" else None
+        if mask is not None:
+            inputs, targets = inputs[mask], targets[mask]
+        equations.add(inputs, targets)
     return equations, batch_bytes
 
 

@@ -58,6 +58,7 @@ from onnxcompress.layers import (
 )
 from onnxcompress.linear_layers import LinearLayer, conv_and_linear_layers
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option, require_at_least_one
+from onnxcompress.token_rows import token_rows
 from passes import register
 
 SOLVERS = ("linear", "admm", "weight")
@@ -420,7 +421,7 @@ def input_moments(
     for batch in batches:
         values = dict(zip(names, run_session(session, batch, names), strict=True))
         for layer in layers:
-            rows = _input_rows(layer, values[activation_of(layer)])
+            rows = _input_rows(layer, values[activation_of(layer)], batch)
             if len(rows) > per_batch:
                 rows = rows[rng.choice(len(rows), per_batch, replace=False)]
             if layer.name in kept:
@@ -445,9 +446,9 @@ def _relu_fed(model: onnx.ModelProto, layers: list) -> list[str]:
     return names
 
 
-def _input_rows(layer: ConvLayer | LinearLayer, x: np.ndarray) -> np.ndarray:
-    if isinstance(layer, LinearLayer):
-        return x.reshape(-1, layer.in_features)
+def _input_rows(layer: ConvLayer | LinearLayer, x: np.ndarray, batch: dict) -> np.ndarray:
+    if isinstance(layer, LinearLayer):  # x @ W only (lrs skips the others): features last
+        return token_rows(batch, x)  # without padding positions when the batch has a mask
     geometry = {"strides": layer.strides, "pads": layer.pads, "dilations": layer.dilations}
     patches = conv_patches(x, layer.kernel, geometry)
     return np.moveaxis(patches, 1, -1).reshape(-1, patches.shape[1])
