@@ -15,7 +15,7 @@ from onnxcompress import activation_scale, allocation, graph, layer_refit, layer
 from onnxcompress.analyse import ModelAnalysis, analyse
 from onnxcompress.errors import CompressError
 from onnxcompress.layers import Namer, conv_layers, conv_node, named_copy, replace_node
-from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option
+from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option, track
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +384,7 @@ def _faster_only(model, chosen, method, namer, built, options, context, plan) ->
     constants = graph.constant_tensors(model)
     probe = getattr(method, "probe", None)
     kept = []
-    for layer, candidate in chosen:
+    for layer, candidate in track(context.progress, "timing layers", chosen):
         if probe is not None:
             rewrite = probe(layer, candidate, namer)
         else:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxcompress.passkit import PassContext
+from onnxcompress.passkit import PassContext, track
 from onnxcompress.refit import LeastSquaresAccumulator
 from onnxcompress.token_rows import token_row_mask
 
@@ -56,7 +56,8 @@ def refit_layers(
     )
     peak = 0
     improved = 0
-    for site in sorted(sites, key=lambda s: order.get(s.output, 0)):
+    ordered = sorted(sites, key=lambda s: order.get(s.output, 0))
+    for site in track(context.progress, "refitting layers", ordered):
         equations, batch_bytes = _accumulate(source, rewritten, site, context)
         sums_bytes = 8 * (equations.k**2 + equations.k * equations.n + equations.k + equations.n)
         peak = max(peak, batch_bytes + sums_bytes)
