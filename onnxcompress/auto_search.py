@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -16,7 +15,7 @@ from onnxcompress import auto_plan, benchmark, executor, graph, sensitivity
 from onnxcompress.auto_plan import LayerTable, Scored
 from onnxcompress.calibration import random_inputs
 from onnxcompress.errors import CompressError
-from onnxcompress.passkit import NodeRecord, PassContext
+from onnxcompress.passkit import NodeRecord, PassContext, PassResult
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +27,8 @@ CURVE_POINTS = 12
 FACTORY = "passes.auto:make_methods"
 
 
-@dataclass
-class Outcome:
-    model: onnx.ModelProto
-    changed: bool
-    records: list[NodeRecord] = field(default_factory=list)
-    summary: dict[str, Any] = field(default_factory=dict)
-
-
-def search(model, analysis, choices, methods, options, context: PassContext) -> Outcome:
+def search(model, analysis, choices, methods, options, context: PassContext) -> PassResult:
+    """The whole search; the result's summary is the `auto` section of the report."""
     kind, target = options.budget()
     sample = first_samples(context.calibration, options.sensitivity_samples)
     measured = run_sensitivity(model, choices, options, context, sample)
@@ -77,7 +69,7 @@ def search(model, analysis, choices, methods, options, context: PassContext) -> 
     }
     records = _records(tables, plan, backed_off)
     changed = any(s.method != "keep" for s in plan.values())
-    return Outcome(compressed if changed else model, changed, records, summary)
+    return PassResult(compressed if changed else model, changed, records, summary)
 
 
 def run_sensitivity(model, choices, options, context, sample) -> dict[str, list]:

