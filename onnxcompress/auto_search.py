@@ -65,7 +65,7 @@ def search(model, analysis, choices, methods, options, context: PassContext) -> 
     summary["sensitivity"] = {
         "basis": "outputs" if sample else "weights (no calibration data)",
         "samples": _count(sample),
-        "jobs": options.jobs,
+        "jobs": options.jobs or context.jobs,
     }
     records = _records(tables, plan, backed_off)
     changed = any(s.method != "keep" for s in plan.values())
@@ -74,7 +74,7 @@ def search(model, analysis, choices, methods, options, context: PassContext) -> 
 
 def run_sensitivity(model, choices, options, context, sample) -> dict[str, list]:
     """Damage of every candidate, one job per layer, through the executor."""
-    jobs = options.jobs
+    jobs = options.jobs or context.jobs
     threads = executor.threads_per_job(jobs, context.threads)
     with tempfile.TemporaryDirectory(prefix="onnxcompress-auto-") as folder:
         model_path = os.path.join(folder, "model.onnx")
@@ -98,10 +98,12 @@ def run_sensitivity(model, choices, options, context, sample) -> dict[str, list]
             for c in choices
         ]
         found: dict[str, list] = {}
-        with context.progress("sensitivity per layer", len(work)) as bar:
-            for job, result in zip(work, executor.make_executor(jobs).map(
-                sensitivity.measure_layer, work
-            ), strict=True):  # fmt: skip
+        with (
+            context.progress("sensitivity per layer", len(work)) as bar,
+            executor.make_executor(jobs) as pool,
+        ):
+            results = pool.map(sensitivity.measure_layer, work)
+            for job, result in zip(work, results, strict=True):
                 found[job.layer] = result
                 bar.advance()
     return found
@@ -158,6 +160,9 @@ class _Checker:
             check["rel_l2"] = round(float(np.sqrt(damage)), 6)
             if agreement is not None:
                 check["agreement"] = round(agreement, 6)
+            drop = accuracy_drop(self.reference[0], outputs[0], self.context.labels)
+            if drop is not None:
+                check["accuracy_drop"] = round(drop, 4)
         if kind == "latency":
             timing = benchmark.benchmark_models(
                 {"original": self.model, "compressed": compressed},
@@ -176,9 +181,22 @@ class _Checker:
         tol, drop = self.options.max_rel_l2, self.options.max_accuracy_drop
         if tol is not None and check.get("rel_l2", 0.0) > tol:
             return f"rel L2 {check['rel_l2']:.4f} > max_rel_l2 {tol:g}"
-        if drop is not None and "agreement" in check and 100 * (1 - check["agreement"]) > drop:
-            return f"top-1 agreement {100 * check['agreement']:.2f} % < {100 - drop:g} %"
+        if drop is not None and check.get("accuracy_drop", 0.0) > drop:
+            return f"top-1 accuracy drop {check['accuracy_drop']:.2f} points > {drop:g}"
+        if drop is not None and "accuracy_drop" not in check and "agreement" in check:
+            if 100 * (1 - check["agreement"]) > drop:
+                return f"top-1 agreement {100 * check['agreement']:.2f} % < {100 - drop:g} %"
         return ""
+
+
+def accuracy_drop(reference: np.ndarray, outputs: np.ndarray, labels) -> float | None:
+    """Top-1 accuracy points lost on the calibration samples, when labels came with them and
+    the first output holds class scores; else None (the agreement stands in for it)."""
+    if labels is None or outputs.ndim != 2 or len(labels) != len(outputs):
+        return None
+    labels = np.asarray(labels).reshape(-1)
+    before = np.mean(reference.argmax(1) == labels)
+    return float(100 * (before - np.mean(outputs.argmax(1) == labels)))
 
 
 def _build_and_check(model, plan, tables, methods, context, options, checker):

@@ -30,6 +30,13 @@ class _Parser(argparse.ArgumentParser):
         raise CompressError(f"{message} (see {self.prog} --help)")
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input-shape",
@@ -83,6 +90,9 @@ def compress_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed for random inputs (default 0)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime threads (default 2)")
+    p.add_argument(
+        "--jobs", type=_at_least_one, default=1, help="worker processes for independent jobs (auto)"
+    )
     p.add_argument("--no-bench", action="store_true", help="skip the latency benchmark")
     p.add_argument("--bench-repeats", type=int, default=30, help="timed runs per model")
     p.add_argument(
@@ -217,6 +227,7 @@ def run_compress(args: argparse.Namespace, console: Console) -> int:
         holdout=args.holdout,
         seed=args.seed,
         threads=args.threads,
+        jobs=args.jobs,
         bench=not args.no_bench,
         bench_repeats=args.bench_repeats,
         max_rel_l2=args.max_rel_l2,

@@ -75,6 +75,10 @@ class PassContext:
     threads: int = 2
     # Where long loops report how far they are (the CLI shows a bar); silent by default.
     progress: Progress = no_progress
+    # Labels of the calibration samples in batch order (None without labels).
+    labels: np.ndarray | None = None
+    # Worker processes a pass may use for independent jobs (--jobs).
+    jobs: int = 1
 
 
 @dataclass

@@ -38,6 +38,7 @@ class CompressOptions:
     batch_size: int | None = None
     seed: int = 0
     threads: int = 2
+    jobs: int = 1  # worker processes for passes with independent jobs (auto)
     bench: bool = True
     bench_repeats: int = 30
     max_rel_l2: float | None = None
@@ -151,6 +152,8 @@ def compress(
         seed=options.seed,
         threads=options.threads,
         progress=progress,
+        labels=fit.labels if user_data is not None else None,
+        jobs=options.jobs,
     )
 
     coded: list = []

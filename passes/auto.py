@@ -48,13 +48,13 @@ class AutoOptions:
         "the calibration data is within this"
     )  # fmt: skip
     max_accuracy_drop: float | None = option(
-        None, "whole-model check in top-1 points: accuracy with labels, else agreement with the "
-        "original's predictions on the calibration data"
+        None, "whole-model check in top-1 points on the calibration data: accuracy with labels, "
+        "else agreement with the original's predictions"
     )  # fmt: skip
     methods: str = option(DEFAULT_METHODS, f"candidate methods, from {', '.join(METHODS)}")
     align: int = option(8, "rank alignment of every method's candidates")
     sensitivity_samples: int = option(64, "calibration samples each sensitivity run uses")
-    jobs: int = option(1, "parallel processes for the sensitivity runs")
+    jobs: int | None = option(None, "parallel processes for the sensitivity runs (default --jobs)")
     refit: bool = option(True, "refit the last factors of the plan on calibration data")
 
     def __post_init__(self) -> None:
@@ -68,7 +68,7 @@ class AutoOptions:
         if unknown or not self.method_names():
             raise ValueError(f"methods: unknown {', '.join(unknown) or '(none given)'}")
         for name in ("align", "sensitivity_samples", "jobs"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def method_names(self) -> list[str]:

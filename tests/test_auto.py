@@ -182,3 +182,26 @@ def test_through_the_pipeline_with_fga_after(vgg_calibration):
     written, reports = run_passes(model, specs, typed, context, lambda _: None)
     graph.check_model(written)
     assert [r["name"] for r in reports] == ["auto", "fga"] and reports[0]["changed"]
+
+
+def test_accuracy_drop_uses_labels_when_given():
+    reference = np.array([[2.0, 1.0], [0.0, 3.0], [5.0, 1.0], [1.0, 0.0]])
+    worse = np.array([[0.0, 1.0], [3.0, 0.0], [5.0, 1.0], [0.0, 1.0]])
+    labels = np.array([0, 1, 0, 1])  # original right 3/4, the worse one 2/4
+    assert auto_search.accuracy_drop(reference, worse, labels) == pytest.approx(25.0)
+    assert auto_search.accuracy_drop(reference, worse, None) is None
+
+
+def test_accuracy_tolerance_with_labels_backs_off(vgg_calibration):
+    model = vgg_style()
+    reference = run_model(model, vgg_calibration)
+    (name,) = reference
+    labels = reference[name].argmax(1)  # labels the original gets all right
+    spec = get_pass("auto")
+    options = spec.make_options({"target_macs": 0.5, "methods": "svd", "max_accuracy_drop": 0})
+    context = PassContext(VGG_SHAPES, vgg_calibration, seed=0, threads=1, labels=labels)
+    result = spec.run(model, options, context)
+    check = result.summary["auto"]["model"]
+    assert check["accuracy_drop"] <= 0 or "tolerance_failed" in check
+    if result.summary["auto"]["backed_off"]:
+        assert any(r.status == "reverted" for r in result.records)

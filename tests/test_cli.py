@@ -207,6 +207,7 @@ def _bad_inputs(tmp_path):
             "does not exist",
         ),
         ("unknown flag", [FIXTURE, "--passes", "identity", "--frobnicate"], "unrecognized"),
+        ("no jobs", [FIXTURE, "--passes", "identity", "--jobs", "0"], "--jobs"),
     ]
 
 
