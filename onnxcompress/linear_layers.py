@@ -186,6 +186,13 @@ def _bias_add(layer, constants, initializers, users, outputs) -> BiasAdd | None:
     return BiasAdd(add.name, add.output[0], others[0])
 
 
+def first_gemm_c(layer: LinearLayer) -> bool:
+    """Whether a rewrite's first Gemm carries a zero C: when the layer's own Gemm has a C
+    (its model may be older than opset 11, where Gemm requires one)."""
+    node = layer.node
+    return layer.op == "Gemm" and len(node.input) > 2 and bool(node.input[2])
+
+
 def low_rank_nodes(
     layer: LinearLayer,
     a: np.ndarray,
@@ -221,16 +228,19 @@ def low_rank_nodes(
         )
 
     output, site = layer.node.output[0], None
+    # Gemm before opset 11 requires C: a layer that had one may come from such a model, so
+    # its first Gemm gets a zero scalar C (no MACs; one parameter, see first_gemm_c).
+    zero_c = [constant("zero_c", np.zeros(1))] if first_gemm_c(layer) else []
     if layer.side == "left":
         attrs = {"transB": layer.trans} if layer.op == "Gemm" and layer.trans else {}
-        first = node("first", [constant("b", b), layer.activation], **attrs)
+        first = node("first", [constant("b", b), layer.activation, *zero_c], **attrs)
         inputs = [constant("a", a), first.output[0]]
         if layer.c is not None:
             inputs.append(constant("c", layer.c))
         return [first, node("second", inputs, output)], inits, None
     if layer.op == "Gemm":
         attrs = {"transA": layer.trans} if layer.trans else {}
-        first = node("first", [layer.activation, constant("a", a)], **attrs)
+        first = node("first", [layer.activation, constant("a", a), *zero_c], **attrs)
         b_name = constant("b", b)
         if layer.bias is not None or layer.c is None:
             bias = layer.bias if layer.bias is not None else np.zeros(layer.out_features)

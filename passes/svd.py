@@ -48,6 +48,7 @@ from onnxcompress.layers import (
 from onnxcompress.linear_layers import (
     LinearLayer,
     conv_and_linear_layers,
+    first_gemm_c,
     low_rank_nodes,
 )
 from onnxcompress.passkit import PassContext, PassResult, option, require_at_least_one
@@ -147,6 +148,7 @@ class SvdMethod:
             macs = layer.positions * ranks.matrix_macs_per_row(k, n, rank)
             params = rank * (k + n)
             if layer.op == "Gemm":
+                params += int(first_gemm_c(layer))
                 params += n if layer.c is None and layer.side == "right" else 0
                 params += layer.bias.size if layer.bias is not None else 0
                 params += layer.c.size if layer.c is not None and layer.bias is None else 0

@@ -126,6 +126,17 @@ def test_gemm_exact_at_true_rank(trans_a, trans_b, alpha, beta, c_kind):
         assert "refit" not in record.details  # a refit site exists (no data: not run)
 
 
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_of_opset_9_keeps_every_gemm_valid(trans_b):
+    """Gemm before opset 11 requires C: the first factor gets a zero one (the CIFAR-10
+    tutorial CNN in ../shared is opset 9)."""
+    rng = np.random.default_rng(5)
+    model, shapes, feeds = _gemm_model(rng, 0, trans_b, 1.0, 1.0, "vec")
+    model.opset_import[0].version = 9
+    result = _assert_exact(model, shapes, feeds, rank=4, ops=["Gemm", "Gemm"])
+    assert all(len(node.input) == 3 for node in result.model.graph.node)
+
+
 def test_linear_layers_reads_gemm_as_x_at_w():
     rng = np.random.default_rng(5)
     model, shapes, _ = _gemm_model(rng, 1, 1, 0.5, 2.0, "row")
