@@ -39,8 +39,9 @@ def search(model, analysis, choices, methods, options, context: PassContext) -> 
     budget, rest = auto_plan.budget_for(kind, target, tables, total)
     layers = sum(t.keep.cost(kind) for t in tables)
     scale = total if rest else layers  # see budget_for: a share of the layers' sum
-    if budget < sum(min(s.cost(kind) for s in t.all()) for t in tables):
-        cheapest = (rest + sum(min(s.cost(kind) for s in t.all()) for t in tables)) / scale
+    floor = sum(min(s.cost(kind) for s in t.all()) for t in tables)  # every layer cheapest
+    if budget < floor:
+        cheapest = (rest + floor) / scale
         raise CompressError(
             f"auto: target_{kind}={target:g} is not reachable: every layer at its cheapest "
             f"candidate keeps {cheapest:.3f} of the model's {kind} (the rest of the model, "
@@ -58,9 +59,11 @@ def search(model, analysis, choices, methods, options, context: PassContext) -> 
         ratio = check.get("latency_ratio")
         if kind != "latency" or ratio is None or ratio <= target + LATENCY_SLACK:
             break
-        budget -= (ratio - target) * scale  # the layers must give up what the model missed
-        if budget <= 0:
+        if budget <= floor:
+            rounds[-1]["note"] = "latency target missed with every layer at its cheapest"
             break
+        # The layers must give up what the whole model missed (never below the cheapest plan).
+        budget = max(floor, budget - (ratio - target) * scale)
     summary = _summary(kind, target, tables, plan, rounds, backed_off, refit, scale, rest)
     summary["sensitivity"] = {
         "basis": "outputs" if sample else "weights (no calibration data)",
