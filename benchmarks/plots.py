@@ -42,6 +42,16 @@ def write_plots(results: dict, folder: Path) -> tuple[list[Path], str | None]:
     return written, None
 
 
+# Ratios above this (e.g. int8 running slower than the original) would squash every other
+# point into a corner; they are left out and the legend says so.
+X_LIMIT = 2.0
+# One colour and marker per method: more methods than matplotlib's 10-colour default cycle.
+COLORS = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf", "#000080", "#808000",
+]  # fmt: skip
+MARKERS = "osD^v<>pPXh*"
+
 X_AXES = {
     "macs_ratio": ("MACs / original MACs", "MACs"),
     "size_ratio": ("size / original .onnx", "size"),
@@ -85,8 +95,15 @@ def _draw(axes, entry: dict, x_key: str, y_of) -> None:
         xs, ys = zip(*points, strict=True)
         if method == "original":
             axes.plot(xs, ys, "k*", markersize=12, label="original", zorder=5)
-        else:
-            axes.plot(xs, ys, "o-", markersize=4, linewidth=1.2, label=method)
+            continue
+        shown = [(x, y) for x, y in points if x <= X_LIMIT]
+        label = method if len(shown) == len(points) else f"{method} (x > {X_LIMIT:g} not shown)"
+        index = len(axes.lines)
+        xs, ys = zip(*shown, strict=True) if shown else ((), ())
+        axes.plot(
+            xs, ys, marker=MARKERS[index % len(MARKERS)], color=COLORS[index % len(COLORS)],
+            markersize=5, linewidth=1.2, label=label,
+        )  # fmt: skip
 
 
 def _save(figure, path: Path) -> Path:
