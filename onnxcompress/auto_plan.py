@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxcompress import allocation, graph, layer_refit, layer_timing
+from onnxcompress import allocation, graph, latency_cache, layer_refit, layer_timing
 from onnxcompress.auto_candidates import LayerChoices
 from onnxcompress.layers import Namer, replace_node
 from onnxcompress.sensitivity import Measured
@@ -89,6 +89,47 @@ def score_layers(
         tables.append(table)
     return tables
 
+
+def time_in_graph(
+    model: onnx.ModelProto,
+    tables: list[LayerTable],
+    measured: dict[str, list[Measured]],
+    feeds: dict[str, np.ndarray],
+    threads: int,
+    progress=None,
+) -> None:
+    """Latency costs from the whole model instead of the layer alone: each candidate is timed
+    as the model with only that layer replaced (stand-in weights), against the original, and
+    the layer's options are costed by what the model saves. A layer's keep option costs its
+    best saving S, a candidate S minus its saving, so costs stay ≥ 0 and differences within a
+    layer are the measured savings; the layers' costs then sum to the part of the model's
+    latency the plan can remove (`budget_for` takes the rest as fixed). Catches what timing a
+    layer alone misses: fusions (Conv + Relu), memory traffic between nodes, and kernels that
+    run differently inside the graph."""
+    for table in tables:
+        by_key = {m.key: m for m in measured.get(table.choice.name, [])}
+        models = {"original": model}
+        for option in table.options:
+            trial = onnx.ModelProto()
+            trial.CopyFrom(model)
+            stand_in = _stand_in(by_key[option.key])
+            replace_node(trial, table.choice.name, stand_in.nodes, stand_in.initializers)
+            models[option.key] = trial
+        medians = latency_cache.time_subgraphs(
+            models, feeds, threads, repeats=GRAPH_REPEATS, min_seconds=GRAPH_MIN_SECONDS
+        )
+        savings = {o.key: medians["original"] - medians[o.key] for o in table.options}
+        best = max(0.0, *savings.values())
+        table.keep.latency_ms = best
+        for option in table.options:
+            option.latency_ms = best - savings[option.key]
+            if progress is not None:
+                progress.advance()
+
+
+# Whole-model timings per layer: enough runs that a layer's saving stands out of the noise.
+GRAPH_REPEATS = 40
+GRAPH_MIN_SECONDS = 0.2
 
 # A layer's net latency is never counted below this (ms): timing noise can exceed it.
 MIN_NET_MS = 1e-4

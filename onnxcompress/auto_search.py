@@ -35,6 +35,10 @@ def search(model, analysis, choices, methods, options, context: PassContext) -> 
     with context.progress("timing candidates", sum(len(c.candidates) for c in choices)) as bar:
         tables = auto_plan.score_layers(model, choices, measured, context.threads, bar)
     feeds = timing_feeds(model, context)
+    if kind == "latency" and options.latency_basis == "graph":
+        count = sum(len(t.options) for t in tables)
+        with context.progress("timing candidates in the model", count) as bar:
+            auto_plan.time_in_graph(model, tables, measured, feeds, context.threads, bar)
     total = _model_total(kind, model, analysis, feeds, context.threads)
     budget, rest = auto_plan.budget_for(kind, target, tables, total)
     layers = sum(t.keep.cost(kind) for t in tables)

@@ -56,6 +56,11 @@ class AutoOptions:
     sensitivity_samples: int = option(64, "calibration samples each sensitivity run uses")
     jobs: int | None = option(None, "parallel processes for the sensitivity runs (default --jobs)")
     refit: bool = option(True, "refit the last factors of the plan on calibration data")
+    latency_basis: str = option(
+        "graph",
+        "graph: cost a candidate by what the whole model saves with only that layer replaced; "
+        "layer: time the layer alone against its rewrite",
+    )
 
     def __post_init__(self) -> None:
         targets = [t for t in (self.target_latency, self.target_macs, self.target_bytes) if t]
@@ -67,6 +72,8 @@ class AutoOptions:
         unknown = sorted(set(self.method_names()) - set(METHODS))
         if unknown or not self.method_names():
             raise ValueError(f"methods: unknown {', '.join(unknown) or '(none given)'}")
+        if self.latency_basis not in ("graph", "layer"):
+            raise ValueError(f"latency_basis must be graph or layer, got {self.latency_basis!r}")
         for name in ("align", "sensitivity_samples", "jobs"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

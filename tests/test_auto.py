@@ -118,7 +118,10 @@ def test_latency_budget_tightens_when_the_whole_model_misses(
     monkeypatch.setattr(auto_plan.layer_timing, "compare_layer", layer_ms)
     monkeypatch.setattr(auto_plan.layer_timing, "call_overhead_ms", lambda *a, **k: 0.0)
     monkeypatch.setattr(auto_search.benchmark, "benchmark_models", model_ms)
-    result = _run_auto(vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.7)
+    result = _run_auto(
+        vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.7,
+        latency_basis="layer",
+    )  # fmt: skip
     rounds = result.summary["auto"]["rounds"]
     assert len(rounds) >= 2 and rounds[0]["latency_ratio"] > 0.7 + auto_search.LATENCY_SLACK
     assert rounds[1]["budget"] < rounds[0]["budget"]
@@ -211,3 +214,31 @@ def test_accuracy_tolerance_with_labels_backs_off(vgg_calibration):
     assert check["accuracy_drop"] <= 0 or "tolerance_failed" in check
     if result.summary["auto"]["backed_off"]:
         assert any(r.status == "reverted" for r in result.records)
+
+
+def test_graph_latency_costs_are_the_models_savings(vgg_calibration, monkeypatch):
+    """With latency_basis=graph a candidate costs what the whole model saves when only its
+    layer is replaced (stand-in timer: a model's latency is its weight count)."""
+    timed = []
+
+    def by_weights(models, feeds, threads=2, cache=None, repeats=20, min_seconds=0.05):
+        timed.append(sorted(models))
+        return {name: float(_weight_count(model)) for name, model in models.items()}
+
+    monkeypatch.setattr(auto_plan.latency_cache, "time_subgraphs", by_weights)
+    model = vgg_style()
+    result = _run_auto(model, VGG_SHAPES, vgg_calibration, methods="svd", target_latency=1.0)
+    auto = result.summary["auto"]
+    original = float(_weight_count(model))
+    in_graph = [names for names in timed if any(name.startswith("svd ") for name in names)]
+    assert len(in_graph) == len(auto["layers"])  # one call per layer: original + candidates
+    assert all("original" in names for names in in_graph)
+    for row in auto["layers"]:
+        options = [c for c in auto["candidates"] if c["node"] == row["node"]]
+        best = row["latency_ms_before"]  # keep costs the layer's best saving
+        for option in options:
+            assert option["latency_ms"] >= 0
+            saving = best - option["latency_ms"]
+            assert saving <= best + 1e-9
+        assert best == pytest.approx(max(0.0, *(best - o["latency_ms"] for o in options)))
+    assert all(row["latency_ms_before"] < original for row in auto["layers"])
