@@ -227,7 +227,10 @@ def test_graph_latency_costs_are_the_models_savings(vgg_calibration, monkeypatch
 
     monkeypatch.setattr(auto_plan.latency_cache, "time_subgraphs", by_weights)
     model = vgg_style()
-    result = _run_auto(model, VGG_SHAPES, vgg_calibration, methods="svd", target_latency=1.0)
+    result = _run_auto(
+        model, VGG_SHAPES, vgg_calibration, methods="svd", target_latency=1.0,
+        latency_basis="graph",
+    )  # fmt: skip
     auto = result.summary["auto"]
     original = float(_weight_count(model))
     in_graph = [names for names in timed if any(name.startswith("svd ") for name in names)]
