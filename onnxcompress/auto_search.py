@@ -69,6 +69,8 @@ def search(model, analysis, choices, methods, options, context: PassContext) -> 
         # The layers must give up what the whole model missed (never below the cheapest plan).
         budget = max(floor, budget - (ratio - target) * scale)
     summary = _summary(kind, target, tables, plan, rounds, backed_off, refit, scale, rest)
+    if kind == "latency":  # measured on the whole model, not predicted
+        summary["target_reached"] = rounds[-1]["latency_ratio"] <= target + LATENCY_SLACK
     summary["sensitivity"] = {
         "basis": "outputs" if sample else "weights (no calibration data)",
         "samples": _count(sample),

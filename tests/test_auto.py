@@ -128,6 +128,7 @@ def test_latency_budget_tightens_when_the_whole_model_misses(
     assert rounds[-1]["latency_ratio"] <= rounds[0]["latency_ratio"]
     if slowdown == 10.0:  # out of reach: tightened down to the cheapest plan, then said so
         assert "cheapest" in rounds[-1]["note"]
+        assert result.summary["auto"]["target_reached"] is False
 
 
 def test_without_data_damage_is_the_weight_error():
