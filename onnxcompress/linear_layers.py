@@ -187,10 +187,17 @@ def _bias_add(layer, constants, initializers, users, outputs) -> BiasAdd | None:
 
 
 def first_gemm_c(layer: LinearLayer) -> bool:
-    """Whether a rewrite's first Gemm carries a zero C: when the layer's own Gemm has a C
-    (its model may be older than opset 11, where Gemm requires one)."""
+    """Whether a rewrite's Gemms that have no C of their own carry a zero one: when the
+    layer's own Gemm has a C (its model may be older than opset 11, where Gemm requires C)."""
     node = layer.node
     return layer.op == "Gemm" and len(node.input) > 2 and bool(node.input[2])
+
+
+def zero_c(layer: LinearLayer, constant) -> list[str]:
+    """The extra input of a rewrite's C-less Gemm: `[constant("zero_c", 0-scalar)]` when
+    `first_gemm_c(layer)`, else []. `constant(label, value)` makes the initializer. No MACs;
+    one parameter per such Gemm."""
+    return [constant("zero_c", np.zeros(1))] if first_gemm_c(layer) else []
 
 
 def low_rank_nodes(
@@ -228,19 +235,17 @@ def low_rank_nodes(
         )
 
     output, site = layer.node.output[0], None
-    # Gemm before opset 11 requires C: a layer that had one may come from such a model, so
-    # its first Gemm gets a zero scalar C (no MACs; one parameter, see first_gemm_c).
-    zero_c = [constant("zero_c", np.zeros(1))] if first_gemm_c(layer) else []
+    first_c = zero_c(layer, constant)  # opset < 11 Gemm needs a C
     if layer.side == "left":
         attrs = {"transB": layer.trans} if layer.op == "Gemm" and layer.trans else {}
-        first = node("first", [constant("b", b), layer.activation, *zero_c], **attrs)
+        first = node("first", [constant("b", b), layer.activation, *first_c], **attrs)
         inputs = [constant("a", a), first.output[0]]
         if layer.c is not None:
             inputs.append(constant("c", layer.c))
         return [first, node("second", inputs, output)], inits, None
     if layer.op == "Gemm":
         attrs = {"transA": layer.trans} if layer.trans else {}
-        first = node("first", [layer.activation, constant("a", a), *zero_c], **attrs)
+        first = node("first", [layer.activation, constant("a", a), *first_c], **attrs)
         b_name = constant("b", b)
         if layer.bias is not None or layer.c is None:
             bias = layer.bias if layer.bias is not None else np.zeros(layer.out_features)

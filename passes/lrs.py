@@ -56,7 +56,12 @@ from onnxcompress.layers import (
     replace_node,
     spatial_conv_node,
 )
-from onnxcompress.linear_layers import LinearLayer, conv_and_linear_layers
+from onnxcompress.linear_layers import (
+    LinearLayer,
+    conv_and_linear_layers,
+    first_gemm_c,
+    zero_c,
+)
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option, require_at_least_one
 from onnxcompress.token_rows import token_rows
 from passes import register
@@ -305,8 +310,10 @@ def split_cost(layer, shape: Shape, rank: int, keep: int, structured: bool) -> d
     params = rank * (d + n) + n * channels * shape.per_position
     if isinstance(layer, ConvLayer):
         params += n if layer.bias is not None else 0
-    elif layer.c is not None:
-        params += layer.c.size
+    else:
+        params += layer.c.size if layer.c is not None else 0
+        # A zero C on each C-less Gemm ("low", and "sparse" when S keeps channels).
+        params += int(first_gemm_c(layer)) * (1 + int(channels > 0))
     return {
         "macs": low + sparse + add,
         "params": params,
@@ -371,7 +378,7 @@ def _linear_rewrite(layer: LinearLayer, fitted: Factors, namer: Namer) -> Rewrit
         name = namer(f"{layer.name}.lrs_{label}")
         return helper.make_node(layer.op, inputs, [result or f"{name}.out"], name=name)
 
-    first = product("low", [x, constant("low_weight", fitted.right.T)])
+    first = product("low", [x, constant("low_weight", fitted.right.T), *zero_c(layer, constant)])
     second_inputs = [first.output[0], constant("mix_weight", fitted.left.T)]
     if layer.c is not None:
         second_inputs.append(constant("c", layer.c))
@@ -384,7 +391,8 @@ def _linear_rewrite(layer: LinearLayer, fitted: Factors, namer: Namer) -> Rewrit
             nodes.append(gather)
             inits.append(index)
             source = gather.output[0]
-        branch = product("sparse", [source, constant("sparse_weight", sparse.T)])
+        weight = constant("sparse_weight", sparse.T)
+        branch = product("sparse", [source, weight, *zero_c(layer, constant)])
         nodes += [branch, _add(namer, layer.name, second.output[0], branch.output[0], out)]
     return Rewrite(nodes, inits, None)
 

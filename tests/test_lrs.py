@@ -174,6 +174,20 @@ def test_gemm_exact_split_keeps_c():
     _assert_sound(model, result, shapes)
 
 
+def test_gemm_of_opset_9_keeps_every_gemm_valid():
+    """Gemm before opset 11 requires C: the C-less products get a zero one (as svd's)."""
+    rng = np.random.default_rng(2)
+    model, shapes = _gemm_model(rng)
+    model.opset_import[0].version = 9
+    result = _run(model, shapes, rank=3, sparsity=0.75, iterations=300)
+    gemms = [n for n in result.model.graph.node if n.op_type == "Gemm"]
+    assert len(gemms) == 3 and all(len(n.input) == 3 for n in gemms)
+    _assert_same_outputs(model, result.model, _feeds(rng, shapes))
+    _assert_sound(model, result, shapes)
+    record = _rewritten(result)["fc"]
+    assert record.params_after == analyse(result.model, shapes).total_params
+
+
 def test_unstructured_exact_split_size_only():
     rng = np.random.default_rng(3)
     low = rng.standard_normal((32, 2)) @ rng.standard_normal((2, 72))
