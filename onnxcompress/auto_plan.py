@@ -56,10 +56,12 @@ def score_layers(
     measured: dict[str, list[Measured]],
     threads: int,
     progress=None,
+    time_alone: bool = True,
 ) -> list[LayerTable]:
-    """Time each measured candidate against its layer (stand-in weights: speed depends on
-    shapes only; timings are cached) and put cost and damage side by side. Latencies are net
-    of one onnxruntime call's fixed cost, which a layer inside the whole graph does not pay."""
+    """Put each measured candidate's cost and damage side by side. With `time_alone`, time it
+    against its layer (stand-in weights: speed depends on shapes only; timings are cached),
+    net of one onnxruntime call's fixed cost, which a layer inside the whole graph does not
+    pay; without, latencies stay 0 for `time_in_graph` to fill."""
     constants = graph.constant_tensors(model)
     tables = []
     for choice in choices:
@@ -67,22 +69,22 @@ def score_layers(
         options = [(o, by_key[o.key]) for o in choice.candidates if o.key in by_key]
         if not options:
             continue
-        layer = next(iter(choice.layers.values()))
-        dtype = layer.weight.dtype
-        overhead = layer_timing.call_overhead_ms(layer, dtype, threads)
-        table = None
+        table = LayerTable(
+            choice, _scored(choice, "keep", "keep", {}, choice.macs, choice.params, 0.0, None)
+        )
+        if time_alone:
+            layer = next(iter(choice.layers.values()))
+            overhead = layer_timing.call_overhead_ms(layer, layer.weight.dtype, threads)
         for option, found in options:
-            timing = layer_timing.compare_layer(
-                constants, choice.layers[option.method], _stand_in(found), threads
-            )
-            if table is None:
-                keep = _scored(choice, "keep", "keep", {}, choice.macs, choice.params, 0.0, None)
-                keep.latency_ms = _net(timing["original_ms"], overhead)
-                table = LayerTable(choice, keep)
             c = option.candidate
             scored = _scored(choice, option.method, option.key, dict(c.config), c.macs, c.params,
                              found.damage, found.agreement)  # fmt: skip
-            scored.latency_ms = _net(timing["rewritten_ms"], overhead)
+            if time_alone:
+                timing = layer_timing.compare_layer(
+                    constants, choice.layers[option.method], _stand_in(found), threads
+                )
+                table.keep.latency_ms = _net(timing["original_ms"], overhead)
+                scored.latency_ms = _net(timing["rewritten_ms"], overhead)
             table.options.append(scored)
             if progress is not None:
                 progress.advance()
@@ -209,16 +211,17 @@ def apply_plan(
 
 def budget_for(
     kind: str, target: float, tables: list[LayerTable], model_total: float
-) -> tuple[float, float]:
-    """(what the tabled layers may spend, what the rest of the model costs) for `target` ×
-    the model's total `kind` cost. Layers timed alone can add up to more than the whole model
-    (each call has its own memory traffic; onnxruntime fuses Conv + Relu in the graph): then
-    the rest is taken as nothing and the budget as that share of the layers' own sum."""
+) -> tuple[float, float, float]:
+    """(what the tabled layers may spend, what the rest of the model costs, the total that
+    ratios are taken of) for `target` × the model's total `kind` cost. Layers timed alone can
+    add up to more than the whole model (each call has its own memory traffic; onnxruntime
+    fuses Conv + Relu in the graph): then the rest is taken as nothing and the budget as that
+    share of the layers' own sum, which is also the total ratios refer to."""
     layers = sum(t.keep.cost(kind) for t in tables)
     if layers >= model_total:
-        return target * layers, 0.0
+        return target * layers, 0.0, layers
     rest = model_total - layers
-    return target * model_total - rest, rest
+    return target * model_total - rest, rest, model_total
 
 
 def _stand_in(measured: Measured):

@@ -32,17 +32,18 @@ def search(model, analysis, choices, methods, options, context: PassContext) -> 
     kind, target = options.budget()
     sample = first_samples(context.calibration, options.sensitivity_samples)
     measured = run_sensitivity(model, choices, options, context, sample)
+    in_graph = kind == "latency" and options.latency_basis == "graph"
     with context.progress("timing candidates", sum(len(c.candidates) for c in choices)) as bar:
-        tables = auto_plan.score_layers(model, choices, measured, context.threads, bar)
+        tables = auto_plan.score_layers(
+            model, choices, measured, context.threads, bar, time_alone=not in_graph
+        )
     feeds = timing_feeds(model, context)
-    if kind == "latency" and options.latency_basis == "graph":
+    if in_graph:
         count = sum(len(t.options) for t in tables)
         with context.progress("timing candidates in the model", count) as bar:
             auto_plan.time_in_graph(model, tables, measured, feeds, context.threads, bar)
     total = _model_total(kind, model, analysis, feeds, context.threads)
-    budget, rest = auto_plan.budget_for(kind, target, tables, total)
-    layers = sum(t.keep.cost(kind) for t in tables)
-    scale = total if rest else layers  # see budget_for: a share of the layers' sum
+    budget, rest, scale = auto_plan.budget_for(kind, target, tables, total)
     floor = sum(min(s.cost(kind) for s in t.all()) for t in tables)  # every layer cheapest
     if budget < floor:
         cheapest = (rest + floor) / scale
@@ -74,7 +75,7 @@ def search(model, analysis, choices, methods, options, context: PassContext) -> 
     summary["sensitivity"] = {
         "basis": "outputs" if sample else "weights (no calibration data)",
         "samples": _count(sample),
-        "jobs": options.jobs or context.jobs,
+        "jobs": jobs_of(options, context),
     }
     records = _records(tables, plan, backed_off)
     changed = any(s.method != "keep" for s in plan.values())
@@ -83,7 +84,7 @@ def search(model, analysis, choices, methods, options, context: PassContext) -> 
 
 def run_sensitivity(model, choices, options, context, sample) -> dict[str, list]:
     """Damage of every candidate, one job per layer, through the executor."""
-    jobs = options.jobs or context.jobs
+    jobs = jobs_of(options, context)
     threads = executor.threads_per_job(jobs, context.threads)
     with tempfile.TemporaryDirectory(prefix="onnxcompress-auto-") as folder:
         model_path = os.path.join(folder, "model.onnx")
@@ -116,6 +117,11 @@ def run_sensitivity(model, choices, options, context, sample) -> dict[str, list]
                 found[job.layer] = result
                 bar.advance()
     return found
+
+
+def jobs_of(options, context: PassContext) -> int:
+    """Worker processes: the pass's own `jobs` option, else the run's `--jobs`."""
+    return options.jobs or context.jobs
 
 
 def first_samples(batches, count: int):

@@ -58,14 +58,8 @@ def call_overhead_ms(layer: Any, dtype, threads: int = 2, cache=None) -> float:
     (Identity): the fixed cost every one-layer timing above carries. In the whole graph a
     layer does not pay it, so costs that are added up over layers should subtract it."""
     activation = getattr(layer, "activation", layer.node.input[0])
-    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    x = helper.make_tensor_value_info(activation, elem, layer.input_shape)
-    y = helper.make_tensor_value_info("copy", elem, layer.input_shape)
-    node = helper.make_node("Identity", [activation], ["copy"])
-    model = helper.make_model(
-        helper.make_graph([node], "overhead", [x], [y]),
-        opset_imports=[helper.make_opsetid("", 17)],
-    )
+    node = helper.make_node("Identity", [activation], [layer.node.output[0]])
+    model = _single_input_model([node], [], layer, activation, dtype)
     feeds = {activation: np.zeros(layer.input_shape, dtype)}
     return latency_cache.time_subgraphs(
         {"overhead": model}, feeds, threads, cache, REPEATS, MIN_SECONDS
