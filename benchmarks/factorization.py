@@ -61,7 +61,7 @@ from onnxcompress import CompressError, CompressOptions, compress, graph, io  # 
 from onnxcompress.analyse import analyse  # noqa: E402
 from onnxcompress.benchmark import benchmark_models  # noqa: E402
 from onnxcompress.calibration import DEFAULT_RANDOM_BATCHES  # noqa: E402
-from onnxcompress.passkit import PassContext  # noqa: E402
+from onnxcompress.passkit import PassContext, sample_count  # noqa: E402
 from onnxcompress.pipeline import run_passes  # noqa: E402
 from onnxcompress.tables import human  # noqa: E402
 from onnxcompress.validate import make_session, run_session  # noqa: E402
@@ -577,7 +577,7 @@ def accuracy_model(name: str, data: Dataset, args, pass_names) -> tuple[list[dic
                     "agreement": float(np.mean(predictions == reference.argmax(1))),
                     "rel_l2": rel_l2,
                     "evaluated": len(data.labels),
-                    "calibration_images": _samples(data.calibration) if refit else 0,
+                    "calibration_images": sample_count(data.calibration) if refit else 0,
                     "calib_error_before": _mean(
                         [r["calibration_rel_error_before"] for r in refits]
                     ),
@@ -614,10 +614,6 @@ def accuracy_model(name: str, data: Dataset, args, pass_names) -> tuple[list[dic
                         if n not in notes
                     ]
     return rows, notes
-
-
-def _samples(batches: list[dict[str, np.ndarray]]) -> int:
-    return sum(len(next(iter(batch.values()))) for batch in batches)
 
 
 def _mean(values: list) -> float | None:

@@ -15,7 +15,7 @@ from onnxcompress import auto_plan, benchmark, executor, graph, sensitivity
 from onnxcompress.auto_plan import LayerTable, Scored
 from onnxcompress.calibration import random_inputs
 from onnxcompress.errors import CompressError
-from onnxcompress.passkit import NodeRecord, PassContext, PassResult
+from onnxcompress.passkit import NodeRecord, PassContext, PassResult, sample_count
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def search(model, analysis, choices, methods, options, context: PassContext) -> 
         summary["target_reached"] = rounds[-1]["latency_ratio"] <= target + LATENCY_SLACK
     summary["sensitivity"] = {
         "basis": "outputs" if sample else "weights (no calibration data)",
-        "samples": _count(sample),
+        "samples": sample_count(sample),
         "jobs": jobs_of(options, context),
     }
     records = _records(tables, plan, backed_off)
@@ -328,7 +328,3 @@ def _records(tables: list[LayerTable], plan, backed_off: list[str]) -> list[Node
             )  # fmt: skip
         )
     return records
-
-
-def _count(batches) -> int:
-    return sum(len(next(iter(b.values()))) for b in batches or [])

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxcompress.passkit import PassContext, track
+from onnxcompress.passkit import PassContext, sample_count, track
 from onnxcompress.refit import LeastSquaresAccumulator
 from onnxcompress.token_rows import token_row_mask
 
@@ -76,7 +76,7 @@ def refit_layers(
             "calibration_rel_error_after": round(float(np.sqrt(after / max(energy, 1e-30))), 6),
             "rows": equations.count,
         }
-    samples = sum(len(next(iter(b.values()))) for b in context.calibration or [])
+    samples = sample_count(context.calibration)
     return {"layers": len(sites), "improved": improved, "samples": samples, "peak_bytes": int(peak)}
 
 

@@ -64,6 +64,11 @@ def track(progress: Progress, description: str, items: Sequence[T]) -> Iterator[
             task.advance()
 
 
+def sample_count(batches: list[dict[str, np.ndarray]] | None) -> int:
+    """Samples in calibration batches: the leading axis of each batch's first input."""
+    return sum(len(next(iter(batch.values()))) for batch in batches or [])
+
+
 @dataclass
 class PassContext:
     """What the core knows that a pass may use; passes do no I/O of their own."""

@@ -15,7 +15,7 @@ import onnx
 from onnxcompress import graph, io
 from onnxcompress.analyse import analyse
 from onnxcompress.errors import CompressError
-from onnxcompress.passkit import PassContext, PassSpec, Progress, no_progress
+from onnxcompress.passkit import PassContext, PassSpec, Progress, no_progress, sample_count
 
 StepCallback = Callable[[str], None]
 
@@ -260,8 +260,7 @@ def split_holdout(calibration, holdout: float):
     if calibration.source.startswith("random") or held < 1:
         return calibration, calibration
     fit_batches, eval_batches = calibration.batches[:-held], calibration.batches[-held:]
-    fit_rows = sum(len(next(iter(batch.values()))) for batch in fit_batches)
-    eval_rows = sum(len(next(iter(batch.values()))) for batch in eval_batches)
+    fit_rows, eval_rows = sample_count(fit_batches), sample_count(eval_batches)
     labels = calibration.labels
     fit = Calibration(
         fit_batches,
