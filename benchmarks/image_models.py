@@ -42,23 +42,24 @@ def _factorization():
 # --- scoring ---------------------------------------------------------------------------------
 
 
-def all_outputs(model: onnx.ModelProto, batches: Batches, threads: int) -> list[np.ndarray]:
-    """Every output over all batches, each as one float64 array of the batches' outputs
-    flattened and joined (the layout does not matter to norms)."""
+def _runs(model: onnx.ModelProto, batches: Batches, threads: int) -> list[list[np.ndarray]]:
+    """Every output of every batch (onnxruntime, optimisations on): one run per batch."""
     session = make_session(model, threads=threads, optimize=True)
-    runs = [run_session(session, batch) for batch in batches]
+    return [run_session(session, batch) for batch in batches]
+
+
+def _joined(runs: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Each output over all batches as one float64 array of the batches' outputs flattened
+    and joined (the layout does not matter to norms)."""
     return [
         np.concatenate([np.asarray(run[i], np.float64).ravel() for run in runs])
         for i in range(len(runs[0]))
     ]
 
 
-def _rows(model: onnx.ModelProto, batches: Batches, threads: int) -> np.ndarray:
-    """First output, one row per sample of each batch (float64)."""
-    session = make_session(model, threads=threads, optimize=True)
-    name = session.get_outputs()[0].name
-    parts = [run_session(session, batch, [name])[0] for batch in batches]
-    return np.concatenate([np.asarray(p, np.float64).reshape(len(p), -1) for p in parts])
+def _first_rows(runs: list[list[np.ndarray]]) -> np.ndarray:
+    """The first output, one row per sample of each batch (float64)."""
+    return np.concatenate([np.asarray(run[0], np.float64).reshape(len(run[0]), -1) for run in runs])
 
 
 def rel_l2(result: np.ndarray, reference: np.ndarray) -> float:
@@ -82,7 +83,7 @@ def classifier_score(
     of the first output against `reference` (the original's rows on `evaluation`)."""
 
     def score(model: onnx.ModelProto, threads: int) -> dict[str, float]:
-        rows = _rows(model, evaluation, threads)
+        rows = _factorization().predict(model, evaluation, threads)
         predicted = rows.argmax(1)
         return {
             "top1": 100 * float(np.mean(predicted == labels)),
@@ -98,12 +99,13 @@ def fidelity_score(
 ) -> Callable[[onnx.ModelProto, int], dict[str, float]]:
     """score(model, threads): worst relative L2 over the outputs, and mean / min per-sample
     cosine of the first output, all against the original on `evaluation`."""
-    reference = all_outputs(original, evaluation, threads)
-    reference_rows = _rows(original, evaluation, threads)
+    original_runs = _runs(original, evaluation, threads)
+    reference, reference_rows = _joined(original_runs), _first_rows(original_runs)
 
     def score(model: onnx.ModelProto, threads: int) -> dict[str, float]:
-        outputs = all_outputs(model, evaluation, threads)
-        cosines = row_cosines(_rows(model, evaluation, threads), reference_rows)
+        runs = _runs(model, evaluation, threads)  # one pass over the data for every figure
+        outputs = _joined(runs)
+        cosines = row_cosines(_first_rows(runs), reference_rows)
         return {
             "rel_l2": max(rel_l2(o, r) for o, r in zip(outputs, reference, strict=True)),
             "cosine_mean": float(np.mean(cosines)),

@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.factorization import predict  # noqa: E402
+from benchmarks.image_models import row_cosines  # noqa: E402
 from benchmarks.suite import Batches, BenchModel  # noqa: E402
 
 SENTENCES = REPO / "benchmarks" / "data" / "sentences.txt"
@@ -63,21 +65,6 @@ def token_batches(sentences: list[str], seq_len: int | None = SEQ_LEN) -> Batche
     ]
 
 
-def embeddings(model: onnx.ModelProto | bytes, batches: Batches, threads: int) -> np.ndarray:
-    """The model's `embedding` output over all batches (onnxruntime, optimisations on)."""
-    from onnxcompress.validate import make_session, run_session
-
-    session = make_session(model, threads=threads, optimize=True)
-    return np.concatenate([run_session(session, batch, ["embedding"])[0] for batch in batches])
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity (float64)."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return (a * b).sum(axis=1) / np.maximum(norms, 1e-30)
-
-
 def minilm(args) -> BenchModel:
     """all-MiniLM-L6-v2 with real-sentence calibration and evaluation (see the module doc)."""
     from models.minilm import build_minilm, tokenize
@@ -99,11 +86,11 @@ def minilm(args) -> BenchModel:
 
     def score(candidate: onnx.ModelProto, threads: int) -> dict[str, float]:
         if not reference:  # the original's embeddings, computed once
-            reference["eval"] = embeddings(model, evaluation_batches, threads)
-            reference["general"] = embeddings(model, general_batches, threads)
-        values = cosines(embeddings(candidate, evaluation_batches, threads), reference["eval"])
-        general_values = cosines(
-            embeddings(candidate, general_batches, threads), reference["general"]
+            reference["eval"] = predict(model, evaluation_batches, threads)
+            reference["general"] = predict(model, general_batches, threads)
+        values = row_cosines(predict(candidate, evaluation_batches, threads), reference["eval"])
+        general_values = row_cosines(
+            predict(candidate, general_batches, threads), reference["general"]
         )
         return {
             "cosine_mean": float(values.mean()),
