@@ -158,3 +158,25 @@ def test_scoring_helpers():
     assert has_dynamic_batch(mlp()) and has_dynamic_batch(vgg_style())
     feeds = latency_inputs(mlp(), [{"input": np.zeros((4, 64), np.float32)}] * 2)
     assert {k: v["input"].shape for k, v in feeds.items()} == {1: (1, 64), 8: (8, 64)}
+
+
+def _relu_model(batch):
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])
+    body = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
+    return helper.make_model(body, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_time_models_gives_an_error_to_a_model_that_cannot_run_the_batch():
+    from types import SimpleNamespace
+
+    feeds = {"x": np.ones((8, 4), np.float32)}
+    bench = SimpleNamespace(latency_inputs={8: feeds}, max_repeats=None)
+    args = SimpleNamespace(repeats=3, threads=1)
+    models = {"original": _relu_model("N"), "fixed": _relu_model(1)}
+    timed = run.time_models(bench, models, args)[8]
+    assert timed["original"]["median_ms"] > 0 and "error" in timed["fixed"]
+    both = run.time_models(bench, {"original": models["original"]}, args)[8]
+    assert set(both) == {"original"} and "error" not in both["original"]
