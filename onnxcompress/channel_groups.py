@@ -77,6 +77,12 @@ def channels_input(ins: list[Layout | None]) -> Layout | None:
     return ins[0]
 
 
+def require_channels_on_axis_1(layout: Layout) -> None:
+    """For ops that read channels on axis 1, one value each (conv, pooling, normalization)."""
+    if layout.axis != 1 or layout.repeat != 1:
+        raise Unmappable("channels are not on axis 1")
+
+
 @dataclass
 class Edit:
     """One change surgery makes once keep-masks are known.

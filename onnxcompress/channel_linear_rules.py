@@ -7,7 +7,13 @@ from __future__ import annotations
 import onnx
 
 from onnxcompress import graph
-from onnxcompress.channel_groups import Layout, Unmappable, Walker, channels_input
+from onnxcompress.channel_groups import (
+    Layout,
+    Unmappable,
+    Walker,
+    channels_input,
+    require_channels_on_axis_1,
+)
 
 
 def conv(w: Walker, i: int, node: onnx.NodeProto, ins: list) -> dict[str, Layout]:
@@ -19,8 +25,8 @@ def conv(w: Walker, i: int, node: onnx.NodeProto, ins: list) -> dict[str, Layout
         return {}
     groups = int(graph.node_attributes(node).get("group", 1))
     c_out, c_in = weight.shape[0], weight.shape[1] * groups
-    if layout is not None and (layout.axis != 1 or layout.repeat != 1):
-        raise Unmappable("channels are not on axis 1")
+    if layout is not None:
+        require_channels_on_axis_1(layout)
     rank = weight.ndim
     if groups > 1 and groups == c_in == c_out:  # depthwise: output channel c reads input c only
         if layout is None:
@@ -47,8 +53,7 @@ def conv_transpose(w: Walker, i: int, node: onnx.NodeProto, ins: list) -> dict[s
             raise Unmappable("its weight is not constant" if weight is None else "it is grouped")
         return {}
     if layout is not None:
-        if layout.axis != 1 or layout.repeat != 1:
-            raise Unmappable("channels are not on axis 1")
+        require_channels_on_axis_1(layout)
         w.edit("consumer", i, layout)
     if not _bias_constant(w, node, 2):
         return {}

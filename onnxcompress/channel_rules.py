@@ -13,7 +13,15 @@ import numpy as np
 import onnx
 
 from onnxcompress import graph
-from onnxcompress.channel_groups import Layout, Unmappable, Walker, channels_input, label, opaque
+from onnxcompress.channel_groups import (
+    Layout,
+    Unmappable,
+    Walker,
+    channels_input,
+    label,
+    opaque,
+    require_channels_on_axis_1,
+)
 from onnxcompress.channel_linear_rules import conv, conv_transpose, gemm, matmul
 
 UNARY = set(
@@ -41,16 +49,14 @@ def unary(w: Walker, i: int, node: onnx.NodeProto, ins: list) -> dict[str, Layou
 
 def pool(w: Walker, i: int, node: onnx.NodeProto, ins: list) -> dict[str, Layout]:
     layout = channels_input(ins)
-    if layout.axis != 1 or layout.repeat != 1:
-        raise Unmappable("channels are not on axis 1")
+    require_channels_on_axis_1(layout)
     _unused_extra_outputs(w, node)
     return {node.output[0]: layout}
 
 
 def normalization(w: Walker, i: int, node: onnx.NodeProto, ins: list) -> dict[str, Layout]:
     layout = channels_input(ins)
-    if layout.axis != 1 or layout.repeat != 1:
-        raise Unmappable("channels are not on axis 1")
+    require_channels_on_axis_1(layout)
     _unused_extra_outputs(w, node)
     params = 4 if node.op_type == "BatchNormalization" else 2
     for k in range(1, 1 + params):
