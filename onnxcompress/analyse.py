@@ -153,6 +153,10 @@ _REDUCTIONS = (
     "ReduceProd ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceSumSquare"
 ).split()
 
+# Conversions around int8 kernels: runtimes fold the weights' DequantizeLinear at load and fuse
+# the activations' pairs into the integer op, so they count like the data movement above.
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+
 MAC_COUNTERS: dict[str, Callable[[onnx.NodeProto, ShapeOf], int]] = {
     "Conv": conv_macs,
     "ConvTranspose": conv_transpose_macs,
@@ -165,7 +169,7 @@ MAC_COUNTERS: dict[str, Callable[[onnx.NodeProto, ShapeOf], int]] = {
     "AveragePool": pool_macs,
     "LpPool": pool_macs,
     **{op: input_elements_macs for op in _REDUCTIONS},
-    **{op: no_macs for op in _DATA_MOVEMENT},
+    **{op: no_macs for op in (*_DATA_MOVEMENT, *_QDQ)},
 }
 _SUBGRAPH_OPS = {"If", "Loop", "Scan"}
 # protobuf cannot serialise 2 GiB; such models keep their unknown shapes.
@@ -191,7 +195,9 @@ def analyse(
     pinned = graph.with_input_shapes(model, shapes)
     tensors = _known_tensors(graph.infer_shapes(pinned))
     constants = graph.constant_tensors(model)
-    weights = {name: value for name, value in constants.items() if _is_float(value)}
+    # Weights: float constants, and the integer data of a DequantizeLinear (quantized weights).
+    quantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    weights = {n: v for n, v in constants.items() if _is_float(v) or n in quantized}
     for name, value in constants.items():
         if name not in tensors and _elem_type(value):
             tensors[name] = (list(value.shape), _elem_type(value))

@@ -34,6 +34,7 @@ from passes import (  # noqa: E402, F401
     fga,
     fold_bn,
     identity,
+    int8,
     lrs,
     prune,
     rdprune,

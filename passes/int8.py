@@ -1,0 +1,184 @@
+"""`int8`: static int8 quantization in QDQ form (onnxruntime.quantization), calibrated on the
+run's data: weights int8 (per output channel by default), activations uint8 with ranges
+observed on the calibration batches. The graph stays standard ONNX: QuantizeLinear /
+DequantizeLinear pairs around the float ops, which onnxruntime fuses into integer kernels
+(QLinearConv, QGemm, ...) and any runtime can still execute as written.
+
+Run it last: passes after it see weights behind DequantizeLinear, not initializers, and leave
+those layers alone. Models below opset 13 are converted to 13 first (per-channel
+DequantizeLinear needs its `axis` attribute); the summary says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import version_converter
+
+from onnxcompress import graph, io
+from onnxcompress.errors import CompressError
+from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option, sample_count
+from passes import register
+
+# The first opset whose DequantizeLinear takes `axis` (per-channel weights).
+QDQ_OPSET = 13
+RANGES = ("minmax", "entropy", "percentile")
+ACTIVATIONS = ("uint8", "int8")
+# The layers the report follows one by one (other ops the quantizer also covers are counted).
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    per_channel: bool = option(True, "one weight scale per output channel (else per tensor)")
+    activations: str = option(
+        "uint8", "uint8 | int8: activation type (uint8 is the fast u8s8 path on x86)"
+    )
+    ranges: str = option("minmax", "minmax | entropy | percentile: how activation ranges are set")
+    samples: int = option(256, "at most this many calibration samples observe the ranges")
+    ops: str = option("", "comma-separated op types to quantize (empty: all the quantizer knows)")
+    keep: str = option("", "comma-separated node names left in float (e.g. the first conv)")
+
+
+@register("int8", Int8Options, "static int8 quantization (QDQ) calibrated on the data")
+def int8(model: onnx.ModelProto, options: Int8Options, context: PassContext) -> PassResult:
+    _check(options, context)
+    source, summary = _at_qdq_opset(model)
+    keep = _names(options.keep)
+    unknown = sorted(set(keep) - {node.name for node in source.graph.node})
+    if unknown:
+        raise CompressError(f"int8: keep names no node of the model: {', '.join(unknown)}")
+    quantized = _quantize(source, options, _limited(context.calibration, options.samples), keep)
+    records = _records(source, quantized, keep)
+    summary.update(
+        calibration_samples=sample_count(_limited(context.calibration, options.samples)),
+        quantized_layers=sum(r.status == "rewritten" for r in records),
+        qdq_nodes=dict(
+            Counter(
+                n.op_type
+                for n in quantized.graph.node
+                if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+            )
+        ),
+    )
+    return PassResult(model=quantized, changed=True, records=records, summary=summary)
+
+
+def _check(options: Int8Options, context: PassContext) -> None:
+    if not context.calibration:
+        raise CompressError(
+            "int8 needs calibration data to choose activation ranges (--data/--images)"
+        )
+    for name, value, allowed in (
+        ("activations", options.activations, ACTIVATIONS),
+        ("ranges", options.ranges, RANGES),
+    ):
+        if value not in allowed:
+            raise CompressError(f"int8.{name} must be one of {', '.join(allowed)}, got {value!r}")
+    if options.samples < 1:
+        raise CompressError(f"int8.samples must be at least 1, got {options.samples}")
+
+
+def _at_qdq_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    opset = graph.default_opset(model)
+    if opset >= QDQ_OPSET:
+        return model, {"opset": opset}
+    try:
+        converted = version_converter.convert_version(model, QDQ_OPSET)
+    except Exception as exc:  # noqa: BLE001 - the converter raises bare RuntimeErrors
+        raise CompressError(
+            f"int8 needs opset {QDQ_OPSET}; converting from opset {opset} failed: "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
+    return converted, {"opset": QDQ_OPSET, "converted_from_opset": opset}
+
+
+def _limited(batches: list[dict] | None, samples: int) -> list[dict]:
+    """The first `samples` samples of the calibration batches (whole batches, then a slice)."""
+    out, left = [], samples
+    for batch in batches or []:
+        if left <= 0:
+            break
+        rows = len(next(iter(batch.values())))
+        out.append(batch if rows <= left else {k: v[:left] for k, v in batch.items()})
+        left -= rows
+    return out
+
+
+class _Batches:
+    """onnxruntime's CalibrationDataReader protocol over our calibration batches."""
+
+    def __init__(self, batches: list[dict]):
+        self._batches = iter(batches)
+
+    def get_next(self):
+        return next(self._batches, None)
+
+
+def _quantize(model: onnx.ModelProto, options: Int8Options, batches, keep) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[options.ranges]
+    activation = QuantType.QUInt8 if options.activations == "uint8" else QuantType.QInt8
+    # The quantizer reads and writes files; a private temp dir keeps that out of the user's way.
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-int8-") as tmp:
+        prepared, target = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
+        logging.disable(logging.WARNING)  # the quantizer's advice goes to the root logger
+        try:
+            # onnxruntime's own preparation: shapes, and BatchNormalization folded into the
+            # convs, which would otherwise stay float between two quantized layers.
+            quant_pre_process(copy.deepcopy(model), prepared, skip_symbolic_shape=True)
+            quantize_static(
+                prepared, target, _Batches(batches),
+                quant_format=QuantFormat.QDQ, per_channel=options.per_channel,
+                activation_type=activation, weight_type=QuantType.QInt8,
+                calibrate_method=method, op_types_to_quantize=_names(options.ops) or None,
+                nodes_to_exclude=keep or None,
+            )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - its errors are plain exceptions
+            raise CompressError(
+                f"int8: onnxruntime's quantizer failed: {_first_line(exc)}"
+            ) from exc
+        finally:
+            logging.disable(logging.NOTSET)
+        return io.load_model(target)
+
+
+def _records(source: onnx.ModelProto, quantized: onnx.ModelProto, keep) -> list[NodeRecord]:
+    """One record per Conv/Gemm/MatMul: quantized when its weight now comes from a
+    DequantizeLinear, else skipped with why."""
+    dq_outputs = {n.output[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
+    by_name = {n.name: n for n in quantized.graph.node if n.name}
+    records = []
+    for node in source.graph.node:
+        if node.op_type not in LAYER_OPS:
+            continue
+        after = by_name.get(node.name)
+        if node.name in keep:
+            records.append(NodeRecord(node.name, node.op_type, "skipped", "kept in float (keep)"))
+        elif after is not None and len(after.input) > 1 and after.input[1] in dq_outputs:
+            records.append(NodeRecord(node.name, node.op_type, "rewritten", details={"int8": True}))
+        else:
+            reason = "left in float by onnxruntime's quantizer (op type or inputs not supported)"
+            records.append(NodeRecord(node.name, node.op_type, "skipped", reason))
+    return records
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,189 @@
+"""int8: static QDQ quantization — outputs close to the float model's (error reported, bounded
+here), the checker passes, weights really stored as int8, opset < 13 converted, CIFAR-10
+top-1 kept on ResNet-20, and clean errors for what it cannot do."""
+
+from __future__ import annotations
+
+import io as stdio
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import shared_model
+from onnx import TensorProto
+
+from models import fixtures
+from onnxcompress import graph, io
+from onnxcompress.analyse import analyse
+from onnxcompress.errors import CompressError
+from onnxcompress.passkit import PassContext
+from onnxcompress.validate import random_inputs, run_model
+from passes import get_pass
+
+SPEC = get_pass("int8")
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CIFAR_MEAN = np.array([125.3, 123.0, 113.9], np.float32)  # as benchmarks/factorization.py
+CIFAR_STD = np.array([63.0, 62.1, 66.7], np.float32)
+
+
+def quantize(model, data, **options):
+    shapes = graph.resolve_input_shapes(model, {"input": [4, 3, 32, 32]})
+    context = PassContext(input_shapes=shapes, calibration=data)
+    return SPEC.run(model, SPEC.make_options(options), context)
+
+
+def batches(model, count=4, seed=0):
+    shapes = graph.resolve_input_shapes(model, {"input": [4, 3, 32, 32]})
+    return random_inputs(model, shapes, count=count, seed=seed)
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+def logits(model, data) -> np.ndarray:
+    return np.concatenate([run_model(model, [batch])["logits"] for batch in data])
+
+
+@pytest.fixture(scope="module")
+def resnet_style():
+    return fixtures.resnet_style()
+
+
+def test_every_layer_quantized_outputs_close_and_weights_int8(resnet_style):
+    calibration = batches(resnet_style)
+    result = quantize(resnet_style, calibration)
+    graph.check_model(result.model)
+    layers = [n for n in resnet_style.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert result.summary["quantized_layers"] == len(layers) == 10
+    assert all(r.status == "rewritten" for r in result.records)
+    int8_matrices = [
+        t for t in result.model.graph.initializer
+        if t.data_type == TensorProto.INT8 and len(t.dims) > 1
+    ]  # fmt: skip
+    assert len(int8_matrices) == len(layers)
+    held_out = batches(resnet_style, count=2, seed=7)
+    error = rel_l2(logits(resnet_style, held_out), logits(result.model, held_out))
+    assert 0 < error < 0.08  # lossy: int8 is never exact, but close on a BN-folded ResNet
+    before, after = analyse(resnet_style), analyse(result.model, {"input": [1, 3, 32, 32]})
+    assert after.weight_bytes < 0.3 * before.weight_bytes  # int8 data counted, at 1 byte
+    assert after.total_params >= 0.95 * before.total_params
+
+
+def test_per_tensor_and_int8_activations_are_options(resnet_style):
+    calibration = batches(resnet_style)
+    result = quantize(resnet_style, calibration, per_channel=False, activations="int8")
+    graph.check_model(result.model)
+    activation_types = {
+        t.data_type
+        for t in result.model.graph.initializer
+        if t.name.endswith("zero_point") and "weight" not in t.name
+    }
+    assert TensorProto.INT8 in activation_types and TensorProto.UINT8 not in activation_types
+    held_out = batches(resnet_style, count=2, seed=7)
+    assert rel_l2(logits(resnet_style, held_out), logits(result.model, held_out)) < 0.15
+
+
+def test_keep_leaves_named_layers_in_float(resnet_style):
+    result = quantize(resnet_style, batches(resnet_style), keep="stem.conv,head.fc")
+    kept = {r.node: r for r in result.records if r.status == "skipped"}
+    assert set(kept) == {"stem.conv", "head.fc"}
+    assert "keep" in kept["stem.conv"].reason
+    by_name = {n.name: n for n in result.model.graph.node}
+    dequantized = {n.output[0] for n in result.model.graph.node if n.op_type == "DequantizeLinear"}
+    assert by_name["stem.conv"].input[1] not in dequantized
+    assert by_name["stage1.block0.conv1"].input[1] in dequantized
+
+
+def test_opset_11_model_is_converted_to_13_and_runs(resnet_style):
+    old = onnx.ModelProto()
+    old.CopyFrom(resnet_style)
+    old.opset_import[0].version = 11
+    result = quantize(old, batches(old))
+    assert result.summary["converted_from_opset"] == 11
+    assert graph.default_opset(result.model) == 13
+    graph.check_model(result.model)
+    held_out = batches(old, count=1, seed=3)
+    assert rel_l2(logits(old, held_out), logits(result.model, held_out)) < 0.08
+
+
+def test_calibration_samples_are_capped(resnet_style):
+    result = quantize(resnet_style, batches(resnet_style, count=3), samples=6)
+    assert result.summary["calibration_samples"] == 6
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"activations": "int4"}, "activations must be one of"),
+        ({"ranges": "mse"}, "ranges must be one of"),
+        ({"samples": 0}, "samples must be at least 1"),
+        ({"keep": "no.such.node"}, "keep names no node"),
+    ],
+)
+def test_bad_options_are_one_clear_error(resnet_style, options, message):
+    with pytest.raises(CompressError, match=message):
+        quantize(resnet_style, batches(resnet_style, count=1), **options)
+
+
+def test_without_calibration_data_it_says_what_it_needs(resnet_style):
+    with pytest.raises(CompressError, match="needs calibration data"):
+        quantize(resnet_style, None)
+
+
+def test_cli_composes_svd_then_int8(tmp_path, resnet_style):
+    from onnxcompress.cli import main
+
+    source = tmp_path / "resnet_style.onnx"
+    io.save_model(resnet_style, source)
+    data = tmp_path / "data.npz"
+    np.savez(data, input=np.random.default_rng(0).random((32, 3, 32, 32), np.float32))
+    out = tmp_path / "out.onnx"
+    code = main(
+        [str(source), "--passes", "svd,int8", "--opt", "svd.target_macs=0.7", "--data", str(data)]
+        + ["-o", str(out), "-q"]
+    )
+    assert code == 0
+    model = io.load_model(out)
+    graph.check_model(model)
+    assert any(n.op_type == "DequantizeLinear" for n in model.graph.node)
+    assert len([n for n in model.graph.node if n.op_type == "Conv"]) > 8  # svd split some
+
+
+def _cifar_test_images(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` CIFAR-10 test JPEGs of every 10th class-ordered image, decoded."""
+    from PIL import Image
+
+    packed = np.load(SHARED_DATA / "cifar10" / "test_jpeg.npz")
+    picks = np.linspace(0, len(packed["y"]) - 1, count).astype(int)
+    jpeg, offsets = packed["jpeg"], packed["offsets"]
+    images = [
+        np.asarray(Image.open(stdio.BytesIO(jpeg[offsets[i] : offsets[i + 1]].tobytes())))
+        for i in picks
+    ]
+    x = (np.stack(images).astype(np.float32) - CIFAR_MEAN) / CIFAR_STD
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), packed["y"][picks]
+
+
+def test_resnet20_keeps_its_cifar10_accuracy():
+    model = io.load_model(shared_model("resnet20_cifar10.onnx"))
+    x, y = _cifar_test_images(400)
+    calibration = [{"input": x[i : i + 50]} for i in range(0, 200, 50)]
+    evaluation = [{"input": x[i : i + 50]} for i in range(200, 400, 50)]
+    result = quantize(model, calibration)
+    graph.check_model(result.model)
+    name = model.graph.output[0].name
+    before = np.concatenate([run_model(model, [b])[name] for b in evaluation]).argmax(1)
+    after = np.concatenate([run_model(result.model, [b])[name] for b in evaluation]).argmax(1)
+    assert (before == y[200:]).mean() > 0.75  # the data and preprocessing are right
+    assert (after == before).mean() >= 0.96
+    assert abs((after == y[200:]).mean() - (before == y[200:]).mean()) <= 0.02
+
+
+@pytest.mark.parametrize("ranges", ["entropy", "percentile"])
+def test_other_range_methods_run_and_stay_close(resnet_style, ranges):
+    result = quantize(resnet_style, batches(resnet_style, count=2), ranges=ranges)
+    graph.check_model(result.model)
+    held_out = batches(resnet_style, count=1, seed=5)
+    assert rel_l2(logits(resnet_style, held_out), logits(result.model, held_out)) < 0.15
