@@ -11,9 +11,10 @@ checked (`graph.check_model`), analysed (MACs, params), sized (`.onnx`; `.onnxc`
 pruning methods, whose size budget is bytes once coded) and scored by its `BenchModel`. The
 original and all variants of a model are then timed in one interleaved `benchmark_models`
 call per batch size, so every latency ratio compares runs made side by side. Baselines in the
-same run: onnxruntime dynamic int8 (`int8`) and uniform magnitude pruning (`prune_uniform`:
-the `prune` pass with the same sparsity in every layer). A method that fails or refuses a
-budget gives a row with the error; the run goes on.
+same run: static int8 (`int8`, the pass; `svd+int8` and the like run it after another
+method, at its defaults), onnxruntime dynamic int8 (`int8_dynamic`) and uniform magnitude
+pruning (`prune_uniform`: the `prune` pass with the same sparsity in every layer). A method
+that fails or refuses a budget gives a row with the error; the run goes on.
 """
 
 from __future__ import annotations
@@ -185,16 +186,18 @@ def run_variant(bench: BenchModel, variant: Variant, context: PassContext, args)
         if method.pass_name is None:
             model, coded, report = int8_model(bench.model), [], None
         else:
-            spec = passes.get_pass(method.pass_name)
+            specs = [passes.get_pass(name) for name in (method.pass_name, *method.then)]
+            options = {spec.name: spec.make_options({}) for spec in specs[1:]}
+            options[specs[0].name] = specs[0].make_options(variant.options)
             coded: list = []
             model, reports = run_passes(
-                bench.model, [spec], {spec.name: spec.make_options(variant.options)}, context,
-                lambda _step: None, coded=coded,
-            )  # fmt: skip
+                bench.model, specs, options, context, lambda _step: None, coded=coded
+            )
             graph.check_model(model)
             report = reports[0]
         row["seconds"] = round(time.perf_counter() - started, 2)
-        row.update(figures(bench, model, coded, method.coded, int8=method.pass_name is None))
+        dynamic = method.pass_name is None
+        row.update(figures(bench, model, coded, method.coded, int8_dynamic=dynamic))
         if report is not None:
             row.update(pass_outcome(report))
         row["score"] = bench.score(model, args.threads)
@@ -220,11 +223,12 @@ def int8_model(model: onnx.ModelProto) -> onnx.ModelProto:
         return io.load_model(target)
 
 
-def figures(bench: BenchModel, model, coded: list, coded_size: bool, int8: bool = False) -> dict:
+def figures(bench: BenchModel, model, coded: list, coded_size: bool, int8_dynamic=False) -> dict:
     """MACs and params (analyse), bytes as `.onnx` and, for coded methods, as `.onnxc`."""
-    stats = analyse(bench.model if int8 else model, bench.input_shapes)
+    # analyse does not count ConvInteger/MatMulInteger: dynamic int8 gets the original's count
+    stats = analyse(bench.model if int8_dynamic else model, bench.input_shapes)
     out = {
-        "macs": stats.total_macs,  # int8: the original's count, done in integer arithmetic
+        "macs": stats.total_macs,
         "params": stats.total_params,
         "onnx_bytes": model.ByteSize(),
         "onnxc_bytes": len(onnxc.encode_model(model, coded)) if coded_size else None,

@@ -48,13 +48,15 @@ _FACTORIZATION = {"align": 8, "never_slower": False}
 @dataclass(frozen=True)
 class Method:
     """A compression method of the suite: a registered pass with fixed options, whose budget
-    ladder sets `budget` (target_macs or sparsity); pass_name None is the int8 baseline."""
+    ladder sets `budget` (target_macs or sparsity), then the passes of `then` at their
+    defaults (e.g. int8 after a factorization); pass_name None is the dynamic int8 baseline."""
 
     pass_name: str | None
     budget: str | None
     defaults: dict = field(default_factory=dict)
     coded: bool = False  # sized as `.onnxc`: pruned weights only get small once coded
     note: str = ""
+    then: tuple[str, ...] = ()
 
 
 METHODS: dict[str, Method] = {
@@ -84,7 +86,18 @@ METHODS: dict[str, Method] = {
         {"align": 8},
         note="per layer: keep, svd, cp, tucker2 or fga, from measured latency and damage",
     ),
-    "int8": Method(
+    "int8": Method("int8", None, note="static int8 (QDQ, per channel) calibrated on the data"),
+    **{
+        f"{name}+int8": Method(
+            name, "target_macs", _FACTORIZATION, note=f"{name} (align 8), then int8", then=("int8",)
+        )
+        for name in ("svd", "cp")
+    },
+    "channels+int8": Method("channels", "target_macs", note="channels, then int8", then=("int8",)),
+    "auto+int8": Method(
+        "auto", "target_latency", {"align": 8}, note="auto's plan, then int8", then=("int8",)
+    ),
+    "int8_dynamic": Method(
         None, None, note="baseline: onnxruntime quantize_dynamic, int8 weights; MACs as original"
     ),
 }

@@ -53,13 +53,20 @@ def _run(tmp_path, passes, extra=(), builders=None):
 
 
 def test_run_writes_json_markdown_and_rows(tmp_path):
-    results = _run(tmp_path, "svd,prune,int8")
+    results = _run(tmp_path, "svd,prune,int8_dynamic,int8,svd+int8")
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["machine"]["onnxruntime"] and saved["machine"]["cpu_count"] >= 1
     assert saved["command"].startswith("python benchmarks/run.py --models tiny")
     (entry,) = saved["models"]
     rows = {row["label"]: row for row in entry["rows"]}
-    assert list(rows) == ["original", "svd@0.5", "prune@0.5", "int8"]
+    assert list(rows) == [
+        "original",
+        "svd@0.5",
+        "prune@0.5",
+        "int8_dynamic",
+        "int8",
+        "svd+int8@0.5",
+    ]
     for label, row in rows.items():
         assert "error" not in row, (label, row.get("error"))
         for key in ("macs", "params", "onnx_bytes", "stored_bytes", "macs_ratio", "score"):
@@ -75,8 +82,15 @@ def test_run_writes_json_markdown_and_rows(tmp_path):
     prune = rows["prune@0.5"]
     assert prune["macs_ratio"] == 1.0 and prune["onnxc_bytes"] < prune["onnx_bytes"]
     assert prune["stored_bytes"] == prune["onnxc_bytes"]
-    assert rows["int8"]["onnx_bytes"] < 0.5 * rows["original"]["onnx_bytes"]
-    assert rows["int8"]["macs"] == rows["original"]["macs"]
+    for label in ("int8", "int8_dynamic"):
+        assert rows[label]["onnx_bytes"] < 0.5 * rows["original"]["onnx_bytes"]
+    assert rows["int8_dynamic"]["macs"] == rows["original"]["macs"]
+    # static QDQ: the same products (its fused ReLUs and folded BNs aside)
+    assert rows["int8"]["macs"] == pytest.approx(rows["original"]["macs"], rel=0.05)
+    assert rows["int8"]["score"]["rel_l2"] > 0
+    both = rows["svd+int8@0.5"]  # svd, then int8 on its result
+    assert both["macs_ratio"] == pytest.approx(rows["svd@0.5"]["macs_ratio"], rel=0.05)
+    assert both["onnx_bytes"] < 0.5 * rows["svd@0.5"]["onnx_bytes"]
     text = (tmp_path / "results.md").read_text()
     assert "## tiny" in text and saved["command"] in text
     for label in rows:
@@ -106,10 +120,10 @@ def test_failing_method_gives_error_row_and_run_goes_on(tmp_path, monkeypatch):
         raise RuntimeError("quantizer exploded")
 
     monkeypatch.setattr(run, "int8_model", broken)
-    results = _run(tmp_path, "int8,prune", ["--no-plots"])
+    results = _run(tmp_path, "int8_dynamic,prune", ["--no-plots"])
     rows = {row["label"]: row for row in results["models"][0]["rows"]}
-    assert rows["int8"]["error"] == "RuntimeError: quantizer exploded"
-    assert "latency" not in rows["int8"]
+    assert rows["int8_dynamic"]["error"] == "RuntimeError: quantizer exploded"
+    assert "latency" not in rows["int8_dynamic"]
     assert "error" not in rows["prune@0.5"] and rows["prune@0.5"]["latency"]["1"]["median_ms"] > 0
     assert "error: RuntimeError: quantizer exploded" in (tmp_path / "results.md").read_text()
 
@@ -143,8 +157,9 @@ def test_parse_args_rejects_bad_names_and_options():
 
 def test_variants_ladders_and_option_precedence():
     opt = parse_options(["svd.align=4", "prune_uniform.keep=none"], ["svd", "prune_uniform"])
-    todo = variants(["svd", "prune_uniform", "int8"], [0.7, 0.5], [0.9], opt)
-    assert [v.label for v in todo] == ["svd@0.7", "svd@0.5", "prune_uniform@0.9", "int8"]
+    todo = variants(["svd", "prune_uniform", "int8", "svd+int8"], [0.7, 0.5], [0.9], opt)
+    labels = ["svd@0.7", "svd@0.5", "prune_uniform@0.9", "int8", "svd+int8@0.7", "svd+int8@0.5"]
+    assert [v.label for v in todo] == labels
     assert todo[0].options == {"align": "4", "never_slower": False, "target_macs": 0.7}
     assert todo[2].options == {"scope": "layer", "keep": "none", "sparsity": 0.9}
 
