@@ -96,13 +96,9 @@ def _weight_count(model) -> int:
     return sum(int(np.prod(init.dims)) for init in model.graph.initializer)
 
 
-@pytest.mark.parametrize("slowdown", [1.3, 10.0])
-def test_latency_budget_tightens_when_the_whole_model_misses(
-    vgg_calibration, monkeypatch, slowdown
-):
-    """Deterministic stand-ins for the timers: a layer's latency is proportional to its
-    weights, and the whole model runs 30 % slower than its layers add up to, so the first
-    plan misses the target and the next round must spend less."""
+def _weights_as_milliseconds(monkeypatch, compressed_ms) -> None:
+    """Deterministic stand-ins for the timers: a layer's latency is its weight count, the
+    original model's its total weight count, a compressed model's `compressed_ms(model)`."""
 
     def layer_ms(constants, layer, rewrite, threads=2, cache=None):
         before = float(layer.weight.size)
@@ -110,14 +106,23 @@ def test_latency_budget_tightens_when_the_whole_model_misses(
         return {"original_ms": before, "rewritten_ms": after, "speedup": before / after}
 
     def model_ms(models, *args, **kwargs):
-        base = {"original": {"median_ms": float(_weight_count(vgg_style()))}}
+        timing = {"original": {"median_ms": float(_weight_count(vgg_style()))}}
         if "compressed" in models:
-            base["compressed"] = {"median_ms": slowdown * _weight_count(models["compressed"])}
-        return base
+            timing["compressed"] = {"median_ms": compressed_ms(models["compressed"])}
+        return timing
 
     monkeypatch.setattr(auto_plan.layer_timing, "compare_layer", layer_ms)
     monkeypatch.setattr(auto_plan.layer_timing, "call_overhead_ms", lambda *a, **k: 0.0)
     monkeypatch.setattr(auto_search.benchmark, "benchmark_models", model_ms)
+
+
+@pytest.mark.parametrize("slowdown", [1.3, 10.0])
+def test_latency_budget_tightens_when_the_whole_model_misses(
+    vgg_calibration, monkeypatch, slowdown
+):
+    """The whole model runs 30 % slower than its layers add up to, so the first plan misses
+    the target and the next round must spend less."""
+    _weights_as_milliseconds(monkeypatch, lambda model: slowdown * _weight_count(model))
     result = _run_auto(
         vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.7,
         latency_basis="layer",
@@ -129,6 +134,39 @@ def test_latency_budget_tightens_when_the_whole_model_misses(
     if slowdown == 10.0:  # out of reach: tightened down to the cheapest plan, then said so
         assert "cheapest" in rounds[-1]["note"]
         assert result.summary["auto"]["target_reached"] is False
+
+
+def test_latency_search_bisects_and_keeps_the_best_plan_on_target(vgg_calibration, monkeypatch):
+    """Scripted whole-model ratios: a miss, then far under target, then on target. The
+    search tightens, then loosens between the two, and keeps the on-target plan with the
+    smallest measured error."""
+    ratios = iter([0.9, 0.3, 0.68])
+    original = _weight_count(vgg_style())
+    _weights_as_milliseconds(monkeypatch, lambda model: next(ratios) * original)
+    result = _run_auto(vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.7)
+    found = result.summary["auto"]
+    budgets = [r["budget"] for r in found["rounds"]]
+    assert [r["latency_ratio"] for r in found["rounds"]] == [0.9, 0.3, 0.68]
+    assert budgets[1] < budgets[0] and budgets[1] < budgets[2] < budgets[0]
+    assert budgets[2] == pytest.approx((budgets[0] + budgets[1]) / 2, abs=1e-6)
+    on_target = [1, 2]
+    best = min(on_target, key=lambda i: found["rounds"][i]["rel_l2"])
+    assert found["chosen_round"] == best and found["model"] == found["rounds"][best]
+    assert found["target_reached"] is True
+    assert result.summary["auto"]["model"]["rel_l2"] <= found["rounds"][1]["rel_l2"]
+
+
+def test_best_round_prefers_on_target_then_least_error():
+    rounds = [
+        {"budget": 0.5, "latency_ratio": 0.8, "rel_l2": 0.01},
+        {"budget": 0.3, "latency_ratio": 0.4, "rel_l2": 0.30},
+        {"budget": 0.4, "latency_ratio": 0.5, "rel_l2": 0.20},
+    ]
+    assert auto_search._best_round(rounds, 0.5) == 2
+    assert auto_search._best_round(rounds, 0.2) == 1  # none on target: the fastest
+    assert auto_search._best_round([{"budget": 0.5}], None) == 0  # macs/bytes: one round
+    no_data = [{"budget": 0.3, "latency_ratio": 0.4}, {"budget": 0.4, "latency_ratio": 0.5}]
+    assert auto_search._best_round(no_data, 0.5) == 1  # the larger budget: less given up
 
 
 def test_without_data_damage_is_the_weight_error():
