@@ -31,8 +31,11 @@ TIMING_SECONDS = 1.0
 FACTORY = "passes.auto:make_methods"
 
 
-def search(model, analysis, choices, methods, options, context: PassContext) -> PassResult:
-    """The whole search; the result's summary is the `auto` section of the report."""
+def search(
+    model, analysis, choices, methods, options, context: PassContext, quantize=None
+) -> PassResult:
+    """The whole search; the result's summary is the `auto` section of the report.
+    `quantize(model) -> model` (int8), when given, is tried on the original and the best plan."""
     kind, target = options.budget()
     sample = first_samples(context.calibration, options.sensitivity_samples)
     measured = run_sensitivity(model, choices, options, context, sample)
@@ -57,21 +60,56 @@ def search(model, analysis, choices, methods, options, context: PassContext) -> 
             f"which auto does not rewrite, is {rest / scale:.3f} of it)"
         )
     checker = _Checker(model, context, feeds, options)
+    rounds, tried = _latency_rounds(
+        model, tables, methods, context, options, checker, (budget, floor, scale)
+    )
+    on_latency = target if kind == "latency" else None
+    if quantize and on_latency and context.calibration:
+        best_float = tried[_best_round(rounds, on_latency)]
+        _int8_rounds(model, tables, best_float, tried, rounds, quantize, checker)
+    chosen = _best_round(rounds, on_latency)
+    plan, compressed, refit, _, backed_off = tried[chosen]
+    summary = _summary(kind, target, tables, plan, rounds, chosen, backed_off, refit, scale, rest)
+    if kind == "latency":  # measured on the whole model, not predicted
+        summary["target_reached"] = rounds[chosen]["latency_ratio"] <= target + LATENCY_SLACK
+    summary["sensitivity"] = {
+        "basis": "outputs" if sample else "weights (no calibration data)",
+        "samples": sample_count(sample),
+        "jobs": jobs_of(options, context),
+    }
+    quantized = bool(rounds[chosen].get("int8"))
+    if quantize:
+        summary["int8"] = {
+            "quantized": quantized,
+            "tried": bool(on_latency and context.calibration),
+            "note": "int8 (static QDQ) of the original and of the best float plan, measured "
+            "like every round; needs a latency target and calibration data",
+        }
+    records = _records(tables, plan, backed_off)
+    changed = quantized or any(s.method != "keep" for s in plan.values())
+    return PassResult(compressed if changed else model, changed, records, summary)
+
+
+def _latency_rounds(model, tables, methods, context, options, checker, start):
+    """Build and check plans; for a latency target, tighten the budget after a miss and
+    loosen it after a plan far under target, bisecting once both are known. Returns the
+    rounds' checks and, per round, (plan, model, refit, check, restored layers)."""
+    kind, target = options.budget()
+    budget, floor, scale = start
     rounds, tried = [], []
     met = missed = None  # the largest budget that met the target, the smallest that missed
     for _ in range(LATENCY_ROUNDS):
         plan = auto_plan.allocate(tables, kind, budget)
         built = _build_and_check(model, plan, tables, methods, context, options, checker)
-        check = built[2]
-        rounds.append({"budget": round(budget, 6), **check})
+        rounds.append({"budget": round(budget, 6), **built[2]})
         tried.append((plan, *built))
-        ratio = check.get("latency_ratio")
+        ratio = built[2].get("latency_ratio")
         if kind != "latency" or ratio is None:
             break
         if ratio <= target + LATENCY_SLACK:
             met = max(met or budget, budget)
-            if ratio >= target - 2 * LATENCY_SLACK:
-                break  # on target, not far under it
+            if ratio >= target - LATENCY_SLACK:
+                break  # on target: within the slack either side
             # Far under target: this plan gives up more than it must; try a looser budget.
             step = budget + (target - ratio) * scale
             budget = (budget + missed) / 2 if missed else step
@@ -83,19 +121,24 @@ def search(model, analysis, choices, methods, options, context: PassContext) -> 
             # The layers must give up what the whole model missed (never below the cheapest).
             step = max(floor, budget - (ratio - target) * scale)
             budget = (budget + met) / 2 if met else step
-    chosen = _best_round(rounds, target if kind == "latency" else None)
-    plan, compressed, refit, _, backed_off = tried[chosen]
-    summary = _summary(kind, target, tables, plan, rounds, chosen, backed_off, refit, scale, rest)
-    if kind == "latency":  # measured on the whole model, not predicted
-        summary["target_reached"] = rounds[chosen]["latency_ratio"] <= target + LATENCY_SLACK
-    summary["sensitivity"] = {
-        "basis": "outputs" if sample else "weights (no calibration data)",
-        "samples": sample_count(sample),
-        "jobs": jobs_of(options, context),
-    }
-    records = _records(tables, plan, backed_off)
-    changed = any(s.method != "keep" for s in plan.values())
-    return PassResult(compressed if changed else model, changed, records, summary)
+    return rounds, tried
+
+
+def _int8_rounds(model, tables, best_float, tried, rounds, quantize, checker) -> None:
+    """Two more rounds: the original quantized to int8 (every layer kept) and the best float
+    plan quantized. Whether int8 pays depends on the runtime and the shapes (on ResNet-20 it
+    speeds up the original but slows the factorized layers down), so it is measured like
+    every round and kept only if it wins."""
+    keep_all = {t.choice.name: t.keep for t in tables}
+    plan, compressed, refit, _, restored = best_float
+    sources = [(keep_all, model, None, [])]
+    if any(s.method != "keep" for s in plan.values()):
+        sources.append((plan, compressed, refit, restored))
+    for plan, source, refit, restored in sources:
+        quantized = quantize(source)
+        check = checker(quantized, "latency")
+        rounds.append({"budget": None, "int8": True, **check})
+        tried.append((plan, quantized, refit, check, restored))
 
 
 def run_sensitivity(model, choices, options, context, sample) -> dict[str, list]:
@@ -145,7 +188,9 @@ def _best_round(rounds: list[dict], target: float | None) -> int:
     ]  # fmt: skip
     if not on_target:
         return min(range(len(rounds)), key=lambda i: rounds[i]["latency_ratio"])
-    return min(on_target, key=lambda i: (rounds[i].get("rel_l2", 0.0), -rounds[i]["budget"]))
+    return min(
+        on_target, key=lambda i: (rounds[i].get("rel_l2", 0.0), -(rounds[i]["budget"] or 0.0))
+    )
 
 
 def jobs_of(options, context: PassContext) -> int:

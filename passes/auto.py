@@ -56,6 +56,12 @@ class AutoOptions:
     sensitivity_samples: int = option(64, "calibration samples each sensitivity run uses")
     jobs: int | None = option(None, "parallel processes for the sensitivity runs (default --jobs)")
     refit: bool = option(True, "refit the last factors of the plan on calibration data")
+    int8: bool = option(
+        False,
+        "with a latency target and calibration data, also measure the original and the best "
+        "float plan quantized to int8 (static QDQ) and keep whichever is on target with the "
+        "least error",
+    )
     latency_basis: str = option(
         "layer",
         "layer: time the layer alone against its rewrite (net of one call's fixed cost); "
@@ -127,5 +133,12 @@ def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> 
     ]
     if not choices:
         raise CompressError("auto: no layer any candidate method can rewrite to save MACs")
-    found = auto_search.search(model, analysis, choices, methods, options, context)
+    quantize = None
+    if options.int8:
+        from passes import int8
+
+        def quantize(source: onnx.ModelProto) -> onnx.ModelProto:
+            return int8.int8(source, int8.Int8Options(), context).model
+
+    found = auto_search.search(model, analysis, choices, methods, options, context, quantize)
     return PassResult(found.model, found.changed, records + found.records, {"auto": found.summary})

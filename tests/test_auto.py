@@ -156,6 +156,34 @@ def test_latency_search_bisects_and_keeps_the_best_plan_on_target(vgg_calibratio
     assert result.summary["auto"]["model"]["rel_l2"] <= found["rounds"][1]["rel_l2"]
 
 
+@pytest.mark.parametrize("int8_ratio", [0.6, 0.95])
+def test_int8_is_measured_and_kept_only_when_it_wins(vgg_calibration, monkeypatch, int8_ratio):
+    """Scripted timers: float plans cost their weights; an int8 model runs at `int8_ratio` of
+    the original. Fast int8 (0.6) is on the 0.7 target with less error than any float plan
+    (its error is quantization noise only); slow int8 (0.95) misses and a float plan stays."""
+    original = _weight_count(vgg_style())
+
+    def compressed_ms(model):
+        if any(n.op_type == "DequantizeLinear" for n in model.graph.node):
+            return int8_ratio * original
+        return float(_weight_count(model))
+
+    _weights_as_milliseconds(monkeypatch, compressed_ms)
+    result = _run_auto(
+        vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.7, int8=True
+    )
+    found = result.summary["auto"]
+    int8_rounds = [r for r in found["rounds"] if r.get("int8")]
+    assert len(int8_rounds) == 2  # the original and the best float plan, quantized
+    quantized = any(n.op_type == "DequantizeLinear" for n in result.model.graph.node)
+    assert found["int8"]["quantized"] is quantized is (int8_ratio == 0.6)
+    assert found["target_reached"] is True
+    graph.check_model(result.model)
+    if quantized:  # the original, quantized: no layer factorized
+        assert found["model"]["rel_l2"] < min(r["rel_l2"] for r in found["rounds"][:-2])
+        assert all(layer["method"] == "keep" for layer in found["layers"])
+
+
 def test_best_round_prefers_on_target_then_least_error():
     rounds = [
         {"budget": 0.5, "latency_ratio": 0.8, "rel_l2": 0.01},
