@@ -140,6 +140,8 @@ def run_model(bench: BenchModel, todo: list[Variant], args, say: Callable[[str],
             models[variant.label] = model
         status = f"error: {row['error']}" if "error" in row else _score_text(bench, row)
         say(f"{bench.name} {variant.label}: {status} (pass {row['seconds']:.1f} s)")
+    if args.save_models:
+        save_models(models, args.save_models / bench.name)
     say(f"{bench.name}: timing {len(models)} models")
     for batch, timings in time_models(bench, models, args).items():
         base = timings.get("original", {}).get("median_ms")
@@ -206,6 +208,13 @@ def run_variant(bench: BenchModel, variant: Variant, context: PassContext, args)
         row["seconds"] = round(time.perf_counter() - started, 2)
         row["error"] = _first_line(exc)
         return row, None
+
+
+def save_models(models: dict[str, onnx.ModelProto], folder: Path) -> None:
+    """Every model of the run as `<label>.onnx` (e.g. for benchmarks/threads.py)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for label, model in models.items():
+        io.save_model(model, folder / f"{label}.onnx")
 
 
 def int8_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -437,6 +446,7 @@ def parse_args(argv: list[str] | None = None, known_models=None) -> argparse.Nam
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--no-plots", action="store_true", help="write no plots")
+    parser.add_argument("--save-models", type=Path, help="also write every model to DIR/<model>/")
     args = parser.parse_args(argv)
     for key, default in DEFAULTS.items():
         if getattr(args, key) is None:

@@ -94,6 +94,12 @@ METHODS: dict[str, Method] = {
         for name in ("svd", "cp")
     },
     "channels+int8": Method("channels", "target_macs", note="channels, then int8", then=("int8",)),
+    "auto_int8": Method(
+        "auto",
+        "target_latency",
+        {"align": 8, "int8": True},
+        note="auto that also measures int8 of the original and of its best plan, keeps the best",
+    ),
     "auto+int8": Method(
         "auto", "target_latency", {"align": 8}, note="auto's plan, then int8", then=("int8",)
     ),

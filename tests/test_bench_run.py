@@ -100,7 +100,9 @@ def test_run_writes_json_markdown_and_rows(tmp_path):
 
 def test_plots_written_when_matplotlib_imports(tmp_path):
     pytest.importorskip("matplotlib", reason="plots need matplotlib (the plot extra)")
-    results = _run(tmp_path, "prune")
+    results = _run(tmp_path, "prune", ["--save-models", str(tmp_path / "models")])
+    saved = sorted(p.name for p in (tmp_path / "models" / "tiny").iterdir())
+    assert saved == ["original.onnx", "prune@0.5.onnx"]
     for kind in ("score_vs_macs", "latency_vs_macs", "score_vs_bytes"):
         path = tmp_path / "plots" / f"tiny_{kind}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
