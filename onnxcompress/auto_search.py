@@ -15,7 +15,7 @@ from onnxcompress import auto_plan, benchmark, executor, graph, sensitivity
 from onnxcompress.auto_plan import LayerTable, Scored
 from onnxcompress.calibration import random_inputs
 from onnxcompress.errors import CompressError
-from onnxcompress.passkit import NodeRecord, PassContext, PassResult, sample_count
+from onnxcompress.passkit import NodeRecord, PassContext, PassResult, first_samples, sample_count
 
 log = logging.getLogger(__name__)
 
@@ -196,21 +196,6 @@ def _best_round(rounds: list[dict], target: float | None) -> int:
 def jobs_of(options, context: PassContext) -> int:
     """Worker processes: the pass's own `jobs` option, else the run's `--jobs`."""
     return options.jobs or context.jobs
-
-
-def first_samples(batches, count: int):
-    """The first `count` samples of the calibration batches (None without data)."""
-    if not batches:
-        return None
-    out, left = [], count
-    for batch in batches:
-        rows = len(next(iter(batch.values())))
-        take = min(rows, left)
-        out.append({name: value[:take] for name, value in batch.items()})
-        left -= take
-        if left <= 0:
-            break
-    return out
 
 
 def timing_feeds(model, context: PassContext) -> dict[str, np.ndarray]:

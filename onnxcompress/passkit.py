@@ -69,6 +69,23 @@ def sample_count(batches: list[dict[str, np.ndarray]] | None) -> int:
     return sum(len(next(iter(batch.values()))) for batch in batches or [])
 
 
+def first_samples(
+    batches: list[dict[str, np.ndarray]] | None, count: int
+) -> list[dict[str, np.ndarray]] | None:
+    """The first `count` samples of the calibration batches (None without data)."""
+    if not batches:
+        return None
+    out, left = [], count
+    for batch in batches:
+        rows = len(next(iter(batch.values())))
+        take = min(rows, left)
+        out.append({name: value[:take] for name, value in batch.items()})
+        left -= take
+        if left <= 0:
+            break
+    return out
+
+
 @dataclass
 class PassContext:
     """What the core knows that a pass may use; passes do no I/O of their own."""

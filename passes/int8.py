@@ -23,7 +23,14 @@ from onnx import version_converter
 
 from onnxcompress import graph, io
 from onnxcompress.errors import CompressError
-from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option, sample_count
+from onnxcompress.passkit import (
+    NodeRecord,
+    PassContext,
+    PassResult,
+    first_samples,
+    option,
+    sample_count,
+)
 from passes import register
 
 # The first opset whose DequantizeLinear takes `axis` (per-channel weights).
@@ -54,10 +61,11 @@ def int8(model: onnx.ModelProto, options: Int8Options, context: PassContext) -> 
     unknown = sorted(set(keep) - {node.name for node in source.graph.node})
     if unknown:
         raise CompressError(f"int8: keep names no node of the model: {', '.join(unknown)}")
-    quantized = _quantize(source, options, _limited(context.calibration, options.samples), keep)
+    batches = first_samples(context.calibration, options.samples)
+    quantized = _quantize(source, options, batches, keep)
     records = _records(source, quantized, keep)
     summary.update(
-        calibration_samples=sample_count(_limited(context.calibration, options.samples)),
+        calibration_samples=sample_count(batches),
         quantized_layers=sum(r.status == "rewritten" for r in records),
         qdq_nodes=dict(
             Counter(
@@ -97,18 +105,6 @@ def _at_qdq_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
             f"{str(exc).splitlines()[0]}"
         ) from exc
     return converted, {"opset": QDQ_OPSET, "converted_from_opset": opset}
-
-
-def _limited(batches: list[dict] | None, samples: int) -> list[dict]:
-    """The first `samples` samples of the calibration batches (whole batches, then a slice)."""
-    out, left = [], samples
-    for batch in batches or []:
-        if left <= 0:
-            break
-        rows = len(next(iter(batch.values())))
-        out.append(batch if rows <= left else {k: v[:left] for k, v in batch.items()})
-        left -= rows
-    return out
 
 
 class _Batches:
