@@ -63,7 +63,7 @@ def int8(model: onnx.ModelProto, options: Int8Options, context: PassContext) -> 
         raise CompressError(f"int8: keep names no node of the model: {', '.join(unknown)}")
     batches = first_samples(context.calibration, options.samples)
     quantized = _quantize(source, options, batches, keep)
-    records = _records(source, quantized, keep)
+    records = _records(quantized, keep)
     summary.update(
         calibration_samples=sample_count(batches),
         quantized_layers=sum(r.status == "rewritten" for r in records),
@@ -151,23 +151,23 @@ def _quantize(model: onnx.ModelProto, options: Int8Options, batches, keep) -> on
         return io.load_model(target)
 
 
-def _records(source: onnx.ModelProto, quantized: onnx.ModelProto, keep) -> list[NodeRecord]:
-    """One record per Conv/Gemm/MatMul: quantized when its weight now comes from a
-    DequantizeLinear, else skipped with why."""
+def _records(quantized: onnx.ModelProto, keep) -> list[NodeRecord]:
+    """One record per Conv/Gemm/MatMul of the written model: quantized when its weight comes
+    from a DequantizeLinear, else skipped with why. (Read off the result, not the source:
+    the quantizer's pre-processing folds nodes, and many models leave node names empty.)"""
     dq_outputs = {n.output[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
-    by_name = {n.name: n for n in quantized.graph.node if n.name}
     records = []
-    for node in source.graph.node:
+    for node in quantized.graph.node:
         if node.op_type not in LAYER_OPS:
             continue
-        after = by_name.get(node.name)
-        if node.name in keep:
-            records.append(NodeRecord(node.name, node.op_type, "skipped", "kept in float (keep)"))
-        elif after is not None and len(after.input) > 1 and after.input[1] in dq_outputs:
-            records.append(NodeRecord(node.name, node.op_type, "rewritten", details={"int8": True}))
+        name = node.name or node.output[0]
+        if node.name and node.name in keep:
+            records.append(NodeRecord(name, node.op_type, "skipped", "kept in float (keep)"))
+        elif len(node.input) > 1 and node.input[1] in dq_outputs:
+            records.append(NodeRecord(name, node.op_type, "rewritten", details={"int8": True}))
         else:
             reason = "left in float by onnxruntime's quantizer (op type or inputs not supported)"
-            records.append(NodeRecord(node.name, node.op_type, "skipped", reason))
+            records.append(NodeRecord(name, node.op_type, "skipped", reason))
     return records
 
 

@@ -71,6 +71,17 @@ def test_every_layer_quantized_outputs_close_and_weights_int8(resnet_style):
     assert after.total_params >= 0.95 * before.total_params
 
 
+def test_records_read_the_written_model_even_without_node_names(resnet_style):
+    nameless = onnx.ModelProto()
+    nameless.CopyFrom(resnet_style)
+    for node in nameless.graph.node:
+        node.name = ""
+    result = quantize(nameless, batches(nameless))
+    assert [r.status for r in result.records] == ["rewritten"] * 10
+    names = [r.node for r in result.records]
+    assert all(names) and len(set(names)) == 10  # named by their outputs instead
+
+
 def test_per_tensor_and_int8_activations_are_options(resnet_style):
     calibration = batches(resnet_style)
     result = quantize(resnet_style, calibration, per_channel=False, activations="int8")
