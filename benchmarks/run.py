@@ -256,7 +256,7 @@ def pass_outcome(report: dict) -> dict:
             r.get("reason", "") for r in report["records"] if r["status"] != "rewritten"
         )
         notes.append("nothing rewritten: " + "; ".join(f"{n}× {why}" for why, n in reasons.items()))
-    if summary.get("target_reached") is False:
+    if summary.get("target_reached") is False or summary.get("note"):  # the pass's warning
         notes.append(str(summary.get("note", "target not reached")))
     return {"layers": dict(counts), "summary": summary, "notes": notes}
 

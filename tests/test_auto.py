@@ -134,6 +134,7 @@ def test_latency_budget_tightens_when_the_whole_model_misses(
     if slowdown == 10.0:  # out of reach: tightened down to the cheapest plan, then said so
         assert "cheapest" in rounds[-1]["note"]
         assert result.summary["auto"]["target_reached"] is False
+        assert "missed" in result.summary["note"]  # the CLI prints it as a warning
 
 
 def test_latency_search_bisects_and_keeps_the_best_plan_on_target(vgg_calibration, monkeypatch):
@@ -182,6 +183,21 @@ def test_int8_is_measured_and_kept_only_when_it_wins(vgg_calibration, monkeypatc
     if quantized:  # the original, quantized: no layer factorized
         assert found["model"]["rel_l2"] < min(r["rel_l2"] for r in found["rounds"][:-2])
         assert all(layer["method"] == "keep" for layer in found["layers"])
+
+
+def test_plan_warning_says_missed_targets_and_large_errors():
+    from passes.auto import plan_warning
+
+    on = {"budget": {"target": 0.5}, "target_reached": True, "model": {"rel_l2": 0.1}}
+    assert plan_warning(on) == ""
+    broken = {"budget": {"target": 0.5}, "target_reached": True, "model": {"rel_l2": 0.95}}
+    assert "expect a large accuracy drop" in plan_warning(broken)
+    missed = {
+        "budget": {"target": 0.5}, "target_reached": False,
+        "model": {"latency_ratio": 0.61, "rel_l2": 0.2},
+    }  # fmt: skip
+    assert plan_warning(missed).startswith("target_latency=0.5 missed")
+    assert "0.610" in plan_warning(missed)
 
 
 def test_best_round_prefers_on_target_then_least_error():
