@@ -78,7 +78,8 @@ def test_runs_are_interleaved(monkeypatch):
     monkeypatch.setattr(benchmark, "_session", RecordingSession)
     benchmark_models(models, INPUTS, warmup=3, repeats=5)
     assert calls[:6] == ["wide"] * 3 + ["narrow"] * 3  # warm-up first, model by model
-    assert calls[6:] == ["wide", "narrow"] * 5
+    # then rounds: each model twice in turn (an untimed run warms its caches, one timed)
+    assert calls[6:] == ["wide", "wide", "narrow", "narrow"] * 5
 
 
 def test_missing_input_is_an_error():
