@@ -137,6 +137,9 @@ def _int8_rounds(model, tables, best_float, tried, rounds, quantize, checker) ->
     for plan, source, refit, restored in sources:
         quantized = quantize(source)
         check = checker(quantized, "latency")
+        why = checker.fails(check)  # no back-off inside an int8 model: it is out if it fails
+        if why:
+            check["tolerance_failed"] = why
         rounds.append({"budget": None, "int8": True, **check})
         tried.append((plan, quantized, refit, check, restored))
 
@@ -181,13 +184,16 @@ def run_sensitivity(model, choices, options, context, sample) -> dict[str, list]
 def _best_round(rounds: list[dict], target: float | None) -> int:
     """The round to keep: of those on the latency target (all, for other budgets), the one
     with the smallest measured output error (the largest budget when no data measured it);
-    with none on target, the fastest."""
+    with none on target, the fastest. An int8 round that failed the tolerance is out."""
+    rounds_left = [
+        i for i, r in enumerate(rounds) if not (r.get("int8") and "tolerance_failed" in r)
+    ]
     on_target = [
-        i for i, r in enumerate(rounds)
-        if target is None or r["latency_ratio"] <= target + LATENCY_SLACK
+        i for i in rounds_left
+        if target is None or rounds[i]["latency_ratio"] <= target + LATENCY_SLACK
     ]  # fmt: skip
     if not on_target:
-        return min(range(len(rounds)), key=lambda i: rounds[i]["latency_ratio"])
+        return min(rounds_left, key=lambda i: rounds[i]["latency_ratio"])
     return min(
         on_target, key=lambda i: (rounds[i].get("rel_l2", 0.0), -(rounds[i]["budget"] or 0.0))
     )

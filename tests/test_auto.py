@@ -209,6 +209,9 @@ def test_best_round_prefers_on_target_then_least_error():
     assert auto_search._best_round(rounds, 0.5) == 2
     assert auto_search._best_round(rounds, 0.2) == 1  # none on target: the fastest
     assert auto_search._best_round([{"budget": 0.5}], None) == 0  # macs/bytes: one round
+    failed_int8 = {"budget": None, "int8": True, "latency_ratio": 0.3, "rel_l2": 0.01}
+    failed_int8["tolerance_failed"] = "top-1 accuracy drop 3.00 points > 1"
+    assert auto_search._best_round([*rounds, failed_int8], 0.5) == 2  # int8 out: it failed
     no_data = [{"budget": 0.3, "latency_ratio": 0.4}, {"budget": 0.4, "latency_ratio": 0.5}]
     assert auto_search._best_round(no_data, 0.5) == 1  # the larger budget: less given up
 
