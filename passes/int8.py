@@ -31,6 +31,7 @@ from onnxcompress.passkit import (
     option,
     sample_count,
 )
+from onnxcompress.validate import ort_message
 from passes import register
 
 # The first opset whose DequantizeLinear takes `axis` (per-channel weights).
@@ -102,7 +103,7 @@ def _at_qdq_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     except Exception as exc:  # noqa: BLE001 - the converter raises bare RuntimeErrors
         raise CompressError(
             f"int8 needs opset {QDQ_OPSET}; converting from opset {opset} failed: "
-            f"{str(exc).splitlines()[0]}"
+            f"{ort_message(exc)}"
         ) from exc
     return converted, {"opset": QDQ_OPSET, "converted_from_opset": opset}
 
@@ -144,7 +145,7 @@ def _quantize(model: onnx.ModelProto, options: Int8Options, batches, keep) -> on
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - its errors are plain exceptions
             raise CompressError(
-                f"int8: onnxruntime's quantizer failed: {_first_line(exc)}"
+                f"int8: onnxruntime's quantizer failed: {ort_message(exc)}"
             ) from exc
         finally:
             logging.disable(logging.NOTSET)
@@ -173,8 +174,3 @@ def _records(quantized: onnx.ModelProto, keep) -> list[NodeRecord]:
 
 def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
