@@ -51,8 +51,8 @@ def benchmark_models(
             for name, session in sessions.items():
                 # Untimed first: the timed run then finds this model's weights in cache, as
                 # when a deployed model serves back to back. Straight after the other models
-                # it would not: with 20 ResNet-20 variants interleaved, every ratio moved by
-                # up to 0.15 (cp@0.25: 0.66 cold, 0.49-0.53 warm).
+                # it would not: with 20 ResNet-20 variants interleaved, ratios came out up to
+                # 0.1 higher (benchmarks/results/threads1_resnet20, cp@0.25: 0.614 → 0.518).
                 session.run(None, feeds[name])
                 begin = time.perf_counter()
                 session.run(None, feeds[name])
