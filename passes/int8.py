@@ -57,7 +57,9 @@ class Int8Options:
 @register("int8", Int8Options, "static int8 quantization (QDQ) calibrated on the data")
 def int8(model: onnx.ModelProto, options: Int8Options, context: PassContext) -> PassResult:
     _check(options, context)
-    source, summary = _at_qdq_opset(model)
+    # Stale weights (left by an earlier pass until the core's cleanup) break onnxruntime's
+    # pre-processing when an old exporter also lists them as graph inputs: drop them first.
+    source, summary = _at_qdq_opset(graph.cleanup_and_sort(model))
     keep = _names(options.keep)
     unknown = sorted(set(keep) - {node.name for node in source.graph.node})
     if unknown:

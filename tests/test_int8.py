@@ -119,6 +119,24 @@ def test_opset_11_model_is_converted_to_13_and_runs(resnet_style):
     assert rel_l2(logits(old, held_out), logits(result.model, held_out)) < 0.08
 
 
+def test_unused_weight_listed_as_graph_input_does_not_break_the_quantizer(resnet_style):
+    # Old exporters (IR 3) list every weight as a graph input; a pass that replaces a layer
+    # leaves its weight behind until cleanup, and onnxruntime's pre-processing then failed
+    # (SqueezeNet after svd, called through the API).
+    old = onnx.ModelProto()
+    old.CopyFrom(resnet_style)
+    old.ir_version = 3
+    stale = onnx.numpy_helper.from_array(np.ones(4, np.float32), "stale_weight")
+    old.graph.initializer.append(stale)
+    for weight in old.graph.initializer:
+        old.graph.input.append(
+            onnx.helper.make_tensor_value_info(weight.name, weight.data_type, weight.dims)
+        )
+    result = quantize(old, batches(old))
+    graph.check_model(result.model)
+    assert result.summary["quantized_layers"] == 10
+
+
 def test_calibration_samples_are_capped(resnet_style):
     result = quantize(resnet_style, batches(resnet_style, count=3), samples=6)
     assert result.summary["calibration_samples"] == 6
