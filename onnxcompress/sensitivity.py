@@ -181,7 +181,8 @@ def _state(job: SensitivityJob) -> _WorkerState:
 
 
 # Bump when what a job measures changes, so old cached results are not read.
-CACHE_VERSION = 1
+# 2: cp fits with a ridge (cp.l2_reg).
+CACHE_VERSION = 2
 
 
 def _cache_key(job: SensitivityJob) -> str:

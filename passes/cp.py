@@ -57,11 +57,18 @@ class CpOptions:
     n_iter_max: int = option(100, "ALS sweeps at most per layer (records say if it converged)")
     never_slower: bool = never_slower_option()
     min_speedup: float = min_speedup_option()
+    l2_reg: float = option(
+        0.01,
+        "ridge on the CP-ALS solves, relative to ‖W‖²/R: keeps cancelling components out, "
+        "which int8 or fp16 activations would otherwise amplify (0: plain ALS)",
+    )
     refit: bool = option(True, "refit the last 1×1 factor and bias on calibration data")
     activation_aware: bool = activation_aware_option()
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("rank", "align", "n_iter_max"))
+        if self.l2_reg < 0:
+            raise ValueError(f"l2_reg must be >= 0, got {self.l2_reg}")
 
 
 class CpMethod(ConvMethod):
@@ -105,7 +112,11 @@ class CpMethod(ConvMethod):
             # tensorly warns each time R exceeds a mode's size in its SVD initialisation.
             warnings.filterwarnings("ignore", "Trying to compute SVD", UserWarning)
             factors = factorize.cp_factors(
-                layer.weight, rank, seed=self.options.seed, n_iter_max=self.options.n_iter_max
+                layer.weight,
+                rank,
+                seed=self.options.seed,
+                n_iter_max=self.options.n_iter_max,
+                l2_reg=self.options.l2_reg,
             )
         if not factors.converged:
             log.info(

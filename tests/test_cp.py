@@ -145,7 +145,7 @@ def test_exact_cp_rank_recovered(variant):
     weight = cp_weight(8, X_SHAPE[1], kh, kw, RANK)
     bias = np.random.default_rng(2).standard_normal(8).astype(np.float32) if with_bias else None
     model = conv_model(weight, bias, weight_as=weight_as, **attrs)
-    result = run_cp(model, rank=RANK)
+    result = run_cp(model, rank=RANK, l2_reg=0.0)  # the ridge biases an exact fit
 
     assert result.changed
     ops = [(n.op_type, graph.node_attributes(n).get("group", 1)) for n in result.model.graph.node]
@@ -271,6 +271,29 @@ def test_refit_lowers_calibration_error():
         for name, result in (("plain", plain), ("refitted", refitted))
     }
     assert errors["refitted"] < errors["plain"]
+
+
+def test_ridge_keeps_cp_close_under_int8():
+    # Unregularized CP leaves large components that cancel; int8 activations break the
+    # cancellation. The default ridge keeps int8 of the cp model near the cp model.
+    from models import fixtures
+
+    model = fixtures.resnet_style()
+    shapes = graph.resolve_input_shapes(model, {"input": [4, 3, 32, 32]})
+    rng = np.random.default_rng(0)
+    data = [{"input": rng.standard_normal([4, 3, 32, 32]).astype(np.float32)} for _ in range(8)]
+    held_out = [{"input": rng.standard_normal([4, 3, 32, 32]).astype(np.float32)}]
+    context = PassContext(shapes, calibration=data)
+    int8 = get_pass("int8")
+    drift = {}
+    for l2_reg in (0.0, CpOptions().l2_reg):
+        options = CpOptions(target_macs=0.5, align=8, never_slower=False, l2_reg=l2_reg)
+        factored = graph.cleanup_and_sort(get_pass("cp").run(model, options, context).model)
+        quantized = int8.run(factored, int8.make_options({}), context).model
+        float_out, int8_out = (run_model(m, held_out)["logits"] for m in (factored, quantized))
+        drift[l2_reg] = relative(int8_out, float_out)
+    # Measured: 0.019 with the ridge, 0.036 without.
+    assert drift[CpOptions().l2_reg] < min(0.025, 0.6 * drift[0.0])
 
 
 def test_a_layer_reverted_by_timing_is_never_fitted(monkeypatch):
