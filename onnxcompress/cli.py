@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from onnxcompress.errors import CompressError
+from onnxcompress.passkit import comma_list
 from onnxcompress.report_progress import TerminalProgress
 
 EXIT_OK, EXIT_VALIDATION, EXIT_BAD_INPUT = 0, 1, 2
@@ -174,7 +175,7 @@ def _read_config(path: str) -> tuple[list[str], dict]:
         raise CompressError(f"--config {path}: not valid TOML: {exc}") from exc
     passes = data.pop("passes", [])
     if isinstance(passes, str):
-        passes = [p.strip() for p in passes.split(",") if p.strip()]
+        passes = comma_list(passes)
     bad = [key for key, value in data.items() if not isinstance(value, dict)]
     if bad or not isinstance(passes, list):
         raise CompressError(f"--config {path}: expected `passes = [...]` and one [table] per pass")
@@ -212,7 +213,7 @@ def run_compress(args: argparse.Namespace, console: Console) -> int:
     if not args.model:
         raise CompressError("no model given: python -m onnxcompress MODEL.onnx --passes NAMES")
     config_passes, pass_options = parse_pass_options(args.opt, args.config)
-    names = [p.strip() for p in (args.passes or "").split(",") if p.strip()] or config_passes
+    names = comma_list(args.passes) or config_passes
     options = CompressOptions(
         passes=names,
         pass_options=pass_options,

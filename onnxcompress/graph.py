@@ -9,7 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
-from onnxcompress.errors import CompressError
+from onnxcompress.errors import CompressError, first_line
 
 # IR 3 requires every initializer to be listed as a graph input; from IR 4 on it is optional.
 MIN_IR_WITHOUT_INITIALIZER_INPUTS = 4
@@ -185,7 +185,7 @@ def infer_shapes(model: onnx.ModelProto, strict: bool = False) -> onnx.ModelProt
             model, check_type=True, strict_mode=strict, data_prop=True
         )
     except Exception as exc:
-        raise CompressError(f"shape inference failed: {_first_line(exc)}") from exc
+        raise CompressError(f"shape inference failed: {first_line(exc)}") from exc
 
 
 def value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
@@ -225,9 +225,4 @@ def check_model(model: onnx.ModelProto) -> None:
         onnx.checker.check_model(model, full_check=True)
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except Exception as exc:
-        raise CompressError(f"model fails the ONNX checker: {_first_line(exc)}") from exc
-
-
-def _first_line(exc: Exception) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0][:200] if lines else type(exc).__name__
+        raise CompressError(f"model fails the ONNX checker: {first_line(exc)}") from exc

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 
-from onnxcompress.errors import CompressError
+from onnxcompress.errors import CompressError, first_line
 
 # protobuf cannot serialise a message of 2 GiB or more; stay clear of the limit.
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
@@ -32,14 +32,14 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends
         raise CompressError(
-            f"{path}: not a readable ONNX model (truncated or not ONNX: {_short(exc)})"
+            f"{path}: not a readable ONNX model (truncated or not ONNX: {first_line(exc)})"
         ) from exc
     if not model.graph.node and not model.graph.output:
         raise CompressError(f"{path}: not an ONNX model (no graph found in the file)")
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as exc:
-        raise CompressError(f"{path}: cannot read its external data: {_short(exc)}") from exc
+        raise CompressError(f"{path}: cannot read its external data: {first_line(exc)}") from exc
     return model
 
 
@@ -123,8 +123,3 @@ def _is_onnxc(path: Path) -> bool:
 
     with open(path, "rb") as fh:
         return fh.read(len(MAGIC)) == MAGIC
-
-
-def _short(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:160] if text else type(exc).__name__

@@ -39,7 +39,7 @@ from onnxcompress.entropy import (
     unpack_ints,
     unpack_sections,
 )
-from onnxcompress.errors import CompressError
+from onnxcompress.errors import CompressError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def decode_model(data: bytes) -> onnx.ModelProto:
     except OnnxcError:
         raise
     except Exception as exc:
-        raise OnnxcError(f"corrupted .onnxc file: {_short(exc)}") from exc
+        raise OnnxcError(f"corrupted .onnxc file: {first_line(exc)}") from exc
     holes = {name: tensor for name, tensor in weight_tensors(model).items() if _is_stripped(tensor)}
     for block in blocks:
         if len(block) != 2:
@@ -230,7 +230,7 @@ def decode_model(data: bytes) -> onnx.ModelProto:
         except OnnxcError:
             raise
         except Exception as exc:
-            raise OnnxcError(f"corrupted .onnxc file: {codec} block: {_short(exc)}") from exc
+            raise OnnxcError(f"corrupted .onnxc file: {codec} block: {first_line(exc)}") from exc
         for name, array in arrays.items():
             _fill(holes.pop(name, None), name, array, name in typed)
     if holes:
@@ -313,13 +313,8 @@ def _decoder(codec: str) -> Callable[[bytes], dict[str, np.ndarray]]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise OnnxcError(f"codec '{codec}' is not available: {_short(exc)}") from exc
+        raise OnnxcError(f"codec '{codec}' is not available: {first_line(exc)}") from exc
     return getattr(module, function)
-
-
-def _short(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:160] if lines else type(exc).__name__
 
 
 # -- the generic lossless "sparse" codec ----------------------------------------------------

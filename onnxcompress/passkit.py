@@ -169,6 +169,11 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help, **kwargs})
 
 
+def comma_list(text: str | None) -> list[str]:
+    """The non-empty, stripped items of a comma-separated option ("a, b,,c" → [a, b, c])."""
+    return [item.strip() for item in (text or "").split(",") if item.strip()]
+
+
 def require_at_least_one(options: Any, names: tuple[str, ...]) -> None:
     """ValueError for the first of `names` that is set (not None) and below 1: counts such as
     ranks, groups and alignments."""

@@ -25,7 +25,7 @@ from onnxcompress.auto_candidates import layer_choices, method_layers
 from onnxcompress.errors import CompressError
 from onnxcompress.factorization import CLIFF_ERROR
 from onnxcompress.layers import named_copy
-from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option
+from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list, option
 from passes import register
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class AutoOptions:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def method_names(self) -> list[str]:
-        return [m.strip() for m in self.methods.split(",") if m.strip()]
+        return comma_list(self.methods)
 
     def budget(self) -> tuple[str, float]:
         if self.target_macs:

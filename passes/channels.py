@@ -29,7 +29,7 @@ from onnxcompress.channel_refit import refit_consumers
 from onnxcompress.channel_scoring import data_scores, refit_aware_scores, weight_scores
 from onnxcompress.channel_surgery import prune_channels
 from onnxcompress.errors import CompressError
-from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option
+from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list, option
 from passes import register
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def _importance(options: ChannelsOptions, context: PassContext) -> str:
 
 def _candidates(model, channel_graph: ChannelGraph, options) -> tuple[list[int], dict[int, str]]:
     """Groups that may be pruned, and why the others may not."""
-    patterns = [p.strip() for p in options.skip.split(",") if p.strip()]
+    patterns = comma_list(options.skip)
     candidates, skipped = [], {}
     for group in channel_graph.groups:
         names = [label(model.graph.node[n]) for n in sorted(group.nodes)]

@@ -27,6 +27,7 @@ from onnxcompress.passkit import (
     NodeRecord,
     PassContext,
     PassResult,
+    comma_list,
     first_samples,
     option,
     sample_count,
@@ -60,7 +61,7 @@ def int8(model: onnx.ModelProto, options: Int8Options, context: PassContext) -> 
     # Stale weights (left by an earlier pass until the core's cleanup) break onnxruntime's
     # pre-processing when an old exporter also lists them as graph inputs: drop them first.
     source, summary = _at_qdq_opset(graph.cleanup_and_sort(model))
-    keep = _names(options.keep)
+    keep = comma_list(options.keep)
     unknown = sorted(set(keep) - {node.name for node in source.graph.node})
     if unknown:
         raise CompressError(f"int8: keep names no node of the model: {', '.join(unknown)}")
@@ -142,7 +143,7 @@ def _quantize(model: onnx.ModelProto, options: Int8Options, batches, keep) -> on
                 prepared, target, _Batches(batches),
                 quant_format=QuantFormat.QDQ, per_channel=options.per_channel,
                 activation_type=activation, weight_type=QuantType.QInt8,
-                calibrate_method=method, op_types_to_quantize=_names(options.ops) or None,
+                calibrate_method=method, op_types_to_quantize=comma_list(options.ops) or None,
                 nodes_to_exclude=keep or None,
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - its errors are plain exceptions
@@ -172,7 +173,3 @@ def _records(quantized: onnx.ModelProto, keep) -> list[NodeRecord]:
             reason = "left in float by onnxruntime's quantizer (op type or inputs not supported)"
             records.append(NodeRecord(name, node.op_type, "skipped", reason))
     return records
-
-
-def _names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]

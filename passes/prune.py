@@ -13,7 +13,7 @@ import onnx
 
 from onnxcompress import graph, onnxc
 from onnxcompress.errors import CompressError
-from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option
+from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list, option
 from onnxcompress.prunable import PrunableLayer, label, prunable_layers, write_weights
 from onnxcompress.sparsity import SCOPES, magnitude_masks, nm_mask, quantize_uniform
 from passes import register
@@ -62,7 +62,7 @@ class PruneOptions:
                 )
         if self.quantize_bits is not None and not 2 <= self.quantize_bits <= 8:
             raise CompressError(f"prune.quantize_bits={self.quantize_bits}: expected 2..8")
-        if self.keep is not None and not [t for t in self.keep.split(",") if t.strip()]:
+        if self.keep is not None and not comma_list(self.keep):
             raise CompressError("prune.keep is empty: give first,last, patterns, or none")
 
 
@@ -120,7 +120,7 @@ def _split_kept(
 ) -> tuple[list[PrunableLayer], list[tuple[PrunableLayer, str]]]:
     """(layers to prune, [(layer, why kept dense)]); a shared weight is kept if any user is.
     `keep` None (the option value "none") keeps nothing."""
-    tokens = [t.strip() for t in (keep or "").split(",") if t.strip()]
+    tokens = comma_list(keep)
     kept: dict[int, str] = {}
     if tokens != ["none"]:
         for token in tokens:

@@ -16,7 +16,7 @@ from onnxcompress import graph, surp
 from onnxcompress.entropy import encode_categorical, encode_gaps, pack_sections
 from onnxcompress.errors import CompressError
 from onnxcompress.onnxc import CodedWeights, encode_sparse
-from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option
+from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list, option
 from onnxcompress.prunable import label, prunable_layers, write_weights
 from onnxcompress.sparsity import magnitude_masks, quantize_uniform
 from passes import register
@@ -128,7 +128,7 @@ def find_layers(
     model: onnx.ModelProto, constants: dict[str, np.ndarray], keep: str | None
 ) -> tuple[list[tuple[onnx.NodeProto, str]], list[NodeRecord]]:
     """[(node, weight name)] of the prunable layers in graph order, and skip records."""
-    patterns = [t.strip() for t in (keep or "").split(",") if t.strip() and t.strip() != "none"]
+    patterns = [token for token in comma_list(keep) if token != "none"]
     layers, records = prunable_layers(model, constants, ops=RDPRUNE_OPS)
     found, dense = [], set()
     for layer in layers:
