@@ -52,17 +52,25 @@ def search(
     total = _model_total(kind, model, analysis, feeds, context.threads)
     budget, rest, scale = auto_plan.budget_for(kind, target, tables, total)
     floor = sum(min(s.cost(kind) for s in t.all()) for t in tables)  # every layer cheapest
+    out_of_reach = ""
     if budget < floor:
         cheapest = (rest + floor) / scale
-        raise CompressError(
-            f"auto: target_{kind}={target:g} is not reachable: every layer at its cheapest "
-            f"candidate keeps {cheapest:.3f} of the model's {kind} (the rest of the model, "
-            f"which auto does not rewrite, is {rest / scale:.3f} of it)"
+        why = (
+            f"every layer at its cheapest candidate keeps {cheapest:.3f} of the model's {kind} "
+            f"(the rest of the model, which auto does not rewrite, is {rest / scale:.3f} of it)"
         )
+        if kind != "latency":
+            raise CompressError(f"auto: target_{kind}={target:g} is not reachable: {why}")
+        out_of_reach = f"target_{kind}={target:g} looks out of reach: {why}"
+        # Latency estimates move with the machine's noise (ResNet-20: 0.550 in one run, on
+        # target in the run before): build the cheapest plan and let the measurement decide.
+        budget = floor
     checker = _Checker(model, context, feeds, options)
     rounds, tried = _latency_rounds(
         model, tables, methods, context, options, checker, (budget, floor, scale)
     )
+    if out_of_reach:
+        rounds[0]["estimate"] = out_of_reach + "; built and measured instead"
     on_latency = target if kind == "latency" else None
     if quantize and on_latency and context.calibration:
         best_float = tried[_best_round(rounds, on_latency)]

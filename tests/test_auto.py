@@ -269,6 +269,23 @@ def test_unreachable_target_is_refused(vgg_calibration):
         _run_auto(vgg_style(), VGG_SHAPES, vgg_calibration, target_macs=0.01, methods="svd")
 
 
+def test_latency_target_below_the_estimate_is_measured_not_refused(vgg_calibration, monkeypatch):
+    """Layer timings (here: weight counts) say 0.01 cannot be reached; the whole model then
+    measures 0.005 of the original. Latency estimates are noisy, so the cheapest plan is
+    built and the measurement decides; MACs targets are exact and still refused."""
+    original = _weight_count(vgg_style())
+    _weights_as_milliseconds(monkeypatch, lambda model: 0.005 * original)
+    result = _run_auto(vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.01)
+    found = result.summary["auto"]
+    assert "looks out of reach" in found["rounds"][0]["estimate"]
+    assert found["target_reached"] is True and result.changed
+    slow = 0.5 * original  # measured off target too: the cheapest plan is kept, with a warning
+    _weights_as_milliseconds(monkeypatch, lambda model: slow)
+    result = _run_auto(vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.01)
+    assert result.summary["auto"]["target_reached"] is False
+    assert "missed" in result.summary["note"]
+
+
 def test_through_the_pipeline_with_fga_after(vgg_calibration):
     model = vgg_style()
     context = PassContext(VGG_SHAPES, vgg_calibration, seed=0, threads=1)
