@@ -208,6 +208,8 @@ def test_best_round_prefers_on_target_then_least_error():
     ]
     assert auto_search._best_round(rounds, 0.5) == 2
     assert auto_search._best_round(rounds, 0.2) == 1  # none on target: the fastest
+    close = [*rounds, {"budget": 0.35, "latency_ratio": 0.44, "rel_l2": 0.10}]
+    assert auto_search._best_round(close, 0.2) == 3  # as fast within noise, less error
     assert auto_search._best_round([{"budget": 0.5}], None) == 0  # macs/bytes: one round
     failed_int8 = {"budget": None, "int8": True, "latency_ratio": 0.3, "rel_l2": 0.01}
     failed_int8["tolerance_failed"] = "top-1 accuracy drop 3.00 points > 1"
