@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 
 # A whole model within this much of its latency target is on target (timing noise).
 LATENCY_SLACK = 0.02
-# With every round off target, rounds this close to the fastest count as equally fast: the
-# same model's ratio moved by ~0.05 between runs here (README, "cp then int8: the ridge"),
-# and at 2 threads a plan at 0.52 with rel L2 0.46 was kept over one at 0.56 with 0.14.
+# With every round off target, rounds this close to the fastest count as equally fast (the
+# same model's ratio moved by ~0.05 between runs here: README, "cp then int8: the ridge"),
+# so a plan a little slower with far less error is not thrown away for timing noise.
 MISSED_TIE = 0.05
 # Plans built and measured at most, the budget tightened after a miss and loosened after a
 # plan far under target (bisecting once both are known).
@@ -66,8 +66,9 @@ def search(
         if kind != "latency":
             raise CompressError(f"auto: target_{kind}={target:g} is not reachable: {why}")
         out_of_reach = f"target_{kind}={target:g} looks out of reach: {why}"
-        # Latency estimates move with the machine's noise (ResNet-20: 0.550 in one run, on
-        # target in the run before): build the cheapest plan and let the measurement decide.
+        # The estimate is scaled by one whole-model timing and moves with the machine's noise
+        # (a ResNet-20 target reached in one run was refused so in the next): build the
+        # cheapest plan and let the measurement decide.
         budget = floor
     checker = _Checker(model, context, feeds, options)
     rounds, tried = _latency_rounds(
