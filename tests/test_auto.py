@@ -174,15 +174,39 @@ def test_int8_is_measured_and_kept_only_when_it_wins(vgg_calibration, monkeypatc
         vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.7, int8=True
     )
     found = result.summary["auto"]
-    int8_rounds = [r for r in found["rounds"] if r.get("int8")]
+    int8_rounds = [r for r in found["rounds"] if r.get("int8") and r["budget"] is None]
     assert len(int8_rounds) == 2  # the original and the best float plan, quantized
     quantized = any(n.op_type == "DequantizeLinear" for n in result.model.graph.node)
     assert found["int8"]["quantized"] is quantized is (int8_ratio == 0.6)
     assert found["target_reached"] is True
     graph.check_model(result.model)
     if quantized:  # the original, quantized: no layer factorized
-        assert found["model"]["rel_l2"] < min(r["rel_l2"] for r in found["rounds"][:-2])
+        floats = [r for r in found["rounds"] if not r.get("int8")]
+        assert found["model"]["rel_l2"] < min(r["rel_l2"] for r in floats)
         assert all(layer["method"] == "keep" for layer in found["layers"])
+
+
+def test_int8_that_speeds_a_plan_up_is_tried_on_looser_plans(vgg_calibration, monkeypatch):
+    """Scripted timers: an int8 model runs at half its float cost. int8 of the best float
+    plan then lands far under the 0.4 target, so float plans at looser budgets are built,
+    quantized and measured; the milder plan, quantized, loses less than the float one."""
+
+    def compressed_ms(model):
+        quantized = any(n.op_type == "DequantizeLinear" for n in model.graph.node)
+        return (0.5 if quantized else 1.0) * _weight_count(model)
+
+    _weights_as_milliseconds(monkeypatch, compressed_ms)
+    result = _run_auto(
+        vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.4, int8=True
+    )
+    rounds = result.summary["auto"]["rounds"]
+    float_rounds = [r for r in rounds if not r.get("int8")]
+    looser = [r for r in rounds if r.get("int8") and r["budget"] is not None]
+    assert 1 <= len(looser) <= auto_search.INT8_LOOSER_ROUNDS
+    best_float = float_rounds[auto_search._best_round(float_rounds, 0.4)]
+    assert looser[0]["budget"] > best_float["budget"]
+    assert min(r["rel_l2"] for r in looser) < best_float["rel_l2"]
+    graph.check_model(result.model)
 
 
 def test_plan_warning_says_missed_targets_and_large_errors():
