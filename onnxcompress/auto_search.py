@@ -152,13 +152,20 @@ def _int8_rounds(model, tables, best_float, tried, rounds, quantize, checker) ->
     if any(s.method != "keep" for s in plan.values()):
         sources.append((plan, compressed, refit, restored))
     for plan, source, refit, restored in sources:
-        quantized = quantize(source)
-        check = checker(quantized, "latency")
-        why = checker.fails(check)  # no back-off inside an int8 model: it is out if it fails
-        if why:
-            check["tolerance_failed"] = why
-        rounds.append({"budget": None, "int8": True, **check})
-        tried.append((plan, quantized, refit, check, restored))
+        _int8_round((plan, source, refit, restored), None, quantize, checker, rounds, tried)
+
+
+def _int8_round(built, budget, quantize, checker, rounds, tried) -> dict:
+    """Quantize a built plan's model, check it like any round and record it; the check."""
+    plan, source, refit, restored = built
+    quantized = quantize(source)
+    check = checker(quantized, "latency")
+    why = checker.fails(check)  # no back-off inside an int8 model: it is out if it fails
+    if why:
+        check["tolerance_failed"] = why
+    rounds.append({"budget": budget, "int8": True, **check})
+    tried.append((plan, quantized, refit, check, restored))
+    return check
 
 
 def _looser_int8_rounds(build, quantize, rounds, tried, best, start) -> None:
@@ -171,8 +178,9 @@ def _looser_int8_rounds(build, quantize, rounds, tried, best, start) -> None:
     float_ratio, budget = rounds[best]["latency_ratio"], rounds[best]["budget"] or start[0]
     int8_ratio = rounds[-1]["latency_ratio"]
     keep_all = sum(t.keep.cost("latency") for t in tables)
-    if not rounds[-1].get("int8") or int8_ratio >= target - LATENCY_SLACK:
-        return  # int8 did not take this plan under the target: nothing to loosen
+    factorized = any(s.method != "keep" for s in tried[best][0].values())
+    if not factorized or int8_ratio >= target - LATENCY_SLACK:
+        return  # int8 did not take a factorized plan under the target: nothing to loosen
     for _ in range(INT8_LOOSER_ROUNDS):
         aim = target * float_ratio / int8_ratio  # the float latency whose int8 hits target
         budget = min(keep_all, budget + (aim - float_ratio) * start[1])
@@ -180,13 +188,8 @@ def _looser_int8_rounds(build, quantize, rounds, tried, best, start) -> None:
         compressed, refit, float_check, restored = _build_and_check(
             model, plan, tables, methods, context, options, checker
         )
-        quantized = quantize(compressed)
-        check = checker(quantized, "latency")
-        why = checker.fails(check)
-        if why:
-            check["tolerance_failed"] = why
-        rounds.append({"budget": round(budget, 6), "int8": True, **check})
-        tried.append((plan, quantized, refit, check, restored))
+        built = (plan, compressed, refit, restored)
+        check = _int8_round(built, round(budget, 6), quantize, checker, rounds, tried)
         float_ratio, int8_ratio = float_check["latency_ratio"], check["latency_ratio"]
         if abs(int8_ratio - target) <= LATENCY_SLACK:
             return
