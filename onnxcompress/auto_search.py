@@ -83,7 +83,7 @@ def search(
         best = _best_round(rounds, on_latency)
         _int8_rounds(model, tables, tried[best], tried, rounds, quantize, checker)
         build = (model, tables, methods, context, options, checker)
-        _looser_int8_rounds(build, quantize, rounds, tried, best, (budget, scale))
+        _looser_int8_rounds(build, quantize, rounds, tried, best, scale)
     chosen = _best_round(rounds, on_latency)
     plan, compressed, refit, _, backed_off = tried[chosen]
     summary = _summary(kind, target, tables, plan, rounds, chosen, backed_off, refit, scale, rest)
@@ -103,7 +103,7 @@ def search(
             "like every round; needs a latency target and calibration data",
         }
     records = _records(tables, plan, backed_off)
-    changed = quantized or any(s.method != "keep" for s in plan.values())
+    changed = quantized or _factorized(plan)
     return PassResult(compressed if changed else model, changed, records, summary)
 
 
@@ -149,7 +149,7 @@ def _int8_rounds(model, tables, best_float, tried, rounds, quantize, checker) ->
     keep_all = {t.choice.name: t.keep for t in tables}
     plan, compressed, refit, _, restored = best_float
     sources = [(keep_all, model, None, [])]
-    if any(s.method != "keep" for s in plan.values()):
+    if _factorized(plan):
         sources.append((plan, compressed, refit, restored))
     for plan, source, refit, restored in sources:
         _int8_round((plan, source, refit, restored), None, quantize, checker, rounds, tried)
@@ -168,22 +168,26 @@ def _int8_round(built, budget, quantize, checker, rounds, tried) -> dict:
     return check
 
 
-def _looser_int8_rounds(build, quantize, rounds, tried, best, start) -> None:
+def _factorized(plan: dict) -> bool:
+    """Whether a plan rewrites any layer (a plan of all keeps is the original model)."""
+    return any(s.method != "keep" for s in plan.values())
+
+
+def _looser_int8_rounds(build, quantize, rounds, tried, best, scale) -> None:
     """When int8 of the best float plan lands far under the target, int8 speeds that model
     up: build float plans at looser budgets, aiming their float latency at target / (int8's
     measured speed-up), quantize each and measure it (SqueezeNet: int8 of a 0.515 plan ran
     at 0.389). Up to INT8_LOOSER_ROUNDS; each is kept only if it wins like any round."""
     model, tables, methods, context, options, checker = build
     target = options.budget()[1]
-    float_ratio, budget = rounds[best]["latency_ratio"], rounds[best]["budget"] or start[0]
+    float_ratio, budget = rounds[best]["latency_ratio"], rounds[best]["budget"]
     int8_ratio = rounds[-1]["latency_ratio"]
     keep_all = sum(t.keep.cost("latency") for t in tables)
-    factorized = any(s.method != "keep" for s in tried[best][0].values())
-    if not factorized or int8_ratio >= target - LATENCY_SLACK:
+    if not _factorized(tried[best][0]) or int8_ratio >= target - LATENCY_SLACK:
         return  # int8 did not take a factorized plan under the target: nothing to loosen
     for _ in range(INT8_LOOSER_ROUNDS):
         aim = target * float_ratio / int8_ratio  # the float latency whose int8 hits target
-        budget = min(keep_all, budget + (aim - float_ratio) * start[1])
+        budget = min(keep_all, budget + (aim - float_ratio) * scale)
         plan = auto_plan.allocate(tables, "latency", budget)
         compressed, refit, float_check, restored = _build_and_check(
             model, plan, tables, methods, context, options, checker
