@@ -209,6 +209,56 @@ def test_int8_that_speeds_a_plan_up_is_tried_on_looser_plans(vgg_calibration, mo
     graph.check_model(result.model)
 
 
+def _looser_rounds_on_script(monkeypatch, int8_ratio) -> list[dict]:
+    """Run auto's looser int8 rounds with every build, quantization and timing scripted: a
+    plan is its budget, and int8_ratio(budget) is its quantized latency ratio (target 0.5,
+    the best float plan at budget 4: 0.45 in float, 0.2 quantized; scale 4)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(auto_plan, "allocate", lambda tables, kind, budget: {"x": budget})
+    built = lambda model, plan, *rest: (plan["x"], None, {"latency_ratio": 0.9}, [])  # noqa: E731
+    monkeypatch.setattr(auto_search, "_build_and_check", built)
+    monkeypatch.setattr(auto_search, "_factorized", lambda plan: True)
+
+    class Checker:
+        def __call__(self, model, kind):
+            return {"latency_ratio": int8_ratio(model)}
+
+        def fails(self, check):
+            return ""
+
+    tables = [SimpleNamespace(keep=SimpleNamespace(cost=lambda kind: 20.0))]
+    options = SimpleNamespace(budget=lambda: ("latency", 0.5))
+    rounds = [{"budget": 4.0, "latency_ratio": 0.45}, {"budget": None, "latency_ratio": 0.2}]
+    build = (None, tables, None, None, options, Checker())
+    auto_search._looser_int8_rounds(build, lambda m: m, rounds, [({"x": 4.0},), ()], 0, 4.0)
+    return rounds[2:]
+
+
+def test_looser_int8_rounds_step_then_secant_then_bisect(monkeypatch):
+    """Flat at first (the secant takes its largest step), then past the target (a miss),
+    then the midpoint, which is on target and ends it."""
+    looser = _looser_rounds_on_script(
+        monkeypatch, lambda b: 0.2 if b < 7 else 0.5 if b < 12 else 0.8
+    )
+    first, second, third = (r["budget"] for r in looser)
+    aim = 0.5 + auto_search.LATENCY_SLACK  # the top of the on-target band
+    assert first == pytest.approx(4 + (aim * 0.45 / 0.2 - 0.45) * 4)  # by int8's speed-up
+    assert second == pytest.approx(first + 3 * (first - 4))  # flat: the largest secant step
+    assert third == pytest.approx((first + second) / 2)  # bisected after the miss
+    assert [r["latency_ratio"] for r in looser] == [0.2, 0.8, 0.5]
+
+
+def test_looser_int8_round_under_target_goes_on(monkeypatch):
+    """A quantized plan in the on-target band but under the target does not end the search
+    (a looser one may lose less); one at the target does."""
+    looser = _looser_rounds_on_script(monkeypatch, lambda b: 0.49 if b < 7 else 0.5)
+    assert [r["latency_ratio"] for r in looser] == [0.49, 0.5]
+    (b0, r0), (b1, r1) = (4.0, 0.2), (looser[0]["budget"], 0.49)
+    aim = 0.5 + auto_search.LATENCY_SLACK
+    assert looser[1]["budget"] == pytest.approx(b1 + (aim - r1) * (b1 - b0) / (r1 - r0))
+
+
 def test_plan_warning_says_missed_targets_and_large_errors():
     from passes.auto import plan_warning
 
