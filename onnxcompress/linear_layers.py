@@ -193,11 +193,12 @@ def first_gemm_c(layer: LinearLayer) -> bool:
     return layer.op == "Gemm" and len(node.input) > 2 and bool(node.input[2])
 
 
-def zero_c(layer: LinearLayer, constant) -> list[str]:
-    """The extra input of a rewrite's C-less Gemm: `[constant("zero_c", 0-scalar)]` when
+def zero_c(layer: LinearLayer, constant, width: int) -> list[str]:
+    """The extra input of a rewrite's C-less Gemm: `[constant("zero_c", zeros(width))]` when
     `first_gemm_c(layer)`, else []. `constant(label, value)` makes the initializer. No MACs;
-    one parameter per such Gemm."""
-    return [constant("zero_c", np.zeros(1))] if first_gemm_c(layer) else []
+    `width` parameters: the Gemm's output width, not a broadcast scalar, because onnxruntime's
+    per-channel int8 quantizer fails on a one-element bias."""
+    return [constant("zero_c", np.zeros(width))] if first_gemm_c(layer) else []
 
 
 def low_rank_nodes(
@@ -235,9 +236,9 @@ def low_rank_nodes(
         )
 
     output, site = layer.node.output[0], None
-    first_c = zero_c(layer, constant)  # opset < 11 Gemm needs a C
-    if layer.side == "left":
+    if layer.side == "left":  # b @ x: its width is x's, unknown here; a broadcast zero
         attrs = {"transB": layer.trans} if layer.op == "Gemm" and layer.trans else {}
+        first_c = zero_c(layer, constant, 1)  # opset < 11 Gemm needs a C
         first = node("first", [constant("b", b), layer.activation, *first_c], **attrs)
         inputs = [constant("a", a), first.output[0]]
         if layer.c is not None:
@@ -245,6 +246,7 @@ def low_rank_nodes(
         return [first, node("second", inputs, output)], inits, None
     if layer.op == "Gemm":
         attrs = {"transA": layer.trans} if layer.trans else {}
+        first_c = zero_c(layer, constant, a.shape[1])
         first = node("first", [layer.activation, constant("a", a), *first_c], **attrs)
         b_name = constant("b", b)
         if layer.bias is not None or layer.c is None:

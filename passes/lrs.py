@@ -313,7 +313,7 @@ def split_cost(layer, shape: Shape, rank: int, keep: int, structured: bool) -> d
     else:
         params += layer.c.size if layer.c is not None else 0
         # A zero C on each C-less Gemm ("low", and "sparse" when S keeps channels).
-        params += int(first_gemm_c(layer)) * (1 + int(channels > 0))
+        params += (rank + (n if channels > 0 else 0)) if first_gemm_c(layer) else 0
     return {
         "macs": low + sparse + add,
         "params": params,
@@ -378,7 +378,8 @@ def _linear_rewrite(layer: LinearLayer, fitted: Factors, namer: Namer) -> Rewrit
         name = namer(f"{layer.name}.lrs_{label}")
         return helper.make_node(layer.op, inputs, [result or f"{name}.out"], name=name)
 
-    first = product("low", [x, constant("low_weight", fitted.right.T), *zero_c(layer, constant)])
+    low_c = zero_c(layer, constant, fitted.right.shape[0])
+    first = product("low", [x, constant("low_weight", fitted.right.T), *low_c])
     second_inputs = [first.output[0], constant("mix_weight", fitted.left.T)]
     if layer.c is not None:
         second_inputs.append(constant("c", layer.c))
@@ -392,7 +393,7 @@ def _linear_rewrite(layer: LinearLayer, fitted: Factors, namer: Namer) -> Rewrit
             inits.append(index)
             source = gather.output[0]
         weight = constant("sparse_weight", sparse.T)
-        branch = product("sparse", [source, weight, *zero_c(layer, constant)])
+        branch = product("sparse", [source, weight, *zero_c(layer, constant, sparse.shape[0])])
         nodes += [branch, _add(namer, layer.name, second.output[0], branch.output[0], out)]
     return Rewrite(nodes, inits, None)
 

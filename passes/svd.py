@@ -148,7 +148,8 @@ class SvdMethod:
             macs = layer.positions * ranks.matrix_macs_per_row(k, n, rank)
             params = rank * (k + n)
             if layer.op == "Gemm":
-                params += int(first_gemm_c(layer))
+                if first_gemm_c(layer):  # the first Gemm's zero C, as wide as its output
+                    params += rank if layer.side == "right" else 1
                 params += n if layer.c is None and layer.side == "right" else 0
                 params += layer.bias.size if layer.bias is not None else 0
                 params += layer.c.size if layer.c is not None and layer.bias is None else 0
