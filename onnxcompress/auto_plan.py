@@ -4,6 +4,7 @@ plan applied and refit, and the whole-model checks that decide on a back-off."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,10 +60,7 @@ def score_layers(
     time_alone: bool = True,
 ) -> list[LayerTable]:
     """Put each measured candidate's cost and damage side by side. With `time_alone`, time it
-    against its layer (stand-in weights: speed depends on shapes only; timings are cached),
-    net of one onnxruntime call's fixed cost, which a layer inside the whole graph does not
-    pay; without, latencies stay 0 for `time_in_graph` to fill."""
-    constants = graph.constant_tensors(model)
+    against its layer (`time_layers_alone`); without, latencies stay 0 for `time_in_graph`."""
     tables = []
     for choice in choices:
         by_key = {m.key: m for m in measured.get(choice.name, [])}
@@ -72,24 +70,57 @@ def score_layers(
         table = LayerTable(
             choice, _scored(choice, "keep", "keep", {}, choice.macs, choice.params, 0.0, None)
         )
-        if time_alone:
-            layer = next(iter(choice.layers.values()))
-            overhead = layer_timing.call_overhead_ms(layer, layer.weight.dtype, threads)
         for option, found in options:
             c = option.candidate
-            scored = _scored(choice, option.method, option.key, dict(c.config), c.macs, c.params,
-                             found.damage, found.agreement)  # fmt: skip
-            if time_alone:
-                timing = layer_timing.compare_layer(
-                    constants, choice.layers[option.method], _stand_in(found), threads
-                )
-                table.keep.latency_ms = _net(timing["original_ms"], overhead)
-                scored.latency_ms = _net(timing["rewritten_ms"], overhead)
-            table.options.append(scored)
+            table.options.append(
+                _scored(
+                    choice,
+                    option.method,
+                    option.key,
+                    dict(c.config),
+                    c.macs,
+                    c.params,
+                    found.damage,
+                    found.agreement,
+                )  # fmt: skip
+            )
+        tables.append(table)
+    if time_alone:
+        time_layers_alone(model, tables, measured, threads, progress)
+    return tables
+
+
+def time_layers_alone(model, tables, measured, threads, progress=None, quantize=None) -> None:
+    """Fill in every candidate's latency: timed against its layer (stand-in weights: speed
+    depends on shapes only; timings are cached), net of one onnxruntime call's fixed cost,
+    which a layer inside the whole graph does not pay. `quantize(model, feeds)`: time both
+    sides as int8 models instead."""
+    constants = graph.constant_tensors(model)
+    for table in tables:
+        choice = table.choice
+        by_key = {m.key: m for m in measured[choice.name]}
+        layer = next(iter(choice.layers.values()))
+        overhead = layer_timing.call_overhead_ms(layer, layer.weight.dtype, threads)
+        for scored in table.options:
+            timing = layer_timing.compare_layer(
+                constants, choice.layers[scored.method], _stand_in(by_key[scored.key]),
+                threads, quantize=quantize,
+            )  # fmt: skip
+            table.keep.latency_ms = _net(timing["original_ms"], overhead)
+            scored.latency_ms = _net(timing["rewritten_ms"], overhead)
             if progress is not None:
                 progress.advance()
-        tables.append(table)
-    return tables
+
+
+def int8_tables(model, tables, measured, threads, quantize, progress=None) -> list[LayerTable]:
+    """Copies of `tables` whose latencies are the candidates' and layers' timed as int8:
+    int8 kernels favour other shapes than float ones (SqueezeNet's first conv, 3 input
+    channels, is slow in int8 and much faster factorized), so a plan meant to be quantized
+    is chosen on these."""
+    copy = dataclasses.replace
+    copies = [LayerTable(t.choice, copy(t.keep), [copy(s) for s in t.options]) for t in tables]
+    time_layers_alone(model, copies, measured, threads, progress, quantize)
+    return copies
 
 
 def time_in_graph(

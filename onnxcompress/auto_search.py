@@ -28,9 +28,6 @@ MISSED_TIE = 0.05
 # Plans built and measured at most, the budget tightened after a miss and loosened after a
 # plan far under target (bisecting once both are known).
 LATENCY_ROUNDS = 5
-# Float plans at looser budgets, quantized, tried at most when int8 speeds a plan up
-# (a first step, a secant, then a bisection once one missed).
-INT8_LOOSER_ROUNDS = 3
 CURVE_POINTS = 12
 # Whole-model timings run at least this long: at 50 runs of a 1 ms model, the ratio moved by
 # ±0.05 between rounds on this machine, enough to send the search past its target.
@@ -39,10 +36,18 @@ FACTORY = "passes.auto:make_methods"
 
 
 def search(
-    model, analysis, choices, methods, options, context: PassContext, quantize=None
+    model,
+    analysis,
+    choices,
+    methods,
+    options,
+    context: PassContext,
+    quantize=None,
+    quantize_layer=None,
 ) -> PassResult:
     """The whole search; the result's summary is the `auto` section of the report.
-    `quantize(model) -> model` (int8), when given, is tried on the original and the best plan."""
+    `quantize(model) -> model` (int8), when given, is tried on the original and the best plan;
+    with `quantize_layer(model, feeds) -> model` too, plans are also chosen on int8 timings."""
     kind, target = options.budget()
     sample = first_samples(context.calibration, options.sensitivity_samples)
     measured = run_sensitivity(model, choices, options, context, sample)
@@ -80,12 +85,19 @@ def search(
     if out_of_reach:
         rounds[0]["estimate"] = out_of_reach + "; built and measured instead"
     on_latency = target if kind == "latency" else None
+    cost_tables = {"float": tables}
     if quantize and on_latency and context.calibration:
         best = _best_round(rounds, on_latency)
-        _int8_rounds(model, tables, tried[best], tried, rounds, quantize, checker)
+        original_int8 = _int8_rounds(model, tables, tried[best], tried, rounds, quantize, checker)
         build = (model, tables, methods, context, options, checker)
-        _looser_int8_rounds(build, quantize, rounds, tried, best, scale)
+        if quantize_layer and original_int8 and original_int8 > target + LATENCY_SLACK:
+            cost_tables["int8"], more, more_tried = _int8_table_rounds(
+                build, measured, quantize, quantize_layer, original_int8, total
+            )
+            rounds += more
+            tried += more_tried
     chosen = _best_round(rounds, on_latency)
+    tables = cost_tables[rounds[chosen].get("costs", "float")]
     plan, compressed, refit, _, backed_off = tried[chosen]
     summary = _summary(kind, target, tables, plan, rounds, chosen, backed_off, refit, scale, rest)
     if kind == "latency":  # measured on the whole model, not predicted
@@ -108,10 +120,11 @@ def search(
     return PassResult(compressed if changed else model, changed, records, summary)
 
 
-def _latency_rounds(model, tables, methods, context, options, checker, start):
+def _latency_rounds(model, tables, methods, context, options, checker, start, quantize=None):
     """Build and check plans; for a latency target, tighten the budget after a miss and
     loosen it after a plan far under target, bisecting once both are known. Returns the
-    rounds' checks and, per round, (plan, model, refit, check, restored layers)."""
+    rounds' checks and, per round, (plan, model, refit, check, restored layers). With
+    `quantize`, each plan is measured quantized to int8."""
     kind, target = options.budget()
     budget, floor, scale = start
     rounds, tried = [], []
@@ -119,9 +132,16 @@ def _latency_rounds(model, tables, methods, context, options, checker, start):
     for _ in range(LATENCY_ROUNDS):
         plan = auto_plan.allocate(tables, kind, budget)
         built = _build_and_check(model, plan, tables, methods, context, options, checker)
-        rounds.append({"budget": round(budget, 6), **built[2]})
-        tried.append((plan, *built))
-        ratio = built[2].get("latency_ratio")
+        if quantize is None:
+            rounds.append({"budget": round(budget, 6), **built[2]})
+            tried.append((plan, *built))
+            check = built[2]
+        else:
+            compressed, refit, _, restored = built
+            built = (plan, compressed, refit, restored)
+            check = _int8_round(built, round(budget, 6), quantize, checker, rounds, tried)
+            rounds[-1]["costs"] = "int8"
+        ratio = check.get("latency_ratio")
         if kind != "latency" or ratio is None:
             break
         if ratio <= target + LATENCY_SLACK:
@@ -142,28 +162,59 @@ def _latency_rounds(model, tables, methods, context, options, checker, start):
     return rounds, tried
 
 
-def _int8_rounds(model, tables, best_float, tried, rounds, quantize, checker) -> None:
+def _int8_rounds(model, tables, best_float, tried, rounds, quantize, checker) -> float | None:
     """Two more rounds: the original quantized to int8 (every layer kept) and the best float
     plan quantized. Whether int8 pays depends on the runtime and the shapes (on ResNet-20 it
     speeds up the original but slows the factorized layers down), so it is measured like
-    every round and kept only if it wins."""
+    every round and kept only if it wins. Returns the int8 original's latency ratio (None
+    when the quantizer failed on it)."""
     keep_all = {t.choice.name: t.keep for t in tables}
     plan, compressed, refit, _, restored = best_float
     sources = [(keep_all, model, None, [])]
     if _factorized(plan):
         sources.append((plan, compressed, refit, restored))
-    for plan, source, refit, restored in sources:
+    checks = [
         _int8_round((plan, source, refit, restored), None, quantize, checker, rounds, tried)
+        for plan, source, refit, restored in sources
+    ]
+    return checks[0].get("latency_ratio")
+
+
+def _int8_table_rounds(build, measured, quantize, quantize_layer, original_int8, total):
+    """Plans chosen for int8: every candidate and layer timed quantized, the budget set from
+    the int8 original's measured latency, then the same tighten/loosen rounds as the float
+    search, each plan measured quantized. Returns the int8 cost tables and the rounds."""
+    model, tables, methods, context, options, checker = build
+    target = options.budget()[1]
+    count = sum(len(t.options) for t in tables)
+    with context.progress("timing candidates in int8", count) as bar:
+        tables8 = auto_plan.int8_tables(
+            model, tables, measured, context.threads, quantize_layer, bar
+        )
+    # Ratios are of the float original; the int8 tables' costs add up to the int8 model's.
+    budget, _, scale = auto_plan.budget_for(
+        "latency", target / original_int8, tables8, original_int8 * total
+    )
+    floor = sum(min(s.cost("latency") for s in t.all()) for t in tables8)
+    start = (max(budget, floor), floor, scale / original_int8)
+    rounds, tried = _latency_rounds(
+        model, tables8, methods, context, options, checker, start, quantize
+    )
+    return tables8, rounds, tried
 
 
 def _int8_round(built, budget, quantize, checker, rounds, tried) -> dict:
     """Quantize a built plan's model, check it like any round and record it; the check."""
     plan, source, refit, restored = built
-    quantized = quantize(source)
-    check = checker(quantized, "latency")
-    why = checker.fails(check)  # no back-off inside an int8 model: it is out if it fails
-    if why:
-        check["tolerance_failed"] = why
+    try:
+        quantized = quantize(source)
+    except CompressError as exc:  # onnxruntime's quantizer refused this plan: it is out
+        quantized, check = source, {"tolerance_failed": f"int8 failed: {exc}"}
+    else:
+        check = checker(quantized, "latency")
+        why = checker.fails(check)  # no back-off inside an int8 model: it is out if it fails
+        if why:
+            check["tolerance_failed"] = why
     rounds.append({"budget": budget, "int8": True, **check})
     tried.append((plan, quantized, refit, check, restored))
     return check
@@ -172,59 +223,6 @@ def _int8_round(built, budget, quantize, checker, rounds, tried) -> dict:
 def _factorized(plan: dict) -> bool:
     """Whether a plan rewrites any layer (a plan of all keeps is the original model)."""
     return any(s.method != "keep" for s in plan.values())
-
-
-def _looser_int8_rounds(build, quantize, rounds, tried, best, scale) -> None:
-    """When int8 of the best float plan lands far under the target, int8 speeds that model
-    up: build float plans at looser budgets, quantize each and measure it (SqueezeNet: int8
-    of a 0.515 plan ran at 0.389). They aim at the top of the on-target band: the first at a
-    float latency of that ÷ int8's measured speed-up, then by a secant on the measured
-    (budget, int8 latency) pairs, bisecting once one missed; a plan measured under the
-    target does not end the search (on SqueezeNet the error fell from 0.66 to 0.41 between
-    two such plans, and timing noise decides which of them looks on target). Up to
-    INT8_LOOSER_ROUNDS; each is kept only if it wins like any round."""
-    model, tables, methods, context, options, checker = build
-    target = options.budget()[1]
-    aim = target + LATENCY_SLACK
-    float_ratio, budget = rounds[best]["latency_ratio"], rounds[best]["budget"]
-    measured = [(budget, rounds[-1]["latency_ratio"])]  # (budget, its int8 latency ratio)
-    keep_all = sum(t.keep.cost("latency") for t in tables)
-    if not _factorized(tried[best][0]) or measured[0][1] >= target - LATENCY_SLACK:
-        return  # int8 did not take a factorized plan under the target: nothing to loosen
-    met, missed = budget, None  # the largest budget on target, the smallest that missed
-    for _ in range(INT8_LOOSER_ROUNDS):
-        if missed is not None:
-            budget = (met + missed) / 2
-        elif len(measured) == 1:
-            float_aim = aim * float_ratio / measured[0][1]  # whose int8 would hit the aim
-            budget = min(keep_all, budget + (float_aim - float_ratio) * scale)
-        else:
-            budget = min(keep_all, _secant_step(measured, aim))
-        plan = auto_plan.allocate(tables, "latency", budget)
-        compressed, refit, _, restored = _build_and_check(
-            model, plan, tables, methods, context, options, checker
-        )
-        built = (plan, compressed, refit, restored)
-        check = _int8_round(built, round(budget, 6), quantize, checker, rounds, tried)
-        ratio = check["latency_ratio"]
-        measured.append((budget, ratio))
-        if ratio > aim:
-            missed = min(missed or budget, budget)
-            continue
-        met = max(met, budget)
-        if ratio >= target or budget >= keep_all:
-            return  # on target with no room left to loosen
-
-
-def _secant_step(measured: list[tuple[float, float]], aim: float) -> float:
-    """The next budget from the last two (budget, latency ratio) points, both under the aim:
-    where their line reaches it, but at most three times the last step (a flat segment,
-    timing noise, would send it anywhere)."""
-    (b0, r0), (b1, r1) = measured[-2:]
-    step = b1 - b0
-    if r1 <= r0:
-        return b1 + 3 * step
-    return b1 + min((aim - r1) * step / (r1 - r0), 3 * step)
 
 
 def run_sensitivity(model, choices, options, context, sample) -> dict[str, list]:

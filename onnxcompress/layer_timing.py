@@ -24,11 +24,14 @@ def compare_layer(
     rewrite: Any,
     threads: int = 2,
     cache: latency_cache.LatencyCache | None = None,
+    quantize=None,
 ) -> dict[str, float]:
     """{"original_ms", "rewritten_ms", "speedup"} for `layer` alone versus `rewrite` alone.
 
     `constants` are the original model's (`graph.constant_tensors`), for the layer's weights;
-    `cache` defaults to `latency_cache.default_cache()`.
+    `cache` defaults to `latency_cache.default_cache()`; `quantize(model, feeds)`, when given,
+    turns both into int8 models before they are timed (the cache tells them apart by their
+    nodes).
     """
     # The activation is input 0, except for a constant-on-the-left product (W @ x).
     activation = getattr(layer, "activation", layer.node.input[0])
@@ -38,6 +41,8 @@ def compare_layer(
     before = _single_input_model([layer.node], weights, layer, activation, dtype)
     after = _single_input_model(rewrite.nodes, rewrite.initializers, layer, activation, dtype)
     x = np.random.default_rng(0).standard_normal(layer.input_shape).astype(dtype)
+    if quantize is not None:
+        before, after = quantize(before, {activation: x}), quantize(after, {activation: x})
     medians = latency_cache.time_subgraphs(
         {"original": before, "rewritten": after},
         {activation: x},
