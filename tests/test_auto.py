@@ -216,6 +216,22 @@ def test_int8_plans_are_chosen_on_int8_layer_timings(vgg_calibration, monkeypatc
     graph.check_model(result.model)
 
 
+def test_a_plan_the_quantizer_refuses_is_out_not_a_crash():
+    class Checker:
+        def __call__(self, model, kind):
+            raise AssertionError("a model the quantizer refused is not measured")
+
+    def refuse(model):
+        raise CompressError("int8: onnxruntime's quantizer failed: index 1 is out of bounds")
+
+    rounds = [{"budget": 0.4, "latency_ratio": 0.5, "rel_l2": 0.2}]
+    tried = [("float round",)]
+    check = auto_search._int8_round(({}, "model", None, []), 0.3, refuse, Checker(), rounds, tried)
+    assert check["tolerance_failed"].startswith("int8 failed: int8: onnxruntime's quantizer")
+    assert rounds[-1]["int8"] is True and len(tried) == 2
+    assert auto_search._best_round(rounds, 0.5) == 0
+
+
 def test_plan_warning_says_missed_targets_and_large_errors():
     from passes.auto import plan_warning
 
