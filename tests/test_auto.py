@@ -140,19 +140,21 @@ def test_latency_budget_tightens_when_the_whole_model_misses(
 
 
 def test_latency_search_bisects_and_keeps_the_best_plan_on_target(vgg_calibration, monkeypatch):
-    """Scripted whole-model ratios: a miss, then far under target, then on target. The
-    search tightens, then loosens between the two, and keeps the on-target plan with the
-    smallest measured error."""
-    ratios = iter([0.9, 0.3, 0.68])
+    """Scripted whole-model ratios: a miss, then far under target, then just under it, then
+    at it. The search tightens, loosens between the two, goes on from the plan just under
+    target (a looser one missed, so the step between them may have cost much), stops at the
+    target and keeps the on-target plan with the smallest measured error."""
+    ratios = iter([0.9, 0.3, 0.68, 0.71])
     original = _weight_count(vgg_style())
     _weights_as_milliseconds(monkeypatch, lambda model: next(ratios) * original)
     result = _run_auto(vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.7)
     found = result.summary["auto"]
     budgets = [r["budget"] for r in found["rounds"]]
-    assert [r["latency_ratio"] for r in found["rounds"]] == [0.9, 0.3, 0.68]
+    assert [r["latency_ratio"] for r in found["rounds"]] == [0.9, 0.3, 0.68, 0.71]
     assert budgets[1] < budgets[0] and budgets[1] < budgets[2] < budgets[0]
     assert budgets[2] == pytest.approx((budgets[0] + budgets[1]) / 2, abs=1e-6)
-    on_target = [1, 2]
+    assert budgets[3] == pytest.approx((budgets[0] + budgets[2]) / 2, abs=1e-6)
+    on_target = [1, 2, 3]
     best = min(on_target, key=lambda i: found["rounds"][i]["rel_l2"])
     assert found["chosen_round"] == best and found["model"] == found["rounds"][best]
     assert found["target_reached"] is True
