@@ -63,7 +63,7 @@ def search(
             auto_plan.time_in_graph(model, tables, measured, feeds, context.threads, bar)
     total = _model_total(kind, model, analysis, feeds, context.threads)
     budget, rest, scale = auto_plan.budget_for(kind, target, tables, total)
-    floor = sum(min(s.cost(kind) for s in t.all()) for t in tables)  # every layer cheapest
+    floor = _floor(tables, kind)
     out_of_reach = ""
     if budget < floor:
         cheapest = (rest + floor) / scale
@@ -89,8 +89,8 @@ def search(
     if quantize and on_latency and context.calibration:
         best = _best_round(rounds, on_latency)
         original_int8 = _int8_rounds(model, tables, tried[best], tried, rounds, quantize, checker)
-        build = (model, tables, methods, context, options, checker)
         if quantize_layer and original_int8 and original_int8 > target + LATENCY_SLACK:
+            build = (model, tables, methods, context, options, checker)
             cost_tables["int8"], more, more_tried = _int8_table_rounds(
                 build, measured, quantize, quantize_layer, original_int8, total
             )
@@ -197,7 +197,7 @@ def _int8_table_rounds(build, measured, quantize, quantize_layer, original_int8,
     budget, _, scale = auto_plan.budget_for(
         "latency", target / original_int8, tables8, original_int8 * total
     )
-    floor = sum(min(s.cost("latency") for s in t.all()) for t in tables8)
+    floor = _floor(tables8, "latency")
     start = (max(budget, floor), floor, scale / original_int8)
     rounds, tried = _latency_rounds(
         model, tables8, methods, context, options, checker, start, quantize
@@ -220,6 +220,11 @@ def _int8_round(built, budget, quantize, checker, rounds, tried) -> dict:
     rounds.append({"budget": budget, "int8": True, **check})
     tried.append((plan, quantized, refit, check, restored))
     return check
+
+
+def _floor(tables, kind: str) -> float:
+    """The tabled layers' cost with every layer at its cheapest candidate."""
+    return sum(min(s.cost(kind) for s in t.all()) for t in tables)
 
 
 def _factorized(plan: dict) -> bool:

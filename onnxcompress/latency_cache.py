@@ -17,6 +17,7 @@ import os
 import platform
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,21 +119,29 @@ def time_subgraphs(
     cache: LatencyCache | None = None,
     repeats: int = 20,
     min_seconds: float = 0.05,
+    prepare: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None,
+    variant: str = "",
 ) -> dict[str, float]:
     """Median ms per model on `feeds`. Models the cache lacks (or holds with fewer than
     `repeats` runs) are timed together, interleaved, by `benchmark.benchmark_models`, and
-    stored. Hits come from earlier timings, possibly of other runs on this machine."""
+    stored. Hits come from earlier timings, possibly of other runs on this machine.
+    `prepare` turns a model into the one timed (int8 quantization, say), only on a miss:
+    such timings are keyed by the model given and `variant`, which must name the change."""
     cache = cache if cache is not None else default_cache()
-    keys = {name: model_key(model, feeds, threads) for name, model in models.items()}
+    keys = {name: model_key(model, feeds, threads, variant) for name, model in models.items()}
     found = {name: cache.get(key) for name, key in keys.items()}
-    missing = {name: models[name] for name, hit in found.items() if not hit or hit.runs < repeats}
+    missing = {
+        name: prepare(models[name]) if prepare else models[name]
+        for name, hit in found.items()
+        if not hit or hit.runs < repeats
+    }
     if missing:
         timings = benchmark.benchmark_models(
             missing, feeds, threads=threads, warmup=3, repeats=repeats, min_seconds=min_seconds
         )
         for name, timing in timings.items():
             found[name] = Timing(timing["median_ms"], timing["runs"])
-            cache.put(keys[name], found[name], _describe(models[name]))
+            cache.put(keys[name], found[name], _describe(missing[name]))
     return {name: found[name].median_ms for name in models}
 
 
@@ -146,8 +155,11 @@ def time_subgraph(
     return time_subgraphs({"model": model}, feeds, threads, cache)["model"]
 
 
-def model_key(model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int) -> str:
-    """Hex digest of the model's speed-relevant structure, the feeds and the environment."""
+def model_key(
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int, variant: str = ""
+) -> str:
+    """Hex digest of the model's speed-relevant structure, the feeds and the environment
+    (and `variant`, when the model is timed after a change such as int8 quantization)."""
     feed_shapes = sorted((name, list(a.shape), str(a.dtype)) for name, a in feeds.items())
     signature = {
         "graph": graph_signature(model.graph),
@@ -155,6 +167,8 @@ def model_key(model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int
         "feeds": [shape[1:] for shape in feed_shapes],
         "environment": environment(threads),
     }
+    if variant:  # absent otherwise, so the keys of plain timings stay what they were
+        signature["variant"] = variant
     text = json.dumps(signature, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 

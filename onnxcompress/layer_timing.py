@@ -30,8 +30,8 @@ def compare_layer(
 
     `constants` are the original model's (`graph.constant_tensors`), for the layer's weights;
     `cache` defaults to `latency_cache.default_cache()`; `quantize(model, feeds)`, when given,
-    turns both into int8 models before they are timed (the cache tells them apart by their
-    nodes).
+    turns both into int8 models before they are timed (only when the cache lacks them: their
+    timings are keyed by the float model and "int8").
     """
     # The activation is input 0, except for a constant-on-the-left product (W @ x).
     activation = getattr(layer, "activation", layer.node.input[0])
@@ -41,8 +41,7 @@ def compare_layer(
     before = _single_input_model([layer.node], weights, layer, activation, dtype)
     after = _single_input_model(rewrite.nodes, rewrite.initializers, layer, activation, dtype)
     x = np.random.default_rng(0).standard_normal(layer.input_shape).astype(dtype)
-    if quantize is not None:
-        before, after = quantize(before, {activation: x}), quantize(after, {activation: x})
+    prepare = None if quantize is None else (lambda model: quantize(model, {activation: x}))
     medians = latency_cache.time_subgraphs(
         {"original": before, "rewritten": after},
         {activation: x},
@@ -50,6 +49,8 @@ def compare_layer(
         cache=cache,
         repeats=REPEATS,
         min_seconds=MIN_SECONDS,
+        prepare=prepare,
+        variant="" if quantize is None else "int8",
     )
     return {
         "original_ms": round(medians["original"], 4),

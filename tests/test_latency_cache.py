@@ -137,6 +137,30 @@ def test_compare_layer_times_only_what_the_cache_lacks(cache_dir, fake_timer):
     assert layer_timing.compare_layer(constants, layer, rewrite, threads=2) == timing
 
 
+def test_prepared_timings_are_keyed_apart_and_prepare_runs_only_on_a_miss(cache_dir, fake_timer):
+    """int8 timings: the model is quantized (here: a stand-in) only when the cache lacks it,
+    keyed by the float model and the variant, apart from the float model's own timing."""
+    prepared = []
+
+    def prepare(model):
+        prepared.append(model)
+        return model
+
+    cache = LatencyCache(cache_dir)
+    plain = time_subgraph(conv_model(), feeds_for(), 2, cache)
+    feeds = feeds_for()
+    times = latency_cache.time_subgraphs(
+        {"m": conv_model()}, feeds, 2, cache, prepare=prepare, variant="int8"
+    )
+    assert times["m"] != plain and len(prepared) == 1 and len(fake_timer) == 2
+    again = latency_cache.time_subgraphs(
+        {"m": conv_model(seed=3)}, feeds, 2, LatencyCache(cache_dir), prepare=prepare,
+        variant="int8",
+    )  # fmt: skip
+    assert again == times and len(prepared) == 1 and len(fake_timer) == 2
+    assert model_key(conv_model(), feeds, 2) == key()  # plain keys are what they were
+
+
 def test_unusable_folder_warns_once_and_times_uncached(tmp_path, fake_timer, caplog):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the cache folder should be")
