@@ -1,7 +1,10 @@
 """`results.md` of a benchmark run: the command and machine, the method notes, and one table
-per model (MACs, size, latency per batch size, scores, pass time, notes or the error)."""
+per model (MACs, size, latency per batch size, scores, pass time, notes or the error), and
+auto against each method at auto's measured latency."""
 
 from __future__ import annotations
+
+from benchmarks.same_latency import markdown_lines
 
 
 def markdown(results: dict) -> str:
@@ -68,7 +71,7 @@ def model_table(entry: dict) -> list[str]:
         cells += [_number(row["score"].get(k)) for k in keys]
         cells += [f"{row['seconds']:.1f}", "; ".join(row.get("notes", []))]
         lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    return lines + markdown_lines(entry)
 
 
 def _number(value) -> str:
