@@ -27,6 +27,7 @@ def comparisons(entry: dict) -> list[dict]:
             inside = ratios.min() <= auto["ratio"] <= ratios.max()
             at = float(np.interp(auto["ratio"], ratios[order], drops)) if inside else None
             fastest = rows[order[0]]
+            better = [r for r in rows if r["ratio"] < auto["ratio"] and r["drop"] <= auto["drop"]]
             out.append(
                 {
                     "auto": label,
@@ -37,6 +38,7 @@ def comparisons(entry: dict) -> list[dict]:
                     "range": (float(ratios.min()), float(ratios.max())),
                     "drop_at_auto_latency": at,
                     "fastest_drop": fastest["drop"],
+                    "dominated_by": better[0]["label"] if better else None,
                 }
             )
     return out
@@ -55,7 +57,9 @@ def markdown_lines(entry: dict) -> list[str]:
         "",
         "A method's drop there is interpolated between its two rows whose latencies bracket "
         "auto's. Where auto is faster than all of a method's rows, it is said whether auto "
-        "also loses less than the method's fastest row (then it is better at both).",
+        "also loses less than the method's fastest row (then it is better at both); where it "
+        "is slower than all of them, whether one of them also loses no more (then it is worse "
+        "at both).",
         "",
         "| auto | latency | its drop | method | its rows' latencies | its drop there "
         "| auto smaller |",
@@ -81,6 +85,8 @@ def _verdict(c: dict) -> tuple[str, str]:
         better = c["auto_drop"] < c["fastest_drop"]
         fastest = f"{c['fastest_drop']:.2f} at {low:.3f}"
         return f"not reached (fastest row: {fastest})", "yes, and faster" if better else ""
+    if c["dominated_by"]:  # faster and loses no more: auto is worse at both
+        return "its rows are all faster", f"no: {c['dominated_by']} is faster, loses no more"
     return "its rows are all faster", ""
 
 

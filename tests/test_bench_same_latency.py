@@ -47,6 +47,7 @@ def test_rows_that_do_not_reach_autos_latency_are_not_interpolated():
             _row("svd@0.35", 0.65, 70.0),
             _row("int8", 0.50, 80.0),  # one row, faster than auto
             _row("channels@0.25", 0.58, 79.5),  # slower but loses less: no verdict
+            _row("fga@0.25", 0.50, 70.0),  # faster but loses more: no verdict
             _row("auto@0.5", 0.55, 78.0),
         ]
     )
@@ -54,8 +55,12 @@ def test_rows_that_do_not_reach_autos_latency_are_not_interpolated():
     assert all(c["drop_at_auto_latency"] is None for c in found.values())
     lines = model_table_lines(entry)
     assert "not reached (fastest row: 20.00 at 0.600) | yes, and faster |" in lines
-    assert "| int8 | 0.500 (int8) | its rows are all faster |  |" in lines
+    assert (
+        "| int8 | 0.500 (int8) | its rows are all faster | no: int8 is faster, loses no more |"
+        in (lines)
+    )
     assert "not reached (fastest row: 0.50 at 0.580) |  |" in lines
+    assert "| fga | 0.500 (fga@0.25) | its rows are all faster |  |" in lines
 
 
 def test_lower_is_better_metrics_count_a_rise_as_the_drop():
