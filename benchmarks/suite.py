@@ -83,8 +83,9 @@ METHODS: dict[str, Method] = {
     "auto": Method(
         "auto",
         "target_latency",
-        {"align": 8},
-        note="per layer: keep, svd, cp, tucker2 or fga, from measured latency and damage",
+        {"align": 8, "int8": False},
+        note="per layer: keep, svd, cp, tucker2 or fga, from measured latency and damage; "
+        "float plans only (int8=false)",
     ),
     "int8": Method("int8", None, note="static int8 (QDQ, per channel) calibrated on the data"),
     **{
@@ -98,10 +99,15 @@ METHODS: dict[str, Method] = {
         "auto",
         "target_latency",
         {"align": 8, "int8": True},
-        note="auto that also measures int8 of the original and of its best plan, keeps the best",
+        note="auto as by default with data: float plans, int8 of the original and of the best "
+        "one, and plans chosen on int8 timings, all measured; keeps the best",
     ),
     "auto+int8": Method(
-        "auto", "target_latency", {"align": 8}, note="auto's plan, then int8", then=("int8",)
+        "auto",
+        "target_latency",
+        {"align": 8, "int8": False},
+        note="auto's float plan, then int8",
+        then=("int8",),
     ),
     "int8_dynamic": Method(
         None, None, note="baseline: onnxruntime quantize_dynamic, int8 weights; MACs as original"

@@ -99,7 +99,8 @@ def search(
     if out_of_reach:
         rounds[0]["estimate"] = out_of_reach + "; built and measured instead"
     on_latency = target if kind == "latency" else None
-    cost_tables = {"float": tables}
+    # Per kind of cost: the tables, and the rest and total their ratios are taken with.
+    cost_tables = {"float": (tables, rest, scale)}
     if quantize and on_latency and context.calibration:
         best = _best_round(rounds, on_latency)
         original_int8 = _int8_rounds(model, tables, tried[best], tried, rounds, quantize, checker)
@@ -113,7 +114,7 @@ def search(
     if on_latency:
         _retime(rounds, tried, checker, on_latency)
     chosen = _best_round(rounds, on_latency)
-    tables = cost_tables[rounds[chosen].get("costs", "float")]
+    tables, rest, scale = cost_tables[rounds[chosen].get("costs", "float")]
     plan, compressed, refit, _, backed_off = tried[chosen]
     summary = _summary(kind, target, tables, plan, rounds, chosen, backed_off, refit, scale, rest)
     if kind == "latency":  # measured on the whole model, not predicted
@@ -201,7 +202,8 @@ def _int8_rounds(model, tables, best_float, tried, rounds, quantize, checker) ->
 def _int8_table_rounds(build, measured, quantize, quantize_layer, original_int8, total):
     """Plans chosen for int8: every candidate and layer timed quantized, the budget set from
     the int8 original's measured latency, then the same tighten/loosen rounds as the float
-    search, each plan measured quantized. Returns the int8 cost tables and the rounds."""
+    search, each plan measured quantized. Returns the int8 cost tables with the rest and
+    total of the float original their ratios are taken with, and the rounds."""
     model, tables, methods, context, options, checker = build
     target = options.budget()[1]
     count = sum(len(t.options) for t in tables)
@@ -210,7 +212,7 @@ def _int8_table_rounds(build, measured, quantize, quantize_layer, original_int8,
             model, tables, measured, context.threads, quantize_layer, bar
         )
     # Ratios are of the float original; the int8 tables' costs add up to the int8 model's.
-    budget, _, scale = auto_plan.budget_for(
+    budget, rest, scale = auto_plan.budget_for(
         "latency", target / original_int8, tables8, original_int8 * total
     )
     floor = _floor(tables8, "latency")
@@ -218,7 +220,7 @@ def _int8_table_rounds(build, measured, quantize, quantize_layer, original_int8,
     rounds, tried = _latency_rounds(
         model, tables8, methods, context, options, checker, start, quantize
     )
-    return tables8, rounds, tried
+    return (tables8, rest, scale / original_int8), rounds, tried
 
 
 def _int8_round(built, budget, quantize, checker, rounds, tried) -> dict:

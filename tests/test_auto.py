@@ -85,7 +85,9 @@ def test_back_off_restores_layers_until_the_tolerance_holds(vgg_calibration):
 def test_latency_target_reports_the_measured_ratio(vgg_calibration):
     # Real timings are noisy on a shared machine: a target of 1.0 is always reachable (and
     # keeps everything); the plumbing of layer and whole-model timing is what is checked.
-    result = _run_auto(vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=1.0)
+    result = _run_auto(
+        vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=1.0, int8=False
+    )
     auto = result.summary["auto"]
     assert auto["budget"] == {"kind": "latency", "target": 1.0}
     assert auto["model"]["latency_ratio"] > 0 and auto["model"] == auto["rounds"][-1]
@@ -135,7 +137,7 @@ def test_latency_budget_tightens_when_the_whole_model_misses(
     _weights_as_milliseconds(monkeypatch, lambda model: slowdown * _weight_count(model))
     result = _run_auto(
         vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.7,
-        latency_basis="layer",
+        latency_basis="layer", int8=False,
     )  # fmt: skip
     rounds = result.summary["auto"]["rounds"]
     assert len(rounds) >= 2 and rounds[0]["latency_ratio"] > 0.7 + auto_search.LATENCY_SLACK
@@ -155,7 +157,9 @@ def test_latency_search_bisects_and_keeps_the_best_plan_on_target(vgg_calibratio
     ratios = iter([0.9, 0.3, 0.68, 0.71])
     original = _weight_count(vgg_style())
     _weights_as_milliseconds(monkeypatch, lambda model: next(ratios) * original)
-    result = _run_auto(vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.7)
+    result = _run_auto(
+        vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.7, int8=False
+    )
     found = result.summary["auto"]
     budgets = [r["budget"] for r in found["rounds"]]
     assert [r["latency_ratio"] for r in found["rounds"]] == [0.9, 0.3, 0.68, 0.71]
@@ -179,7 +183,9 @@ def test_a_round_timed_on_target_by_luck_is_timed_again_and_not_kept(vgg_calibra
     _weights_as_milliseconds(
         monkeypatch, lambda model: next(ratios) * original, again_ms=lambda ms: again.get(ms, ms)
     )
-    result = _run_auto(vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.7)
+    result = _run_auto(
+        vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.7, int8=False
+    )
     found = result.summary["auto"]
     last = found["rounds"][3]
     assert last["latency_ratio_search"] == 0.71 and last["latency_ratio"] == 0.8
@@ -204,9 +210,8 @@ def test_int8_is_measured_and_kept_only_when_it_wins(vgg_calibration, monkeypatc
         return float(_weight_count(model))
 
     _weights_as_milliseconds(monkeypatch, compressed_ms)
-    result = _run_auto(
-        vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.7, int8=True
-    )
+    # int8 not given: on by default, with a latency target and calibration data
+    result = _run_auto(vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.7)
     found = result.summary["auto"]
     int8_rounds = [r for r in found["rounds"] if r.get("int8") and r["budget"] is None]
     assert len(int8_rounds) == 2  # the original and the best float plan, quantized
@@ -218,6 +223,23 @@ def test_int8_is_measured_and_kept_only_when_it_wins(vgg_calibration, monkeypatc
         floats = [r for r in found["rounds"] if not r.get("int8")]
         assert found["model"]["rel_l2"] < min(r["rel_l2"] for r in floats)
         assert all(layer["method"] == "keep" for layer in found["layers"])
+
+
+@pytest.mark.parametrize(
+    "options, calibration, wanted",
+    [
+        ({}, True, True),  # the default budget is a latency target
+        ({"target_latency": 0.5}, False, False),  # no data to calibrate or check it on
+        ({"target_macs": 0.5}, True, False),  # MACs do not move with int8
+        ({"target_latency": 0.5, "int8": False}, True, False),
+        ({"target_macs": 0.5, "int8": True}, True, True),  # asked: tried, the summary says
+    ],
+)
+def test_int8_is_tried_by_default_where_it_can_be_measured(options, calibration, wanted):
+    data = [{"input": np.zeros(VGG_SHAPES["input"], np.float32)}] if calibration else None
+    assert (
+        get_pass("auto").make_options(options).wants_int8(PassContext(VGG_SHAPES, data)) is wanted
+    )
 
 
 def test_int8_plans_are_chosen_on_int8_layer_timings(vgg_calibration, monkeypatch):
@@ -245,6 +267,15 @@ def test_int8_plans_are_chosen_on_int8_layer_timings(vgg_calibration, monkeypatc
     # The report's costs are the int8 tables' (0.6 of the weights; float would be all of them).
     assert all(layer["latency_ms_before"] < 0.7 * layer["params_before"] for layer in rewritten)
     assert rewritten
+    # Its point on the curve is a ratio of the float original: the int8 original's latency
+    # (measured) less its tabled layers' int8 costs, plus the plan's.
+    original = _weight_count(vgg_style())
+    int8_original = next(r for r in found["rounds"] if r.get("int8") and r["budget"] is None)
+    before = sum(layer["latency_ms_before"] for layer in found["layers"])
+    after = sum(layer["latency_ms_after"] for layer in found["layers"])
+    point = next(p for p in found["curve"] if p["chosen"])
+    expected = (int8_original["latency_ratio"] * original - before + after) / original
+    assert point["cost_ratio"] == pytest.approx(expected, abs=2e-4)
     graph.check_model(result.model)
 
 
@@ -356,13 +387,17 @@ def test_latency_target_below_the_estimate_is_measured_not_refused(vgg_calibrati
     built and the measurement decides; MACs targets are exact and still refused."""
     original = _weight_count(vgg_style())
     _weights_as_milliseconds(monkeypatch, lambda model: 0.005 * original)
-    result = _run_auto(vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.01)
+    result = _run_auto(
+        vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.01, int8=False
+    )
     found = result.summary["auto"]
     assert "looks out of reach" in found["rounds"][0]["estimate"]
     assert found["target_reached"] is True and result.changed
     slow = 0.5 * original  # measured off target too: the cheapest plan is kept, with a warning
     _weights_as_milliseconds(monkeypatch, lambda model: slow)
-    result = _run_auto(vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.01)
+    result = _run_auto(
+        vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.01, int8=False
+    )
     assert result.summary["auto"]["target_reached"] is False
     assert "missed" in result.summary["note"]
 
@@ -413,7 +448,7 @@ def test_graph_latency_costs_are_the_models_savings(vgg_calibration, monkeypatch
     model = vgg_style()
     result = _run_auto(
         model, VGG_SHAPES, vgg_calibration, methods="svd", target_latency=1.0,
-        latency_basis="graph",
+        latency_basis="graph", int8=False,
     )  # fmt: skip
     auto = result.summary["auto"]
     original = float(_weight_count(model))
