@@ -40,6 +40,22 @@ def test_drop_is_interpolated_between_the_bracketing_rows():
     )
 
 
+def test_a_row_beaten_at_both_by_another_is_left_out():
+    # cp@0.2 is slower than cp@0.25 and loses more: cp's drop at 0.5 is on the line from
+    # cp@0.25 (0.45, 6) to cp@0.35 (0.65, 2), not from cp@0.2 (0.48, 9).
+    entry = _entry(
+        [
+            _row("cp@0.25", 0.45, 74.0),
+            _row("cp@0.2", 0.48, 71.0),
+            _row("cp@0.35", 0.65, 78.0),
+            _row("auto@0.5", 0.50, 76.0),
+        ]
+    )
+    cp = _by_method(entry)["cp"]
+    assert cp["rows"] == ["cp@0.25", "cp@0.35"]
+    assert cp["drop_at_auto_latency"] == pytest.approx(5.0)
+
+
 def test_rows_that_do_not_reach_autos_latency_are_not_interpolated():
     entry = _entry(
         [
