@@ -39,10 +39,12 @@ CURVE_POINTS = 12
 # The original's whole-model timing (the layer tables' scale) runs at least this long.
 TIMING_SECONDS = 1.0
 # A plan's latency ratio is the median over short windows, each timing the original and the
-# plan side by side: one window's ratio moved by ±0.03 at 2 threads on this machine whatever
-# its length (1 s or 3 s; its state drifts), and a search that kept the round that happened
-# to time on target lost top-1 for nothing (ResNet-20, 2 threads: 0.487 in auto, 0.562 in the
-# benchmark). Rounds that may be kept are timed again, all together, before the choice.
+# plan side by side: one window's ratio spreads by a standard deviation of 0.04-0.05 at 2
+# threads on this machine whatever its length (benchmarks/results/timing_noise_resnet20_
+# threads2.md), and a search that kept the round that happened to time on target lost top-1
+# for nothing (ResNet-20, 2 threads: 0.487 in auto, 0.562 in the benchmark). Windows in a
+# row are not independent (the machine keeps a state for seconds), so rounds that may be kept
+# are timed again, all together, later, before the choice.
 WINDOW_SECONDS = 0.5
 CHECK_WINDOWS = 3
 RETIME_WINDOWS = 4
