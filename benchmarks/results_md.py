@@ -16,7 +16,7 @@ def markdown(results: dict) -> str:
         f"`{results['command']}` — {m['machine']}, {m['cpu_count']} cores (load average "
         f"{m['load_average_start']:.1f} at start), onnxruntime {m['onnxruntime']} CPU, "
         f"{m['threads']} intra-op threads, graph optimisations on for timing, "
-        f"{s['repeats']} interleaved timed runs per batch size, seed {s['seed']}; "
+        f"{s['repeats']} interleaved timed runs per batch size{_loops(s)}, seed {s['seed']}; "
         f"total {results.get('total_seconds', 0):.0f} s.",
         "",
         "MACs and size are ratios to the original (size: `.onnxc` bytes for the pruning "
@@ -35,6 +35,13 @@ def markdown(results: dict) -> str:
     if results.get("plots_skipped"):
         lines += ["", f"Plots: {results['plots_skipped']}"]
     return "\n".join(lines) + "\n"
+
+
+def _loops(settings: dict) -> str:
+    loops = settings.get("timing_loops", 1)
+    if loops == 1:
+        return ""
+    return f" in each of {loops} timing loops (a speedup: the median of its per-loop ones)"
 
 
 def model_table(entry: dict) -> list[str]:

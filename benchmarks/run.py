@@ -34,6 +34,7 @@ from pathlib import Path
 for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")  # see benchmarks/factorization.py: BLAS threads stall
 
+import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
@@ -145,16 +146,17 @@ def run_model(bench: BenchModel, todo: list[Variant], args, say: Callable[[str],
         save_models(models, args.save_models / bench.name)
     say(f"{bench.name}: timing {len(models)} models")
     for batch, timings in time_models(bench, models, args).items():
-        base = timings.get("original", {}).get("median_ms")
+        base = timings.get("original", {})
         for row in rows:
             stats = timings.get(row["label"])
             if stats is None:
                 continue
-            entry = {k: stats[k] for k in ("median_ms", "iqr_ms", "runs") if k in stats}
+            keys = ("median_ms", "iqr_ms", "runs", "loop_ms")
+            entry = {k: stats[k] for k in keys if k in stats}
             if "error" in stats:
                 entry["error"] = stats["error"]
-            elif base:
-                entry["speedup"] = base / stats["median_ms"]
+            elif base.get("median_ms"):
+                entry["speedup"] = loop_speedup(base, stats)
             row.setdefault("latency", {})[str(batch)] = entry
     first = str(min(bench.latency_inputs))
     for row in rows:
@@ -263,26 +265,50 @@ def pass_outcome(report: dict) -> dict:
 
 
 def time_models(bench: BenchModel, models: dict, args) -> dict[int, dict[str, dict]]:
-    """Per batch size, every model's latency from one interleaved `benchmark_models` call; a
-    model that cannot run at that size is left out of the call and gets its error."""
+    """Per batch size, every model's latency from `--timing-loops` interleaved
+    `benchmark_models` calls (one by default); a model that cannot run at that size is left
+    out of the calls and gets its error."""
     repeats = min(args.repeats, bench.max_repeats or args.repeats)
     out = {}
     for batch, feeds in sorted(bench.latency_inputs.items()):
-        try:  # the usual case: everything runs, one call, no extra sessions
-            out[batch] = benchmark_models(models, feeds, args.threads, warmup=2, repeats=repeats)
-            continue
-        except CompressError:
-            pass
         failed = {}
-        for label, model in models.items():
-            try:
-                benchmark_models({label: model}, feeds, args.threads, warmup=0, repeats=1)
-            except CompressError as exc:
-                failed[label] = {"error": _first_line(exc)}
+        try:  # the usual case: everything runs, no extra sessions
+            first = benchmark_models(models, feeds, args.threads, warmup=2, repeats=repeats)
+        except CompressError:
+            for label, model in models.items():
+                try:
+                    benchmark_models({label: model}, feeds, args.threads, warmup=0, repeats=1)
+                except CompressError as exc:
+                    failed[label] = {"error": _first_line(exc)}
+            first = None
         runnable = {label: m for label, m in models.items() if label not in failed}
-        timed = benchmark_models(runnable, feeds, args.threads, warmup=2, repeats=repeats)
-        out[batch] = {**timed, **failed}
+        loops = [first] if first is not None else []
+        while len(loops) < getattr(args, "timing_loops", 1):
+            loops.append(benchmark_models(runnable, feeds, args.threads, warmup=2, repeats=repeats))
+        out[batch] = {**merge_loops(loops), **failed}
     return out
+
+
+def merge_loops(loops: list[dict[str, dict]]) -> dict[str, dict]:
+    """One timing per model from several loops: the first loop's statistics, the median of the
+    loops' medians, and (with more than one loop) each loop's median as `loop_ms`."""
+    if len(loops) == 1:
+        return loops[0]
+    merged = {}
+    for name, stats in loops[0].items():
+        per_loop = [loop[name]["median_ms"] for loop in loops]
+        merged[name] = {**stats, "median_ms": float(np.median(per_loop)), "loop_ms": per_loop}
+    return merged
+
+
+def loop_speedup(base: dict, stats: dict) -> float:
+    """How many times faster than the original: the median of the per-loop speedups when the
+    models were timed in several loops (the machine's state moves ratios between loops; each
+    loop compares side by side), else the ratio of medians."""
+    if "loop_ms" in base and "loop_ms" in stats:
+        pairs = zip(base["loop_ms"], stats["loop_ms"], strict=True)
+        return float(np.median([b / m for b, m in pairs]))
+    return base["median_ms"] / stats["median_ms"]
 
 
 def _score_text(bench: BenchModel, row: dict) -> str:
@@ -329,6 +355,7 @@ def settings(args) -> dict:
     return {
         **{key: getattr(args, key) for key in keys},
         "repeats": args.repeats,
+        "timing_loops": args.timing_loops,
         "seed": args.seed,
         "threads": args.threads,
         "quick": args.quick,
@@ -359,6 +386,11 @@ def parse_args(argv: list[str] | None = None, known_models=None) -> argparse.Nam
     parser.add_argument("--calib-count", type=int, help="calibration samples (512; quick 128)")
     parser.add_argument("--repeats", type=int, help="timed runs per model and batch size (30)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    parser.add_argument(
+        "--timing-loops", type=int, default=1,
+        help="time all models this many times; a row's speedup is the median of its per-loop "
+        "ones (the machine's state moves ratios between loops)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="resnet20 + mnist, one budget")
     parser.add_argument(
@@ -381,6 +413,8 @@ def parse_args(argv: list[str] | None = None, known_models=None) -> argparse.Nam
         unknown = sorted(set(names) - set(known))
         if unknown:
             parser.error(f"unknown {kind} {unknown[0]}; {kind}s: {', '.join(known)}")
+    if args.timing_loops < 1:
+        parser.error(f"--timing-loops must be at least 1, got {args.timing_loops}")
     args.budgets, args.sparsities = _floats(args.budgets), _floats(args.sparsities)
     args.latency_budgets = _floats(args.latency_budgets)
     try:

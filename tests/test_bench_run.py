@@ -197,3 +197,35 @@ def test_time_models_gives_an_error_to_a_model_that_cannot_run_the_batch():
     assert timed["original"]["median_ms"] > 0 and "error" in timed["fixed"]
     both = run.time_models(bench, {"original": models["original"]}, args)[8]
     assert set(both) == {"original"} and "error" not in both["original"]
+
+
+def test_timing_loops_give_per_loop_medians_and_the_median_speedup(tmp_path):
+    _run(tmp_path, "svd", ["--timing-loops", "3"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    rows = {row["label"]: row for row in saved["models"][0]["rows"]}
+    base, svd = rows["original"]["latency"]["1"], rows["svd@0.5"]["latency"]["1"]
+    assert len(base["loop_ms"]) == len(svd["loop_ms"]) == 3
+    per_loop = [b / m for b, m in zip(base["loop_ms"], svd["loop_ms"], strict=True)]
+    assert svd["speedup"] == pytest.approx(float(np.median(per_loop)))
+    assert saved["settings"]["timing_loops"] == 3
+    assert "in each of 3 timing loops" in (tmp_path / "results.md").read_text()
+
+
+def test_speedup_over_loops_is_the_median_of_paired_ratios():
+    # The machine's state changes between loops. Paired speedups 2, 1.33, 2.5: median 2; the
+    # ratio of the two medians (6 over 2.4) would say 2.5.
+    loops = [
+        {"original": {"median_ms": 4.0}, "b": {"median_ms": 2.0}},
+        {"original": {"median_ms": 8.0}, "b": {"median_ms": 6.0}},
+        {"original": {"median_ms": 6.0}, "b": {"median_ms": 2.4}},
+    ]
+    merged = run.merge_loops(loops)
+    assert merged["b"]["loop_ms"] == [2.0, 6.0, 2.4] and merged["b"]["median_ms"] == 2.4
+    assert merged["original"]["median_ms"] == 6.0
+    assert run.loop_speedup(merged["original"], merged["b"]) == pytest.approx(2.0)
+    assert run.merge_loops(loops[:1]) == loops[0]  # one loop: its figures as they are
+
+
+def test_timing_loops_must_be_positive():
+    with pytest.raises(SystemExit):
+        run.parse_args(["--timing-loops", "0"], known_models=["tiny"])
