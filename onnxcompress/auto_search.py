@@ -261,10 +261,8 @@ def _retime(rounds, tried, checker, target: float) -> None:
         {str(i): tried[i][1] for i in timed}, RETIME_WINDOWS, "timing the plans again"
     )
     for i in timed:
-        r = rounds[i]
-        r["latency_windows"] = r["latency_windows"] + [_ratio(w, str(i)) for w in windows]
-        r["latency_ratio_search"] = r["latency_ratio"]
-        r["latency_ratio"] = round(float(np.median(r["latency_windows"])), 4)
+        rounds[i]["latency_ratio_search"] = rounds[i]["latency_ratio"]
+        _add_windows(rounds[i], [_ratio(w, str(i)) for w in windows])
 
 
 def _confirmed(check: dict, model, checker, target: float) -> float:
@@ -274,9 +272,14 @@ def _confirmed(check: dict, model, checker, target: float) -> float:
     search had stopped on it and the choice then dropped it)."""
     if abs(check["latency_ratio"] - target) <= CONFIRM_BAND:
         windows = checker.windows({"compressed": model}, RETIME_WINDOWS)
-        check["latency_windows"] += [_ratio(w, "compressed") for w in windows]
-        check["latency_ratio"] = round(float(np.median(check["latency_windows"])), 4)
+        _add_windows(check, [_ratio(w, "compressed") for w in windows])
     return check["latency_ratio"]
+
+
+def _add_windows(check: dict, ratios: list[float]) -> None:
+    """Record more windows' ratios in a check; its ratio is the median of all of them."""
+    check["latency_windows"] = check.get("latency_windows", []) + ratios
+    check["latency_ratio"] = round(float(np.median(check["latency_windows"])), 4)
 
 
 def _ratio(timing: dict, name: str) -> float:
@@ -401,8 +404,7 @@ class _Checker:
                 check["accuracy_drop"] = round(drop, 4)
         if kind == "latency":
             windows = self.windows({"compressed": compressed}, CHECK_WINDOWS)
-            check["latency_windows"] = [_ratio(w, "compressed") for w in windows]
-            check["latency_ratio"] = round(float(np.median(check["latency_windows"])), 4)
+            _add_windows(check, [_ratio(w, "compressed") for w in windows])
             ms = [w["compressed"]["median_ms"] for w in windows]
             check["latency_ms"] = round(float(np.median(ms)), 4)
         return check
