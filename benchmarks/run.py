@@ -283,7 +283,7 @@ def time_models(bench: BenchModel, models: dict, args) -> dict[int, dict[str, di
             first = None
         runnable = {label: m for label, m in models.items() if label not in failed}
         loops = [first] if first is not None else []
-        while len(loops) < getattr(args, "timing_loops", 1):
+        while len(loops) < args.timing_loops:
             loops.append(benchmark_models(runnable, feeds, args.threads, warmup=2, repeats=repeats))
         out[batch] = {**merge_loops(loops), **failed}
     return out

@@ -48,7 +48,7 @@ def median_ms(model, feeds, threads: int, spinning: bool, warmup: int, runs: int
 
 def measure(paths: list[Path], args) -> list[dict]:
     models = [io.load_model(path) for path in paths]
-    pins = graph.resolve_input_shapes(models[0], _batch_pins(models[0], args.batch))
+    pins = graph.resolve_input_shapes(models[0], batch_pins(models[0], args.batch))
     feeds = random_inputs(models[0], pins, count=1, seed=0)[0]
     rows = []
     for threads in args.threads:
@@ -64,7 +64,7 @@ def measure(paths: list[Path], args) -> list[dict]:
     return rows
 
 
-def _batch_pins(model, batch: int) -> dict[str, list[int]]:
+def batch_pins(model, batch: int) -> dict[str, list[int]]:
     """The batch axis of every graph input pinned to `batch`, other dims as declared."""
     return {
         inp.name: [batch if i == 0 else d for i, d in enumerate(graph.dim_values(inp))]

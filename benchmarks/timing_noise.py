@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.threads import _batch_pins  # noqa: E402
+from benchmarks.threads import batch_pins  # noqa: E402
 from onnxcompress import graph, io  # noqa: E402
 from onnxcompress.benchmark import benchmark_models  # noqa: E402
 from onnxcompress.calibration import random_inputs  # noqa: E402
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", default="0.5,1,3", help="window lengths (0.5,1,3)")
     args = parser.parse_args(argv)
     original, compressed = io.load_model(args.original), io.load_model(args.compressed)
-    pins = graph.resolve_input_shapes(original, _batch_pins(original, args.batch))
+    pins = graph.resolve_input_shapes(original, batch_pins(original, args.batch))
     feeds = random_inputs(original, pins, count=1, seed=0)[0]
     rows = []
     for seconds in (float(s) for s in args.seconds.split(",") if s):

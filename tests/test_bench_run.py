@@ -191,7 +191,7 @@ def test_time_models_gives_an_error_to_a_model_that_cannot_run_the_batch():
 
     feeds = {"x": np.ones((8, 4), np.float32)}
     bench = SimpleNamespace(latency_inputs={8: feeds}, max_repeats=None)
-    args = SimpleNamespace(repeats=3, threads=1)
+    args = SimpleNamespace(repeats=3, threads=1, timing_loops=1)
     models = {"original": _relu_model("N"), "fixed": _relu_model(1)}
     timed = run.time_models(bench, models, args)[8]
     assert timed["original"]["median_ms"] > 0 and "error" in timed["fixed"]

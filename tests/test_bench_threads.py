@@ -20,5 +20,5 @@ def test_every_setting_times_every_model(capsys):
 def test_batch_pins_the_leading_dim_only():
     from onnxcompress import io
 
-    pins = threads._batch_pins(io.load_model(MODELS[0]), 8)
+    pins = threads.batch_pins(io.load_model(MODELS[0]), 8)
     assert pins == {"input": [8, 3, 32, 32]}
