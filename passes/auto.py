@@ -171,13 +171,20 @@ def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> 
 
 
 def plan_warning(found: dict) -> str:
-    """What the user must hear about the kept plan: a missed latency target, outputs far
-    from the original's."""
+    """What the user must hear about the kept plan: a missed latency target, faster plans
+    passed over because they broke the outputs, outputs far from the original's."""
     warnings, model = [], found.get("model", {})
+    broken = found.get("broken_faster")
     if found.get("target_reached") is False:
+        which = "the kept plan" if broken else "the fastest plan"
         warnings.append(
-            f"target_latency={found['budget']['target']:g} missed: the fastest plan measured "
+            f"target_latency={found['budget']['target']:g} missed: {which} measured "
             f"{model.get('latency_ratio', float('nan')):.3f} of the original's latency"
+        )
+    if broken:
+        warnings.append(
+            f"faster plans break the outputs (the fastest: {broken['latency_ratio']:.3f} at "
+            f"relative L2 {broken['rel_l2']:.2f} > {CLIFF_ERROR}); set max_rel_l2 to accept one"
         )
     # The factorization driver's level for a layer's error, here for the whole model's outputs
     # (SqueezeNet at 0.95: 14.6 % top-1 of 70.6 %).

@@ -192,14 +192,17 @@ def test_a_round_timed_on_target_by_luck_is_timed_again_before_the_search_stops(
     )
     found = result.summary["auto"]
     rounds, check = found["rounds"], auto_search.CHECK_WINDOWS
-    assert rounds[3]["latency_windows"][:check] == [0.71] * check
-    assert set(rounds[3]["latency_windows"][check:]) == {0.8}
-    assert rounds[3]["latency_ratio"] == 0.8
+    assert rounds[3]["latency_windows_search"][:check] == [0.71] * check
+    assert set(rounds[3]["latency_windows_search"][check:]) == {0.8}
+    assert rounds[3]["latency_ratio_search"] == 0.8
     budgets = [r["budget"] for r in rounds]
     assert budgets[4] == pytest.approx((budgets[2] + budgets[3]) / 2, abs=1e-6)
     assert rounds[4]["latency_ratio"] == 0.69
-    assert len(rounds[4]["latency_windows"]) > check  # near the target: confirmed too
-    assert len(rounds[0]["latency_windows"]) == check  # far off: its first windows only
+    confirmed = check + auto_search.CONFIRM_WINDOWS
+    assert len(rounds[4]["latency_windows_search"]) == confirmed  # near the target
+    assert len(rounds[0]["latency_windows_search"]) == check  # far off: its first windows only
+    # Then all timed again together, and judged on those windows alone.
+    assert all(len(r["latency_windows"]) == auto_search.RETIME_WINDOWS for r in rounds)
     on_target = [1, 2, 4]
     best = min(on_target, key=lambda i: rounds[i]["rel_l2"])
     assert found["chosen_round"] == best and found["target_reached"] is True
@@ -314,8 +317,13 @@ def test_plan_warning_says_missed_targets_and_large_errors():
         "budget": {"target": 0.5}, "target_reached": False,
         "model": {"latency_ratio": 0.61, "rel_l2": 0.2},
     }  # fmt: skip
-    assert plan_warning(missed).startswith("target_latency=0.5 missed")
+    assert plan_warning(missed).startswith("target_latency=0.5 missed: the fastest plan")
     assert "0.610" in plan_warning(missed)
+    passed_over = {**missed, "broken_faster": {"latency_ratio": 0.45, "rel_l2": 1.0}}
+    assert plan_warning(passed_over).startswith("target_latency=0.5 missed: the kept plan")
+    assert "faster plans break the outputs (the fastest: 0.450 at relative L2 1.00" in (
+        plan_warning(passed_over)
+    )
 
 
 def test_best_round_prefers_on_target_then_least_error():
@@ -334,6 +342,105 @@ def test_best_round_prefers_on_target_then_least_error():
     assert auto_search._best_round([*rounds, failed_int8], 0.5) == 2  # int8 out: it failed
     no_data = [{"budget": 0.3, "latency_ratio": 0.4}, {"budget": 0.4, "latency_ratio": 0.5}]
     assert auto_search._best_round(no_data, 0.5) == 1  # the larger budget: less given up
+
+
+def test_best_round_passes_over_plans_that_break_the_outputs():
+    """Only broken plans reach the target: the fastest usable one is kept (target missed), and
+    the report says what was passed over; with nothing usable, the best of the broken."""
+    cliff = auto_search.CLIFF_ERROR
+    rounds = [
+        {"budget": 0.3, "latency_ratio": 0.45, "rel_l2": 1.0},
+        {"budget": 0.2, "latency_ratio": 0.48, "rel_l2": 0.9},
+        {"budget": None, "int8": True, "latency_ratio": 0.65, "rel_l2": 0.02},
+        {"budget": 0.6, "latency_ratio": 0.70, "rel_l2": 0.10},
+    ]
+    assert auto_search._best_round(rounds, 0.5) == 1  # no bar: on target, less error
+    assert auto_search._best_round(rounds, 0.5, cliff) == 2
+    assert auto_search._broken_faster(rounds, 2, cliff) == {"latency_ratio": 0.45, "rel_l2": 1.0}
+    assert auto_search._broken_faster(rounds, 2, None) is None
+    assert auto_search._best_round(rounds[:2], 0.5, cliff) == 1  # all broken: as without
+    assert auto_search._broken_faster(rounds, 1, cliff) is None  # the kept one is broken
+
+
+@pytest.mark.parametrize("max_rel_l2", [None, 2.0])
+def test_a_target_only_broken_plans_reach_keeps_a_usable_plan(
+    vgg_calibration, monkeypatch, max_rel_l2
+):
+    """Every float plan is on the 0.3 target but (scripted) breaks the outputs; int8 of the
+    original runs at 0.6 and works. Without a tolerance the usable int8 model is kept, the
+    target reported missed and the broken plans named; a tolerance of 2 accepts them."""
+    original = _weight_count(vgg_style())
+
+    def compressed_ms(model):
+        if any(n.op_type == "DequantizeLinear" for n in model.graph.node):
+            return 0.6 * original
+        return float(_weight_count(model))
+
+    _weights_as_milliseconds(monkeypatch, compressed_ms)
+    measured = auto_search._Checker.__call__
+
+    def broken_floats(self, compressed, kind):
+        check = measured(self, compressed, kind)
+        if not any(n.op_type == "DequantizeLinear" for n in compressed.graph.node):
+            check["rel_l2"] = 0.9
+        return check
+
+    monkeypatch.setattr(auto_search._Checker, "__call__", broken_floats)
+    options = {"max_rel_l2": max_rel_l2} if max_rel_l2 else {}
+    result = _run_auto(
+        vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.3, **options
+    )
+    found = result.summary["auto"]
+    if max_rel_l2:
+        assert found["target_reached"] is True and found["model"]["rel_l2"] == 0.9
+        assert "broken_faster" not in found
+        return
+    assert found["model"]["int8"] is True and found["model"]["rel_l2"] < 0.1
+    assert found["target_reached"] is False
+    assert found["broken_faster"]["rel_l2"] == 0.9
+    assert "faster plans break the outputs" in result.summary["note"]
+    graph.check_model(result.model)
+
+
+def test_the_output_bar_is_the_users_tolerance_when_given():
+    from passes.auto import AutoOptions
+
+    assert auto_search.usable_error(AutoOptions()) == auto_search.CLIFF_ERROR
+    assert auto_search.usable_error(AutoOptions(max_rel_l2=0.8)) is None
+    assert auto_search.usable_error(AutoOptions(max_accuracy_drop=20.0)) is None
+
+
+def test_plans_are_chosen_on_fresh_windows_taken_together():
+    """The search's own windows lean low (it stopped on a round because they read on
+    target): after the re-timing a round's ratio is the median of the new windows alone, and
+    every round that may be kept is timed, however far off it was; a failed int8 one is not."""
+
+    class Checker:
+        def __init__(self):
+            self.timed = None
+
+        def windows(self, models, count, step=""):
+            self.timed = sorted(models)
+            fresh = {"0": 0.56, "1": 0.60, "2": 0.9}
+            return [
+                {"original": {"median_ms": 1.0}, **{k: {"median_ms": fresh[k]} for k in models}}
+                for _ in range(count)
+            ]
+
+    search_windows = [0.49] * (auto_search.CHECK_WINDOWS + auto_search.CONFIRM_WINDOWS)
+    rounds = [
+        {"budget": 0.4, "latency_ratio": 0.49, "latency_windows": list(search_windows)},
+        {"budget": None, "int8": True, "latency_ratio": 0.62, "latency_windows": [0.62] * 3},
+        {"budget": 0.7, "latency_ratio": 0.95, "latency_windows": [0.95] * 3},
+        {"budget": None, "int8": True, "tolerance_failed": "int8 failed: refused"},
+    ]
+    checker = Checker()
+    auto_search._retime(rounds, [(None, f"model {i}") for i in range(4)], checker)
+    assert checker.timed == ["0", "1", "2"]
+    assert rounds[0]["latency_ratio"] == 0.56 and rounds[0]["latency_ratio_search"] == 0.49
+    assert rounds[0]["latency_windows"] == [0.56] * auto_search.RETIME_WINDOWS
+    assert rounds[0]["latency_windows_search"] == search_windows
+    assert rounds[2]["latency_ratio"] == 0.9 and "latency_ratio" not in rounds[3]
 
 
 def test_without_data_damage_is_the_weight_error():
