@@ -132,6 +132,7 @@ def search(
     summary = _summary(kind, target, tables, plan, rounds, chosen, backed_off, refit, scale, rest)
     if kind == "latency":  # measured on the whole model, not predicted
         summary["target_reached"] = rounds[chosen]["latency_ratio"] <= target + LATENCY_SLACK
+        summary["broken_over"] = max_error
         broken = _broken_faster(rounds, chosen, max_error)
         if broken:
             summary["broken_faster"] = broken
@@ -205,13 +206,14 @@ def _int8_rounds(model, tables, best_float, tried, rounds, quantize, checker) ->
     when the quantizer failed on it)."""
     keep_all = {t.choice.name: t.keep for t in tables}
     plan, compressed, refit, _, restored = best_float
-    sources = [(keep_all, model, None, [])]
+    sources = [("the original", keep_all, model, None, [])]
     if _factorized(plan):
-        sources.append((plan, compressed, refit, restored))
-    checks = [
-        _int8_round((plan, source, refit, restored), None, quantize, checker, rounds, tried)
-        for plan, source, refit, restored in sources
-    ]
+        sources.append(("the best float plan", plan, compressed, refit, restored))
+    checks = []
+    for of, plan, source, refit, restored in sources:
+        built = (plan, source, refit, restored)
+        checks.append(_int8_round(built, None, quantize, checker, rounds, tried))
+        rounds[-1]["of"] = of
     return checks[0].get("latency_ratio")
 
 

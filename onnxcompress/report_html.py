@@ -33,7 +33,10 @@ img { max-width: 100%; display: block; margin: .5em 0; }
 code { background: #f4f4f4; padding: 0 .3em; }
 """
 # Columns of text (left-aligned) in the per-layer tables.
-_TEXT_COLUMNS = {"pass", "node", "op", "status", "method / config", "method", "config", "reason"}
+_TEXT_COLUMNS = {
+    "pass", "node", "op", "status", "method / config", "method", "config", "reason", "built as",
+    "outcome",
+}  # fmt: skip
 
 
 def render_html(report: dict[str, Any]) -> str:
@@ -106,6 +109,10 @@ def _auto(name: str, auto: dict[str, Any]) -> list[str]:
         image(plots.before_after_bars(rows.auto_latencies(auto), "latency per layer", "ms"))
     )
     parts.append(image(plots.damage_cost_curve(auto.get("curve") or [], "damage against cost")))
+    plans = rows.round_rows(auto)
+    if plans:
+        parts.append(f"<h3>Plans built and measured ({len(plans)})</h3>")
+        parts.append(table(rows.ROUND_COLUMNS, plans))
     candidates = rows.candidate_rows(auto)
     if candidates:
         parts.append(f"<details><summary>{len(candidates)} candidates</summary>")

@@ -59,6 +59,10 @@ def _auto(name: str, auto: dict[str, Any]) -> list[str]:
     backed_off = auto.get("backed_off") or []
     if backed_off:
         parts.append("Backed off (kept original): " + ", ".join(_cell(n) for n in backed_off))
+    plans = rows.round_rows(auto)
+    if plans:
+        parts.append(f"### Plans built and measured ({len(plans)})")
+        parts.append(table(rows.ROUND_COLUMNS, plans))
     candidates = rows.candidate_rows(auto)
     if candidates:
         parts.append(f"### Candidates ({len(candidates)})")

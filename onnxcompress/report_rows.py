@@ -29,6 +29,16 @@ AUTO_COLUMNS = (
     "damage (sensitivity)",
 )
 CANDIDATE_COLUMNS = ("node", "method", "config", "latency ms", "MACs", "damage")
+ROUND_COLUMNS = (
+    "plan",
+    "built as",
+    "budget",
+    "latency ratio",
+    "in the search",
+    "rel L2",
+    "top-1 drop",
+    "outcome",
+)
 
 
 def layer_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -130,6 +140,44 @@ def record_latencies(report: dict[str, Any]) -> list[tuple[str, float, float]]:
                 label = f"{record['node']} ({record['status']})"
                 rows.append((label, timing["original_ms"], timing["rewritten_ms"]))
     return rows
+
+
+def round_rows(auto: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The plans the auto search built and measured, in the order of ROUND_COLUMNS: what
+    each was, its measured latency ratio (the final windows, and the search's), its output
+    error, and whether it was kept, passed over for breaking the outputs, or failed."""
+    return [
+        (
+            str(i),
+            _built_as(r),
+            _value(r.get("budget")),
+            _value(r.get("latency_ratio")),
+            _value(r.get("latency_ratio_search")),
+            _value(r.get("rel_l2")),
+            _value(r.get("accuracy_drop")),
+            _outcome(auto, i, r),
+        )
+        for i, r in enumerate(auto.get("rounds") or [])
+    ]
+
+
+def _built_as(round_: dict[str, Any]) -> str:
+    if not round_.get("int8"):
+        return "float"
+    if round_.get("costs") == "int8":
+        return "int8, chosen on int8 costs"
+    return f"int8 of {round_.get('of', 'a plan')}"
+
+
+def _outcome(auto: dict[str, Any], index: int, round_: dict[str, Any]) -> str:
+    if index == auto.get("chosen_round"):
+        return "kept"
+    if round_.get("tolerance_failed"):
+        return f"failed: {round_['tolerance_failed']}"
+    over = auto.get("broken_over")
+    if over is not None and (round_.get("rel_l2") or 0.0) > over:
+        return f"breaks the outputs (rel L2 > {over:g})"
+    return ""
 
 
 def auto_latencies(auto: dict[str, Any]) -> list[tuple[str, float, float]]:

@@ -226,6 +226,7 @@ def test_int8_is_measured_and_kept_only_when_it_wins(vgg_calibration, monkeypatc
     found = result.summary["auto"]
     int8_rounds = [r for r in found["rounds"] if r.get("int8") and r["budget"] is None]
     assert len(int8_rounds) == 2  # the original and the best float plan, quantized
+    assert [r["of"] for r in int8_rounds] == ["the original", "the best float plan"]
     quantized = any(n.op_type == "DequantizeLinear" for n in result.model.graph.node)
     assert found["int8"]["quantized"] is quantized is (int8_ratio == 0.6)
     assert found["target_reached"] is True

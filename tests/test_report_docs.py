@@ -63,6 +63,14 @@ def _auto():
             {"cost_ratio": 0.9, "damage": 0.01, "chosen": False},
         ],
         "backed_off": ["conv_b"],
+        "rounds": [
+            {"budget": 0.5, "latency_ratio": 0.45, "latency_ratio_search": 0.41, "rel_l2": 0.9},
+            {"budget": None, "int8": True, "of": "the original", "latency_ratio": 0.62}
+            | {"rel_l2": 0.02, "accuracy_drop": 0.5},
+            {"budget": 0.7, "int8": True, "costs": "int8", "tolerance_failed": "int8 failed: x"},
+        ],
+        "chosen_round": 1,
+        "broken_over": 0.5,
     }
 
 
@@ -152,6 +160,7 @@ def test_html_is_self_contained_and_escaped():
     # The auto section: budget, its chosen layer with damage, backed-off node, candidates.
     assert "latency budget, target 0.6" in page and "0.012" in page and "conv_b" in page
     assert "3 candidates" in page
+    assert "Plans built and measured (3)" in page and "int8 of the original" in page
 
 
 def test_markdown_tables():
@@ -164,6 +173,10 @@ def test_markdown_tables():
     assert "| MACs | 3.6K | 1.5K | 0.423× |" in text
     assert "- warning: a <b>warning</b>" in text
     assert "| conv_a | Conv | svd | rank=8 |" in text  # the auto table
+    # The plans the search measured: final and search latency, error, what became of each.
+    assert "| 0 | float | 0.5 | 0.45 | 0.41 | 0.9 |  | breaks the outputs (rel L2 > 0.5) |" in text
+    assert "| 1 | int8 of the original |  | 0.62 |  | 0.02 | 0.5 | kept |" in text
+    assert "| 2 | int8, chosen on int8 costs | 0.7 |  |  |  |  | failed: int8 failed: x |" in text
 
 
 def test_plots_embedded_when_matplotlib_present():
