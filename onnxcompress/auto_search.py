@@ -50,7 +50,8 @@ WINDOW_SECONDS = 0.5
 CHECK_WINDOWS = 3
 # The choice is made on these windows alone, taken at the end for every round together: a
 # round's own windows lean low when the search stopped on it because they read on target
-# (the benchmark timed kept plans 0.02 slower than auto's check on average, spread 0.04), and
+# (the benchmark timed kept plans 0.02 slower than auto's check on average, spread 0.04:
+# benchmarks/auto_check_gap.py over the results before this choice), and
 # rounds timed a minute apart met different machine states (ResNet-20, 2 threads: one plan
 # 0.55 in one pass, 0.62 in the next).
 RETIME_WINDOWS = 5
