@@ -208,6 +208,71 @@ def test_a_round_timed_on_target_by_luck_is_timed_again_before_the_search_stops(
     assert found["chosen_round"] == best and found["target_reached"] is True
 
 
+def test_a_plan_the_retiming_puts_off_target_sends_the_search_on(vgg_calibration, monkeypatch):
+    """The first plan is on the 0.7 target in its own windows; at the end, all plans timed
+    again together, the machine has slowed them by 15 %: the search goes on from there
+    (tighter), times everything again, and keeps a plan on target in those last windows."""
+    original = _weight_count(vgg_style())
+    first = iter([0.7 * original])  # then every plan costs its weights
+    _weights_as_milliseconds(monkeypatch, lambda model: next(first, None) or _weight_count(model))
+    timed = auto_search._Checker.windows
+    retimes = []
+
+    def slower_at_first_retime(self, models, count, step=""):
+        out = timed(self, models, count, step)
+        if step == "timing the plans again":
+            retimes.append(sorted(models))
+            if len(retimes) == 1:
+                for window in out:
+                    for name in models:
+                        window[name] = {"median_ms": 1.15 * window[name]["median_ms"]}
+        return out
+
+    monkeypatch.setattr(auto_search._Checker, "windows", slower_at_first_retime)
+    result = _run_auto(
+        vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.7, int8=False
+    )
+    found = result.summary["auto"]
+    rounds = found["rounds"]
+    assert retimes[0] == ["0"] and retimes[1] == [str(i) for i in range(len(rounds))]
+    assert len(rounds) > 1 and rounds[1]["budget"] < rounds[0]["budget"]
+    assert rounds[0]["latency_ratio_search"] == 0.7  # the search's own reading stays
+    assert rounds[0]["latency_ratio"] == pytest.approx(0.7)  # the last windows: unscaled
+    assert all(len(r["latency_windows"]) == auto_search.RETIME_WINDOWS for r in rounds)
+    assert found["target_reached"] is True
+
+
+def test_searching_on_bisects_towards_a_broken_plan_that_met_the_target(monkeypatch):
+    """After the re-timing the usable plan (budget 0.6) misses the 0.5 target and only a broken
+    one (budget 0.4) meets it: the search goes on between the two, with the rounds left; it
+    does not once the rounds are spent or the usable plan is already the cheapest."""
+    from passes.auto import AutoOptions
+
+    calls = []
+
+    def fake_rounds(*args, known):  # model, tables, methods, context, options, checker, start
+        calls.append((args[6], known))
+        return [{"budget": args[6][0], "latency_ratio": 0.5}], [("plan",)]
+
+    monkeypatch.setattr(auto_search, "_latency_rounds", fake_rounds)
+    rounds = [
+        {"budget": 0.6, "latency_ratio": 0.56, "rel_l2": 0.2},
+        {"budget": 0.4, "latency_ratio": 0.45, "rel_l2": 0.9},
+    ]
+    build = (None, None, None, None, AutoOptions(target_latency=0.5), None)
+    cliff = auto_search.CLIFF_ERROR
+    assert auto_search._search_again(list(rounds), [], build, (0.1, 1.0), cliff)
+    ((start, known),) = calls
+    assert start == (pytest.approx(0.5), 0.1, 1.0, auto_search.LATENCY_ROUNDS - 2)
+    assert known == (0.4, 0.6)
+    spent = rounds + [dict(rounds[0])] * (auto_search.LATENCY_ROUNDS - 2)
+    assert not auto_search._search_again(spent, [], build, (0.1, 1.0), cliff)
+    assert not auto_search._search_again(list(rounds), [], build, (0.6, 1.0), cliff)
+    on_target = [{**rounds[0], "latency_ratio": 0.51}, rounds[1]]
+    assert not auto_search._search_again(on_target, [], build, (0.1, 1.0), cliff)
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("int8_ratio", [0.6, 0.95])
 def test_int8_is_measured_and_kept_only_when_it_wins(vgg_calibration, monkeypatch, int8_ratio):
     """Scripted timers: float plans cost their weights; an int8 model runs at `int8_ratio` of
