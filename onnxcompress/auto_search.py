@@ -106,9 +106,8 @@ def search(
         # cheapest plan and let the measurement decide.
         budget = floor
     checker = _Checker(model, context, feeds, options)
-    rounds, tried = _latency_rounds(
-        model, tables, methods, context, options, checker, (budget, floor, scale)
-    )
+    build = (model, tables, methods, context, options, checker)
+    rounds, tried = _latency_rounds(*build, (budget, floor, scale))
     if out_of_reach:
         rounds[0]["estimate"] = out_of_reach + "; built and measured instead"
     on_latency = target if kind == "latency" else None
@@ -119,7 +118,6 @@ def search(
         best = _best_round(rounds, on_latency, max_error)
         original_int8 = _int8_rounds(model, tables, tried[best], tried, rounds, quantize, checker)
         if quantize_layer and original_int8 and original_int8 > target + LATENCY_SLACK:
-            build = (model, tables, methods, context, options, checker)
             cost_tables["int8"], more, more_tried = _int8_table_rounds(
                 build, measured, quantize, quantize_layer, original_int8, total
             )
@@ -127,7 +125,6 @@ def search(
             tried += more_tried
     if on_latency:
         _retime(rounds, tried, checker)
-        build = (model, tables, methods, context, options, checker)
         if _search_again(rounds, tried, build, (floor, scale), max_error):
             _retime(rounds, tried, checker)
     chosen = _best_round(rounds, on_latency, max_error)
@@ -159,18 +156,27 @@ def search(
 
 
 def _latency_rounds(
-    model, tables, methods, context, options, checker, start, quantize=None, known=(None, None)
+    model,
+    tables,
+    methods,
+    context,
+    options,
+    checker,
+    start,
+    quantize=None,
+    known=(None, None),
+    count=LATENCY_ROUNDS,
 ):
     """Build and check plans; for a latency target, tighten the budget after a miss and
     loosen it after a plan far under target, bisecting once both are known. Returns the
     rounds' checks and, per round, (plan, model, refit, check, restored layers). With
-    `quantize`, each plan is measured quantized to int8. `start` is (budget, floor, scale[,
-    rounds at most]); `known`, the budgets that met and missed the target before."""
+    `quantize`, each plan is measured quantized to int8. `start` is (budget, floor, scale);
+    `known`, the budgets that met and missed the target before; `count`, the rounds at most."""
     kind, target = options.budget()
-    budget, floor, scale, *count = start
+    budget, floor, scale = start
     rounds, tried = [], []
     met, missed = known  # the largest budget that met the target, the smallest that missed
-    for _ in range(count[0] if count else LATENCY_ROUNDS):
+    for _ in range(count):
         plan = auto_plan.allocate(tables, kind, budget)
         built = _build_and_check(model, plan, tables, methods, context, options, checker)
         if quantize is None:
@@ -281,9 +287,9 @@ def _retime(rounds, tried, checker) -> None:
     )
     for i in timed:
         round_ = rounds[i]
+        earlier = round_.pop("latency_windows", [])  # timed again before: only the newest
+        round_.setdefault("latency_windows_search", earlier)
         round_.setdefault("latency_ratio_search", round_["latency_ratio"])
-        round_.setdefault("latency_windows_search", round_.pop("latency_windows", []))
-        round_.pop("latency_windows", None)  # timed again before: only the newest windows
         _add_windows(round_, [_ratio(w, str(i)) for w in windows])
 
 
@@ -292,24 +298,28 @@ def _search_again(rounds, tried, build, bounds, max_error) -> bool:
     the search stopped on one: ResNet-20, 2 threads, a plan at 0.510 in the search, 0.544 at
     the end, done_when_resnet20/threads2_fresh_run3), tighten the float plans on from the
     re-timed ratios with the rounds the search has left. True when it built more."""
-    target = build[4].budget()[1]
+    options = build[4]
+    target = options.budget()[1]
     if rounds[_best_round(rounds, target, max_error)]["latency_ratio"] <= target + LATENCY_SLACK:
         return False
     floats = [i for i, r in enumerate(rounds) if not r.get("int8") and "latency_ratio" in r]
-    usable = [i for i in floats if max_error is None or rounds[i].get("rel_l2", 0.0) <= max_error]
+    usable = [i for i in floats if not _breaks(rounds[i], max_error)]
     floor, scale = bounds
     if not usable or len(floats) >= LATENCY_ROUNDS:
         return False
     fastest = rounds[min(usable, key=lambda i: rounds[i]["latency_ratio"])]
     if fastest["budget"] <= floor:
         return False
-    step = max(floor, fastest["budget"] - (fastest["latency_ratio"] - target) * scale)
     on = [rounds[i]["budget"] for i in floats if rounds[i]["latency_ratio"] <= target]
-    start = (step, floor, scale, LATENCY_ROUNDS - len(floats))
-    known = (max(on) if on else None, fastest["budget"])
-    if known[0] is not None:  # a broken plan met it: bisect between the two
-        start = ((known[0] + known[1]) / 2, *start[1:])
-    more, more_tried = _latency_rounds(*build, start, known=known)
+    met = max(on) if on else None
+    if met is not None:  # a broken plan met it: bisect between the two
+        budget = (met + fastest["budget"]) / 2
+    else:
+        budget = max(floor, fastest["budget"] - (fastest["latency_ratio"] - target) * scale)
+    known = (met, fastest["budget"])
+    more, more_tried = _latency_rounds(
+        *build, (budget, floor, scale), known=known, count=LATENCY_ROUNDS - len(floats)
+    )
     rounds.extend(more)
     tried.extend(more_tried)
     return bool(more)
@@ -394,9 +404,8 @@ def _best_round(rounds: list[dict], target: float | None, max_error: float | Non
     rounds_left = [
         i for i, r in enumerate(rounds) if not (r.get("int8") and "tolerance_failed" in r)
     ]
-    if max_error is not None:
-        usable = [i for i in rounds_left if rounds[i].get("rel_l2", 0.0) <= max_error]
-        rounds_left = usable or rounds_left
+    usable = [i for i in rounds_left if not _breaks(rounds[i], max_error)]
+    rounds_left = usable or rounds_left
     candidates = [
         i for i in rounds_left
         if target is None or rounds[i]["latency_ratio"] <= target + LATENCY_SLACK
@@ -420,16 +429,20 @@ def usable_error(options) -> float | None:
     return CLIFF_ERROR
 
 
+def _breaks(round_: dict, max_error: float | None) -> bool:
+    """Whether a round's measured output error is over `max_error` (never, without a bar)."""
+    return max_error is not None and round_.get("rel_l2", 0.0) > max_error
+
+
 def _broken_faster(rounds: list[dict], chosen: int, max_error: float | None) -> dict | None:
     """The fastest round passed over for breaking the outputs, when it was faster than the
     kept one (what the user gave up by not loosening the tolerance)."""
     kept = rounds[chosen]
-    if max_error is None or kept.get("rel_l2", 0.0) > max_error:
+    if _breaks(kept, max_error):
         return None
     broken = [
-        r for r in rounds
-        if r.get("rel_l2", 0.0) > max_error and r["latency_ratio"] < kept["latency_ratio"]
-    ]  # fmt: skip
+        r for r in rounds if _breaks(r, max_error) and r["latency_ratio"] < kept["latency_ratio"]
+    ]
     if not broken:
         return None
     fastest = min(broken, key=lambda r: r["latency_ratio"])

@@ -250,8 +250,10 @@ def test_searching_on_bisects_towards_a_broken_plan_that_met_the_target(monkeypa
 
     calls = []
 
-    def fake_rounds(*args, known):  # model, tables, methods, context, options, checker, start
-        calls.append((args[6], known))
+    def fake_rounds(
+        *args, known, count
+    ):  # model, tables, methods, context, options, checker, start
+        calls.append((args[6], known, count))
         return [{"budget": args[6][0], "latency_ratio": 0.5}], [("plan",)]
 
     monkeypatch.setattr(auto_search, "_latency_rounds", fake_rounds)
@@ -262,8 +264,8 @@ def test_searching_on_bisects_towards_a_broken_plan_that_met_the_target(monkeypa
     build = (None, None, None, None, AutoOptions(target_latency=0.5), None)
     cliff = auto_search.CLIFF_ERROR
     assert auto_search._search_again(list(rounds), [], build, (0.1, 1.0), cliff)
-    ((start, known),) = calls
-    assert start == (pytest.approx(0.5), 0.1, 1.0, auto_search.LATENCY_ROUNDS - 2)
+    ((start, known, count),) = calls
+    assert start == (pytest.approx(0.5), 0.1, 1.0) and count == auto_search.LATENCY_ROUNDS - 2
     assert known == (0.4, 0.6)
     spent = rounds + [dict(rounds[0])] * (auto_search.LATENCY_ROUNDS - 2)
     assert not auto_search._search_again(spent, [], build, (0.1, 1.0), cliff)
