@@ -165,8 +165,12 @@ def _built_as(round_: dict[str, Any]) -> str:
     if not round_.get("int8"):
         return "float"
     if round_.get("costs") == "int8":
-        return "int8, chosen on int8 costs"
-    return f"int8 of {round_.get('of', 'a plan')}"
+        built = "int8, chosen on int8 costs"
+    else:
+        built = f"int8 of {round_.get('of', 'a plan')}"
+    if round_.get("float_layers"):
+        built += f"; in float: {', '.join(round_['float_layers'])}"
+    return built
 
 
 def _outcome(auto: dict[str, Any], index: int, round_: dict[str, Any]) -> str:

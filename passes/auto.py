@@ -146,8 +146,11 @@ def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> 
     if options.wants_int8(context):
         from passes import int8
 
-        def quantize(source: onnx.ModelProto) -> onnx.ModelProto:
-            return int8.int8(source, int8.Int8Options(), context).model
+        def quantize(source: onnx.ModelProto, keep: list[str] = ()) -> onnx.ModelProto:
+            # `keep`: nodes left in float (layers whose int8 kernel is slower, and the ops
+            # up to the next layers: `graph.float_region`).
+            options = int8.Int8Options(keep=",".join(keep))
+            return int8.int8(source, options, context).model
 
         def quantize_layer(source: onnx.ModelProto, feeds: dict) -> onnx.ModelProto:
             # For timing only: ranges from the timing input are as good as any. A layer the

@@ -39,8 +39,6 @@ from passes import register
 QDQ_OPSET = 13
 RANGES = ("minmax", "entropy", "percentile")
 ACTIVATIONS = ("uint8", "int8")
-# The layers the report follows one by one (other ops the quantizer also covers are counted).
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 @dataclass(frozen=True)
@@ -162,7 +160,7 @@ def _records(quantized: onnx.ModelProto, keep) -> list[NodeRecord]:
     dq_outputs = {n.output[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
     records = []
     for node in quantized.graph.node:
-        if node.op_type not in LAYER_OPS:
+        if node.op_type not in graph.LAYER_OPS:  # other quantized ops are only counted
             continue
         name = node.name or node.output[0]
         if node.name and node.name in keep:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.fixtures import mlp, vgg_style
-from onnxcompress import auto_plan, auto_search, benchmark, graph, sensitivity
+from models.fixtures import mlp, resnet_style, vgg_style
+from onnxcompress import auto_plan, auto_search, benchmark, graph, layers, report_rows, sensitivity
 from onnxcompress.analyse import analyse
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
@@ -100,12 +100,14 @@ def _weight_count(model) -> int:
 
 def _weights_as_milliseconds(monkeypatch, compressed_ms, int8_factor=1.0, again_ms=None) -> None:
     """Deterministic stand-ins for the timers: a layer's latency is its weight count (times
-    `int8_factor` when timed quantized), the original model's its total weight count, a
-    compressed model's `compressed_ms(model)` in the windows of its check; timed in more
-    windows than those, `again_ms(first)` when given."""
+    `int8_factor` when timed quantized: a number, or a function of the layer), the original
+    model's its total weight count, a compressed model's `compressed_ms(model)` in the windows
+    of its check; timed in more windows than those, `again_ms(first)` when given."""
 
     def layer_ms(constants, layer, rewrite, threads=2, cache=None, quantize=None):
         factor = 1.0 if quantize is None else int8_factor
+        if callable(factor):
+            factor = factor(layer)
         before = factor * float(layer.weight.size)
         after = factor * float(sum(int(np.prod(i.dims)) for i in rewrite.initializers))
         return {"original_ms": before, "rewritten_ms": after, "speedup": before / after}
@@ -356,6 +358,96 @@ def test_int8_plans_are_chosen_on_int8_layer_timings(vgg_calibration, monkeypatc
     expected = (int8_original["latency_ratio"] * original - before + after) / original
     assert point["cost_ratio"] == pytest.approx(expected, abs=2e-4)
     graph.check_model(result.model)
+
+
+# Scripted: one conv's int8 kernel runs at 3x its float time, every other layer's at 0.6x
+# (SqueezeNet's first conv, 3 input channels, is slower in int8 than in float).
+SLOW_IN_INT8 = "stage1.conv1"
+
+
+def _int8_factor(layer) -> float:
+    return 3.0 if layer.name == SLOW_IN_INT8 else 0.6
+
+
+def _mixed_ms(float_in_int8: float):
+    """A model's scripted latency: each layer's weight count times its factor (1 in float;
+    in a quantized model `_int8_factor` for an int8 layer and `float_in_int8` for a float
+    one, which may pay for its place between int8 layers)."""
+
+    def compressed_ms(model) -> float:
+        dequantized = {
+            n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"
+        }
+        if not dequantized:
+            return float(_weight_count(model))
+        sizes = {init.name: int(np.prod(init.dims)) for init in model.graph.initializer}
+        total = 0.0
+        for node in model.graph.node:
+            if node.op_type not in graph.LAYER_OPS:
+                continue
+            weight = node.input[1]
+            if weight in dequantized:
+                total += _int8_factor(node) * sizes[dequantized[weight]]
+            else:
+                total += float_in_int8 * sizes[weight]
+        return total
+
+    return compressed_ms
+
+
+def test_a_layer_slower_in_int8_is_tried_in_float(vgg_calibration, monkeypatch):
+    """The int8 original misses the 0.7 target (0.75: the slow conv); the layer timings name
+    that conv, so the original is quantized again with it and the ops up to the next layer
+    in float: 0.67, on target, with less error than every float plan. It is kept, and the
+    report says which layers stayed in float."""
+    _weights_as_milliseconds(monkeypatch, _mixed_ms(1.0), int8_factor=_int8_factor)
+    result = _run_auto(
+        vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.7, int8=True
+    )
+    found = result.summary["auto"]
+    mixed = [r for r in found["rounds"] if r.get("float_layers")]
+    assert [(r["of"], r["float_layers"]) for r in mixed] == [("the original", [SLOW_IN_INT8])]
+    assert found["rounds"][found["chosen_round"]] is mixed[0]
+    assert found["int8"]["float_layers"] == [SLOW_IN_INT8]
+    assert found["target_reached"] is True
+    # Written: the region in float (its weights plain initializers), every other layer int8.
+    weights = {n.name: n.input[1] for n in result.model.graph.node if n.op_type in graph.LAYER_OPS}
+    initializers = {init.name for init in result.model.graph.initializer}
+    in_float = {name for name, weight in weights.items() if weight in initializers}
+    assert in_float == {SLOW_IN_INT8, "stage2.conv0"}
+    graph.check_model(result.model)
+    assert _rel_l2(vgg_style(), result.model, vgg_calibration) < 0.1
+    built_as = [row[1] for row in report_rows.round_rows(found)]
+    assert f"int8 of the original; in float: {SLOW_IN_INT8}" in built_as
+
+
+def test_a_float_layer_that_slows_the_int8_model_is_left_in_int8(vgg_calibration, monkeypatch):
+    """The same layer timings, but the whole model with that conv in float is slower than all
+    int8 (scripted: a float layer among int8 ones costs 20x its weights). The mixed round is
+    measured and passed over; the plans chosen on int8 costs quantize every layer."""
+    _weights_as_milliseconds(monkeypatch, _mixed_ms(20.0), int8_factor=_int8_factor)
+    result = _run_auto(
+        vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.45, int8=True
+    )
+    found = result.summary["auto"]
+    mixed = [r for r in found["rounds"] if r.get("float_layers")]
+    assert len(mixed) == 1 and mixed[0]["of"] == "the original"
+    assert found["rounds"][found["chosen_round"]] is not mixed[0]
+    assert any(r.get("costs") == "int8" for r in found["rounds"])  # the search went on
+
+
+def test_float_region_runs_to_the_next_layers_and_stops_where_activations_meet():
+    vgg = layers.named_copy(vgg_style())
+    # relu and pool ride along; the next conv ends the region (int8 resumes at its output).
+    assert graph.float_region(vgg, ["stage1.conv1"]) == [
+        "stage1.conv1", "stage1.relu1", "stage1.pool", "stage2.conv0",
+    ]  # fmt: skip
+    assert graph.float_region(vgg, ["stage3.conv0"])[-1] == "head.fc"
+    resnet = layers.named_copy(resnet_style())
+    region = graph.float_region(resnet, ["stem.conv"])
+    # The residual Add takes two activations: not in the region, nor what follows it.
+    assert region == ["stem.conv", "stem.bn", "stem.relu", "stage1.block0.conv1"]
+    assert graph.float_region(resnet, []) == []
 
 
 def test_a_plan_the_quantizer_refuses_is_out_not_a_crash():
