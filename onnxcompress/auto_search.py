@@ -678,6 +678,30 @@ def _point(plan: dict[str, Scored], kind, total, rest, chosen: bool) -> dict:
     return {"cost_ratio": round(cost / total, 4), "damage": damage, "chosen": chosen}
 
 
+def mark_precision(records: list[NodeRecord], summary: dict, quantized: onnx.ModelProto) -> None:
+    """When the kept model is int8, say per layer (records, and the summary's layer table)
+    whether it runs in int8 (read off the model: its weight comes from a DequantizeLinear; a
+    factorized layer's factors are quantized with the rest) or stayed in float, and why."""
+    dequantized = {n.output[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
+    weights = {n.name: n.input[1] for n in quantized.graph.node if len(n.input) > 1}
+    slower = summary["int8"]["float_layers"]
+    layers = {layer["node"]: layer for layer in summary["layers"]}
+    for record in records:
+        in_int8 = record.status == "rewritten" or weights.get(record.node) in dequantized
+        if record.node in layers:
+            layers[record.node]["int8"] = in_int8
+        if record.status == "rewritten":
+            record.details["int8"] = True
+        elif in_int8:
+            record.status, record.reason, record.details = "rewritten", "", {"int8": True}
+        else:
+            why = (
+                "its int8 kernel is slower" if record.node in slower
+                else "next to a float layer, or the quantizer's choice"
+            )  # fmt: skip
+            record.reason = "; ".join(filter(None, [record.reason, f"in float in int8: {why}"]))
+
+
 def _records(tables: list[LayerTable], plan, backed_off: list[str]) -> list[NodeRecord]:
     records = []
     for table in tables:

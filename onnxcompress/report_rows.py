@@ -93,7 +93,7 @@ def auto_layer_rows(auto: dict[str, Any]) -> list[tuple[str, ...]]:
         (
             str(layer.get("node", "")),
             str(layer.get("op", "")),
-            str(layer.get("method", "")),
+            _method_text(layer),
             config_text(layer.get("config")),
             change(layer.get("macs_before"), layer.get("macs_after")),
             change(layer.get("params_before"), layer.get("params_after")),
@@ -102,6 +102,16 @@ def auto_layer_rows(auto: dict[str, Any]) -> list[tuple[str, ...]]:
         )
         for layer in auto.get("layers") or []
     ]
+
+
+def _method_text(layer: dict[str, Any]) -> str:
+    """A layer's method, with its precision when the kept model is int8."""
+    method = str(layer.get("method", ""))
+    if "int8" not in layer:
+        return method
+    if not layer["int8"]:
+        return f"{method} (float)"
+    return "int8" if method == "keep" else f"{method} + int8"
 
 
 def candidate_rows(auto: dict[str, Any]) -> list[tuple[str, ...]]:

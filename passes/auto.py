@@ -166,18 +166,22 @@ def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> 
     found = auto_search.search(
         model, analysis, choices, methods, options, context, quantize, quantize_layer
     )
+    records += found.records
+    if found.summary.get("int8", {}).get("quantized"):
+        auto_search.mark_precision(records, found.summary, found.model)
     summary = {"auto": found.summary}
     warning = plan_warning(found.summary)
     if warning:
         summary["note"] = warning
-    return PassResult(found.model, found.changed, records + found.records, summary)
+    return PassResult(found.model, found.changed, records, summary)
 
 
 def plan_warning(found: dict) -> str:
     """What the user must hear about the kept plan: a missed latency target, faster plans
     passed over because they broke the outputs, outputs far from the original's."""
     warnings, model = [], found.get("model", {})
-    broken = found.get("broken_faster")
+    # Faster broken plans matter only when the kept one is off target (the report lists them).
+    broken = found.get("broken_faster") if found.get("target_reached") is False else None
     if found.get("target_reached") is False:
         which = "the kept plan" if broken else "the fastest plan"
         warnings.append(

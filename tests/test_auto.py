@@ -419,6 +419,15 @@ def test_a_layer_slower_in_int8_is_tried_in_float(vgg_calibration, monkeypatch):
     assert _rel_l2(vgg_style(), result.model, vgg_calibration) < 0.1
     built_as = [row[1] for row in report_rows.round_rows(found)]
     assert f"int8 of the original; in float: {SLOW_IN_INT8}" in built_as
+    # Records and the layer table say which layers run in int8 and which stayed in float.
+    records = {r.node: r for r in result.records if r.node in weights}
+    assert "int8 kernel is slower" in records[SLOW_IN_INT8].reason
+    assert records["stage2.conv0"].status == "skipped"
+    int8_layers = {name for name, r in records.items() if r.status == "rewritten"}
+    assert int8_layers == set(weights) - in_float
+    assert all(records[name].details == {"int8": True} for name in int8_layers)
+    methods = {row[0]: row[2] for row in report_rows.auto_layer_rows(found)}
+    assert methods[SLOW_IN_INT8] == "keep (float)" and methods["stage3.conv0"] == "int8"
 
 
 def test_a_float_layer_that_slows_the_int8_model_is_left_in_int8(vgg_calibration, monkeypatch):
@@ -484,6 +493,8 @@ def test_plan_warning_says_missed_targets_and_large_errors():
     assert "faster plans break the outputs (the fastest: 0.450 at relative L2 1.00" in (
         plan_warning(passed_over)
     )
+    # On target, faster broken plans are no news (the report's plans table lists them).
+    assert plan_warning({**on, "broken_faster": passed_over["broken_faster"]}) == ""
 
 
 def test_best_round_prefers_on_target_then_least_error():
