@@ -59,11 +59,11 @@ RETIME_WINDOWS = 5
 # A round this close to the target is timed in CONFIRM_WINDOWS more windows before the search
 # decides on it.
 CONFIRM_BAND = 0.04
+CONFIRM_WINDOWS = 4
 # A layer whose int8 kernel, timed alone, takes this many times its float one is tried in float
 # inside the int8 model (timed alone, int8 also pays quantizing its input and dequantizing its
 # output, which inside an int8 model it does not: a small excess is that, not the kernel).
 INT8_SLOWER = 1.2
-CONFIRM_WINDOWS = 4
 FACTORY = "passes.auto:make_methods"
 
 
@@ -281,8 +281,8 @@ def _int8_table_rounds(build, measured, quantize, quantize_layer, original_int8,
 
 
 def _int8_slower(tables: list[LayerTable], tables8: list[LayerTable]) -> list[str]:
-    """The layers whose int8 kernel, timed alone, is well over their float one (on SqueezeNet
-    the first conv, 3 input channels: 1.19 ms against 0.84 at 1 thread)."""
+    """The layers whose int8 kernel, timed alone, is well over their float one (SqueezeNet's
+    first conv, 3 input channels: `python benchmarks/int8_float_layers.py`)."""
     return [
         table.choice.name
         for table, table8 in zip(tables, tables8, strict=True)
