@@ -4,7 +4,9 @@ auto decides on latency ratios it measures during its pass; the benchmark times 
 model again minutes later beside every other variant. Over `run.py` results files, this
 lists per latency-target auto row the kept round's ratio in auto's check (its final windows
 and, where the plans were timed again, the search's), the benchmark's ratio, and the
-difference, then the difference's mean, median and spread. Rows where auto's check did not
+difference, then the difference's mean, median and spread; and, over all the plans auto timed
+again at the end, the median of how much slower that re-timing read them than their search
+did (a drift of the machine between the two). Rows where auto's check did not
 time the kept model itself (`auto+int8`: its float plan was checked, then quantized) are
 left out.
 
@@ -32,6 +34,11 @@ def gaps(results: dict, source: str) -> list[dict]:
             if row.get("method") == "auto+int8" or "latency_ratio" not in row:
                 continue
             check = auto["rounds"][kept]
+            drifts = [
+                r["latency_ratio"] - r["latency_ratio_search"]
+                for r in auto["rounds"]
+                if "latency_ratio" in r and r.get("latency_ratio_search") is not None
+            ]
             out.append(
                 {
                     "source": source,
@@ -41,6 +48,8 @@ def gaps(results: dict, source: str) -> list[dict]:
                     "search": check.get("latency_ratio_search"),
                     "benchmark": row["latency_ratio"],
                     "gap": row["latency_ratio"] - check["latency_ratio"],
+                    "retimed": len(drifts),
+                    "drift": float(np.median(drifts)) if drifts else None,
                 }
             )
     return out
@@ -61,14 +70,16 @@ def summary(entries: list[dict]) -> dict:
 
 def markdown(entries: list[dict]) -> str:
     lines = [
-        "| results | model | row | auto's check | in its search | benchmark | gap |",
-        "|---|---|---|---|---|---|---|",
+        "| results | model | row | auto's check | in its search | benchmark | gap "
+        "| re-timed plans: end − search (median) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for e in entries:
         search = "" if e["search"] is None else f"{e['search']:.3f}"
+        drift = "" if e["drift"] is None else f"{e['drift']:+.3f} over {e['retimed']}"
         lines.append(
             f"| {e['source']} | {e['model']} | {e['label']} | {e['check']:.3f} | {search} "
-            f"| {e['benchmark']:.3f} | {e['gap']:+.3f} |"
+            f"| {e['benchmark']:.3f} | {e['gap']:+.3f} | {drift} |"
         )
     s = summary(entries)
     if s["count"]:
