@@ -21,20 +21,19 @@ from onnx import numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.image_models import resnet20, squeezenet  # noqa: E402
+from benchmarks.int8_mixed import run_pass  # noqa: E402
 from onnxcompress import graph, layer_timing, layers  # noqa: E402
 from onnxcompress.analyse import analyse  # noqa: E402
 from onnxcompress.benchmark import benchmark_models  # noqa: E402
 from onnxcompress.factorization import Rewrite  # noqa: E402
 from onnxcompress.passkit import PassContext, comma_list  # noqa: E402
-from passes import get_pass  # noqa: E402
 
 MODELS = {"squeezenet": squeezenet, "resnet20": resnet20}
 
 
 def quantized(model, context: PassContext, keep: list[str]):
-    spec = get_pass("int8")
-    options = spec.make_options({"keep": ",".join(keep)})
-    return graph.cleanup_and_sort(spec.run(model, options, context).model)
+    """The int8 pass with `keep` (node names) left in float."""
+    return run_pass("int8", model, context, keep=",".join(keep))
 
 
 def layer_alone(model, bench, name: str, threads: int) -> dict[str, float]:

@@ -225,17 +225,20 @@ def _int8_rounds(model, tables, best_float, tried, rounds, quantize, checker) ->
     speeds up the original but slows the factorized layers down), so it is measured like
     every round and kept only if it wins. Returns the int8 original's latency ratio (None
     when the quantizer failed on it)."""
-    keep_all = {t.choice.name: t.keep for t in tables}
     plan, compressed, refit, _, restored = best_float
-    sources = [("the original", keep_all, model, None, [])]
+    sources = [("the original", _original_built(model, tables))]
     if _factorized(plan):
-        sources.append(("the best float plan", plan, compressed, refit, restored))
+        sources.append(("the best float plan", (plan, compressed, refit, restored)))
     checks = []
-    for of, plan, source, refit, restored in sources:
-        built = (plan, source, refit, restored)
+    for of, built in sources:
         checks.append(_int8_round(built, None, quantize, checker, rounds, tried))
         rounds[-1]["of"] = of
     return checks[0].get("latency_ratio")
+
+
+def _original_built(model, tables) -> tuple:
+    """The original as a built plan (every layer kept, no refit, nothing restored)."""
+    return {t.choice.name: t.keep for t in tables}, model, None, []
 
 
 def _int8_table_rounds(build, measured, quantize, quantize_layer, original_int8, total):
@@ -302,8 +305,7 @@ def _keeping_in_float(quantize, layers: list[str]):
 def _mixed_original(model, tables, layers, quantize, checker, rounds, tried) -> float | None:
     """One more round: the original in int8 but for `layers` (and the ops up to the next
     layers) in float. Its latency ratio, None if it failed."""
-    keep_all = {t.choice.name: t.keep for t in tables}
-    built = (keep_all, model, None, [])
+    built = _original_built(model, tables)
     check = _int8_round(built, None, _keeping_in_float(quantize, layers), checker, rounds, tried)
     rounds[-1].update({"of": "the original", "float_layers": layers})
     return None if check.get("tolerance_failed") else check.get("latency_ratio")
@@ -682,12 +684,11 @@ def mark_precision(records: list[NodeRecord], summary: dict, quantized: onnx.Mod
     """When the kept model is int8, say per layer (records, and the summary's layer table)
     whether it runs in int8 (read off the model: its weight comes from a DequantizeLinear; a
     factorized layer's factors are quantized with the rest) or stayed in float, and why."""
-    dequantized = {n.output[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
-    weights = {n.name: n.input[1] for n in quantized.graph.node if len(n.input) > 1}
+    int8_layers = graph.int8_layers(quantized)
     slower = summary["int8"]["float_layers"]
     layers = {layer["node"]: layer for layer in summary["layers"]}
     for record in records:
-        in_int8 = record.status == "rewritten" or weights.get(record.node) in dequantized
+        in_int8 = record.status == "rewritten" or record.node in int8_layers
         if record.node in layers:
             layers[record.node]["int8"] = in_int8
         if record.status == "rewritten":

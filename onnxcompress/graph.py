@@ -87,6 +87,17 @@ def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
+def int8_layers(model: onnx.ModelProto) -> set[str]:
+    """The layers (by name, else first output) of a QDQ model that run in int8: their weight
+    comes from a DequantizeLinear."""
+    dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return {
+        node.name or node.output[0]
+        for node in model.graph.node
+        if node.op_type in LAYER_OPS and len(node.input) > 1 and node.input[1] in dequantized
+    }
+
+
 def float_region(model: onnx.ModelProto, layers: list[str]) -> list[str]:
     """Names of the nodes to leave in float, in graph order, for the named layers to run in
     float inside an int8 model: each layer, the one-input ops after it (activations, pools),

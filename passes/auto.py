@@ -180,9 +180,10 @@ def plan_warning(found: dict) -> str:
     """What the user must hear about the kept plan: a missed latency target, faster plans
     passed over because they broke the outputs, outputs far from the original's."""
     warnings, model = [], found.get("model", {})
+    missed = found.get("target_reached") is False
     # Faster broken plans matter only when the kept one is off target (the report lists them).
-    broken = found.get("broken_faster") if found.get("target_reached") is False else None
-    if found.get("target_reached") is False:
+    broken = found.get("broken_faster") if missed else None
+    if missed:
         which = "the kept plan" if broken else "the fastest plan"
         warnings.append(
             f"target_latency={found['budget']['target']:g} missed: {which} measured "

@@ -157,7 +157,7 @@ def _records(quantized: onnx.ModelProto, keep) -> list[NodeRecord]:
     """One record per Conv/Gemm/MatMul of the written model: quantized when its weight comes
     from a DequantizeLinear, else skipped with why. (Read off the result, not the source:
     the quantizer's pre-processing folds nodes, and many models leave node names empty.)"""
-    dq_outputs = {n.output[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
+    in_int8 = graph.int8_layers(quantized)
     records = []
     for node in quantized.graph.node:
         if node.op_type not in graph.LAYER_OPS:  # other quantized ops are only counted
@@ -165,7 +165,7 @@ def _records(quantized: onnx.ModelProto, keep) -> list[NodeRecord]:
         name = node.name or node.output[0]
         if node.name and node.name in keep:
             records.append(NodeRecord(name, node.op_type, "skipped", "kept in float (keep)"))
-        elif len(node.input) > 1 and node.input[1] in dq_outputs:
+        elif name in in_int8:
             records.append(NodeRecord(name, node.op_type, "rewritten", details={"int8": True}))
         else:
             reason = "left in float by onnxruntime's quantizer (op type or inputs not supported)"
