@@ -256,6 +256,23 @@ def _layer_norm(b: GraphBuilder, name: str, x: str, dim: int, out: str | None = 
     return b.op("LayerNormalization", name, [x, scale, bias], out=out, axis=-1, epsilon=1e-5)
 
 
+def half_precision(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A float16 copy of a float32 fixture, as a float16 export looks: every float weight and
+    graph input/output in float16 (for the `upcast` pass; not written to models/)."""
+    half = onnx.ModelProto()
+    half.CopyFrom(model)
+    g = half.graph
+    for init in g.initializer:
+        if init.data_type == TensorProto.FLOAT:
+            value = numpy_helper.to_array(init).astype(np.float16)
+            init.CopyFrom(numpy_helper.from_array(value, init.name))
+    for info in [*g.input, *g.output]:
+        if info.type.tensor_type.elem_type == TensorProto.FLOAT:
+            info.type.tensor_type.elem_type = TensorProto.FLOAT16
+    del g.value_info[:]
+    return half
+
+
 FIXTURES: dict[str, Callable[..., onnx.ModelProto]] = {
     "vgg_style": vgg_style,
     "resnet_style": resnet_style,

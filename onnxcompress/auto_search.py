@@ -523,6 +523,23 @@ def timing_feeds(model, context: PassContext) -> dict[str, np.ndarray]:
     return random_inputs(model, context.input_shapes, count=1, seed=context.seed)[0]
 
 
+def latency_ratio(model, other, context: PassContext) -> float:
+    """`other`'s latency over `model`'s: the median of CONFIRM_WINDOWS windows of the two
+    timed side by side, as the search times its plans."""
+    feeds = timing_feeds(model, context)
+    ratios = []
+    for _ in range(CONFIRM_WINDOWS):
+        timing = benchmark.benchmark_models(
+            {"original": model, "other": other},
+            feeds,
+            threads=context.threads,
+            repeats=20,
+            min_seconds=WINDOW_SECONDS,
+        )
+        ratios.append(_ratio(timing, "other"))
+    return round(float(np.median(ratios)), 4)
+
+
 def _model_total(kind, model, analysis, feeds, threads) -> float:
     if kind == "macs":
         return float(analysis.total_macs)

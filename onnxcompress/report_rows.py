@@ -84,7 +84,17 @@ def budget_text(auto: dict[str, Any]) -> str:
     budget = auto.get("budget") or {}
     if not budget:
         return "no budget given"
-    return f"{budget.get('kind', '?')} budget, target {_value(budget.get('target'))}"
+    text = f"{budget.get('kind', '?')} budget, target {_value(budget.get('target'))}"
+    upcast = auto.get("upcast")
+    if upcast:
+        text += f" of the {upcast.get('to', 'float32')} upcast of the {upcast.get('from')} model"
+        for kind in ("latency", "bytes"):
+            if f"{kind}_ratio" in upcast:
+                text += (
+                    f" (target {_value(upcast['target_given'])} of the model given; the upcast "
+                    f"has {_value(upcast[f'{kind}_ratio'])} of its {kind})"
+                )
+    return text
 
 
 def auto_layer_rows(auto: dict[str, Any]) -> list[tuple[str, ...]]:

@@ -40,4 +40,5 @@ from passes import (  # noqa: E402, F401
     rdprune,
     svd,
     tucker2,
+    upcast,
 )

@@ -64,6 +64,12 @@ class AutoOptions:
         "with the least error (default: on when it can be measured, with a latency target "
         "and calibration data; false: float plans only)",
     )
+    upcast: bool | None = option(
+        None,
+        "a float16 model is searched in float32 (the `upcast` pass first: onnxruntime's CPU "
+        "kernels and its int8 quantizer want float32), the target scaled by the upcast's "
+        "measured latency (default: on for a latency target; false: search the float16 model)",
+    )
     latency_basis: str = option(
         "layer",
         "layer: time the layer alone against its rewrite (net of one call's fixed cost); "
@@ -97,6 +103,13 @@ class AutoOptions:
             return self.int8
         return self.budget()[0] == "latency" and bool(context.calibration)
 
+    def wants_upcast(self, model: onnx.ModelProto) -> bool:
+        from passes.upcast import computes_in_float16
+
+        if self.upcast is False or not computes_in_float16(model):
+            return False
+        return self.upcast or self.budget()[0] == "latency"
+
     def budget(self) -> tuple[str, float]:
         if self.target_macs:
             return "macs", self.target_macs
@@ -129,6 +142,9 @@ def _options(kind: type, align: int) -> Any:
 @register("auto", AutoOptions, "per layer: keep, svd, cp, tucker2, fga or lrs, by measured cost")
 def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> PassResult:
     model = named_copy(model)
+    upcast = None
+    if options.wants_upcast(model):
+        model, options, upcast = _upcast_first(model, options, context)
     from onnxcompress.analyse import analyse
 
     analysis = analyse(model, context.input_shapes)
@@ -169,11 +185,43 @@ def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> 
     records += found.records
     if found.summary.get("int8", {}).get("quantized"):
         auto_search.mark_precision(records, found.summary, found.model)
+    if upcast:
+        found.summary["upcast"] = upcast
     summary = {"auto": found.summary}
     warning = plan_warning(found.summary)
     if warning:
         summary["note"] = warning
-    return PassResult(found.model, found.changed, records, summary)
+    return PassResult(found.model, found.changed or bool(upcast), records, summary)
+
+
+def _upcast_first(model, options: AutoOptions, context: PassContext):
+    """The float32 upcast of a float16 model, the options with a latency target scaled to it
+    (target / the upcast's measured ratio: the user's target is of the file given), and what
+    was done. SqueezeNet's float16 file: int8 of it ran 1.2x slower than it, int8 of its
+    upcast 0.66x (README, "float16 models")."""
+    from passes import upcast
+
+    upcast_model = upcast.upcast(model, upcast.UpcastOptions(), context).model
+    done: dict[str, Any] = {"from": "float16", "to": "float32"}
+    kind, target = options.budget()
+    if kind in ("latency", "bytes"):
+        ratio = _upcast_ratio(kind, model, upcast_model, context)
+        scaled = min(1.0, round(target / ratio, 4))
+        done.update({f"{kind}_ratio": ratio, "target_given": target, "target": scaled})
+        options = dataclasses.replace(options, **{f"target_{kind}": scaled})
+    return upcast_model, options, done
+
+
+def _upcast_ratio(kind: str, model, upcast_model, context: PassContext) -> float:
+    """The upcast's latency (measured) or weight bytes over the float16 model's."""
+    if kind == "latency":
+        return auto_search.latency_ratio(model, upcast_model, context)
+    from onnxcompress.graph import constant_tensors
+
+    def weight_bytes(m: onnx.ModelProto) -> int:
+        return sum(value.nbytes for value in constant_tensors(m).values())
+
+    return weight_bytes(upcast_model) / weight_bytes(model)
 
 
 def plan_warning(found: dict) -> str:

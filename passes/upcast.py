@@ -1,0 +1,190 @@
+"""`upcast`: run a float16 model in float32. onnxruntime's CPU provider has few float16
+kernels and wraps the others in Casts, so a float16 file often runs slower on CPU than the
+same model in float32 (and the factorization and int8 passes want float32 weights).
+
+Every float16 weight, Constant and intermediate becomes float32 (the weights' values are
+exactly representable, so the float32 model computes the float16 weights' maths without
+float16 rounding in between). With `io=keep` (default) the graph's inputs and outputs keep
+their types through one Cast each at the boundary: the model stays a drop-in replacement
+for the file given. `io=float32` makes them float32 too."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcompress.errors import CompressError
+from onnxcompress.passkit import PassContext, PassResult, option
+from passes import register
+
+log = logging.getLogger(__name__)
+
+HALF, SINGLE = TensorProto.FLOAT16, TensorProto.FLOAT
+# Node attributes that name an element type the node produces (Cast's `to`, the `dtype` of
+# EyeLike, RandomNormal and the like).
+TYPE_ATTRIBUTES = ("to", "dtype")
+
+
+@dataclass(frozen=True)
+class UpcastOptions:
+    io: str = option(
+        "keep",
+        "keep: graph inputs and outputs keep float16 (a Cast at each); float32: they change too",
+    )
+
+    def __post_init__(self) -> None:
+        if self.io not in ("keep", "float32"):
+            raise ValueError(f"io must be keep or float32, got {self.io!r}")
+
+
+@register("upcast", UpcastOptions, "float16 model → float32 compute (inputs/outputs kept)")
+def upcast(model: onnx.ModelProto, options: UpcastOptions, context: PassContext) -> PassResult:
+    if _subgraphs_in_float16(model.graph):
+        raise CompressError("upcast: float16 inside If/Loop/Scan bodies is not handled")
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    counts = _single_precision(result.graph)
+    if not any(counts.values()):
+        raise CompressError("upcast: the model has no float16 tensors: nothing to upcast")
+    if options.io == "keep":
+        counts["boundary casts"] = _cast_at_boundary(result.graph)
+    else:
+        counts["graph inputs/outputs"] = _retype_io(result.graph, io=True)
+    _retype_io(result.graph, io=False)
+    summary = {"upcast": {"to": "float32", "io": options.io, **counts}}
+    log.info("upcast: %s", ", ".join(f"{v} {k}" for k, v in counts.items()))
+    return PassResult(result, True, [], summary)
+
+
+def computes_in_float16(model: onnx.ModelProto) -> bool:
+    """Whether the main graph has a float16 weight or Constant, or makes a float16 tensor
+    other than a graph output (what `upcast` changes; its own boundary Casts are not)."""
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    inner = [node for node in g.node if not set(node.output) <= outputs]
+    return any(t.data_type == HALF for t in g.initializer) or any(map(_node_has_half, inner))
+
+
+def _single_precision(g: onnx.GraphProto) -> dict[str, int]:
+    """Make every float16 weight, Constant and produced type of `g` float32; counts by kind."""
+    counts = {"weights": 0, "constants": 0, "type attributes": 0}
+    for init in g.initializer:
+        if init.data_type == HALF:
+            init.CopyFrom(_as_single(init))
+            counts["weights"] += 1
+    weights = {init.name for init in g.initializer}
+    for inp in g.input:  # weights some exporters also list as graph inputs
+        if inp.name in weights and _is_half(inp):
+            inp.type.tensor_type.elem_type = SINGLE
+    for node in g.node:
+        tensor = _attribute_tensor(node)
+        if tensor is not None and tensor.data_type == HALF:
+            tensor.CopyFrom(_as_single(tensor))
+            counts["constants"] += 1
+        for attr in node.attribute:
+            if attr.name in TYPE_ATTRIBUTES and attr.type == attr.INT and attr.i == HALF:
+                attr.i = SINGLE
+                counts["type attributes"] += 1
+    return counts
+
+
+def _as_single(tensor: TensorProto) -> TensorProto:
+    value = numpy_helper.to_array(tensor).astype(np.float32)
+    return numpy_helper.from_array(value, tensor.name)
+
+
+def _attribute_tensor(node: onnx.NodeProto) -> TensorProto | None:
+    """The tensor a Constant or ConstantOfShape holds in its `value` attribute."""
+    for attr in node.attribute:
+        if attr.name == "value" and attr.type == attr.TENSOR:
+            return attr.t
+    return None
+
+
+def _cast_at_boundary(g: onnx.GraphProto) -> int:
+    """Keep float16 graph inputs and outputs: a Cast to float32 after each such input, one to
+    float16 before each such output (the producer then writes a float32 tensor). Returns
+    the Casts added."""
+    initializers = {init.name for init in g.initializer}
+    inputs = [i for i in g.input if _is_half(i) and i.name not in initializers]
+    # An input that is also an output passes straight through, in float16, untouched.
+    outputs = [o for o in g.output if _is_half(o) and o.name not in {i.name for i in inputs}]
+    taken = {name for node in g.node for name in (*node.input, *node.output)}
+    taken |= {i.name for i in g.input} | initializers
+    head, tail = [], []
+    for inp in inputs:
+        inner = _fresh(f"{inp.name}_float32", taken)
+        _rename_reads(g, inp.name, inner)
+        head.append(helper.make_node("Cast", [inp.name], [inner], to=SINGLE, name=inner))
+    for out in outputs:
+        inner = _fresh(f"{out.name}_float32", taken)
+        _rename_reads(g, out.name, inner)
+        for node in g.node:  # the producer writes the float32 tensor
+            node.output[:] = [inner if name == out.name else name for name in node.output]
+        tail.append(helper.make_node("Cast", [inner], [out.name], to=HALF, name=inner))
+    nodes = [*head, *g.node, *tail]
+    del g.node[:]
+    g.node.extend(nodes)
+    return len(head) + len(tail)
+
+
+def _retype_io(g: onnx.GraphProto, io: bool) -> int:
+    """Make float16 graph inputs and outputs (`io`) or intermediates' recorded types float32;
+    how many changed. Intermediates keep their records rather than being inferred anew: an
+    old opset's inferred types can clash with what the quantizer's opset upgrade expects
+    (SqueezeNet's opset-7 Dropout masks)."""
+    changed = [vi for vi in ([*g.input, *g.output] if io else g.value_info) if _is_half(vi)]
+    for vi in changed:
+        vi.type.tensor_type.elem_type = SINGLE
+    return len(changed)
+
+
+def _rename_reads(g: onnx.GraphProto, old: str, new: str) -> None:
+    for node in g.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+
+
+def _fresh(name: str, taken: set[str]) -> str:
+    candidate, n = name, 1
+    while candidate in taken:
+        candidate, n = f"{name}_{n}", n + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _is_half(value_info: onnx.ValueInfoProto) -> bool:
+    return value_info.type.tensor_type.elem_type == HALF
+
+
+def _has_half(g: onnx.GraphProto) -> bool:
+    """Whether a subgraph holds float16 anywhere: weights, Constants, produced or typed
+    values."""
+    return (
+        any(t.data_type == HALF for t in g.initializer)
+        or any(_is_half(vi) for vi in [*g.input, *g.output, *g.value_info])
+        or any(_node_has_half(node) for node in g.node)
+    )
+
+
+def _node_has_half(node: onnx.NodeProto) -> bool:
+    tensor = _attribute_tensor(node)
+    if tensor is not None and tensor.data_type == HALF:
+        return True
+    return any(
+        attr.name in TYPE_ATTRIBUTES and attr.type == attr.INT and attr.i == HALF
+        for attr in node.attribute
+    )
+
+
+def _subgraphs_in_float16(g: onnx.GraphProto) -> bool:
+    """Whether an If/Loop/Scan body (at any depth) holds float16."""
+    for node in g.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                if _has_half(sub) or _subgraphs_in_float16(sub):
+                    return True
+    return False
