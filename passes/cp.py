@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import scipy.linalg
 
-from onnxcompress import factorize
+from onnxcompress import factorize, fit_cache
 from onnxcompress.factorization import (
     DEFAULT_TARGET_MACS,
     Candidate,
@@ -108,16 +108,25 @@ class CpMethod(ConvMethod):
         return list(range(align, largest + 1, align)) or ([largest] if largest >= 1 else [])
 
     def _fit(self, layer: ConvLayer, rank: int) -> factorize.CPFactors:
-        with warnings.catch_warnings():
-            # tensorly warns each time R exceeds a mode's size in its SVD initialisation.
-            warnings.filterwarnings("ignore", "Trying to compute SVD", UserWarning)
-            factors = factorize.cp_factors(
-                layer.weight,
-                rank,
-                seed=self.options.seed,
-                n_iter_max=self.options.n_iter_max,
-                l2_reg=self.options.l2_reg,
-            )
+        settings = {
+            "rank": rank,
+            "seed": self.options.seed,
+            "n_iter_max": self.options.n_iter_max,
+            "l2_reg": self.options.l2_reg,
+        }
+
+        def fit() -> dict[str, np.ndarray]:
+            with warnings.catch_warnings():
+                # tensorly warns each time R exceeds a mode's size in its SVD initialisation.
+                warnings.filterwarnings("ignore", "Trying to compute SVD", UserWarning)
+                found = factorize.cp_factors(layer.weight, **settings)
+            return dataclasses.asdict(found)
+
+        # auto fits a layer at a rank in its sensitivity runs, each plan and the next run.
+        arrays = fit_cache.cached_fit("cp", layer.weight, settings, fit)
+        factors = factorize.CPFactors(
+            **{name: value if value.ndim else value.item() for name, value in arrays.items()}
+        )
         if not factors.converged:
             log.info(
                 "%s: CP-ALS at rank %d did not converge in %d sweeps (relative error %.4g)",
