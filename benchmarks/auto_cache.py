@@ -4,8 +4,11 @@ of each and their ratio.
 
     python benchmarks/auto_cache.py                              # ResNet-20, 512 CIFAR-10 images
     python benchmarks/auto_cache.py --target 0.6 --jobs 2
+    python benchmarks/auto_cache.py --model squeezenet_fp16 --target 0.5 --count 128 --threads 1
 
-The data are CIFAR-10 training images (seeded), written to an .npz the CLI reads with --data.
+ResNet-20's data are CIFAR-10 training images (seeded), written to an .npz the CLI reads with
+--data; SqueezeNet's float16 file as shipped reads the first `--count` ImageNet validation
+images with the README's --images/--preprocess/--labels.
 """
 
 from __future__ import annotations
@@ -36,11 +39,24 @@ def cifar_npz(path: Path, count: int, seed: int) -> None:
     np.savez(path, input=np.ascontiguousarray(images), labels=y[pick])
 
 
+def model_arguments(args, data: Path) -> list[str]:
+    """The model file and its data options."""
+    if args.model == "resnet20":
+        return [str(SHARED / "models" / "resnet20_cifar10.onnx"), "--data", str(data)]
+    imagenet = SHARED / "data" / "imagenet_val_1300"
+    return [
+        str(SHARED / "models" / "squeezenet1.0_fp16.onnx"), "--images", str(imagenet / "data"),
+        "--preprocess", "resize=224,mean=104;117;123,bgr", "--labels",
+        str(imagenet / "dataset.txt"), "--calib-count", str(args.count),
+    ]  # fmt: skip
+
+
 def run_once(args, folder: Path, data: Path, cache: Path, name: str) -> tuple[float, dict]:
     command = [
-        sys.executable, "-m", "onnxcompress", str(SHARED / "models" / "resnet20_cifar10.onnx"),
-        "--passes", "auto", "--opt", f"auto.target_latency={args.target}", "--data", str(data),
-        "--jobs", str(args.jobs), "-o", str(folder / f"{name}.onnx"),
+        sys.executable, "-m", "onnxcompress", *model_arguments(args, data),
+        "--passes", "auto", "--opt", f"auto.target_latency={args.target}",
+        "--jobs", str(args.jobs), "--threads", str(args.threads),
+        "-o", str(folder / f"{name}.onnx"),
         "--report", str(folder / f"{name}.json"), "-q", "--no-bench",
     ]  # fmt: skip
     started = time.perf_counter()
@@ -61,7 +77,9 @@ def _env(cache: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("resnet20", "squeezenet_fp16"), default="resnet20")
     parser.add_argument("--target", type=float, default=0.6, help="auto.target_latency")
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--count", type=int, default=512, help="calibration images")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -69,13 +87,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         data, cache = folder / "cifar.npz", folder / "cache"
-        cifar_npz(data, args.count, args.seed)
+        if args.model == "resnet20":
+            cifar_npz(data, args.count, args.seed)
         first, report = run_once(args, folder, data, cache, "first")
         second, again = run_once(args, folder, data, cache, "second")
     layers = [
         [row["method"] for row in r["passes"][0]["summary"]["auto"]["layers"]]
         for r in (report, again)
     ]
+    print(f"`python benchmarks/auto_cache.py {' '.join(sys.argv[1:])}`")
     print(f"first run {first:.1f} s, second run {second:.1f} s: {first / second:.1f}× faster")
     print(f"same plan both times: {layers[0] == layers[1]}")
     return 0
