@@ -51,7 +51,6 @@ for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-from onnx import TensorProto, numpy_helper  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -65,6 +64,7 @@ from onnxcompress.passkit import PassContext, sample_count  # noqa: E402
 from onnxcompress.pipeline import run_passes  # noqa: E402
 from onnxcompress.tables import human  # noqa: E402
 from onnxcompress.validate import make_session, run_session  # noqa: E402
+from passes import get_pass  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 SHARED_MODELS = SHARED / "models"
@@ -437,28 +437,9 @@ def squeezenet_data(args) -> Dataset:
 
 
 def upcast_fp16_to_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with every float16 initializer, Constant, graph input/output and value_info made
-    float32 (and Casts to float16 retargeted), so the model runs in fp32 end to end."""
-    fp32 = onnx.ModelProto()
-    fp32.CopyFrom(model)
-    g = fp32.graph
-    for init in g.initializer:
-        if init.data_type == TensorProto.FLOAT16:
-            value = numpy_helper.to_array(init).astype(np.float32)
-            init.CopyFrom(numpy_helper.from_array(value, init.name))
-    for info in [*g.input, *g.output, *g.value_info]:
-        if info.type.tensor_type.elem_type == TensorProto.FLOAT16:
-            info.type.tensor_type.elem_type = TensorProto.FLOAT
-    for node in g.node:
-        for attr in node.attribute:
-            if node.op_type == "Constant" and attr.name == "value":
-                if attr.t.data_type == TensorProto.FLOAT16:
-                    value = numpy_helper.to_array(attr.t).astype(np.float32)
-                    attr.t.CopyFrom(numpy_helper.from_array(value, attr.t.name))
-            if node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.FLOAT16:
-                attr.i = TensorProto.FLOAT
-    onnx.checker.check_model(fp32)
-    return fp32
+    """The `upcast` pass with float32 inputs and outputs: the model runs in fp32 end to end."""
+    spec = get_pass("upcast")
+    return spec.run(model, spec.make_options({"io": "float32"}), PassContext({})).model
 
 
 DATASETS = {"resnet20": resnet20_data, "squeezenet": squeezenet_data, "mnist": mnist_data}

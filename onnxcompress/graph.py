@@ -124,6 +124,15 @@ def float_region(model: onnx.ModelProto, layers: list[str]) -> list[str]:
     return [node.name for node in model.graph.node if node.name in region]
 
 
+def fresh_name(base: str, used: set[str]) -> str:
+    """`base`, or `base_1`, `base_2`, … : the first not in `used` (which it joins)."""
+    name, counter = base, 1
+    while name in used:
+        name, counter = f"{base}_{counter}", counter + 1
+    used.add(name)
+    return name
+
+
 def node_attributes(node: onnx.NodeProto) -> dict:
     return {attr.name: helper.get_attribute_value(attr) for attr in node.attribute}
 

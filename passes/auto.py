@@ -185,9 +185,10 @@ def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> 
     records += found.records
     if found.summary.get("int8", {}).get("quantized"):
         auto_search.mark_precision(records, found.summary, found.model)
+    summary = {"auto": found.summary}
     if upcast:
         found.summary["upcast"] = upcast
-    summary = {"auto": found.summary}
+        summary["notes"] = [_upcast_note(upcast)]
     warning = plan_warning(found.summary)
     if warning:
         summary["note"] = warning
@@ -195,10 +196,10 @@ def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> 
 
 
 def _upcast_first(model, options: AutoOptions, context: PassContext):
-    """The float32 upcast of a float16 model, the options with a latency target scaled to it
-    (target / the upcast's measured ratio: the user's target is of the file given), and what
-    was done. SqueezeNet's float16 file: int8 of it ran 1.2x slower than it, int8 of its
-    upcast 0.66x (README, "float16 models")."""
+    """The float32 upcast of a float16 model, the options with a latency or bytes target
+    scaled to it (target / the upcast's measured ratio: the user's target is of the file
+    given), and what was done. SqueezeNet's float16 file: int8 of it ran 1.21x slower than
+    the file, int8 of its upcast 0.58x (`python benchmarks/fp16_upcast.py --threads 1`)."""
     from passes import upcast
 
     upcast_model = upcast.upcast(model, upcast.UpcastOptions(), context).model
@@ -210,6 +211,17 @@ def _upcast_first(model, options: AutoOptions, context: PassContext):
         done.update({f"{kind}_ratio": ratio, "target_given": target, "target": scaled})
         options = dataclasses.replace(options, **{f"target_{kind}": scaled})
     return upcast_model, options, done
+
+
+def _upcast_note(done: dict[str, Any]) -> str:
+    note = "searched on the float32 upcast of this float16 model"
+    for kind in ("latency", "bytes"):
+        if f"{kind}_ratio" in done:
+            note += (
+                f": target {done['target_given']:g} of the model given is {done['target']:g} of "
+                f"the upcast, whose {kind} is {done[f'{kind}_ratio']:g} of the model's"
+            )
+    return note
 
 
 def _upcast_ratio(kind: str, model, upcast_model, context: PassContext) -> float:

@@ -292,7 +292,7 @@ class _Folder:
 
     def _set_input(self, node: onnx.NodeProto, index: int, value: np.ndarray, base: str) -> None:
         """Feed input `index` of `node` from a new initializer with a fresh name."""
-        name = _fresh_name(f"{base}_folded", self.used_names)
+        name = graph.fresh_name(f"{base}_folded", self.used_names)
         self.model.graph.initializer.append(numpy_helper.from_array(value, name))
         self.constants[name] = value
         while len(node.input) <= index:
@@ -334,14 +334,6 @@ def _set_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
             node.attribute.remove(attr)
             break
     node.attribute.append(helper.make_attribute(name, value))
-
-
-def _fresh_name(base: str, used: set[str]) -> str:
-    name, counter = base, 1
-    while name in used:
-        name, counter = f"{base}_{counter}", counter + 1
-    used.add(name)
-    return name
 
 
 def _all_names(g: onnx.GraphProto) -> set[str]:

@@ -72,6 +72,10 @@ def test_kept_io_stays_float16_and_is_closer_to_float32_than_the_float16_model()
     assert _elem_type(g.input) == _elem_type(g.output) == [TensorProto.FLOAT16]
     assert [n.op_type for n in (g.node[0], g.node[-1])] == ["Cast", "Cast"]
     assert result.summary["upcast"]["boundary casts"] == 2
+    assert result.summary["notes"] == (
+        "float16 → float32: 12 weights, 0 Constants, 0 Cast/dtype attributes; inputs and "
+        "outputs kept float16 (2 Casts)"
+    )
     feeds16 = _images(np.float16)
     exact = run_model(_rounded(model), [{"input": feeds16[0]["input"].astype(np.float32)}])
     got, before = run_model(result.model, feeds16), run_model(half, feeds16)
@@ -178,6 +182,10 @@ def test_auto_searches_a_float16_model_on_its_upcast_with_the_target_scaled(monk
     assert not upcast.computes_in_float16(model)
     text = report_rows.budget_text({"budget": {"kind": "latency", "target": 0.75}, "upcast": done})
     assert "target 0.6 of the model given" in text and "0.8 of its latency" in text
+    assert auto._upcast_note(done) == (
+        "searched on the float32 upcast of this float16 model: target 0.6 of the model given "
+        "is 0.75 of the upcast, whose latency is 0.8 of the model's"
+    )
 
 
 def _upcast_first(model, options, context):
