@@ -45,13 +45,15 @@ class UpcastOptions:
 def upcast(model: onnx.ModelProto, options: UpcastOptions, context: PassContext) -> PassResult:
     if _subgraphs_in_float16(model.graph):
         raise CompressError("upcast: float16 inside If/Loop/Scan bodies is not handled")
+    if not computes_in_float16(model):
+        raise CompressError("upcast: the model computes nothing in float16: nothing to upcast")
     result = onnx.ModelProto()
     result.CopyFrom(model)
-    counts = _single_precision(result.graph)
-    if not any(counts.values()):
-        raise CompressError("upcast: the model has no float16 tensors: nothing to upcast")
+    # Casts to float16 that make a graph output already are the boundary `io=keep` wants.
+    boundary = _output_casts(result.graph) if options.io == "keep" else set()
+    counts = _single_precision(result.graph, boundary)
     if options.io == "keep":
-        counts["boundary casts"] = _cast_at_boundary(result.graph)
+        counts["boundary casts"] = _cast_at_boundary(result.graph, boundary)
     else:
         counts["graph inputs/outputs"] = _retype_io(result.graph, io=True)
     _retype_io(result.graph, io=False)
@@ -78,8 +80,19 @@ def computes_in_float16(model: onnx.ModelProto) -> bool:
     return any(t.data_type == HALF for t in g.initializer) or any(map(_node_has_half, inner))
 
 
-def _single_precision(g: onnx.GraphProto) -> dict[str, int]:
-    """Make every float16 weight, Constant and produced type of `g` float32; counts by kind."""
+def _output_casts(g: onnx.GraphProto) -> set[str]:
+    """The graph outputs made by a Cast to float16."""
+    outputs = {o.name for o in g.output}
+    return {
+        node.output[0]
+        for node in g.node
+        if node.op_type == "Cast" and node.output[0] in outputs and _node_has_half(node)
+    }
+
+
+def _single_precision(g: onnx.GraphProto, boundary: set[str]) -> dict[str, int]:
+    """Make every float16 weight, Constant and produced type of `g` float32, but for the Casts
+    making the `boundary` outputs; counts by kind."""
     counts = {"weights": 0, "constants": 0, "type attributes": 0}
     for init in g.initializer:
         if init.data_type == HALF:
@@ -94,6 +107,8 @@ def _single_precision(g: onnx.GraphProto) -> dict[str, int]:
         if tensor is not None and tensor.data_type == HALF:
             tensor.CopyFrom(_as_single(tensor))
             counts["constants"] += 1
+        if node.op_type == "Cast" and node.output[0] in boundary:
+            continue
         for attr in node.attribute:
             if attr.name in TYPE_ATTRIBUTES and attr.type == attr.INT and attr.i == HALF:
                 attr.i = SINGLE
@@ -114,14 +129,15 @@ def _attribute_tensor(node: onnx.NodeProto) -> TensorProto | None:
     return None
 
 
-def _cast_at_boundary(g: onnx.GraphProto) -> int:
+def _cast_at_boundary(g: onnx.GraphProto, boundary: set[str]) -> int:
     """Keep float16 graph inputs and outputs: a Cast to float32 after each such input, one to
-    float16 before each such output (the producer then writes a float32 tensor). Returns
-    the Casts added."""
+    float16 before each such output (the producer then writes a float32 tensor) unless a
+    Cast to float16 makes it (`boundary`). Returns the Casts added."""
     initializers = {init.name for init in g.initializer}
     inputs = [i for i in g.input if _is_half(i) and i.name not in initializers]
     # An input that is also an output passes straight through, in float16, untouched.
-    outputs = [o for o in g.output if _is_half(o) and o.name not in {i.name for i in inputs}]
+    passing = {i.name for i in inputs} | boundary
+    outputs = [o for o in g.output if _is_half(o) and o.name not in passing]
     taken = {name for node in g.node for name in (*node.input, *node.output)}
     taken |= {i.name for i in g.input} | initializers
     head, tail = [], []

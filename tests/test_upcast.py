@@ -141,7 +141,7 @@ def test_weights_listed_as_graph_inputs_are_retyped_with_them():
 
 
 def test_a_model_without_float16_is_refused():
-    with pytest.raises(CompressError, match="no float16 tensors"):
+    with pytest.raises(CompressError, match="computes nothing in float16"):
         _run(vgg_style())
 
 
@@ -232,3 +232,42 @@ def test_cli_on_the_shared_float16_squeezenet(tmp_path):
     assert _elem_type(written.graph.input) == [TensorProto.FLOAT16]
     assert not upcast.computes_in_float16(written)
     assert hashlib.md5(source.read_bytes()).hexdigest() == digest
+
+
+def _output_cast_model() -> onnx.ModelProto:
+    """float32 in; a float16 Constant added in float16; a Cast to float16 makes the output."""
+    half = numpy_helper.from_array(np.full(4, 0.5, np.float16), "h")
+    nodes = [
+        helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16, name="down"),
+        helper.make_node("Constant", [], ["h16"], value=half, name="half"),
+        helper.make_node("Add", ["x16", "h16"], ["sum16"], name="add"),
+        helper.make_node("Relu", ["sum16"], ["relu16"], name="relu"),
+        helper.make_node("Cast", ["relu16"], ["y"], to=TensorProto.FLOAT16, name="out"),
+    ]
+    g = helper.make_graph(
+        nodes, "output_cast", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2, 4])],
+    )  # fmt: skip
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    ("io", "casts", "out_type"), [("keep", 0, np.float16), ("float32", 1, np.float32)]
+)
+def test_a_cast_that_makes_an_output_is_the_boundary_when_io_is_kept(io, casts, out_type):
+    model = _output_cast_model()
+    result = _run(model, {"x": [2, 4]}, io=io)
+    graph.check_model(result.model)
+    nodes = result.model.graph.node
+    assert len(nodes) == len(model.graph.node)  # no Cast added either way
+    assert result.summary["upcast"]["type attributes"] == 1 + casts
+    x = np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)
+    got = run_model(result.model, [{"x": x}])["y"]
+    assert got.dtype == out_type
+    np.testing.assert_allclose(got.astype(np.float32), np.maximum(x + 0.5, 0), atol=1e-3)
+
+
+def test_an_upcast_model_is_not_upcast_again():
+    once = _run(half_precision(vgg_style())).model
+    with pytest.raises(CompressError, match="computes nothing in float16"):
+        _run(once)
