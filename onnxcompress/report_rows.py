@@ -85,15 +85,9 @@ def budget_text(auto: dict[str, Any]) -> str:
     if not budget:
         return "no budget given"
     text = f"{budget.get('kind', '?')} budget, target {_value(budget.get('target'))}"
-    upcast = auto.get("upcast")
-    if upcast:
-        text += f" of the {upcast.get('to', 'float32')} upcast of the {upcast.get('from')} model"
-        for kind in ("latency", "bytes"):
-            if f"{kind}_ratio" in upcast:
-                text += (
-                    f" (target {_value(upcast['target_given'])} of the model given; the upcast "
-                    f"has {_value(upcast[f'{kind}_ratio'])} of its {kind})"
-                )
+    upcast = auto.get("upcast") or {}
+    if upcast.get("note"):  # what auto did with a float16 model, in its own words
+        text += f" ({upcast['note']})"
     return text
 
 

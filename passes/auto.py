@@ -188,7 +188,7 @@ def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> 
     summary = {"auto": found.summary}
     if upcast:
         found.summary["upcast"] = upcast
-        summary["notes"] = [_upcast_note(upcast)]
+        summary["notes"] = [upcast["note"]]
     warning = plan_warning(found.summary)
     if warning:
         summary["note"] = warning
@@ -210,6 +210,7 @@ def _upcast_first(model, options: AutoOptions, context: PassContext):
         scaled = min(1.0, round(target / ratio, 4))
         done.update({f"{kind}_ratio": ratio, "target_given": target, "target": scaled})
         options = dataclasses.replace(options, **{f"target_{kind}": scaled})
+    done["note"] = _upcast_note(done)
     return upcast_model, options, done
 
 

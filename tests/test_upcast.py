@@ -175,17 +175,17 @@ def test_auto_searches_a_float16_model_on_its_upcast_with_the_target_scaled(monk
     context = PassContext(VGG_SHAPES, calibration, seed=0, threads=1)
     model, scaled, done = _upcast_first(half, options, context)
     assert scaled.budget() == ("latency", 0.75)  # 0.6 of the float16 model's 0.8
-    assert done == {
-        "from": "float16", "to": "float32", "latency_ratio": 0.8, "target_given": 0.6,
-        "target": 0.75,
-    }  # fmt: skip
-    assert not upcast.computes_in_float16(model)
-    text = report_rows.budget_text({"budget": {"kind": "latency", "target": 0.75}, "upcast": done})
-    assert "target 0.6 of the model given" in text and "0.8 of its latency" in text
-    assert auto._upcast_note(done) == (
+    note = (
         "searched on the float32 upcast of this float16 model: target 0.6 of the model given "
         "is 0.75 of the upcast, whose latency is 0.8 of the model's"
     )
+    assert done == {
+        "from": "float16", "to": "float32", "latency_ratio": 0.8, "target_given": 0.6,
+        "target": 0.75, "note": note,
+    }  # fmt: skip
+    assert not upcast.computes_in_float16(model)
+    text = report_rows.budget_text({"budget": {"kind": "latency", "target": 0.75}, "upcast": done})
+    assert text == f"latency budget, target 0.75 ({note})"
 
 
 def _upcast_first(model, options, context):
