@@ -527,24 +527,28 @@ def latency_ratio(model, other, context: PassContext) -> float:
     """`other`'s latency over `model`'s: the median of CONFIRM_WINDOWS windows of the two
     timed side by side, as the search times its plans."""
     feeds = timing_feeds(model, context)
-    ratios = []
-    for _ in range(CONFIRM_WINDOWS):
-        timing = benchmark.benchmark_models(
-            {"original": model, "other": other},
-            feeds,
-            threads=context.threads,
-            repeats=20,
-            min_seconds=WINDOW_SECONDS,
-        )
-        ratios.append(_ratio(timing, "other"))
-    return round(float(np.median(ratios)), 4)
+    windows = [
+        _window(model, {"other": other}, feeds, context.threads) for _ in range(CONFIRM_WINDOWS)
+    ]
+    return round(float(np.median([_ratio(w, "other") for w in windows])), 4)
+
+
+def _window(original, models: dict[str, Any], feeds, threads: int) -> dict:
+    """One timing window: `original` (named so) and `models` side by side."""
+    return benchmark.benchmark_models(
+        {"original": original, **models},
+        feeds,
+        threads=threads,
+        repeats=20,
+        min_seconds=WINDOW_SECONDS,
+    )
 
 
 def _model_total(kind, model, analysis, feeds, threads) -> float:
     if kind == "macs":
         return float(analysis.total_macs)
     if kind == "bytes":
-        return float(sum(v.nbytes for v in graph.constant_tensors(model).values()))
+        return float(graph.weight_bytes(model))
     timing = benchmark.benchmark_models(
         {"original": model}, feeds, threads=threads, repeats=50, min_seconds=TIMING_SECONDS
     )
@@ -579,20 +583,10 @@ class _Checker:
     def windows(self, models: dict[str, Any], count: int, step: str = "") -> list[dict]:
         """`count` timings of the original with `models`, side by side in each; shown as a
         progress step when it has a name."""
-        out = []
         steps = range(count)
         if step:
             steps = track(self.context.progress, step, steps)
-        for _ in steps:
-            timing = benchmark.benchmark_models(
-                {"original": self.model, **models},
-                self.feeds,
-                threads=self.context.threads,
-                repeats=20,
-                min_seconds=WINDOW_SECONDS,
-            )
-            out.append(timing)
-        return out
+        return [_window(self.model, models, self.feeds, self.context.threads) for _ in steps]
 
     def fails(self, check: dict[str, Any]) -> str:
         """Why the check fails the user's tolerance ("" when it holds or none was set)."""

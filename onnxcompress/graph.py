@@ -46,16 +46,27 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of every constant tensor (initializers and Constant values)."""
+    return sum(value.nbytes for value in constant_tensors(model).values())
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The bodies (If branches, Loop/Scan bodies) held in `node`'s attributes."""
+    return [
+        sub for attr in node.attribute for sub in ([attr.g] if attr.HasField("g") else attr.graphs)
+    ]
+
+
 def subgraph_names(node: onnx.NodeProto) -> set[str]:
     """Every tensor name read or written inside the subgraphs (If/Loop/Scan bodies) of `node`,
     at any depth: rewrites must leave these tensors as they are."""
     names: set[str] = set()
-    for attr in node.attribute:
-        for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-            for inner in sub.node:
-                names.update(inner.input)
-                names.update(inner.output)
-                names |= subgraph_names(inner)
+    for sub in subgraphs(node):
+        for inner in sub.node:
+            names.update(inner.input)
+            names.update(inner.output)
+            names |= subgraph_names(inner)
     return names
 
 

@@ -229,10 +229,7 @@ def _upcast_ratio(kind: str, model, upcast_model, context: PassContext) -> float
     """The upcast's latency (measured) or weight bytes over the float16 model's."""
     if kind == "latency":
         return auto_search.latency_ratio(model, upcast_model, context)
-    from onnxcompress.graph import constant_tensors
-
-    def weight_bytes(m: onnx.ModelProto) -> int:
-        return sum(value.nbytes for value in constant_tensors(m).values())
+    from onnxcompress.graph import weight_bytes
 
     return weight_bytes(upcast_model) / weight_bytes(model)
 

@@ -55,8 +55,11 @@ def upcast(model: onnx.ModelProto, options: UpcastOptions, context: PassContext)
     if options.io == "keep":
         counts["boundary casts"] = _cast_at_boundary(result.graph, boundary)
     else:
-        counts["graph inputs/outputs"] = _retype_io(result.graph, io=True)
-    _retype_io(result.graph, io=False)
+        counts["graph inputs/outputs"] = _to_single([*result.graph.input, *result.graph.output])
+    # Intermediates keep their recorded types, made float32, rather than being inferred anew:
+    # an old opset's inferred types can clash with what the quantizer's opset upgrade expects
+    # (SqueezeNet's opset-7 Dropout masks).
+    _to_single(list(result.graph.value_info))
     summary = {"upcast": {"to": "float32", "io": options.io, **counts}, "notes": _note(counts)}
     return PassResult(result, True, [], summary)
 
@@ -99,9 +102,7 @@ def _single_precision(g: onnx.GraphProto, boundary: set[str]) -> dict[str, int]:
             init.CopyFrom(_as_single(init))
             counts["weights"] += 1
     weights = {init.name for init in g.initializer}
-    for inp in g.input:  # weights some exporters also list as graph inputs
-        if inp.name in weights and _is_half(inp):
-            inp.type.tensor_type.elem_type = SINGLE
+    _to_single([inp for inp in g.input if inp.name in weights])  # weights listed as inputs
     for node in g.node:
         tensor = _attribute_tensor(node)
         if tensor is not None and tensor.data_type == HALF:
@@ -109,10 +110,9 @@ def _single_precision(g: onnx.GraphProto, boundary: set[str]) -> dict[str, int]:
             counts["constants"] += 1
         if node.op_type == "Cast" and node.output[0] in boundary:
             continue
-        for attr in node.attribute:
-            if attr.name in TYPE_ATTRIBUTES and attr.type == attr.INT and attr.i == HALF:
-                attr.i = SINGLE
-                counts["type attributes"] += 1
+        for attr in _half_types(node):
+            attr.i = SINGLE
+            counts["type attributes"] += 1
     return counts
 
 
@@ -157,12 +157,9 @@ def _cast_at_boundary(g: onnx.GraphProto, boundary: set[str]) -> int:
     return len(head) + len(tail)
 
 
-def _retype_io(g: onnx.GraphProto, io: bool) -> int:
-    """Make float16 graph inputs and outputs (`io`) or intermediates' recorded types float32;
-    how many changed. Intermediates keep their records rather than being inferred anew: an
-    old opset's inferred types can clash with what the quantizer's opset upgrade expects
-    (SqueezeNet's opset-7 Dropout masks)."""
-    changed = [vi for vi in ([*g.input, *g.output] if io else g.value_info) if _is_half(vi)]
+def _to_single(values: list[onnx.ValueInfoProto]) -> int:
+    """Make the float16 ones of `values` float32; how many changed."""
+    changed = [vi for vi in values if _is_half(vi)]
     for vi in changed:
         vi.type.tensor_type.elem_type = SINGLE
     return len(changed)
@@ -189,19 +186,22 @@ def _has_half(g: onnx.GraphProto) -> bool:
 
 def _node_has_half(node: onnx.NodeProto) -> bool:
     tensor = _attribute_tensor(node)
-    if tensor is not None and tensor.data_type == HALF:
-        return True
-    return any(
-        attr.name in TYPE_ATTRIBUTES and attr.type == attr.INT and attr.i == HALF
+    return (tensor is not None and tensor.data_type == HALF) or bool(_half_types(node))
+
+
+def _half_types(node: onnx.NodeProto) -> list[onnx.AttributeProto]:
+    """The node's attributes that make it produce float16."""
+    return [
+        attr
         for attr in node.attribute
-    )
+        if attr.name in TYPE_ATTRIBUTES and attr.type == attr.INT and attr.i == HALF
+    ]
 
 
 def _subgraphs_in_float16(g: onnx.GraphProto) -> bool:
     """Whether an If/Loop/Scan body (at any depth) holds float16."""
-    for node in g.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                if _has_half(sub) or _subgraphs_in_float16(sub):
-                    return True
-    return False
+    return any(
+        _has_half(sub) or _subgraphs_in_float16(sub)
+        for node in g.node
+        for sub in graph.subgraphs(node)
+    )
