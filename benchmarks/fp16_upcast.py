@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.image_models import SHARED_MODELS, _factorization  # noqa: E402
+from benchmarks.image_models import SHARED_MODELS, _factorization, add_data_arguments  # noqa: E402
 from benchmarks.int8_mixed import run_pass  # noqa: E402
 from onnxcompress import graph, io, layers  # noqa: E402
 from onnxcompress.benchmark import benchmark_models  # noqa: E402
@@ -64,11 +64,8 @@ def table(models: dict, top1: dict, timing: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
+    add_data_arguments(parser, calib_count=300, eval_count=1000)
     parser.add_argument("--repeats", type=int, default=100)
-    parser.add_argument("--calib-count", type=int, default=300)
-    parser.add_argument("--eval-count", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     factorization = _factorization()
     data = factorization.squeezenet_data(args)  # the images; its model is upcast in code

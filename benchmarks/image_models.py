@@ -32,6 +32,15 @@ PHOTOS = SHARED / "images"
 LATENCY_BATCH = 8  # the second batch size timed, for models with a dynamic batch
 
 
+def add_data_arguments(parser, calib_count: int, eval_count: int) -> None:
+    """The run's arguments every builder here reads (threads, seed and the two image counts),
+    with a script's default counts."""
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--calib-count", type=int, default=calib_count)
+    parser.add_argument("--eval-count", type=int, default=eval_count)
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def _factorization():
     """benchmarks.factorization, imported on first use (it loads the data helpers we reuse)."""
     import benchmarks.factorization as factorization

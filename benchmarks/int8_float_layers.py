@@ -20,8 +20,8 @@ from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.image_models import resnet20, squeezenet  # noqa: E402
-from benchmarks.int8_mixed import run_pass  # noqa: E402
+from benchmarks.image_models import add_data_arguments, resnet20, squeezenet  # noqa: E402
+from benchmarks.int8_mixed import run_pass, table  # noqa: E402
 from onnxcompress import graph, layer_timing, layers  # noqa: E402
 from onnxcompress.analyse import analyse  # noqa: E402
 from onnxcompress.benchmark import benchmark_models  # noqa: E402
@@ -76,20 +76,14 @@ def measure(bench, layer: str | None, args) -> str:
     timing = benchmark_models(
         models, bench.latency_inputs[1], threads=args.threads, repeats=args.repeats
     )
-    base_ms, base = timing["original"]["median_ms"], scores["original"][bench.metric]
     lines = [
         f"### {bench.name}, {args.threads} thread(s)",
         "",
         f"`{name}` timed alone: float {alone['float']:.3f} ms, int8 {alone['int8']:.3f} ms "
         f"({alone['int8'] / alone['float']:.2f}x).",
         "",
-        f"| model | latency b1 | {bench.metric} | Δ |",
-        "|---|---|---|---|",
+        table(models, scores, timing, bench.metric, bench.metric),
     ]
-    for label in models:
-        ratio = timing[label]["median_ms"] / base_ms
-        value = scores[label][bench.metric]
-        lines.append(f"| {label} | {ratio:.3f} | {value:.2f} | {value - base:+.2f} |")
     return "\n".join(lines)
 
 
@@ -97,11 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="squeezenet,resnet20")
     parser.add_argument("--layer", default=None, help="node name (default: the first Conv)")
-    parser.add_argument("--threads", type=int, default=1)
+    add_data_arguments(parser, calib_count=300, eval_count=1000)
     parser.add_argument("--repeats", type=int, default=100)
-    parser.add_argument("--calib-count", type=int, default=300)
-    parser.add_argument("--eval-count", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(f"`{' '.join(['python benchmarks/int8_float_layers.py', *(argv or sys.argv[1:])])}`\n")
     for name in comma_list(args.models):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.image_models import resnet20  # noqa: E402
+from benchmarks.image_models import add_data_arguments, resnet20  # noqa: E402
 from onnxcompress import graph  # noqa: E402
 from onnxcompress.benchmark import benchmark_models  # noqa: E402
 from onnxcompress.passkit import PassContext, comma_list  # noqa: E402
@@ -49,13 +49,16 @@ def build(bench, context: PassContext, methods: list[str], budgets: list[str]) -
     return models
 
 
-def table(models: dict, scores: dict, timing: dict) -> str:
-    base_ms, base_top1 = timing["original"]["median_ms"], scores["original"]["top1"]
-    lines = ["| model | latency b1 | top-1 | Δ |", "|---|---|---|---|"]
+def table(
+    models: dict, scores: dict, timing: dict, metric: str = "top1", heading: str = "top-1"
+) -> str:
+    """Per model: batch-1 latency and `metric` with its change, both against "original"."""
+    base_ms, base = timing["original"]["median_ms"], scores["original"][metric]
+    lines = [f"| model | latency b1 | {heading} | Δ |", "|---|---|---|---|"]
     for label in models:
         ratio = timing[label]["median_ms"] / base_ms
-        top1 = scores[label]["top1"]
-        lines.append(f"| {label} | {ratio:.3f} | {top1:.2f} | {top1 - base_top1:+.2f} |")
+        value = scores[label][metric]
+        lines.append(f"| {label} | {ratio:.3f} | {value:.2f} | {value - base:+.2f} |")
     return "\n".join(lines)
 
 
@@ -63,11 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="cp,svd")
     parser.add_argument("--budgets", default="0.5,0.35")
-    parser.add_argument("--threads", type=int, default=1)
+    add_data_arguments(parser, calib_count=512, eval_count=2000)
     parser.add_argument("--repeats", type=int, default=100)
-    parser.add_argument("--calib-count", type=int, default=512)
-    parser.add_argument("--eval-count", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     bench = resnet20(args)
     context = PassContext(bench.input_shapes, calibration=bench.calibration, threads=args.threads)

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.image_models import resnet20  # noqa: E402
+from benchmarks.image_models import add_data_arguments, resnet20  # noqa: E402
 from benchmarks.int8_mixed import run_pass  # noqa: E402
 from onnxcompress.auto_search import RETIME_WINDOWS, WINDOW_SECONDS  # noqa: E402
 from onnxcompress.benchmark import benchmark_models  # noqa: E402
@@ -86,11 +86,8 @@ def table(trials: list[dict[str, dict[str, float]]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
+    add_data_arguments(parser, calib_count=300, eval_count=100)
     parser.add_argument("--trials", type=int, default=4)
-    parser.add_argument("--calib-count", type=int, default=300)
-    parser.add_argument("--eval-count", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     bench = resnet20(args)
     context = PassContext(bench.input_shapes, calibration=bench.calibration, threads=args.threads)
