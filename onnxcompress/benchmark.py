@@ -18,6 +18,19 @@ log = logging.getLogger(__name__)
 
 ort.set_default_logger_severity(3)
 
+# How idle pool threads wait, as onnxruntime session config entries. "stop" (the default):
+# they spin during a run, as in a deployed session with onnxruntime's defaults, and stop when
+# it returns, so that the next interleaved session has the cores to itself. "off" wakes a
+# thread for every op: ResNet-20 at 2 threads ran 1.7x slower than deployed, its compressed
+# models less so. "on" (spinning left on) lets idle sessions steal the running one's cores.
+# `python benchmarks/threads.py` compares them with sessions timed alone.
+SPINNING = {
+    "stop": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"},
+    "off": {"session.intra_op.allow_spinning": "0"},
+    "on": {"session.intra_op.allow_spinning": "1"},
+}
+DEFAULT_SPINNING = "stop"
+
 
 def benchmark_models(
     models: dict[str, onnx.ModelProto | bytes],
@@ -26,19 +39,23 @@ def benchmark_models(
     warmup: int = 5,
     repeats: int = 30,
     min_seconds: float = 0.0,
+    spinning: str = DEFAULT_SPINNING,
 ) -> dict[str, dict]:
     """Time every model on the same inputs; per model the median and spread in milliseconds.
 
     Sessions run with all graph optimisations on (this measures deployment speed). Each round
     runs every model twice in turn and times the second run (warm caches, interleaved against
     drift). Rounds go on until `repeats` are done and at least `min_seconds` have passed.
+    `spinning`: how idle pool threads wait (`SPINNING`).
     """
     if repeats < 1:
         raise CompressError(f"benchmark repeats must be at least 1, got {repeats}")
+    if spinning not in SPINNING:
+        raise CompressError(f"benchmark spinning: one of {', '.join(SPINNING)}, got {spinning!r}")
     available = _cpus_available()
     if threads > available:
         log.warning("benchmark uses %d threads on %d available CPUs", threads, available)
-    sessions = {name: _session(model, threads) for name, model in models.items()}
+    sessions = {name: _session(model, threads, spinning) for name, model in models.items()}
     feeds = {name: _feeds(session, inputs) for name, session in sessions.items()}
     for name, session in sessions.items():
         for _ in range(warmup):
@@ -62,6 +79,7 @@ def benchmark_models(
         raise CompressError(f"onnxruntime failed running the model: {ort_message(exc)}") from exc
     environment = {
         "threads": threads,
+        "spinning": spinning,
         "onnxruntime": ort.__version__,
         "cpu_count": os.cpu_count(),
         "cpus_available": available,
@@ -74,11 +92,10 @@ def speedup(bench: dict, before: str, after: str) -> float:
     return bench[before]["median_ms"] / bench[after]["median_ms"]
 
 
-def _session(model: onnx.ModelProto | bytes, threads: int) -> ort.InferenceSession:
+def _session(model: onnx.ModelProto | bytes, threads: int, spinning: str) -> ort.InferenceSession:
     options = session_options(threads, optimize=True)
-    # Idle pool threads of one session spinning while the next session runs would slow it down,
-    # and interleaving puts every model right after another: no spinning, for all alike.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for key, value in SPINNING[spinning].items():
+        options.add_session_config_entry(key, value)
     return make_session(model, options=options)
 
 

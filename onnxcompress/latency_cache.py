@@ -199,11 +199,13 @@ def graph_signature(graph: onnx.GraphProto) -> list:
 
 
 def environment(threads: int) -> dict:
-    """What else the timing depends on: runtime, providers, threads, machine."""
+    """What else the timing depends on: runtime, providers, threads and how idle pool threads
+    wait, machine."""
     return {
         "onnxruntime": ort.__version__,
         "providers": list(PROVIDERS),
         "threads": threads,
+        "spinning": benchmark.DEFAULT_SPINNING,
         "machine": [platform.node(), platform.machine(), _processor(), os.cpu_count()],
     }
 

@@ -1,4 +1,5 @@
-"""benchmarks/threads.py: every thread setting times every model, ratios to the first."""
+"""benchmarks/threads.py: every thread and spinning setting, alone and interleaved, times
+every model; ratios to the first."""
 
 from __future__ import annotations
 
@@ -9,12 +10,24 @@ MODELS = [REPO / "models" / "resnet_style.onnx", REPO / "models" / "vgg_style.on
 
 
 def test_every_setting_times_every_model(capsys):
-    assert threads.main([*map(str, MODELS), "--rounds", "1", "--runs", "2", "--warmup", "0"]) == 0
+    argv = [*map(str, MODELS), "--rounds", "1", "--runs", "2", "--warmup", "0", "--threads", "2"]
+    assert threads.main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "| threads | spinning | resnet_style.onnx | vgg_style.onnx |"
-    settings = [line.split(" | ")[:2] for line in lines[2:]]
-    assert settings == [["| 1", "on"], ["| 1", "off"], ["| 2", "on"], ["| 2", "off"]]
-    assert all("ms (1.00)" in line.split(" | ")[2] for line in lines[2:])
+    assert lines[0] == (
+        "| trial | threads | sessions | spinning | resnet_style.onnx | vgg_style.onnx "
+        "| ratio gap to deployed |"
+    )
+    cells = [line.strip("| ").split(" | ") for line in lines[2:]]
+    settings = [cell[:4] for cell in cells]
+    assert settings == [
+        ["0", "2", "alone", "on"],
+        ["0", "2", "alone", "off"],
+        ["0", "2", "interleaved", "stop"],
+        ["0", "2", "interleaved", "off"],
+        ["0", "2", "interleaved", "on"],
+    ]
+    assert all(cell[4].endswith("ms (1.000)") for cell in cells)
+    assert cells[0][-1] == "0.000"  # the deployed setting's gap to itself
 
 
 def test_batch_pins_the_leading_dim_only():

@@ -44,6 +44,7 @@ def test_figures_for_every_model():
         assert figures["iqr_ms"] >= 0
         assert figures["runs"] == 7
         assert figures["threads"] == 1
+        assert figures["spinning"] == "stop"
         assert figures["onnxruntime"] == ort.__version__
         assert figures["cpu_count"] >= 1
     assert speedup(bench, "before", "after") == pytest.approx(
@@ -64,8 +65,8 @@ def test_runs_are_interleaved(monkeypatch):
     names = {id(model): name for name, model in models.items()}
 
     class RecordingSession:
-        def __init__(self, model, threads):
-            self.session = real_session(model, threads)
+        def __init__(self, model, threads, spinning):
+            self.session = real_session(model, threads, spinning)
             self.name = names[id(model)]
 
         def get_inputs(self):
@@ -80,6 +81,22 @@ def test_runs_are_interleaved(monkeypatch):
     assert calls[:6] == ["wide"] * 3 + ["narrow"] * 3  # warm-up first, model by model
     # then rounds: each model twice in turn (an untimed run warms its caches, one timed)
     assert calls[6:] == ["wide", "wide", "narrow", "narrow"] * 5
+
+
+@pytest.mark.parametrize("spinning", sorted(benchmark.SPINNING))
+def test_spinning_settings_reach_the_session(spinning):
+    session = benchmark._session(dense(8), 2, spinning)
+    options = session.get_session_options()
+    for key, value in benchmark.SPINNING[spinning].items():
+        assert options.get_session_config_entry(key) == value
+    # "stop" spins as a deployed session does (onnxruntime's default), but only during a run
+    spins = options.get_session_config_entry("session.intra_op.allow_spinning")
+    assert spins == ("0" if spinning == "off" else "1")
+
+
+def test_unknown_spinning_is_an_error():
+    with pytest.raises(CompressError, match="spinning: one of stop, off, on, got 'fast'"):
+        benchmark_models({"m": dense(8)}, INPUTS, spinning="fast")
 
 
 def test_missing_input_is_an_error():
