@@ -15,7 +15,7 @@ def markdown(results: dict) -> str:
         "",
         f"`{results['command']}` — {m['machine']}, {m['cpu_count']} cores (load average "
         f"{m['load_average_start']:.1f} at start), onnxruntime {m['onnxruntime']} CPU, "
-        f"{m['threads']} intra-op threads, graph optimisations on for timing, "
+        f"{m['threads']} intra-op threads{_spinning(m)}, graph optimisations on for timing, "
         f"{s['repeats']} interleaved timed runs per batch size{_loops(s)}, seed {s['seed']}; "
         f"total {results.get('total_seconds', 0):.0f} s.",
         "",
@@ -35,6 +35,19 @@ def markdown(results: dict) -> str:
     if results.get("plots_skipped"):
         lines += ["", f"Plots: {results['plots_skipped']}"]
     return "\n".join(lines) + "\n"
+
+
+# How the timing loop's pool threads waited (onnxcompress.benchmark.SPINNING); runs before
+# the setting was recorded say nothing.
+SPINNING_TEXT = {
+    "stop": " (pool threads spinning during a run, as deployed, stopped after it)",
+    "off": " (pool threads not spinning)",
+    "on": " (pool threads spinning)",
+}
+
+
+def _spinning(machine: dict) -> str:
+    return SPINNING_TEXT.get(machine.get("spinning"), "")
 
 
 def _loops(settings: dict) -> str:

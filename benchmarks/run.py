@@ -48,7 +48,7 @@ from benchmarks.results_md import markdown  # noqa: E402
 from benchmarks.suite import METHODS, BenchModel, Variant, parse_options, variants  # noqa: E402
 from onnxcompress import CompressError, graph, io, onnxc  # noqa: E402
 from onnxcompress.analyse import analyse  # noqa: E402
-from onnxcompress.benchmark import benchmark_models  # noqa: E402
+from onnxcompress.benchmark import DEFAULT_SPINNING, benchmark_models  # noqa: E402
 from onnxcompress.passkit import PassContext  # noqa: E402
 from onnxcompress.pipeline import run_passes  # noqa: E402
 from onnxcompress.report import write_json  # noqa: E402
@@ -345,6 +345,7 @@ def machine(args) -> dict:
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
         "threads": args.threads,
+        "spinning": DEFAULT_SPINNING,
         "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
     }
 
