@@ -103,14 +103,20 @@ def time_layers_alone(model, tables, measured, threads, progress=None, quantize=
                 progress.advance()
 
 
-def int8_tables(model, tables, measured, threads, quantize, progress=None) -> list[LayerTable]:
+def int8_tables(
+    model, tables, measured, threads, quantize, progress=None, keep_only: bool = False
+) -> list[LayerTable]:
     """Copies of `tables` whose latencies are the candidates' and layers' timed as int8:
     int8 kernels favour other shapes than float ones (on SqueezeNet, a plan chosen on these
     factorizes only the first conv, 3 input channels, and its int8 runs at 0.48 of the
     latency against int8 alone's 0.59: README, `auto`), so a plan meant to be quantized is
-    chosen on these."""
+    chosen on these. `keep_only`: the layers' own latencies only (each timed against its
+    first candidate, which the copy keeps; the others are dropped)."""
     copy = dataclasses.replace
-    copies = [LayerTable(t.choice, copy(t.keep), [copy(s) for s in t.options]) for t in tables]
+    copies = [
+        LayerTable(t.choice, copy(t.keep), [copy(s) for s in t.options[: 1 if keep_only else None]])
+        for t in tables
+    ]
     time_layers_alone(model, copies, measured, threads, progress, quantize)
     return copies
 

@@ -445,6 +445,36 @@ def test_a_float_layer_that_slows_the_int8_model_is_left_in_int8(vgg_calibration
     assert any(r.get("costs") == "int8" for r in found["rounds"])  # the search went on
 
 
+@pytest.mark.parametrize("float_in_int8", [1.0, 20.0])
+def test_with_the_int8_original_on_target_the_slow_layer_is_tried_in_float(
+    vgg_calibration, monkeypatch, float_in_int8
+):
+    """The int8 original is on the 0.8 target (0.75), so no int8 plans are searched; the
+    original with the conv slower in int8 left in float is still measured. Both on target
+    (0.67), the one with less error is kept; when the float layer makes the mixed model miss
+    (scripted 20x), the int8 original is."""
+    _weights_as_milliseconds(monkeypatch, _mixed_ms(float_in_int8), int8_factor=_int8_factor)
+    result = _run_auto(
+        vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.8, int8=True
+    )
+    found = result.summary["auto"]
+    assert not any(r.get("costs") == "int8" for r in found["rounds"])  # no int8 plan search
+    (original,) = [r for r in found["rounds"] if r.get("int8") and r.get("of") == "the original"
+                   and not r.get("float_layers")]  # fmt: skip
+    (mixed,) = [r for r in found["rounds"] if r.get("float_layers")]
+    assert mixed["of"] == "the original" and mixed["float_layers"] == [SLOW_IN_INT8]
+    assert original["latency_ratio"] <= 0.8
+    chosen = found["rounds"][found["chosen_round"]]
+    if float_in_int8 == 1.0:
+        assert mixed["latency_ratio"] <= 0.8
+        assert chosen is min((original, mixed), key=lambda r: r["rel_l2"])
+    else:
+        assert mixed["latency_ratio"] > 0.8 and chosen is original
+    assert found["int8"]["float_layers"] == chosen.get("float_layers", [])
+    assert found["target_reached"] is True
+    graph.check_model(result.model)
+
+
 def test_float_region_runs_to_the_next_layers_and_stops_where_activations_meet():
     vgg = layers.named_copy(vgg_style())
     # relu and pool ride along; the next conv ends the region (int8 resumes at its output).
