@@ -6,7 +6,9 @@ lists per latency-target auto row the kept round's ratio in auto's check (its fi
 and, where the plans were timed again, the search's), the benchmark's ratio, and the
 difference, then the difference's mean, median and spread; and, over all the plans auto timed
 again at the end, the median of how much slower that re-timing read them than their search
-did (a drift of the machine between the two). Rows where auto's check did not
+did (a drift of the machine between the two), and how far one plan's final windows spread
+(the median over its rounds of the windows' range over their median). Rows where auto's
+check did not
 time the kept model itself (`auto+int8`: its float plan was checked, then quantized) are
 left out.
 
@@ -50,9 +52,18 @@ def gaps(results: dict, source: str) -> list[dict]:
                     "gap": row["latency_ratio"] - check["latency_ratio"],
                     "retimed": len(drifts),
                     "drift": float(np.median(drifts)) if drifts else None,
+                    "spread": _window_spread(auto["rounds"]),
                 }
             )
     return out
+
+
+def _window_spread(rounds: list[dict]) -> float | None:
+    """The median over rounds of (largest - smallest window) / median window."""
+    spreads = [
+        (max(w) - min(w)) / float(np.median(w)) for r in rounds if (w := r.get("latency_windows"))
+    ]
+    return float(np.median(spreads)) if spreads else None
 
 
 def summary(entries: list[dict]) -> dict:
@@ -71,15 +82,16 @@ def summary(entries: list[dict]) -> dict:
 def markdown(entries: list[dict]) -> str:
     lines = [
         "| results | model | row | auto's check | in its search | benchmark | gap "
-        "| re-timed plans: end − search (median) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| re-timed plans: end − search (median) | windows' range / median (median round) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for e in entries:
         search = "" if e["search"] is None else f"{e['search']:.3f}"
         drift = "" if e["drift"] is None else f"{e['drift']:+.3f} over {e['retimed']}"
+        spread = "" if e["spread"] is None else f"{e['spread']:.3f}"
         lines.append(
             f"| {e['source']} | {e['model']} | {e['label']} | {e['check']:.3f} | {search} "
-            f"| {e['benchmark']:.3f} | {e['gap']:+.3f} | {drift} |"
+            f"| {e['benchmark']:.3f} | {e['gap']:+.3f} | {drift} | {spread} |"
         )
     s = summary(entries)
     if s["count"]:

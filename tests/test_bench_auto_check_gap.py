@@ -10,7 +10,8 @@ from benchmarks import auto_check_gap
 
 def _row(method, label, kept_ratio, bench_ratio, kind="latency"):
     rounds = [
-        {"latency_ratio": 0.9, "latency_ratio_search": 0.8},  # re-timed 0.1 slower
+        # re-timed 0.1 slower; windows range 0.2 about a median of 0.8
+        {"latency_ratio": 0.9, "latency_ratio_search": 0.8, "latency_windows": [0.7, 0.8, 0.9]},
         {"latency_ratio": kept_ratio, "latency_ratio_search": kept_ratio - 0.01},
         {"latency_ratio": 0.7},  # timed once: no drift to count
     ]
@@ -46,6 +47,7 @@ def test_gaps_of_the_kept_rounds_only():
     assert [e["gap"] for e in entries] == pytest.approx([0.03, -0.03])
     assert entries[0]["search"] == pytest.approx(0.49)
     assert entries[0]["retimed"] == 2 and entries[0]["drift"] == pytest.approx(0.055)
+    assert entries[0]["spread"] == pytest.approx(0.25)  # the one round with windows
     stats = auto_check_gap.summary(entries)
     assert stats["count"] == 2 and stats["mean"] == pytest.approx(0.0, abs=1e-12)
     assert stats["std"] == pytest.approx(0.03)
@@ -59,7 +61,8 @@ def test_command_prints_the_table_and_refuses_a_bad_file(tmp_path, capsys):
     assert auto_check_gap.main([str(good / "results.json")]) == 0
     out = capsys.readouterr().out
     assert (
-        "| runs/threads2 | resnet20 | auto@0.5 | 0.500 | 0.490 | 0.530 | +0.030 | +0.055 over 2 |"
+        "| runs/threads2 | resnet20 | auto@0.5 | 0.500 | 0.490 | 0.530 | +0.030 | +0.055 over 2 "
+        "| 0.250 |"
     ) in out
     assert "2 rows: gap mean +0.000" in out
     bad = tmp_path / "bad.json"
