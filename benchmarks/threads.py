@@ -36,7 +36,8 @@ DEPLOYED = ("alone", "on")
 
 def session(model, threads: int, spinning: bool):
     options = session_options(threads, optimize=True)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    for key, value in benchmark.SPINNING["on" if spinning else "off"].items():
+        options.add_session_config_entry(key, value)
     return make_session(model, options=options)
 
 

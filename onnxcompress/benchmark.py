@@ -21,9 +21,9 @@ ort.set_default_logger_severity(3)
 # How idle pool threads wait, as onnxruntime session config entries. "stop" (the default):
 # they spin during a run, as in a deployed session with onnxruntime's defaults, and stop when
 # it returns, so that the next interleaved session has the cores to itself. "off" wakes a
-# thread for every op: ResNet-20 at 2 threads ran 1.7x slower than deployed, its compressed
-# models less so. "on" (spinning left on) lets idle sessions steal the running one's cores.
-# `python benchmarks/threads.py` compares them with sessions timed alone.
+# thread for every op: ResNet-20 at 2 threads ran 1.5-2.0x slower than deployed, its
+# compressed models less so. "on" (spinning left on) lets idle sessions steal the running
+# one's cores. `python benchmarks/threads.py` compares them with sessions timed alone.
 SPINNING = {
     "stop": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"},
     "off": {"session.intra_op.allow_spinning": "0"},

@@ -78,6 +78,13 @@ def test_key_changes_with_the_machine(monkeypatch):
     assert key() != base
 
 
+def test_key_changes_with_how_pool_threads_wait(monkeypatch):
+    # timings taken without spinning (before it was keyed) are not reused
+    base = key()
+    monkeypatch.setattr(benchmark, "DEFAULT_SPINNING", "off")
+    assert key() != base
+
+
 @pytest.fixture
 def fake_timer(monkeypatch):
     """Replaces the benchmark; counts the models it is asked to time."""
