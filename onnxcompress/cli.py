@@ -234,7 +234,9 @@ def run_compress(args: argparse.Namespace, console: Console) -> int:
         max_rel_l2=args.max_rel_l2,
         report=args.report,
     )
-    display = TerminalProgress(console) if not args.quiet else nullcontext()
+    # Off a terminal rich draws nothing but would leave an empty line before an error.
+    shown_on_terminal = not args.quiet and console.is_terminal
+    display = TerminalProgress(console) if shown_on_terminal else nullcontext()
     with display as shown:
         if shown is None:
             result = compress(args.model, options)
