@@ -525,6 +525,13 @@ def test_plan_warning_says_missed_targets_and_large_errors():
     )
     # On target, faster broken plans are no news (the report's plans table lists them).
     assert plan_warning({**on, "broken_faster": passed_over["broken_faster"]}) == ""
+    # Windows that disagree by more than a tenth of their median make the ratio uncertain.
+    steady = {**on, "model": {"rel_l2": 0.1, "latency_windows": [0.46, 0.47, 0.48]}}
+    assert plan_warning(steady) == ""
+    unsteady = {**missed, "model": {**missed["model"], "latency_windows": [0.699, 0.9, 0.919]}}
+    warning = plan_warning(unsteady)
+    assert warning.startswith("target_latency=0.5 missed")
+    assert "timing windows ranged 0.699-0.919 of the original's latency" in warning
 
 
 def test_best_round_prefers_on_target_then_least_error():
