@@ -29,20 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from onnxcompress import benchmark, graph, io  # noqa: E402
 from onnxcompress.calibration import random_inputs  # noqa: E402
-from onnxcompress.validate import make_session, session_options  # noqa: E402
 
 DEPLOYED = ("alone", "on")
 
 
-def session(model, threads: int, spinning: bool):
-    options = session_options(threads, optimize=True)
-    for key, value in benchmark.SPINNING["on" if spinning else "off"].items():
-        options.add_session_config_entry(key, value)
-    return make_session(model, options=options)
-
-
 def median_ms(model, feeds, threads: int, spinning: bool, warmup: int, runs: int) -> float:
-    run = session(model, threads, spinning)
+    run = benchmark.timing_session(model, threads, "on" if spinning else "off")
     for _ in range(warmup):
         run.run(None, feeds)
     times = []

@@ -55,7 +55,7 @@ def benchmark_models(
     available = _cpus_available()
     if threads > available:
         log.warning("benchmark uses %d threads on %d available CPUs", threads, available)
-    sessions = {name: _session(model, threads, spinning) for name, model in models.items()}
+    sessions = {name: timing_session(model, threads, spinning) for name, model in models.items()}
     feeds = {name: _feeds(session, inputs) for name, session in sessions.items()}
     for name, session in sessions.items():
         for _ in range(warmup):
@@ -92,7 +92,11 @@ def speedup(bench: dict, before: str, after: str) -> float:
     return bench[before]["median_ms"] / bench[after]["median_ms"]
 
 
-def _session(model: onnx.ModelProto | bytes, threads: int, spinning: str) -> ort.InferenceSession:
+def timing_session(
+    model: onnx.ModelProto | bytes, threads: int, spinning: str = DEFAULT_SPINNING
+) -> ort.InferenceSession:
+    """A session as the timing loop makes it: all graph optimisations, `threads` intra-op
+    threads, pool threads waiting as `spinning` says (`SPINNING`)."""
     options = session_options(threads, optimize=True)
     for key, value in SPINNING[spinning].items():
         options.add_session_config_entry(key, value)

@@ -59,7 +59,7 @@ def test_min_seconds_adds_rounds():
 
 def test_runs_are_interleaved(monkeypatch):
     calls: list[str] = []
-    real_session = benchmark._session
+    real_session = benchmark.timing_session
 
     models = {"wide": dense(64), "narrow": dense(8)}
     names = {id(model): name for name, model in models.items()}
@@ -76,7 +76,7 @@ def test_runs_are_interleaved(monkeypatch):
             calls.append(self.name)
             return self.session.run(output_names, feeds)
 
-    monkeypatch.setattr(benchmark, "_session", RecordingSession)
+    monkeypatch.setattr(benchmark, "timing_session", RecordingSession)
     benchmark_models(models, INPUTS, warmup=3, repeats=5)
     assert calls[:6] == ["wide"] * 3 + ["narrow"] * 3  # warm-up first, model by model
     # then rounds: each model twice in turn (an untimed run warms its caches, one timed)
@@ -85,7 +85,7 @@ def test_runs_are_interleaved(monkeypatch):
 
 @pytest.mark.parametrize("spinning", sorted(benchmark.SPINNING))
 def test_spinning_settings_reach_the_session(spinning):
-    session = benchmark._session(dense(8), 2, spinning)
+    session = benchmark.timing_session(dense(8), 2, spinning)
     options = session.get_session_options()
     for key, value in benchmark.SPINNING[spinning].items():
         assert options.get_session_config_entry(key) == value
