@@ -530,13 +530,16 @@ def jobs_of(options, context: PassContext) -> int:
 
 
 def timing_feeds(model, context: PassContext) -> dict[str, np.ndarray]:
-    """Inputs in the shapes the layers were timed at: the first calibration sample(s), else
-    random data."""
-    if context.calibration:
-        first = context.calibration[0]
+    """Inputs in the shapes the layers were timed at: the first calibration samples, joined
+    across batches when the pinned batch is larger than one calibration batch, else random
+    data."""
+    rows = max((shape[0] for shape in context.input_shapes.values()), default=1)
+    if context.calibration and sample_count(context.calibration) >= rows:
+        samples = first_samples(context.calibration, rows)
+        joined = {name: np.concatenate([s[name] for s in samples]) for name in samples[0]}
         return {
             name: value[: context.input_shapes.get(name, value.shape)[0]]
-            for name, value in first.items()
+            for name, value in joined.items()
         }
     return random_inputs(model, context.input_shapes, count=1, seed=context.seed)[0]
 

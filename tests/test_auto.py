@@ -787,3 +787,18 @@ def test_graph_latency_costs_are_the_models_savings(vgg_calibration, monkeypatch
             assert saving <= best + 1e-9
         assert best == pytest.approx(max(0.0, *(best - o["latency_ms"] for o in options)))
     assert all(row["latency_ms_before"] < original for row in auto["layers"])
+
+
+def test_whole_model_timing_feeds_reach_the_pinned_batch_across_calibration_batches():
+    # Calibration in batches of 4, the model pinned at batch 8: the plan must be timed at 8,
+    # the batch its layers were timed at, not at the first calibration batch's 4.
+    calibration = _batches("input", [4, 3, 32, 32], seed=1, count=3)
+    context = PassContext({"input": [8, 3, 32, 32]}, calibration, seed=0, threads=1)
+    feeds = auto_search.timing_feeds(vgg_style(), context)
+    want = np.concatenate([calibration[0]["input"], calibration[1]["input"]])
+    np.testing.assert_array_equal(feeds["input"], want)
+    one = PassContext({"input": [1, 3, 32, 32]}, calibration, seed=0, threads=1)
+    np.testing.assert_array_equal(auto_search.timing_feeds(vgg_style(), one)["input"], want[:1])
+    # Fewer calibration samples than the batch: random inputs of the pinned shape.
+    short = PassContext({"input": [16, 3, 32, 32]}, calibration, seed=0, threads=1)
+    assert auto_search.timing_feeds(vgg_style(), short)["input"].shape == (16, 3, 32, 32)
