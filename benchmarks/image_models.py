@@ -133,14 +133,17 @@ def has_dynamic_batch(model: onnx.ModelProto) -> bool:
     return bool(inputs) and all(not isinstance(graph.dim_values(i)[0], int) for i in inputs)
 
 
-def latency_inputs(model: onnx.ModelProto, samples: Batches) -> dict[int, dict[str, np.ndarray]]:
-    """Feeds at batch 1, and at `LATENCY_BATCH` when the model's batch is dynamic and the
+def latency_inputs(
+    model: onnx.ModelProto, samples: Batches, sizes: tuple[int, ...] = (LATENCY_BATCH,)
+) -> dict[int, dict[str, np.ndarray]]:
+    """Feeds at batch 1, and at each of `sizes` when the model's batch is dynamic and the
     samples have that many rows (inputs batched on axis 0)."""
     joined = {name: np.concatenate([b[name] for b in samples]) for name in samples[0]}
     feeds = {1: {name: value[:1] for name, value in joined.items()}}
     rows = min(len(value) for value in joined.values())
-    if has_dynamic_batch(model) and rows >= LATENCY_BATCH:
-        feeds[LATENCY_BATCH] = {name: value[:LATENCY_BATCH] for name, value in joined.items()}
+    for size in sizes:
+        if has_dynamic_batch(model) and rows >= size:
+            feeds[size] = {name: value[:size] for name, value in joined.items()}
     return feeds
 
 

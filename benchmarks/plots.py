@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from benchmarks.same_latency import judged_batch
 from onnxcompress import io
 
 MISSING = "matplotlib is not installed (pip install 'onnxcompress[plot]'): no plots written"
@@ -30,6 +31,7 @@ def write_plots(results: dict, folder: Path) -> tuple[list[Path], str | None]:
             figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=110)
             _draw(axes, entry, x_key, y_of)
             x_label, x_name = X_AXES[x_key]
+            x_label = x_label.format(batch=judged_batch(entry))
             axes.set_xlabel(x_label)
             axes.set_ylabel(y_label)
             axes.set_title(f"{entry['name']}: {y_label} vs {x_name}")
@@ -55,7 +57,7 @@ MARKERS = "osD^v<>pPXh*"
 X_AXES = {
     "macs_ratio": ("MACs / original MACs", "MACs"),
     "size_ratio": ("size / original .onnx", "size"),
-    "latency_ratio": ("latency / original latency (first batch size timed)", "latency"),
+    "latency_ratio": ("latency / original latency, batch {batch}", "latency"),
 }
 
 
@@ -63,7 +65,7 @@ def _views(entry: dict):
     metric = entry["metric"]
     direction = "higher is better" if entry["higher_is_better"] else "lower is better"
     score_label = f"{metric} ({direction})"
-    batch = "1" if 1 in entry["latency_batches"] else str(entry["latency_batches"][0])
+    batch = str(judged_batch(entry))
 
     def score(row):
         return row.get("score", {}).get(metric)

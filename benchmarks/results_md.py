@@ -4,7 +4,7 @@ auto against each method at auto's measured latency."""
 
 from __future__ import annotations
 
-from benchmarks.same_latency import markdown_lines
+from benchmarks.same_latency import judged_batch, markdown_lines
 
 
 def markdown(results: dict) -> str:
@@ -68,6 +68,11 @@ def model_table(entry: dict) -> list[str]:
     head += [f"{k} {arrow}" if k == metric else k for k in keys] + ["pass s", "notes"]
     lines = [f"## {entry['name']}", ""]
     lines += [f"- {note}" for note in entry["notes"]]
+    if judged_batch(entry) != 1:
+        lines.append(
+            f"- compressed at batch {judged_batch(entry)} (`--batch`): `auto` timed its "
+            "candidates and plans there, and the comparison below reads latency there"
+        )
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         if "error" in row:

@@ -55,7 +55,7 @@ def markdown_lines(entry: dict) -> list[str]:
     lines = [
         "",
         f"### auto against each method at auto's measured latency ({metric}, batch "
-        f"{min(entry['latency_batches'])})",
+        f"{judged_batch(entry)})",
         "",
         "A method's drop there is interpolated between its two rows whose latencies bracket "
         "auto's, among its rows that no other of its rows beats at both latency and drop. "
@@ -106,6 +106,12 @@ def _verdict(c: dict) -> tuple[str, str]:
     if c["dominated_by"]:  # faster and loses no more: auto is worse at both
         return "its rows are all faster", f"no: {c['dominated_by']} is faster, loses no more"
     return "its rows are all faster", ""
+
+
+def judged_batch(entry: dict) -> int:
+    """The batch a model's latency ratios were read at (`run.py --batch`; before the option:
+    the smallest batch timed)."""
+    return entry.get("judged_batch", min(entry["latency_batches"]))
 
 
 def _points(entry: dict) -> dict[str, dict]:

@@ -36,6 +36,7 @@ class BenchModel:
     higher_is_better: bool = True
     notes: list[str] = field(default_factory=list)  # data used, preprocessing, caveats
     max_repeats: int | None = None  # cap on timed runs per batch size (very slow models)
+    batch: int = 1  # the batch the passes see and latency ratios are read at (--batch)
 
 
 # --- the methods the suite runs, and their budgets -------------------------------------------

@@ -229,3 +229,31 @@ def test_speedup_over_loops_is_the_median_of_paired_ratios():
 def test_timing_loops_must_be_positive():
     with pytest.raises(SystemExit):
         run.parse_args(["--timing-loops", "0"], known_models=["tiny"])
+
+
+def test_batch_option_compresses_times_and_judges_at_that_batch(tmp_path):
+    results = _run(tmp_path, "svd", ["--batch", "16", "--no-plots"])
+    (entry,) = results["models"]
+    assert entry["judged_batch"] == 16 and entry["input_shapes"] == {"input": [16, 3, 32, 32]}
+    assert entry["latency_batches"] == [1, 8, 16]
+    original, svd = entry["rows"]
+    # The passes analysed batch-16 inputs: 16 times the MACs of one sample.
+    assert original["macs"] == 16 * run.analyse(vgg_style(), {"input": [1, 3, 32, 32]}).total_macs
+    assert svd["latency_ratio"] == pytest.approx(1 / svd["latency"]["16"]["speedup"])
+    text = (tmp_path / "results.md").read_text()
+    assert "compressed at batch 16" in text and "(top1, batch 16)" not in text  # no auto row
+
+
+def test_batch_option_skips_a_model_that_cannot_run_it(tmp_path):
+    argv = ["--models", "tiny", "--passes", "svd", *FAST, "--batch", "32"]
+    fixed = run.parse_args(argv, known_models=["tiny"])
+    fixed.out, fixed.no_plots = tmp_path, True
+    results = run.run_suite(fixed, {"tiny": tiny})  # 16 evaluation samples
+    (skipped,) = results["skipped"]
+    assert "--batch 32: tiny has fewer evaluation samples" in skipped["reason"]
+    bench = tiny(fixed)
+    bench.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    with pytest.raises(ValueError, match="--batch 8: tiny has a fixed batch"):
+        run.at_batch(bench, 8)
+    with pytest.raises(SystemExit):
+        run.parse_args(["--batch", "0"], known_models=["tiny"])
