@@ -65,6 +65,7 @@ QUICK = {
     "budgets": "0.5",
     "sparsities": "0.7",
     "latency_budgets": "0.7",
+    "block_counts": "2",
     "eval_count": 500,
     "calib_count": 128,
     "repeats": 10,
@@ -75,6 +76,7 @@ DEFAULTS = {
     "budgets": "0.7,0.5",
     "sparsities": "0.5,0.7,0.9",
     "latency_budgets": "0.7,0.5",
+    "block_counts": "2,4",
     "eval_count": 2000,
     "calib_count": 512,
     "repeats": 30,
@@ -116,7 +118,10 @@ def run_suite(args: argparse.Namespace, model_builders: dict[str, Callable]) -> 
         except (OSError, ValueError, RuntimeError) as exc:
             results["skipped"].append({"model": name, "reason": f"not run: {exc}"})
             continue
-        todo = variants(args.passes, args.budgets, args.sparsities, args.opt, args.latency_budgets)
+        todo = variants(
+            args.passes, args.budgets, args.sparsities, args.opt, args.latency_budgets,
+            args.block_counts,
+        )  # fmt: skip
         model_started = time.perf_counter()
         entry = run_model(bench, todo, args, lambda text: progress(started, text))
         entry["seconds"] = round(time.perf_counter() - model_started, 1)
@@ -374,7 +379,7 @@ def machine(args) -> dict:
 
 
 def settings(args) -> dict:
-    keys = ("models", "passes", "budgets", "sparsities", "latency_budgets")
+    keys = ("models", "passes", "budgets", "sparsities", "latency_budgets", "block_counts")
     keys += ("eval_count", "calib_count")
     return {
         **{key: getattr(args, key) for key in keys},
@@ -407,6 +412,7 @@ def parse_args(argv: list[str] | None = None, known_models=None) -> argparse.Nam
     parser.add_argument(
         "--latency-budgets", help="target_latency values of the auto method (0.7,0.5)"
     )
+    parser.add_argument("--block-counts", help="blocks removed by the blocks methods (2,4)")
     parser.add_argument("--eval-count", type=int, help="evaluation samples per model (2000)")
     parser.add_argument("--calib-count", type=int, help="calibration samples (512; quick 128)")
     parser.add_argument("--repeats", type=int, help="timed runs per model and batch size (30)")
@@ -450,9 +456,20 @@ def parse_args(argv: list[str] | None = None, known_models=None) -> argparse.Nam
     args.budgets, args.sparsities = _floats(args.budgets), _floats(args.sparsities)
     args.latency_budgets = _floats(args.latency_budgets)
     try:
+        args.block_counts = [int(v) for v in args.block_counts.split(",") if v]
+    except ValueError:
+        parser.error(f"--block-counts: whole numbers, got {args.block_counts!r}")
+    try:
         args.opt = parse_options(args.opt, args.passes)
         check_options(
-            variants(args.passes, args.budgets, args.sparsities, args.opt, args.latency_budgets)
+            variants(
+                args.passes,
+                args.budgets,
+                args.sparsities,
+                args.opt,
+                args.latency_budgets,
+                args.block_counts,
+            )  # fmt: skip
         )
     except (ValueError, CompressError) as exc:
         parser.error(str(exc))

@@ -89,6 +89,10 @@ METHODS: dict[str, Method] = {
         "float plans only (int8=false)",
     ),
     "int8": Method("int8", None, note="static int8 (QDQ, per channel) calibrated on the data"),
+    "blocks": Method(
+        "blocks", "count", note="identity residual blocks removed, least damaging first, refit"
+    ),
+    "blocks+int8": Method("blocks", "count", note="blocks, then int8", then=("int8",)),
     **{
         f"{name}+int8": Method(
             name, "target_macs", _FACTORIZATION, note=f"{name} (align 8), then int8", then=("int8",)
@@ -132,10 +136,11 @@ def variants(
     sparsities: list[float],
     opt: dict[str, dict],
     latency_budgets: list[float] = (),
+    block_counts: list[int] = (),
 ) -> list[Variant]:
-    """Every method at every budget of its kind (MACs fractions, sparsities or latency
-    fractions); `opt` maps a method name or a pass name to extra options (the method's name
-    wins)."""
+    """Every method at every budget of its kind (MACs fractions, sparsities, latency
+    fractions or blocks removed); `opt` maps a method name or a pass name to extra options
+    (the method's name wins)."""
     out = []
     for name in methods:
         method = METHODS[name]
@@ -144,7 +149,7 @@ def variants(
         if method.budget is None:
             out.append(Variant(name, name, base))
             continue
-        ladder = {"target_macs": budgets, "sparsity": sparsities}.get(
+        ladder = {"target_macs": budgets, "sparsity": sparsities, "count": block_counts}.get(
             method.budget, latency_budgets
         )
         for value in ladder:
@@ -165,7 +170,9 @@ def parse_options(items: list[str], methods: list[str]) -> dict[str, dict[str, s
             raise ValueError(f"--opt {item}: expected METHOD.KEY=VALUE")
         if name not in names:
             raise ValueError(f"--opt {item}: {name} is not a method or pass of this run")
-        if option in ("target_macs", "sparsity"):
-            raise ValueError(f"--opt {item}: {option} is set by --budgets / --sparsities")
+        if option in ("target_macs", "sparsity", "count"):
+            raise ValueError(
+                f"--opt {item}: {option} is set by --budgets / --sparsities / --block-counts"
+            )
         options.setdefault(name, {})[option] = value
     return options

@@ -29,6 +29,7 @@ def get_pass(name: str) -> PassSpec:
 # Importing the modules registers them; keep this list in one place.
 from passes import (  # noqa: E402, F401
     auto,
+    blocks,
     channels,
     cp,
     fga,

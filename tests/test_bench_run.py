@@ -257,3 +257,16 @@ def test_batch_option_skips_a_model_that_cannot_run_it(tmp_path):
         run.at_batch(bench, 8)
     with pytest.raises(SystemExit):
         run.parse_args(["--batch", "0"], known_models=["tiny"])
+
+
+def test_blocks_methods_take_the_block_counts_ladder(tmp_path):
+    todo = variants(["blocks", "blocks+int8", "svd"], [0.5], [], {}, [], [2, 4])
+    assert [(v.label, v.options) for v in todo] == [
+        ("blocks@2", {"count": 2}),
+        ("blocks@4", {"count": 4}),
+        ("blocks+int8@2", {"count": 2}),
+        ("blocks+int8@4", {"count": 4}),
+        ("svd@0.5", {"align": 8, "never_slower": False, "target_macs": 0.5}),
+    ]
+    with pytest.raises(SystemExit):
+        run.parse_args(["--block-counts", "1.5"], known_models=["tiny"])

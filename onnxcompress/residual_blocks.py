@@ -1,0 +1,118 @@
+"""Residual blocks whose shortcut is the identity, and the model without some of them.
+
+Such a block computes Add(x, branch(x)), then often Relu, where x is a Relu's output already
+(Relu(x) = x): without its branch it is x itself, so the block can go whole. What comes after
+sees different activations; `refit_after` refits the convs there to their outputs in the
+original (least squares on calibration data, in graph order, as the factorization passes
+refit). `passes/blocks.py` removes blocks; `benchmarks/block_drop.py` measures each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from onnxcompress import graph
+from onnxcompress.layer_refit import RefitSite, refit_layers
+from onnxcompress.passkit import PassContext
+
+# What a branch may hold: ops whose first input is the activation (Clip: Relu6).
+BRANCH_OPS = ("Conv", "BatchNormalization", "Relu", "Clip")
+MAX_BRANCH = 12  # nodes on a block's branch, walking back from the Add
+
+
+@dataclass(frozen=True)
+class Block:
+    add: str  # the Add node's name
+    input: str  # x: the shortcut, the block's input
+    output: str  # what later nodes read: the Relu after the Add when x is a Relu's, else the Add
+
+
+def identity_blocks(model: onnx.ModelProto) -> list[Block]:
+    """The blocks of `model` whose shortcut is the identity, in graph order: an Add of x and a
+    branch of `BRANCH_OPS` nodes that starts from x."""
+    made_by = graph.producers(model)
+    read_by = graph.consumers(model)
+    blocks = []
+    for node in model.graph.node:
+        if node.op_type != "Add" or len(node.input) != 2:
+            continue
+        for x, branch in (node.input, reversed(node.input)):
+            if _branch_starts_at(made_by, branch, x):
+                blocks.append(Block(node.name, x, _block_output(node, x, made_by, read_by)))
+                break
+    return blocks
+
+
+def _branch_starts_at(made_by: dict, tensor: str, start: str) -> bool:
+    for _ in range(MAX_BRANCH):
+        node = made_by.get(tensor)
+        if node is None or node.op_type not in BRANCH_OPS:
+            return False
+        tensor = node.input[0]
+        if tensor == start:
+            return True
+    return False
+
+
+def _block_output(add, x: str, made_by: dict, read_by: dict) -> str:
+    """The Relu after the Add when x is itself a Relu's output (Relu(x) = x): it goes too."""
+    after = read_by.get(add.output[0], [])
+    x_is_relu = made_by.get(x) is not None and made_by[x].op_type == "Relu"
+    if x_is_relu and len(after) == 1 and after[0].op_type == "Relu":
+        return after[0].output[0]
+    return add.output[0]
+
+
+def without_blocks(model: onnx.ModelProto, blocks: list[Block]) -> onnx.ModelProto:
+    """`model` with the branches of `blocks` removed: what read a block's output reads its
+    input. Later blocks first, so that a block reading a removed one's output ends on the
+    input of the first one removed."""
+    order = {node.name: i for i, node in enumerate(model.graph.node)}
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    outputs = {o.name for o in result.graph.output}
+    for block in sorted(blocks, key=lambda b: order[b.add], reverse=True):
+        if block.output in outputs:
+            raise ValueError(f"block {block.add}: its output is a graph output")
+        for node in result.graph.node:
+            node.input[:] = [block.input if n == block.output else n for n in node.input]
+    return graph.cleanup_and_sort(result)
+
+
+def refit_after(
+    original: onnx.ModelProto, dropped: onnx.ModelProto, context: PassContext
+) -> tuple[onnx.ModelProto, dict]:
+    """`dropped` with every conv that reads a changed activation refit to its output in the
+    original (convs with a constant bias; each fed `dropped`'s own activations), and the
+    refit's summary ({"layers": 0} without calibration data or such convs)."""
+    kept = {node.name for node in dropped.graph.node}
+    first_change = next(
+        (i for i, node in enumerate(original.graph.node) if node.name not in kept),
+        len(original.graph.node),
+    )
+    later = {node.name for node in original.graph.node[first_change:]}
+    constants = graph.constant_tensors(dropped)
+    sites = [
+        _conv_site(node)
+        for node in dropped.graph.node
+        if node.op_type == "Conv" and node.name in later and len(node.input) == 3
+        and node.input[1] in constants and node.input[2] in constants
+    ]  # fmt: skip
+    result = onnx.ModelProto()
+    result.CopyFrom(dropped)
+    if not sites or not context.calibration:
+        return result, {"layers": 0}
+    return result, refit_layers(original, result, sites, context)
+
+
+def _conv_site(node: onnx.NodeProto) -> RefitSite:
+    attrs = graph.node_attributes(node)
+    kernel = len(attrs.get("kernel_shape", [1, 1]))
+    geometry = {
+        "strides": list(attrs.get("strides", [1] * kernel)),
+        "pads": list(attrs.get("pads", [0] * 2 * kernel)),
+        "dilations": list(attrs.get("dilations", [1] * kernel)),
+    }
+    inputs, output = node.input, node.output[0]
+    return RefitSite(inputs[0], output, inputs[1], inputs[2], "conv", conv=geometry)
