@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxcompress import auto_plan, benchmark, executor, graph, sensitivity
+from onnxcompress import auto_plan, benchmark, executor, graph, residual_blocks, sensitivity
 from onnxcompress.auto_plan import LayerTable, Scored
 from onnxcompress.calibration import random_inputs
 from onnxcompress.errors import CompressError
@@ -130,6 +130,9 @@ def search(
             tried += more_tried
         elif quantize_layer and original_int8:
             _mixed_on_target(build, measured, quantize, quantize_layer, rounds, tried)
+    blocks = None
+    if on_latency and options.wants_blocks(context):
+        blocks = _block_rounds(build, quantize, rounds, tried, max_error)
     if on_latency:
         _retime(rounds, tried, checker)
         if _search_again(rounds, tried, build, (floor, scale), max_error):
@@ -161,7 +164,11 @@ def search(
             "every round; needs a latency target and calibration data",
         }
     records = _records(tables, plan, backed_off)
-    changed = quantized or _factorized(plan)
+    removed = rounds[chosen].get("blocks", [])
+    if blocks is not None:
+        summary["blocks"] = {**blocks, "removed": removed}
+        _mark_removed(records, summary, model, removed)
+    changed = quantized or _factorized(plan) or bool(removed)
     return PassResult(compressed if changed else model, changed, records, summary)
 
 
@@ -329,6 +336,71 @@ def _mixed_original(model, tables, layers, quantize, checker, rounds, tried) -> 
     return None if check.get("tolerance_failed") else check.get("latency_ratio")
 
 
+def _failed_whole(round_: dict) -> bool:
+    """An int8 or block round that failed the user's tolerance: it is out (a float plan that
+    fails it was backed off to the one recorded, which stays)."""
+    return bool(round_.get("int8") or round_.get("blocks")) and "tolerance_failed" in round_
+
+
+def _block_rounds(build, quantize, rounds, tried, max_error) -> dict | None:
+    """Rounds of the original with whole identity residual blocks removed, the least damaging
+    first (each block's damage measured alone, the convs after it refit on the sensitivity
+    samples), one more block a round, the convs after them refit on the calibration data;
+    each measured in float and, with `quantize`, in int8, like every round. Per-layer plans
+    keep every op; on ResNet-20 at batch 1 on 2 threads the per-op cost of the thread pool
+    is most of the time, and no per-layer plan reached half of it (README). Stops at the
+    first count with a round on target, or when the outputs break. What was measured (None
+    for a model without such blocks)."""
+    model, tables, _, context, options, checker = build
+    found = residual_blocks.identity_blocks(model)
+    if not found:
+        return None
+    target = options.budget()[1]
+    sample = first_samples(context.calibration, options.sensitivity_samples)
+    damage = residual_blocks.damage_alone(model, found, context, sample)
+    ranked = sorted(found, key=lambda block: damage[block.add])
+    keep_all = _original_built(model, tables)[0]
+    for count in track(context.progress, "block removal rounds", range(1, len(ranked) + 1)):
+        names = [block.add for block in ranked[:count]]
+        dropped = residual_blocks.without_blocks(model, ranked[:count])
+        dropped, refit = residual_blocks.refit_after(model, dropped, context)
+        check = checker(dropped, "latency")
+        if checker.fails(check):
+            check["tolerance_failed"] = checker.fails(check)
+        rounds.append({"budget": None, "blocks": names, **check})
+        tried.append((keep_all, dropped, refit, check, []))
+        checks = [check]
+        if quantize:
+            built = (keep_all, dropped, refit, [])
+            checks.append(_int8_round(built, None, quantize, checker, rounds, tried))
+            rounds[-1].update({"of": f"{count} block(s) removed", "blocks": names})
+        on_target = any(
+            c.get("latency_ratio", 1.0) <= target + LATENCY_SLACK and "tolerance_failed" not in c
+            for c in checks
+        )
+        if on_target or _breaks(check, max_error):
+            break
+    return {"damage_alone": damage, "ranked": [block.add for block in ranked]}
+
+
+def _mark_removed(records: list[NodeRecord], summary: dict, model, removed: list[str]) -> None:
+    """The layers that went with removed blocks: records and the summary's layer table say
+    so (the plan kept them: it was not a per-layer choice)."""
+    if not removed:
+        return
+    blocks = [b for b in residual_blocks.identity_blocks(model) if b.add in removed]
+    left = {node.name for node in residual_blocks.without_blocks(model, blocks).graph.node}
+    for record in records:
+        if record.node not in left:
+            record.status, record.reason = "rewritten", "removed with its residual block"
+            record.params_after = record.macs_after = 0
+            record.details = {"method": "removed"}
+    for layer in summary["layers"]:
+        if layer["node"] not in left:
+            layer.update(method="removed", config={}, macs_after=0, params_after=0)
+            layer.update(latency_ms_after=0.0, damage=None)
+
+
 def _int8_round(built, budget, quantize, checker, rounds, tried) -> dict:
     """Quantize a built plan's model, check it like any round and record it; the check."""
     plan, source, refit, restored = built
@@ -353,7 +425,7 @@ def _retime(rounds, tried, checker) -> None:
     `latency_windows_search`); timed again after more rounds, the newest windows alone."""
     timed = [
         i for i, r in enumerate(rounds)
-        if "latency_ratio" in r and not (r.get("int8") and "tolerance_failed" in r)
+        if "latency_ratio" in r and not _failed_whole(r)
     ]  # fmt: skip
     if not timed:
         return
@@ -377,7 +449,10 @@ def _search_again(rounds, tried, build, bounds, max_error) -> bool:
     target = options.budget()[1]
     if rounds[_best_round(rounds, target, max_error)]["latency_ratio"] <= target + LATENCY_SLACK:
         return False
-    floats = [i for i, r in enumerate(rounds) if not r.get("int8") and "latency_ratio" in r]
+    floats = [
+        i for i, r in enumerate(rounds)
+        if not r.get("int8") and not r.get("blocks") and "latency_ratio" in r
+    ]  # fmt: skip
     usable = [i for i in floats if not _breaks(rounds[i], max_error)]
     floor, scale = bounds
     if not usable or len(floats) >= LATENCY_ROUNDS:
@@ -476,9 +551,7 @@ def _best_round(rounds: list[dict], target: float | None, max_error: float | Non
     int8 round that failed the tolerance is out; so is one whose output error is over
     `max_error` while any other is left (a plan that breaks the outputs is not kept for speed
     while one that works is at hand)."""
-    rounds_left = [
-        i for i, r in enumerate(rounds) if not (r.get("int8") and "tolerance_failed" in r)
-    ]
+    rounds_left = [i for i, r in enumerate(rounds) if not _failed_whole(r)]
     usable = [i for i in rounds_left if not _breaks(rounds[i], max_error)]
     rounds_left = usable or rounds_left
     candidates = [
@@ -718,8 +791,10 @@ def mark_precision(records: list[NodeRecord], summary: dict, quantized: onnx.Mod
     factorized layer's factors are quantized with the rest) or stayed in float, and why."""
     int8_layers = graph.int8_layers(quantized)
     slower = summary["int8"]["float_layers"]
-    layers = {layer["node"]: layer for layer in summary["layers"]}
+    layers = {layer["node"]: layer for layer in summary["layers"] if layer["method"] != "removed"}
     for record in records:
+        if record.details.get("method") == "removed":
+            continue
         in_int8 = record.status == "rewritten" or record.node in int8_layers
         if record.node in layers:
             layers[record.node]["int8"] = in_int8

@@ -177,7 +177,8 @@ def round_rows(auto: dict[str, Any]) -> list[tuple[str, ...]]:
 
 def _built_as(round_: dict[str, Any]) -> str:
     if not round_.get("int8"):
-        return "float"
+        blocks = round_.get("blocks")
+        return f"float, blocks removed: {', '.join(blocks)}" if blocks else "float"
     if round_.get("costs") == "int8":
         built = "int8, chosen on int8 costs"
     else:

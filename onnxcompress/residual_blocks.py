@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
-from onnxcompress import graph
+from onnxcompress import graph, sensitivity
 from onnxcompress.layer_refit import RefitSite, refit_layers
-from onnxcompress.passkit import PassContext
+from onnxcompress.passkit import PassContext, track
 
 # What a branch may hold: ops whose first input is the activation (Clip: Relu6).
 BRANCH_OPS = ("Conv", "BatchNormalization", "Relu", "Clip")
@@ -104,6 +105,29 @@ def refit_after(
     if not sites or not context.calibration:
         return result, {"layers": 0}
     return result, refit_layers(original, result, sites, context)
+
+
+def damage_alone(
+    model: onnx.ModelProto,
+    blocks: list[Block],
+    context: PassContext,
+    sample: list[dict[str, np.ndarray]] | None,
+    refit: bool = True,
+) -> dict[str, float]:
+    """Per block (by its Add's name): the outputs' relative L2 on the calibration data with
+    that block alone removed and, with `refit`, the convs after it refit on `sample`."""
+    reference = sensitivity.run_outputs(model, context)
+    on_sample = PassContext(
+        context.input_shapes, calibration=sample, seed=context.seed, threads=context.threads
+    )
+    damage = {}
+    for block in track(context.progress, "ranking blocks", blocks):
+        dropped = without_blocks(model, [block])
+        if refit:
+            dropped, _ = refit_after(model, dropped, on_sample)
+        squared, _ = sensitivity.output_damage(reference, sensitivity.run_outputs(dropped, context))
+        damage[block.add] = round(float(np.sqrt(squared)), 6)
+    return damage
 
 
 def _conv_site(node: onnx.NodeProto) -> RefitSite:

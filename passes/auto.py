@@ -65,6 +65,14 @@ class AutoOptions:
         "with the least error (default: on when it can be measured, with a latency target "
         "and calibration data; false: float plans only)",
     )
+    blocks: bool | None = option(
+        None,
+        "also measure the model with whole identity residual blocks removed, the least "
+        "damaging first and the convs after them refit, in float and int8, as rounds of the "
+        "search (fewer ops: what per-layer plans cannot give where the per-op cost dominates); "
+        "kept when on target with the least error (default: on with a latency target and "
+        "calibration data, for models that have such blocks; false: never)",
+    )
     upcast: bool | None = option(
         None,
         "a float16 model is searched in float32 (the `upcast` pass first: onnxruntime's CPU "
@@ -102,6 +110,12 @@ class AutoOptions:
         latency ResNet-20 and SqueezeNet lost less with it (README, the `auto` section)."""
         if self.int8 is not None:
             return self.int8
+        return self.budget()[0] == "latency" and bool(context.calibration)
+
+    def wants_blocks(self, context: PassContext) -> bool:
+        """Block removal is tried by default where it can be measured, as int8 is."""
+        if self.blocks is not None:
+            return self.blocks and bool(context.calibration)
         return self.budget()[0] == "latency" and bool(context.calibration)
 
     def wants_upcast(self, model: onnx.ModelProto) -> bool:

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
 
-from onnxcompress import graph, residual_blocks, sensitivity
+from onnxcompress import graph, residual_blocks
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import (
     NodeRecord,
@@ -25,7 +24,6 @@ from onnxcompress.passkit import (
     comma_list,
     first_samples,
     option,
-    track,
 )
 from passes import register
 
@@ -63,7 +61,8 @@ def blocks(model: onnx.ModelProto, options: BlocksOptions, context: PassContext)
                 "blocks: ranking blocks needs calibration data (--images or --data); "
                 "or name them with names=..."
             )
-        damage = _damage_alone(model, found, options, context)
+        sample = first_samples(context.calibration, options.ranking_samples)
+        damage = residual_blocks.damage_alone(model, found, context, sample, options.refit)
         chosen = sorted(found, key=lambda b: damage[b.add])[: options.count]
     result = residual_blocks.without_blocks(model, chosen)
     refit = {"layers": 0}
@@ -86,26 +85,6 @@ def _named(found: list[residual_blocks.Block], names: list[str]) -> list[residua
             f"they are: {', '.join(by_name)}"
         )
     return [by_name[name] for name in dict.fromkeys(names)]
-
-
-def _damage_alone(model, found, options: BlocksOptions, context: PassContext) -> dict[str, float]:
-    """Per block: the outputs' relative L2 on the calibration data with that block alone
-    removed and the convs after it refit on the first `ranking_samples` samples."""
-    reference = sensitivity.run_outputs(model, context)
-    sample = PassContext(
-        context.input_shapes,
-        calibration=first_samples(context.calibration, options.ranking_samples),
-        seed=context.seed,
-        threads=context.threads,
-    )
-    damage = {}
-    for block in track(context.progress, "ranking blocks", found):
-        dropped = residual_blocks.without_blocks(model, [block])
-        if options.refit:
-            dropped, _ = residual_blocks.refit_after(model, dropped, sample)
-        squared, _ = sensitivity.output_damage(reference, sensitivity.run_outputs(dropped, context))
-        damage[block.add] = round(float(np.sqrt(squared)), 6)
-    return damage
 
 
 def _records(model, found, chosen, damage: dict[str, float]) -> list[NodeRecord]:
