@@ -1,14 +1,12 @@
-"""What would removing whole residual blocks buy? It is the one lever per-layer rewrites do
-not have: at batch 1 on 2 threads most of ResNet-20's time is the per-op cost of handing work
-to the thread pool (README, the done-when at 2 threads), which only fewer ops remove.
+"""What removing whole residual blocks costs and buys on ResNet-20: the one lever per-layer
+rewrites do not have (at batch 1 on 2 threads most of its time is the per-op cost of handing
+work to the thread pool, which only fewer ops remove).
 
-A block whose shortcut is the identity computes Add(x, branch(x)) (then Relu, where x is
-already a Relu output, so Relu(x) = x): without its branch it is x itself. Per such block,
-top-1 with that block alone removed, before and after refitting every conv after it (least
-squares on calibration data, each to its output in the original, in graph order, as the
-factorization passes refit). Then blocks removed together, least damaging first (by top-1
-after refit), each model refit, and all of them timed in one interleaved loop against the
-original, at batch 1 and at `--batch`.
+Per identity block (`onnxcompress.residual_blocks`): top-1 on the evaluation images with that
+block alone removed, before and after refitting the convs after it on the calibration data.
+Then blocks removed together, least damaging first by that top-1 (the `blocks` pass ranks on
+calibration outputs instead), each model refit, all timed in one interleaved loop against the
+original at batch 1 and at `--batch`.
 
     python benchmarks/block_drop.py --threads 2 --batch 8
 """

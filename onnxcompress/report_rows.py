@@ -88,6 +88,9 @@ def budget_text(auto: dict[str, Any]) -> str:
     upcast = auto.get("upcast") or {}
     if upcast.get("note"):  # what auto did with a float16 model, in its own words
         text += f" ({upcast['note']})"
+    removed = (auto.get("blocks") or {}).get("removed")
+    if removed:
+        text += f"; residual blocks removed: {', '.join(removed)}"
     return text
 
 

@@ -868,6 +868,7 @@ def test_a_target_only_fewer_ops_reach_is_met_by_removing_a_block(
     assert layers["stage1.block0.conv2"]["method"] == "removed"
     kept_row = report_rows.round_rows(found)[found["chosen_round"]]
     assert kept_row[1] == "float, blocks removed: stage1.block0.add" and kept_row[-1] == "kept"
+    assert report_rows.budget_text(found).endswith("residual blocks removed: stage1.block0.add")
     # What the round says of the outputs is what the written model does.
     assert chosen["rel_l2"] == pytest.approx(
         _rel_l2(model, result.model, vgg_calibration), rel=1e-3, abs=1e-6
