@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxcompress import graph, sensitivity
+from onnxcompress import graph, layers, sensitivity
+from onnxcompress.analyse import analyse
 from onnxcompress.layer_refit import RefitSite, refit_layers
 from onnxcompress.passkit import PassContext, track
 
@@ -93,13 +94,10 @@ def refit_after(
         len(original.graph.node),
     )
     later = {node.name for node in original.graph.node[first_change:]}
-    constants = graph.constant_tensors(dropped)
+    found, _ = layers.conv_layers(dropped, analyse(dropped, context.input_shapes))
     sites = [
-        _conv_site(node)
-        for node in dropped.graph.node
-        if node.op_type == "Conv" and node.name in later and len(node.input) == 3
-        and node.input[1] in constants and node.input[2] in constants
-    ]  # fmt: skip
+        _conv_site(layer) for layer in found if layer.node.name in later and _refittable(layer)
+    ]
     result = onnx.ModelProto()
     result.CopyFrom(dropped)
     if not sites or not context.calibration:
@@ -130,13 +128,14 @@ def damage_alone(
     return damage
 
 
-def _conv_site(node: onnx.NodeProto) -> RefitSite:
-    attrs = graph.node_attributes(node)
-    kernel = len(attrs.get("kernel_shape", [1, 1]))
-    geometry = {
-        "strides": list(attrs.get("strides", [1] * kernel)),
-        "pads": list(attrs.get("pads", [0] * 2 * kernel)),
-        "dilations": list(attrs.get("dilations", [1] * kernel)),
-    }
-    inputs, output = node.input, node.output[0]
-    return RefitSite(inputs[0], output, inputs[1], inputs[2], "conv", conv=geometry)
+def _refittable(layer: layers.ConvLayer) -> bool:
+    """A 2-D conv with a bias and one group: its weight maps the input's whole kh×kw patches
+    (grouped and depthwise convs would need one fit per group)."""
+    return layer.bias is not None and layer.group == 1 and layer.weight.ndim == 4
+
+
+def _conv_site(layer: layers.ConvLayer) -> RefitSite:
+    # The layer's pads are resolved (auto_pad too): the refit's patches need them.
+    geometry = {key: list(getattr(layer, key)) for key in ("strides", "pads", "dilations")}
+    inputs = layer.node.input
+    return RefitSite(inputs[0], layer.node.output[0], inputs[1], inputs[2], "conv", conv=geometry)

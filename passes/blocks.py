@@ -17,6 +17,7 @@ import onnx
 
 from onnxcompress import graph, residual_blocks
 from onnxcompress.errors import CompressError
+from onnxcompress.layers import named_copy
 from onnxcompress.passkit import (
     NodeRecord,
     PassContext,
@@ -46,6 +47,7 @@ class BlocksOptions:
 
 @register("blocks", BlocksOptions, "remove identity residual blocks, least damaging first; refit")
 def blocks(model: onnx.ModelProto, options: BlocksOptions, context: PassContext) -> PassResult:
+    model = named_copy(model)  # blocks and the layers refit after them are found by node name
     found = residual_blocks.identity_blocks(model)
     if not found:
         raise CompressError("blocks: the model has no residual block with an identity shortcut")

@@ -165,3 +165,43 @@ def test_named_blocks_need_no_data_and_bad_requests_are_clear_errors():
             _run_blocks(model, calibration, **options)
     with pytest.raises(CompressError, match="no residual block"):
         _run_blocks(mlp(), None)
+
+
+def test_refit_after_leaves_grouped_convs_and_resolves_auto_pad():
+    """After the first block: a depthwise conv (one fit per group would be needed: left as it
+    is) and a 3×3 conv padded by auto_pad=SAME_UPPER (refit on correctly padded patches)."""
+    model = _two_blocks_in_a_row()
+    rng = np.random.default_rng(3)
+
+    def weight(name, shape):
+        array = rng.standard_normal(shape).astype(np.float32)
+        model.graph.initializer.append(numpy_helper.from_array(array, name))
+        return name
+
+    tail = next(n for n in model.graph.node if n.name == "out")
+    tail.input[0] = "same"
+    model.graph.node.remove(tail)
+    model.graph.node.extend([
+        helper.make_node("Conv", ["x2", weight("dw", (4, 1, 3, 3)), weight("dwb", (4,))],
+                         ["depthwise"], name="depthwise", group=4, pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["depthwise", weight("w3", (4, 4, 3, 3)), weight("b3", (4,))],
+                         ["same"], name="same", auto_pad="SAME_UPPER"),
+        tail,
+    ])  # fmt: skip
+    graph.check_model(model)
+    first = residual_blocks.identity_blocks(model)[0]
+    dropped = residual_blocks.without_blocks(model, [first])
+    calibration = _small_images(seed=1, count=2)
+    context = PassContext({"input": [8, 4, 5, 5]}, calibration, threads=1)
+    refit, summary = residual_blocks.refit_after(model, dropped, context)
+    assert summary["layers"] == 1  # "same" only: conv2 has no bias, depthwise is grouped
+    weights = {i.name: numpy_helper.to_array(i) for i in refit.graph.initializer}
+    np.testing.assert_array_equal(weights["dw"], numpy_helper.to_array(
+        next(i for i in dropped.graph.initializer if i.name == "dw")))  # fmt: skip
+    held_out = _small_images(seed=2)
+    want = _output(model, held_out)
+
+    def error(candidate):
+        return np.linalg.norm(_output(candidate, held_out) - want) / np.linalg.norm(want)
+
+    assert error(refit) < error(dropped)
