@@ -365,8 +365,9 @@ def _block_rounds(build, quantize, rounds, tried, max_error) -> dict | None:
         dropped = residual_blocks.without_blocks(model, ranked[:count])
         dropped, refit = residual_blocks.refit_after(model, dropped, context)
         check = checker(dropped, "latency")
-        if checker.fails(check):
-            check["tolerance_failed"] = checker.fails(check)
+        why = checker.fails(check)
+        if why:
+            check["tolerance_failed"] = why
         rounds.append({"budget": None, "blocks": names, **check})
         tried.append((keep_all, dropped, refit, check, []))
         checks = [check]
@@ -389,14 +390,14 @@ def _mark_removed(records: list[NodeRecord], summary: dict, model, removed: list
     if not removed:
         return
     blocks = [b for b in residual_blocks.identity_blocks(model) if b.add in removed]
-    left = {node.name for node in residual_blocks.without_blocks(model, blocks).graph.node}
+    gone = {node.name for node in residual_blocks.removed_nodes(model, blocks)}
     for record in records:
-        if record.node not in left:
+        if record.node in gone:
             record.status, record.reason = "rewritten", "removed with its residual block"
             record.params_after = record.macs_after = 0
             record.details = {"method": "removed"}
     for layer in summary["layers"]:
-        if layer["node"] not in left:
+        if layer["node"] in gone:
             layer.update(method="removed", config={}, macs_after=0, params_after=0)
             layer.update(latency_ms_after=0.0, damage=None)
 

@@ -82,6 +82,13 @@ def without_blocks(model: onnx.ModelProto, blocks: list[Block]) -> onnx.ModelPro
     return graph.cleanup_and_sort(result)
 
 
+def removed_nodes(model: onnx.ModelProto, blocks: list[Block]) -> list[onnx.NodeProto]:
+    """The nodes of `model` that removing `blocks` takes away (their branches, Adds and the
+    Relus after them)."""
+    left = {node.name for node in without_blocks(model, blocks).graph.node}
+    return [node for node in model.graph.node if node.name not in left]
+
+
 def refit_after(
     original: onnx.ModelProto, dropped: onnx.ModelProto, context: PassContext
 ) -> tuple[onnx.ModelProto, dict]:

@@ -98,8 +98,7 @@ def _records(model, found, chosen, damage: dict[str, float]) -> list[NodeRecord]
         if block not in chosen:
             records.append(NodeRecord(block.add, "Add", "skipped", "kept", details=details))
             continue
-        left = {n.name for n in residual_blocks.without_blocks(model, [block]).graph.node}
-        gone = [node for node in model.graph.node if node.name not in left]
+        gone = residual_blocks.removed_nodes(model, [block])
         params = sum(int(weights[n].size) for node in gone for n in node.input if n in weights)
         details["nodes_removed"] = [node.name for node in gone]
         records.append(
