@@ -3,7 +3,8 @@ rewrites do not have (at batch 1 on 2 threads most of its time is the per-op cos
 work to the thread pool, which only fewer ops remove).
 
 Per identity block (`onnxcompress.residual_blocks`): top-1 on the evaluation images with that
-block alone removed, before and after refitting the convs after it on the calibration data.
+block alone removed, before and after refitting the convs and linear layers after it (the
+classifier too) on the calibration data.
 Then blocks removed together, least damaging first by that top-1 (the `blocks` pass ranks on
 calibration outputs instead), each model refit, all timed in one interleaved loop against the
 original at batch 1 and at `--batch`.
@@ -33,7 +34,7 @@ def measure(bench, args) -> str:
         f"### Each block removed alone ({len(blocks)} identity blocks; top-1 "
         f"{base:.2f} for the original)",
         "",
-        "| block | top-1 | Δ | refit convs | top-1 refit | Δ refit |",
+        "| block | top-1 | Δ | refit layers | top-1 refit | Δ refit |",
         "|---|---|---|---|---|---|",
     ]
     after_refit = {}

@@ -344,8 +344,8 @@ def _failed_whole(round_: dict) -> bool:
 
 def _block_rounds(build, quantize, rounds, tried, max_error) -> dict | None:
     """Rounds of the original with whole identity residual blocks removed, the least damaging
-    first (each block's damage measured alone, the convs after it refit on the sensitivity
-    samples), one more block a round, the convs after them refit on the calibration data;
+    first (each block's damage measured alone, the layers after it refit on the sensitivity
+    samples), one more block a round, the layers after them refit on the calibration data;
     each measured in float and, with `quantize`, in int8, like every round. Per-layer plans
     keep every op; on ResNet-20 at batch 1 on 2 threads the per-op cost of the thread pool
     is most of the time, and no per-layer plan reached half of it (README). Stops at the

@@ -28,7 +28,8 @@ class RefitSite:
     kind "conv1x1": weight (n, k, 1, 1), channels on axis 1 of `input`/`output`;
     kind "conv": weight (n, k, kh, kw) of a Conv with the geometry in `conv` (strides, pads,
     dilations); its rows are the input's kh×kw patches (im2col);
-    kind "matmul": weight (k, n), features on the last axis (x @ W).
+    kind "matmul": weight (k, n), features on the last axis (x @ W);
+    kind "matmul_t": weight (n, k) read transposed (a Gemm with transB=1: x @ Wᵀ).
     """
 
     input: str  # tensor fed to the last factor (rewritten model)
@@ -89,7 +90,7 @@ def _accumulate(source, rewritten, site: RefitSite, context: PassContext):
     weight = _initializer(rewritten, site.weight)
     if site.kind == "matmul":
         k, n = weight.shape
-    else:
+    else:  # n rows of k: conv weights flattened, a transposed Gemm weight as it is
         k, n = int(np.prod(weight.shape[1:])), weight.shape[0]
     equations = LeastSquaresAccumulator(k, n)
     batch_bytes = 0
@@ -100,7 +101,7 @@ def _accumulate(source, rewritten, site: RefitSite, context: PassContext):
         inputs = conv_patches(z, weight.shape[2:], site.conv) if site.kind == "conv" else z
         inputs, targets = _rows(inputs, site.kind), _rows(y, site.kind)
         # Token activations: padding positions hold meaningless values, fit real tokens only.
-        mask = token_row_mask(batch, z) if site.kind == "matmul" else None
+        mask = token_row_mask(batch, z) if site.kind.startswith("matmul") else None
         if mask is not None:
             inputs, targets = inputs[mask], targets[mask]
         equations.add(inputs, targets)

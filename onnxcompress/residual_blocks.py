@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxcompress import graph, layers, sensitivity
+from onnxcompress import graph, layers, linear_layers, sensitivity
 from onnxcompress.analyse import analyse
 from onnxcompress.layer_refit import RefitSite, refit_layers
 from onnxcompress.passkit import PassContext, track
@@ -92,19 +92,24 @@ def removed_nodes(model: onnx.ModelProto, blocks: list[Block]) -> list[onnx.Node
 def refit_after(
     original: onnx.ModelProto, dropped: onnx.ModelProto, context: PassContext
 ) -> tuple[onnx.ModelProto, dict]:
-    """`dropped` with every conv that reads a changed activation refit to its output in the
-    original (convs with a constant bias; each fed `dropped`'s own activations), and the
-    refit's summary ({"layers": 0} without calibration data or such convs)."""
+    """`dropped` with every conv and linear layer that reads a changed activation refit to its
+    output in the original (those with a constant bias; each fed `dropped`'s own activations),
+    and the refit's summary ({"layers": 0} without calibration data or such layers). The
+    classifier after the last block is such a layer: refit, it absorbs much of that block's
+    removal."""
     kept = {node.name for node in dropped.graph.node}
     first_change = next(
         (i for i, node in enumerate(original.graph.node) if node.name not in kept),
         len(original.graph.node),
     )
     later = {node.name for node in original.graph.node[first_change:]}
-    found, _ = layers.conv_layers(dropped, analyse(dropped, context.input_shapes))
-    sites = [
-        _conv_site(layer) for layer in found if layer.node.name in later and _refittable(layer)
-    ]
+    analysis = analyse(dropped, context.input_shapes)
+    convs, _ = layers.conv_layers(dropped, analysis)
+    sites = [_conv_site(c) for c in convs if c.node.name in later and _refittable(c)]
+    linears, _ = linear_layers.linear_layers(dropped, analysis)
+    fixed = _fixed_initializers(dropped)
+    linear_sites = [_linear_site(layer, fixed) for layer in linears if layer.node.name in later]
+    sites += [site for site in linear_sites if site is not None]
     result = onnx.ModelProto()
     result.CopyFrom(dropped)
     if not sites or not context.calibration:
@@ -120,7 +125,7 @@ def damage_alone(
     refit: bool = True,
 ) -> dict[str, float]:
     """Per block (by its Add's name): the outputs' relative L2 on the calibration data with
-    that block alone removed and, with `refit`, the convs after it refit on `sample`."""
+    that block alone removed and, with `refit`, the layers after it refit on `sample`."""
     reference = sensitivity.run_outputs(model, context)
     on_sample = PassContext(
         context.input_shapes, calibration=sample, seed=context.seed, threads=context.threads
@@ -146,3 +151,33 @@ def _conv_site(layer: layers.ConvLayer) -> RefitSite:
     geometry = {key: list(getattr(layer, key)) for key in ("strides", "pads", "dilations")}
     inputs = layer.node.input
     return RefitSite(inputs[0], layer.node.output[0], inputs[1], inputs[2], "conv", conv=geometry)
+
+
+def _fixed_initializers(model: onnx.ModelProto) -> set[str]:
+    """Initializers read by one node and not fed by the caller: a refit may rewrite them."""
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    listed = {inp.name for inp in model.graph.input}
+    return {i.name for i in model.graph.initializer if readers.get(i.name) == 1} - listed
+
+
+def _linear_site(layer: linear_layers.LinearLayer, fixed: set[str]) -> RefitSite | None:
+    """A right-side Gemm (alpha = beta = 1, no transA, a per-column bias C) or MatMul + bias
+    Add, whose weight and bias initializers only it reads; None for any other."""
+    node, attrs = layer.node, graph.node_attributes(layer.node)
+    if layer.side != "right" or node.input[1] not in fixed:
+        return None
+    if layer.op == "MatMul":
+        bias = layer.bias_add
+        if bias is None or bias.bias not in fixed:
+            return None
+        return RefitSite(layer.activation, bias.output, node.input[1], bias.bias, "matmul")
+    plain = all(float(attrs.get(key, 1.0)) == 1.0 for key in ("alpha", "beta"))
+    if not plain or layer.trans or len(node.input) < 3 or node.input[2] not in fixed:
+        return None
+    if layer.bias is None or layer.c.size != layer.out_features:
+        return None
+    kind = "matmul_t" if int(attrs.get("transB", 0)) else "matmul"
+    return RefitSite(layer.activation, node.output[0], node.input[1], node.input[2], kind)

@@ -68,7 +68,7 @@ class AutoOptions:
     blocks: bool | None = option(
         None,
         "also measure the model with whole identity residual blocks removed, the least "
-        "damaging first and the convs after them refit, in float and int8, as rounds of the "
+        "damaging first and the layers after them refit, in float and int8, as rounds of the "
         "search (fewer ops: what per-layer plans cannot give where the per-op cost dominates); "
         "kept when on target with the least error (default: on with a latency target and "
         "calibration data, for models that have such blocks; false: never)",

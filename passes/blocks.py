@@ -1,5 +1,6 @@
 """`blocks`: remove whole residual blocks whose shortcut is the identity, the least damaging
-first, and refit the convs after them on calibration data (`onnxcompress.residual_blocks`).
+first, and refit the convs and linear layers after them on calibration data
+(`onnxcompress.residual_blocks`).
 
 Per-layer rewrites keep every op; on small models at batch 1 with a thread pool much of the
 time is the per-op cost of handing work to the pool, which only fewer ops remove (ResNet-20,
@@ -35,7 +36,7 @@ class BlocksOptions:
     names: str = option(
         "", "comma-separated Add node names of the blocks to remove, instead of ranking them"
     )
-    refit: bool = option(True, "refit the convs after the removed blocks on calibration data")
+    refit: bool = option(True, "refit the layers after the removed blocks on calibration data")
     ranking_samples: int = option(128, "calibration samples each block's ranking refit uses")
 
     def __post_init__(self) -> None:
@@ -111,5 +112,5 @@ def _note(model, result, chosen, refit: dict) -> str:
     removed = len(model.graph.node) - len(result.graph.node)
     text = f"removed {len(chosen)} block(s), {removed} of {len(model.graph.node)} nodes"
     if refit.get("layers"):
-        return f"{text}; {refit['layers']} convs after them refit"
+        return f"{text}; {refit['layers']} layers after them refit"
     return f"{text}; no refit (no calibration data or refit=false)"

@@ -109,7 +109,8 @@ def test_refit_after_a_removed_block_lowers_the_output_error():
     (block,) = residual_blocks.identity_blocks(model)
     dropped = residual_blocks.without_blocks(model, [block])
     refit, summary = residual_blocks.refit_after(model, dropped, context)
-    assert summary["layers"] == 6  # stage2 and stage3: two branch convs and the projection each
+    # stage2 and stage3: two branch convs and the projection each; the classifier's Gemm
+    assert summary["layers"] == 7
     held_out = _images(seed=2)
     want = _output(model, held_out)
 
@@ -198,6 +199,61 @@ def test_refit_after_leaves_grouped_convs_and_resolves_auto_pad():
     weights = {i.name: numpy_helper.to_array(i) for i in refit.graph.initializer}
     np.testing.assert_array_equal(weights["dw"], numpy_helper.to_array(
         next(i for i in dropped.graph.initializer if i.name == "dw")))  # fmt: skip
+    held_out = _small_images(seed=2)
+    want = _output(model, held_out)
+
+    def error(candidate):
+        return np.linalg.norm(_output(candidate, held_out) - want) / np.linalg.norm(want)
+
+    assert error(refit) < error(dropped)
+
+
+def test_refit_after_refits_the_linear_layers_it_can_and_leaves_the_others():
+    """After the last block: pooling, then a Gemm with transB=1, a Gemm without, a MatMul with
+    a bias Add (all refit) and a Gemm with alpha=0.5 (left: its weight is not what it applies)."""
+    model = _two_blocks_in_a_row()
+    rng = np.random.default_rng(4)
+
+    def weight(name, shape):
+        array = rng.standard_normal(shape).astype(np.float32)
+        model.graph.initializer.append(numpy_helper.from_array(array, name))
+        return name
+
+    tail = next(n for n in model.graph.node if n.name == "out")
+    model.graph.node.remove(tail)
+    model.graph.output[0].CopyFrom(
+        helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, ["batch", 3])
+    )
+    model.graph.node.extend([
+        helper.make_node("GlobalAveragePool", ["x2"], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["features"], name="flatten"),
+        helper.make_node("Gemm", ["features", weight("g1", (8, 4)), weight("g1b", (8,))],
+                         ["h1"], name="gemm_t", transB=1),
+        helper.make_node("Relu", ["h1"], ["r1"], name="r1"),
+        helper.make_node("Gemm", ["r1", weight("g2", (8, 8)), weight("g2b", (1, 8))],
+                         ["h2"], name="gemm"),
+        helper.make_node("Relu", ["h2"], ["r2"], name="r2"),
+        helper.make_node("MatMul", ["r2", weight("m", (8, 6))], ["h3"], name="matmul"),
+        helper.make_node("Add", ["h3", weight("mb", (6,))], ["h3b"], name="bias"),
+        helper.make_node("Relu", ["h3b"], ["r3"], name="r3"),
+        helper.make_node("Gemm", ["r3", weight("g4", (6, 3)), weight("g4b", (3,))],
+                         ["output"], name="scaled", alpha=0.5),
+    ])  # fmt: skip
+    graph.check_model(model)
+    last = residual_blocks.identity_blocks(model)[1]
+    dropped = residual_blocks.without_blocks(model, [last])
+    calibration = _small_images(seed=1, count=4)
+    context = PassContext({"input": [8, 4, 5, 5]}, calibration, threads=1)
+    refit, summary = residual_blocks.refit_after(model, dropped, context)
+    assert summary["layers"] == 3
+    before = {i.name: numpy_helper.to_array(i) for i in dropped.graph.initializer}
+    after = {i.name: numpy_helper.to_array(i) for i in refit.graph.initializer}
+    for name in ("g4", "g4b"):
+        np.testing.assert_array_equal(after[name], before[name])
+    for name in ("g1", "g1b", "g2", "g2b", "m", "mb"):
+        assert after[name].shape == before[name].shape
+        assert not np.array_equal(after[name], before[name]), name
+    graph.check_model(refit)
     held_out = _small_images(seed=2)
     want = _output(model, held_out)
 
