@@ -8,6 +8,7 @@ refit). `passes/blocks.py` removes blocks; `benchmarks/block_drop.py` measures e
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,11 +17,15 @@ import onnx
 from onnxcompress import graph, layers, linear_layers, sensitivity
 from onnxcompress.analyse import analyse
 from onnxcompress.layer_refit import RefitSite, refit_layers
-from onnxcompress.passkit import PassContext, track
+from onnxcompress.passkit import PassContext, sample_count, track
 
 # What a branch may hold: ops whose first input is the activation (Clip: Relu6).
 BRANCH_OPS = ("Conv", "BatchNormalization", "Relu", "Clip")
 MAX_BRANCH = 12  # nodes on a block's branch, walking back from the Add
+# A linear layer is refit only with this many calibration rows per unknown of an output (its
+# input features and bias): a classifier has one row per sample, and a fit with about as many
+# unknowns as rows matches the calibration outputs it is checked on and little else.
+ROWS_PER_UNKNOWN = 4
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,12 @@ def refit_after(
     sites = [_conv_site(c) for c in convs if c.node.name in later and _refittable(c)]
     linears, _ = linear_layers.linear_layers(dropped, analysis)
     fixed = _fixed_initializers(dropped)
-    linear_sites = [_linear_site(layer, fixed) for layer in linears if layer.node.name in later]
+    samples = sample_count(context.calibration)
+    linear_sites = [
+        _linear_site(layer, fixed)
+        for layer in linears
+        if layer.node.name in later and _enough_rows(layer, samples)
+    ]
     sites += [site for site in linear_sites if site is not None]
     result = onnx.ModelProto()
     result.CopyFrom(dropped)
@@ -161,6 +171,11 @@ def _fixed_initializers(model: onnx.ModelProto) -> set[str]:
             readers[name] = readers.get(name, 0) + 1
     listed = {inp.name for inp in model.graph.input}
     return {i.name for i in model.graph.initializer if readers.get(i.name) == 1} - listed
+
+
+def _enough_rows(layer: linear_layers.LinearLayer, samples: int) -> bool:
+    rows = samples * math.prod(layer.output_shape[1:-1])  # tokens per sample, if any
+    return rows >= ROWS_PER_UNKNOWN * (layer.in_features + 1)
 
 
 def _linear_site(layer: linear_layers.LinearLayer, fixed: set[str]) -> RefitSite | None:
