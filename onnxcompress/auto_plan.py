@@ -215,9 +215,11 @@ def apply_plan(
     methods: dict[str, Any],
     context,
     refit: bool,
+    reference: onnx.ModelProto | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The model with every planned rewrite built for real, then refit in graph order on the
-    compressed model's own activations. Returns (model, refit summary)."""
+    compressed model's own activations, each rewritten layer to its output in `reference`
+    (default: `model`). Returns (model, refit summary)."""
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(model)
     namer = Namer(model)
@@ -234,7 +236,7 @@ def apply_plan(
             sites.append(rewrite.refit)
     summary: dict[str, Any] = {"layers": 0}
     if refit and context.calibration and sites:
-        summary = layer_refit.refit_layers(model, rewritten, sites, context)
+        summary = layer_refit.refit_layers(reference or model, rewritten, sites, context)
     return graph.cleanup_and_sort(rewritten), summary
 
 

@@ -181,7 +181,10 @@ def round_rows(auto: dict[str, Any]) -> list[tuple[str, ...]]:
 def _built_as(round_: dict[str, Any]) -> str:
     if not round_.get("int8"):
         blocks = round_.get("blocks")
-        return f"float, blocks removed: {', '.join(blocks)}" if blocks else "float"
+        if not blocks:
+            return "float"
+        then = ", then a per-layer plan" if round_.get("plan_after_blocks") else ""
+        return f"float, blocks removed: {', '.join(blocks)}{then}"
     if round_.get("costs") == "int8":
         built = "int8, chosen on int8 costs"
     else:

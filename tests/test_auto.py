@@ -874,3 +874,57 @@ def test_a_target_only_fewer_ops_reach_is_met_by_removing_a_block(
         _rel_l2(model, result.model, vgg_calibration), rel=1e-3, abs=1e-6
     )
     graph.check_model(result.model)
+
+
+def _nodes_and_weights_as_milliseconds(monkeypatch, original, per_weight=1 / 5000) -> None:
+    """Deterministic timers where each node costs 1 and each weight `per_weight`: removing a
+    block saves its nodes, a per-layer rewrite saves weights but adds a node."""
+
+    def cost(nodes, initializers):
+        return nodes + per_weight * sum(int(np.prod(i.dims)) for i in initializers)
+
+    def layer_ms(constants, layer, rewrite, threads=2, cache=None, quantize=None):
+        before = 1 + per_weight * layer.weight.size
+        after = cost(len(rewrite.nodes), rewrite.initializers)
+        return {"original_ms": before, "rewritten_ms": after, "speedup": before / after}
+
+    def model_ms(models, *args, **kwargs):
+        def ms(model):
+            return cost(len(model.graph.node), model.graph.initializer)
+
+        timing = {"original": {"median_ms": ms(original)}}
+        timing.update({k: {"median_ms": ms(m)} for k, m in models.items() if k != "original"})
+        return timing
+
+    monkeypatch.setattr(auto_plan.layer_timing, "compare_layer", layer_ms)
+    monkeypatch.setattr(auto_plan.layer_timing, "call_overhead_ms", lambda *a, **k: 0.0)
+    monkeypatch.setattr(auto_search.benchmark, "benchmark_models", model_ms)
+
+
+def test_a_target_neither_blocks_nor_layers_reach_alone_is_met_by_both(
+    vgg_calibration, monkeypatch
+):
+    model = _folded_resnet()
+    _nodes_and_weights_as_milliseconds(monkeypatch, model)
+    result = _run_auto(model, VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.75)
+    found = result.summary["auto"]
+    rounds = found["rounds"]
+    # Per-layer plans on the whole model miss (each rewrite adds a node), and so does the one
+    # identity block removed, in float or int8 (int8 adds Quantize/Dequantize nodes).
+    alone = [r for r in rounds if not r.get("plan_after_blocks")]
+    assert alone and all(r["latency_ratio"] > 0.77 for r in alone)
+    assert any(r.get("blocks") and not r.get("int8") for r in alone)
+    chosen = rounds[found["chosen_round"]]
+    assert chosen["plan_after_blocks"] and chosen["blocks"] == ["stage1.block0.add"]
+    assert chosen["latency_ratio"] <= 0.77 and found["target_reached"] is True
+    assert found["blocks"]["removed"] == ["stage1.block0.add"]
+    names = {node.name for node in result.model.graph.node}
+    assert "stage1.block0.add" not in names and "stage1.block0.conv1" not in names
+    layers = {layer["node"]: layer["method"] for layer in found["layers"]}
+    assert layers["stage1.block0.conv1"] == "removed" and "svd" in layers.values()
+    kept_row = report_rows.round_rows(found)[found["chosen_round"]]
+    assert kept_row[1] == "float, blocks removed: stage1.block0.add, then a per-layer plan"
+    assert chosen["rel_l2"] == pytest.approx(
+        _rel_l2(model, result.model, vgg_calibration), rel=1e-3, abs=1e-6
+    )
+    graph.check_model(result.model)
