@@ -928,3 +928,22 @@ def test_a_target_neither_blocks_nor_layers_reach_alone_is_met_by_both(
         _rel_l2(model, result.model, vgg_calibration), rel=1e-3, abs=1e-6
     )
     graph.check_model(result.model)
+
+
+def test_plans_after_blocks_rewrite_layers_that_read_a_removed_blocks_output(
+    vgg_calibration, monkeypatch
+):
+    # Weights dear: every layer's cheapest candidate is a rewrite, the layers right after the
+    # removed block too (their input is the block's input now, not its output).
+    model = _folded_resnet()
+    _nodes_and_weights_as_milliseconds(monkeypatch, model, per_weight=1 / 500)
+    result = _run_auto(
+        model, VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.3, int8=False
+    )
+    found = result.summary["auto"]
+    after = [r for r in found["rounds"] if r.get("plan_after_blocks")]
+    assert after and all("latency_ratio" in r and "rel_l2" in r for r in after)
+    floor = min(after, key=lambda r: r["budget"])
+    blocks_alone = [r for r in found["rounds"] if r.get("blocks") and r not in after]
+    assert floor["latency_ratio"] < min(r["latency_ratio"] for r in blocks_alone)
+    graph.check_model(result.model)
