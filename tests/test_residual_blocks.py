@@ -169,16 +169,23 @@ def test_named_blocks_need_no_data_and_bad_requests_are_clear_errors():
         _run_blocks(mlp(), None)
 
 
-def test_refit_after_leaves_grouped_convs_and_resolves_auto_pad():
-    """After the first block: a depthwise conv (one fit per group would be needed: left as it
-    is) and a 3×3 conv padded by auto_pad=SAME_UPPER (refit on correctly padded patches)."""
-    model = _two_blocks_in_a_row()
-    rng = np.random.default_rng(3)
+def _weight_maker(model, seed):
+    """`weight(name, shape)`: adds a random initializer to `model`, returns its name."""
+    rng = np.random.default_rng(seed)
 
     def weight(name, shape):
         array = rng.standard_normal(shape).astype(np.float32)
         model.graph.initializer.append(numpy_helper.from_array(array, name))
         return name
+
+    return weight
+
+
+def test_refit_after_leaves_grouped_convs_and_resolves_auto_pad():
+    """After the first block: a depthwise conv (one fit per group would be needed: left as it
+    is) and a 3×3 conv padded by auto_pad=SAME_UPPER (refit on correctly padded patches)."""
+    model = _two_blocks_in_a_row()
+    weight = _weight_maker(model, seed=3)
 
     tail = next(n for n in model.graph.node if n.name == "out")
     tail.input[0] = "same"
@@ -213,12 +220,7 @@ def test_refit_after_refits_the_linear_layers_it_can_and_leaves_the_others():
     """After the last block: pooling, then a Gemm with transB=1, a Gemm without, a MatMul with
     a bias Add (all refit) and a Gemm with alpha=0.5 (left: its weight is not what it applies)."""
     model = _two_blocks_in_a_row()
-    rng = np.random.default_rng(4)
-
-    def weight(name, shape):
-        array = rng.standard_normal(shape).astype(np.float32)
-        model.graph.initializer.append(numpy_helper.from_array(array, name))
-        return name
+    weight = _weight_maker(model, seed=4)
 
     tail = next(n for n in model.graph.node if n.name == "out")
     model.graph.node.remove(tail)
