@@ -165,12 +165,9 @@ def _conv_site(layer: layers.ConvLayer) -> RefitSite:
 
 def _fixed_initializers(model: onnx.ModelProto) -> set[str]:
     """Initializers read by one node and not fed by the caller: a refit may rewrite them."""
-    readers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    readers = graph.consumers(model)
     listed = {inp.name for inp in model.graph.input}
-    return {i.name for i in model.graph.initializer if readers.get(i.name) == 1} - listed
+    return {i.name for i in model.graph.initializer if len(readers[i.name]) == 1} - listed
 
 
 def _enough_rows(layer: linear_layers.LinearLayer, samples: int) -> bool:
@@ -184,9 +181,9 @@ def _linear_site(layer: linear_layers.LinearLayer, fixed: set[str]) -> RefitSite
     node, attrs = layer.node, graph.node_attributes(layer.node)
     if layer.side != "right" or node.input[1] not in fixed:
         return None
-    if layer.op == "MatMul":
+    if layer.op == "MatMul":  # a bias_add's bias is already an initializer only it reads
         bias = layer.bias_add
-        if bias is None or bias.bias not in fixed:
+        if bias is None:
             return None
         return RefitSite(layer.activation, bias.output, node.input[1], bias.bias, "matmul")
     plain = all(float(attrs.get(key, 1.0)) == 1.0 for key in ("alpha", "beta"))
