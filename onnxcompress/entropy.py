@@ -12,7 +12,9 @@ Payload layouts (all integers in headers are LEB128 varints):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextvars
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import constriction
 import numpy as np
@@ -34,6 +36,53 @@ _MODE_MODELLED, _MODE_RAW = 0, 1
 
 class CodingError(ValueError):
     """A payload that cannot be decoded: truncated, corrupted or inconsistent."""
+
+
+# -- decode budget -------------------------------------------------------------------------
+
+
+class DecodeBudget:
+    """How many values (decoded symbols, tensor elements) decoders may still produce. Every
+    count read from a payload is charged here before anything is allocated for it, so a
+    crafted count fails fast instead of taking memory and time it could never justify."""
+
+    def __init__(self, limit: int | None):
+        self.limit = limit  # None: only count (the writer measures what a reader will charge)
+        self.spent = 0
+
+    def charge(self, count: int, what: str) -> None:
+        count = int(count)
+        if count < 0:
+            raise CodingError(f"{what}: negative count {count}")
+        if self.limit is not None and self.spent + count > self.limit:
+            raise CodingError(
+                f"{what} declares {count:,} values, more than a file of this size can hold "
+                f"({self.limit:,} in all): it was not written by this tool, or was altered"
+            )
+        self.spent += count
+
+
+_BUDGET: contextvars.ContextVar[DecodeBudget | None] = contextvars.ContextVar(
+    "decode_budget", default=None
+)
+
+
+@contextmanager
+def decode_budget(limit: int | None) -> Iterator[DecodeBudget]:
+    """Decoders called inside charge their counts to one budget (see DecodeBudget)."""
+    budget = DecodeBudget(limit)
+    token = _BUDGET.set(budget)
+    try:
+        yield budget
+    finally:
+        _BUDGET.reset(token)
+
+
+def charge(count: int, what: str) -> None:
+    """Charge `count` values to the active decode budget (no budget: nothing to check)."""
+    budget = _BUDGET.get()
+    if budget is not None:
+        budget.charge(count, what)
 
 
 # -- categorical ---------------------------------------------------------------------------
@@ -63,6 +112,7 @@ def encode_categorical(symbols: np.ndarray, alphabet: int) -> bytes:
 
 def decode_categorical(data: bytes, count: int, alphabet: int) -> np.ndarray:
     """Inverse of `encode_categorical`: `count` symbols as an int64 array."""
+    charge(count, "a coded stream")
     reader = _Reader(data)
     mode = reader.byte()
     if mode == _MODE_RAW:
@@ -79,7 +129,8 @@ def decode_categorical(data: bytes, count: int, alphabet: int) -> np.ndarray:
     counts = reader.varints(k)
     if np.any(counts < 1) or np.any(np.diff(present) < 1):
         raise CodingError("symbol histogram is not strictly increasing with positive counts")
-    if int(counts.sum()) != count or (k and present[-1] >= alphabet):
+    # Summed as Python ints: int64 could wrap around and match a crafted count.
+    if sum(counts.tolist()) != count or (k and present[-1] >= alphabet):
         raise CodingError("symbol histogram does not match the payload")
     if k == 0:
         return np.zeros(0, dtype=np.int64)
@@ -139,6 +190,9 @@ def decode_gaps(data: bytes, count: int) -> np.ndarray:
     if len(parts) != 2:
         raise CodingError(f"gap payload has {len(parts)} sections, expected 2")
     tokens = decode_categorical(parts[0], count, _token_count())
+    if not tokens.size or tokens.max() < _SMALL - 1:  # every gap coded exactly by its token
+        _unpack_variable_width(parts[1], np.zeros(0, np.int64))  # raw section must be empty
+        return tokens  # token = v - 1 = the gap, without the intermediates below
     lengths = np.where(tokens < _SMALL - 1, 0, (tokens - (_SMALL - 1)) // (1 << MANTISSA_BITS) + 1)
     raw_widths = lengths.astype(np.int64)
     raw_bits = _unpack_variable_width(parts[1], raw_widths)
@@ -269,6 +323,8 @@ def _pack_fixed_width(values: np.ndarray, width: int) -> bytes:
 
 
 def _unpack_fixed_width(data: bytes, count: int, width: int) -> np.ndarray:
+    if len(data) != (count * width + 7) // 8:  # before allocating `count` widths
+        raise CodingError(f"raw field section of {len(data)} bytes for {count} values")
     widths = np.full(count, width, dtype=np.int64)
     return _unpack_variable_width(data, widths).astype(np.int64)
 

@@ -1,11 +1,17 @@
 """The `.onnxc` compressed model file: the ONNX graph (zstd) plus entropy-coded weight blocks.
 
-Layout (format version 1, integers little endian):
+Layout (format version 2, integers little endian):
     b"ONNXC" | version u8 | body length u64 | CRC32 of body u32 | body
-    body = pack_sections([graph, float_data names, block, block, ...])
-    graph = zstd(ModelProto with the coded tensors' data removed; dims and type kept)
+    body = pack_sections([graph, typed names, padding, block, block, ...])
+    graph = zstd with its checksum(ModelProto with the coded tensors' data removed; dims and
+        type kept)
     typed names = pack_sections(names of coded tensors stored in a typed field, not raw_data)
-    block = pack_sections([codec name, payload]); the payload names its own tensors.
+    padding = zero bytes, usually none (see VALUES_PER_BYTE)
+    block = pack_sections([codec name, payload, check]); the payload names its own tensors;
+        check = CRC32 of codec name + payload (u32), then BLAKE2b-64 of the decoded tensors
+        (names, types, shapes, fields, values), so an edited block is refused, never decoded
+        to other weights.
+Format 1 (still read) has no padding section, no block checks and no graph checksum.
 Coded tensors are float32/float16 initializers or `Constant` node values (named by their
 output).
 Decoding restores every tensor bit for bit in the field it came from, so the decoded model
@@ -18,6 +24,7 @@ import gzip
 import hashlib
 import importlib
 import logging
+import math
 import os
 import struct
 import zlib
@@ -30,36 +37,34 @@ import zstandard
 
 from onnxcompress.entropy import (
     CodingError,
-    decode_categorical,
-    decode_gaps,
-    encode_categorical,
-    encode_gaps,
-    pack_ints,
+    charge,
+    decode_budget,
     pack_sections,
-    unpack_ints,
     unpack_sections,
 )
 from onnxcompress.errors import CompressError, first_line
+from onnxcompress.sparse_codec import FLOAT_TYPES, encode_sparse, sparse_charge
+from onnxcompress.sparse_codec import decode_sparse as decode_sparse  # onnxc.decode_sparse
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"ONNXC"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: no padding section, blocks without their own check
 _HEADER = struct.Struct("<BQI")  # version, body length, CRC32
+_BLOCK_CHECK = 12  # bytes: CRC32 of codec + payload, then an 8-byte digest of the weights
+# A file may make its reader decode at most VALUES_PER_BYTE values (symbols, tensor elements,
+# graph bytes / 4) per byte of itself, and DECODE_FLOOR whatever its size: a crafted count
+# fails before it is allocated. The writer pads the rare file that codes more than that.
+VALUES_PER_BYTE = 64
+DECODE_FLOOR = 1 << 24
 # Codec name -> "module:function" decoding a payload into {tensor name: array}.
 # Looked up lazily so the core never imports pass modules or optional codecs up front.
 CODECS = {
-    "sparse": "onnxcompress.onnxc:decode_sparse",
+    "sparse": "onnxcompress.sparse_codec:decode_sparse",
     "surp": "onnxcompress.surp:decode_payload",
 }
 MIN_CODED_ELEMENTS = 64
-# ONNX type -> (numpy type, bit-pattern type, mantissa bits). The sign and exponent bits of a
-# value are entropy coded; its mantissa bits are stored raw.
-_FLOAT_TYPES = {
-    onnx.TensorProto.FLOAT: (np.float32, np.uint32, 23),
-    onnx.TensorProto.FLOAT16: (np.float16, np.uint16, 10),
-}
-MAX_CODEBOOK = 4096  # distinct values up to which a tensor's values are coded as a codebook
 _GRAPH_ZSTD_LEVEL, _LARGE_GRAPH_ZSTD_LEVEL, _LARGE_GRAPH = 19, 9, 16 << 20
 
 
@@ -82,19 +87,23 @@ class CodedWeights:
 def encode_model(model: onnx.ModelProto, coded: Iterable[CodedWeights] = ()) -> bytes:
     """The `.onnxc` bytes of `model`; `coded` blocks are used where they decode to the model's
     current weights bit for bit, every other worthwhile float32 weight is coded `sparse`."""
-    graph, float_data, blocks = _encode_parts(model, list(coded))
-    return _frame(graph, float_data, blocks)
+    return _frame(_encode_parts(model, list(coded)))
 
 
 def coded_size(model: onnx.ModelProto, coded: Iterable[CodedWeights] = ()) -> dict[str, int]:
     """Bytes the model takes as `.onnxc`: total, graph section, coded weights; tensor count."""
-    graph, float_data, blocks = _encode_parts(model, list(coded))
+    parts = _encode_parts(model, list(coded))
     return {
-        "total_bytes": len(_frame(graph, float_data, blocks)),
-        "graph_bytes": len(graph),
-        "weight_bytes": sum(len(block) for block in blocks),
-        "coded_tensors": len(blocks),
+        "total_bytes": len(_frame(parts)),
+        "graph_bytes": len(parts.graph),
+        "weight_bytes": sum(len(block) for block in parts.blocks),
+        "coded_tensors": len(parts.blocks),
     }
+
+
+def decode_limit(file_size: int) -> int:
+    """Values a reader decodes at most from a file of `file_size` bytes (see VALUES_PER_BYTE)."""
+    return max(DECODE_FLOOR, VALUES_PER_BYTE * file_size)
 
 
 def save_onnxc(
@@ -106,49 +115,88 @@ def save_onnxc(
     return io.write_bytes_atomic(encode_model(model, coded), path)
 
 
-def _frame(graph: bytes, float_data: bytes, blocks: list[bytes]) -> bytes:
-    body = pack_sections([graph, float_data, *blocks])
-    return MAGIC + _HEADER.pack(FORMAT_VERSION, len(body), zlib.crc32(body)) + body
+@dataclass
+class _Parts:
+    graph: bytes
+    typed: bytes  # names of coded tensors held in a typed field
+    blocks: list[bytes]
+    charge: int  # values a reader decodes (what it charges to its decode_limit)
 
 
-def _encode_parts(
-    model: onnx.ModelProto, coded: list[CodedWeights]
-) -> tuple[bytes, bytes, list[bytes]]:
+def _frame(parts: _Parts) -> bytes:
+    """Header and body; padded when the file would be too small for what it decodes."""
+    padding = b""
+    while True:
+        body = pack_sections([parts.graph, parts.typed, padding, *parts.blocks])
+        short = -(-parts.charge // VALUES_PER_BYTE) - len(MAGIC) - _HEADER.size - len(body)
+        if parts.charge <= DECODE_FLOOR or short <= 0:
+            return MAGIC + _HEADER.pack(FORMAT_VERSION, len(body), zlib.crc32(body)) + body
+        padding = bytes(len(padding) + short)
+
+
+def _block(codec: str, payload: bytes, weights: dict[str, np.ndarray], typed: set[str]) -> bytes:
+    """A coded block with its own check: a CRC of its bytes, a digest of what it decodes to."""
+    crc = zlib.crc32(payload, zlib.crc32(codec.encode()))
+    check = struct.pack("<I", crc) + _digest(weights, typed)
+    return pack_sections([codec.encode(), payload, check])
+
+
+def _digest(weights: dict[str, np.ndarray], typed: set[str]) -> bytes:
+    """8-byte BLAKE2b of the tensors' names, types, shapes, fields and little-endian values."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name in sorted(weights):
+        array = np.asarray(weights[name])
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        digest.update(f"{name}\0{array.dtype.str}{array.shape}{name in typed}\0".encode())
+        digest.update(array.reshape(-1).view(np.uint8))
+    return digest.digest()
+
+
+def _encode_parts(model: onnx.ModelProto, coded: list[CodedWeights]) -> _Parts:
     tensors = weight_tensors(model)
+    typed = {name for name, t in tensors.items() if len(t.float_data) or len(t.int32_data)}
     blocks: list[bytes] = []
     done: set[str] = set()
+    charge = 0
     for block in coded:
-        if _block_matches(block, tensors, done):
-            blocks.append(pack_sections([block.codec.encode(), block.payload]))
+        if (spent := _block_matches(block, tensors, done)) is not None:
+            arrays = {n: onnx.numpy_helper.to_array(tensors[n]) for n in block.tensors}
+            blocks.append(_block(block.codec, block.payload, arrays, typed))
             done.update(block.tensors)
+            charge += spent
     for name, tensor in tensors.items():
-        if name in done or tensor.data_type not in _FLOAT_TYPES:
+        if name in done or tensor.data_type not in FLOAT_TYPES:
             continue
         array = onnx.numpy_helper.to_array(tensor)
         if array.size < MIN_CODED_ELEMENTS:
             continue
         payload = encode_sparse({name: array})
         if len(payload) < array.nbytes:
-            blocks.append(pack_sections([b"sparse", payload]))
+            blocks.append(_block("sparse", payload, {name: array}, typed))
             done.add(name)
+            charge += sparse_charge(array)
     stripped = onnx.ModelProto()
     stripped.CopyFrom(model)
-    typed = []
     for name, tensor in weight_tensors(stripped).items():
         if name in done:
-            if len(tensor.float_data) or len(tensor.int32_data):
-                typed.append(name.encode())
             for field in ("raw_data", "float_data", "int32_data"):
                 tensor.ClearField(field)
     serial = stripped.SerializeToString()
     level = _GRAPH_ZSTD_LEVEL if len(serial) <= _LARGE_GRAPH else _LARGE_GRAPH_ZSTD_LEVEL
-    graph = zstandard.ZstdCompressor(level=level).compress(serial)
-    return graph, pack_sections(typed), blocks
+    # The frame's own checksum guards the graph (and the weights left in it).
+    graph = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(serial)
+    typed_names = pack_sections([n.encode() for n in tensors if n in typed and n in done])
+    return _Parts(graph, typed_names, blocks, charge + _graph_charge(len(serial)))
 
 
-def _block_matches(block: CodedWeights, tensors: dict, done: set[str]) -> bool:
+def _graph_charge(size: int) -> int:
+    return -(-size // 4)
+
+
+def _block_matches(block: CodedWeights, tensors: dict, done: set[str]) -> int | None:
     """Whether a pass's block still decodes to the model's weights (later passes may change
-    them); if not, log why, and the writer codes those tensors itself."""
+    them): the values its decoding charges, or None after logging why not (the writer then
+    codes those tensors itself)."""
     names = list(block.tensors)
     why = ""
     if not names:
@@ -159,7 +207,8 @@ def _block_matches(block: CodedWeights, tensors: dict, done: set[str]) -> bool:
         why = f"tensor {taken[0]} is already coded by another block"
     else:
         try:
-            decoded = _decoder(block.codec)(block.payload)
+            with decode_budget(None) as budget:
+                decoded = _decoder(block.codec)(block.payload)
         except Exception as exc:  # a codec that cannot decode its own block: fall back
             decoded, why = {}, f"its payload does not decode ({type(exc).__name__}: {exc})"
         if not why and set(decoded) != set(names):
@@ -173,7 +222,7 @@ def _block_matches(block: CodedWeights, tensors: dict, done: set[str]) -> bool:
         log.warning(
             "not using the %s-coded block: %s; coding those tensors as sparse", block.codec, why
         )
-    return not why
+    return None if why else budget.spent
 
 
 def _as_graph_dtype(array: np.ndarray, dtype) -> np.ndarray:
@@ -206,36 +255,68 @@ def weight_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 
 
 def decode_model(data: bytes) -> onnx.ModelProto:
-    """The ONNX model stored in `.onnxc` bytes; OnnxcError with one line if it is not one."""
-    body = _check_frame(data)
-    try:
-        parts = unpack_sections(body)
-        if len(parts) < 2:
-            raise CodingError("missing graph section")
-        serial = zstandard.ZstdDecompressor().decompress(parts[0])
-        model = onnx.ModelProto.FromString(serial)
-        typed = {name.decode() for name in unpack_sections(parts[1])}
-        blocks = [unpack_sections(block) for block in parts[2:]]
-    except OnnxcError:
-        raise
-    except Exception as exc:
-        raise OnnxcError(f"corrupted .onnxc file: {first_line(exc)}") from exc
-    holes = {name: tensor for name, tensor in weight_tensors(model).items() if _is_stripped(tensor)}
-    for block in blocks:
-        if len(block) != 2:
-            raise OnnxcError("corrupted .onnxc file: a weight block is malformed")
-        codec = block[0].decode(errors="replace")
+    """The ONNX model stored in `.onnxc` bytes; OnnxcError with one line if it is not one.
+    Every count in the file is charged to decode_limit(len(data)) before it is allocated."""
+    version, body = _check_frame(data)
+    with decode_budget(decode_limit(len(data))):
         try:
-            arrays = _decoder(codec)(block[1])
+            model, typed, blocks = _read_body(version, body)
         except OnnxcError:
             raise
         except Exception as exc:
-            raise OnnxcError(f"corrupted .onnxc file: {codec} block: {first_line(exc)}") from exc
-        for name, array in arrays.items():
-            _fill(holes.pop(name, None), name, array, name in typed)
+            raise OnnxcError(f"corrupted .onnxc file: {first_line(exc)}") from exc
+        holes = {n: t for n, t in weight_tensors(model).items() if _is_stripped(t)}
+        for block in blocks:
+            _decode_block(block, version, holes, typed)
     if holes:
         raise OnnxcError(f"corrupted .onnxc file: no data for tensor {next(iter(holes))}")
+    if version < 2:  # after decoding, so that a bad file still ends in one error line
+        log.warning("a format-1 .onnxc file: its weight blocks carry no checks of their own")
     return model
+
+
+def _read_body(version: int, body: bytes) -> tuple[onnx.ModelProto, set[str], list[list[bytes]]]:
+    """The stripped graph, the typed-field names and the blocks' sections."""
+    parts = unpack_sections(body)
+    first_block = 3 if version >= 2 else 2  # version 2 has a padding section
+    if len(parts) < first_block:
+        raise CodingError("missing graph section")
+    size = zstandard.frame_content_size(parts[0])
+    if size < 0:
+        raise CodingError("the graph section does not declare its size")
+    if version >= 2 and not zstandard.get_frame_parameters(parts[0]).has_checksum:
+        raise CodingError("the graph section carries no checksum")
+    if version >= 2 and parts[2].count(0) != len(parts[2]):
+        raise CodingError("the padding section is not all zeros")
+    charge(_graph_charge(size), "the graph section")
+    serial = zstandard.ZstdDecompressor().decompress(parts[0], max_output_size=size)
+    model = onnx.ModelProto.FromString(serial)
+    typed = {name.decode() for name in unpack_sections(parts[1])}
+    return model, typed, [unpack_sections(block) for block in parts[first_block:]]
+
+
+def _decode_block(block: list[bytes], version: int, holes: dict, typed: set[str]) -> None:
+    """Decode one block into its tensors in the graph; from version 2 its bytes are checked
+    before decoding and the weights it decodes to after."""
+    if len(block) != (3 if version >= 2 else 2) or (version >= 2 and len(block[2]) != _BLOCK_CHECK):
+        raise OnnxcError("corrupted .onnxc file: a weight block is malformed")
+    codec = block[0].decode(errors="replace")
+    check = block[2] if version >= 2 else None
+    if check and struct.unpack("<I", check[:4])[0] != zlib.crc32(block[1], zlib.crc32(block[0])):
+        raise OnnxcError(f"corrupted .onnxc file: the {codec} block's checksum does not match")
+    try:
+        arrays = _decoder(codec)(block[1])
+    except OnnxcError:
+        raise
+    except Exception as exc:
+        raise OnnxcError(f"corrupted .onnxc file: {codec} block: {first_line(exc)}") from exc
+    fitted = {name: _fitted(holes.get(name), name, array) for name, array in arrays.items()}
+    if check and _digest(fitted, typed) != check[4:]:
+        raise OnnxcError(
+            f"corrupted .onnxc file: the {codec} block decodes to other weights than were written"
+        )
+    for name, array in fitted.items():
+        _fill(holes.pop(name), array, name in typed)
 
 
 def load_onnxc(path: str | os.PathLike) -> onnx.ModelProto:
@@ -251,16 +332,17 @@ def load_onnxc(path: str | os.PathLike) -> onnx.ModelProto:
         raise OnnxcError(f"{path}: {exc}") from exc
 
 
-def _check_frame(data: bytes) -> bytes:
+def _check_frame(data: bytes) -> tuple[int, bytes]:
     if data[: len(MAGIC)] != MAGIC:
         raise OnnxcError("not an .onnxc file (wrong magic bytes)")
     start = len(MAGIC) + _HEADER.size
     if len(data) < start:
         raise OnnxcError(f"truncated .onnxc file ({len(data)} bytes, header alone is {start})")
     version, length, crc = _HEADER.unpack_from(data, len(MAGIC))
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
+        readable = " and ".join(map(str, READABLE_VERSIONS))
         raise OnnxcError(
-            f"unsupported .onnxc format version {version} (this tool reads {FORMAT_VERSION})"
+            f"unsupported .onnxc format version {version} (this tool reads {readable})"
         )
     body = data[start:]
     if len(body) < length:
@@ -269,14 +351,13 @@ def _check_frame(data: bytes) -> bytes:
         raise OnnxcError(f"corrupted .onnxc file ({len(body) - length} stray bytes at the end)")
     if zlib.crc32(body) != crc:
         raise OnnxcError("checksum mismatch: the .onnxc file is corrupted")
-    return body
+    return version, body
 
 
 def _is_stripped(tensor: onnx.TensorProto) -> bool:
-    size = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
     return (
-        tensor.data_type in _FLOAT_TYPES
-        and size > 0
+        tensor.data_type in FLOAT_TYPES
+        and math.prod(tensor.dims) > 0  # exact: numpy's product of crafted dims may wrap
         and not tensor.raw_data
         and not len(tensor.float_data)
         and not len(tensor.int32_data)
@@ -284,22 +365,27 @@ def _is_stripped(tensor: onnx.TensorProto) -> bool:
     )
 
 
-def _fill(tensor: onnx.TensorProto | None, name: str, array: np.ndarray, typed_field: bool):
-    """Put decoded values into the stripped tensor: raw_data, or the typed field it came from
-    (float_data for float32, int32_data holding float16 bit patterns)."""
+def _fitted(tensor: onnx.TensorProto | None, name: str, array: np.ndarray) -> np.ndarray:
+    """The decoded array in the stripped tensor's type, checked against its shape."""
     if tensor is None:
         raise OnnxcError(f"corrupted .onnxc file: coded tensor {name} has no place in the graph")
-    dtype = _FLOAT_TYPES[tensor.data_type][0]
+    dtype = FLOAT_TYPES[tensor.data_type][0]
     array = _as_graph_dtype(array, dtype)
     if array.dtype != dtype or list(array.shape) != list(tensor.dims):
         raise OnnxcError(
             f"corrupted .onnxc file: tensor {name} decodes to {array.dtype}{list(array.shape)}, "
             f"the graph expects {np.dtype(dtype)}{list(tensor.dims)}"
         )
+    return array
+
+
+def _fill(tensor: onnx.TensorProto, array: np.ndarray, typed_field: bool) -> None:
+    """Put decoded values into the stripped tensor: raw_data, or the typed field it came from
+    (float_data for float32, int32_data holding float16 bit patterns)."""
     flat = array.reshape(-1)
     if not typed_field:
-        tensor.raw_data = flat.astype(np.dtype(dtype).newbyteorder("<")).tobytes()
-    elif dtype == np.float32:
+        tensor.raw_data = flat.astype(flat.dtype.newbyteorder("<")).tobytes()
+    elif flat.dtype == np.float32:
         # float32 -> Python float -> float32 is exact, so the values come back bit for bit.
         tensor.float_data.extend(flat.tolist())
     else:
@@ -315,119 +401,6 @@ def _decoder(codec: str) -> Callable[[bytes], dict[str, np.ndarray]]:
     except ImportError as exc:
         raise OnnxcError(f"codec '{codec}' is not available: {first_line(exc)}") from exc
     return getattr(module, function)
-
-
-# -- the generic lossless "sparse" codec ----------------------------------------------------
-
-_VALUES_CODEBOOK, _VALUES_SPLIT = 0, 1
-_CHUNK = 1 << 20  # values per chunk when packing mantissas bit by bit (bounds memory)
-
-
-def encode_sparse(arrays: dict[str, np.ndarray]) -> bytes:
-    """Lossless code of float32/float16 tensors: positions of the non-zero bit patterns by
-    gaps, the values as indices into their distinct values (if few, <= 4096) or as coded
-    sign/exponent + raw mantissa. Works on bit patterns, so -0.0 and NaNs survive exactly."""
-    parts = []
-    for name, array in arrays.items():
-        onnx_type = onnx.helper.np_dtype_to_tensor_dtype(np.asarray(array).dtype)
-        if onnx_type not in _FLOAT_TYPES:
-            raise ValueError(f"sparse codec takes float32/float16, got {np.asarray(array).dtype}")
-        _, bit_type, mantissa = _FLOAT_TYPES[onnx_type]
-        bits = np.ascontiguousarray(array).reshape(-1).view(bit_type)
-        positions = np.flatnonzero(bits)
-        gaps = np.diff(positions, prepend=-1) - 1
-        header = [onnx_type, array.ndim, *array.shape, positions.size]
-        values = _encode_values(bits[positions].astype(np.uint64), 8 * bits.itemsize, mantissa)
-        parts.append(pack_sections([name.encode(), pack_ints(header), encode_gaps(gaps), values]))
-    return pack_sections(parts)
-
-
-def decode_sparse(payload: bytes) -> dict[str, np.ndarray]:
-    """Inverse of `encode_sparse`: {name: array} (float32 or float16)."""
-    arrays = {}
-    for part in unpack_sections(payload):
-        sections = unpack_sections(part)
-        if len(sections) != 4:
-            raise CodingError("sparse tensor record is malformed")
-        name = sections[0].decode()
-        header = unpack_ints(sections[1])
-        if len(header) < 3 or header[0] not in _FLOAT_TYPES or len(header) != header[1] + 3:
-            raise CodingError("sparse tensor header is malformed")
-        dtype, bit_type, mantissa = _FLOAT_TYPES[header[0]]
-        shape, count = header[2:-1], header[-1]
-        size = int(np.prod(shape)) if shape else 1
-        if count > size:
-            raise CodingError(f"{count} non-zeros in a tensor of {size}")
-        positions = np.cumsum(decode_gaps(sections[2], count) + 1) - 1
-        if count and positions[-1] >= size:
-            raise CodingError("non-zero position outside the tensor")
-        bits = np.zeros(size, dtype=bit_type)
-        width = 8 * bits.itemsize
-        bits[positions] = _decode_values(sections[3], count, width, mantissa).astype(bit_type)
-        arrays[name] = bits.view(dtype).reshape(shape)
-    return arrays
-
-
-def _encode_values(values: np.ndarray, width: int, mantissa: int) -> bytes:
-    """The non-zero bit patterns: a codebook + indices, or coded sign/exponent + raw mantissa,
-    whichever is smaller (a codebook only for up to MAX_CODEBOOK distinct values)."""
-    high = (values >> np.uint64(mantissa)).astype(np.int64)
-    split = bytes([_VALUES_SPLIT]) + pack_sections(
-        [encode_categorical(high, 1 << (width - mantissa)), _pack_low_bits(values, mantissa)]
-    )
-    # Distinct values in a sample bound those in the whole from below: skip a hopeless sort.
-    if np.unique(values[:: max(1, values.size // 20_000)]).size > MAX_CODEBOOK:
-        return split
-    distinct, indices = np.unique(values, return_inverse=True)
-    if distinct.size > MAX_CODEBOOK:
-        return split
-    codebook = bytes([_VALUES_CODEBOOK]) + pack_sections(
-        [_pack_low_bits(distinct, width), encode_categorical(indices, max(distinct.size, 1))]
-    )
-    return codebook if len(codebook) <= len(split) else split
-
-
-def _decode_values(data: bytes, count: int, width: int, mantissa: int) -> np.ndarray:
-    if not data:
-        raise CodingError("empty value section")
-    mode, sections = data[0], unpack_sections(data[1:])
-    if len(sections) != 2:
-        raise CodingError("value section is malformed")
-    if mode == _VALUES_CODEBOOK:
-        if (len(sections[0]) * 8) % width:
-            raise CodingError("codebook is not a whole number of values")
-        distinct = _unpack_low_bits(sections[0], len(sections[0]) * 8 // width, width)
-        indices = decode_categorical(sections[1], count, max(distinct.size, 1))
-        if count and indices.max() >= distinct.size:
-            raise CodingError("codebook index out of range")
-        return distinct[indices] if count else np.zeros(0, dtype=np.uint64)
-    if mode == _VALUES_SPLIT:
-        high = decode_categorical(sections[0], count, 1 << (width - mantissa)).astype(np.uint64)
-        return (high << np.uint64(mantissa)) | _unpack_low_bits(sections[1], count, mantissa)
-    raise CodingError(f"unknown value mode {mode}")
-
-
-def _pack_low_bits(values: np.ndarray, bits: int) -> bytes:
-    """The low `bits` bits of each value, most significant first, tightly packed."""
-    out = []
-    for start in range(0, values.size, _CHUNK):  # _CHUNK * bits is a whole number of bytes
-        chunk = values[start : start + _CHUNK].astype(">u8").view(np.uint8).reshape(-1, 8)
-        out.append(np.packbits(np.unpackbits(chunk, axis=1)[:, 64 - bits :]).tobytes())
-    return b"".join(out)
-
-
-def _unpack_low_bits(data: bytes, count: int, bits: int) -> np.ndarray:
-    if len(data) != (count * bits + 7) // 8:
-        raise CodingError(f"bit section of {len(data)} bytes for {count} values of {bits} bits")
-    values = np.zeros(count, dtype=np.uint64)
-    step = _CHUNK * bits // 8
-    for index, start in enumerate(range(0, count, _CHUNK)):
-        size = min(_CHUNK, count - start)
-        raw = np.frombuffer(data, np.uint8, offset=index * step, count=(size * bits + 7) // 8)
-        full = np.zeros((size, 64), dtype=np.uint8)
-        full[:, 64 - bits :] = np.unpackbits(raw)[: size * bits].reshape(size, bits)
-        values[start : start + size] = np.packbits(full, axis=1).view(">u8").reshape(-1)
-    return values
 
 
 # -- reference sizes -----------------------------------------------------------------------

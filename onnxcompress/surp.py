@@ -15,6 +15,7 @@ import numpy as np
 
 from onnxcompress.entropy import (
     CodingError,
+    charge,
     decode_bits,
     decode_gaps,
     encode_bits,
@@ -30,6 +31,10 @@ NORMALIZATIONS = ("rms", "l2", "none")
 CROWD = 64.0
 # Prefix-size search for a bit budget overshoots its estimate by this much first.
 _BUDGET_MARGIN = 1.15
+# The encoder stops after 64·n + 64 steps; a stream with more is refused unread.
+STEPS_PER_WEIGHT = 64
+_MAX_META = 1 << 22  # bytes of JSON header (names, shapes) a payload may unpack to
+_MAX_WEIGHTS = 1 << 40  # pooled weights beyond any model this tool can write
 
 
 @dataclass(frozen=True)
@@ -148,7 +153,7 @@ def surp_encode(
     crowd = CROWD * beta
     positive = int(np.count_nonzero(mags))
     limit = positive if sparsity is None else min(positive, round((1.0 - sparsity) * n))
-    steps_cap = max_steps if max_steps is not None else 64 * n + 64
+    steps_cap = max_steps_for(n) if max_steps is None else min(max_steps, max_steps_for(n))
     base = SurpStream(names, shapes, scales, c, growth, 0.0, *_empty_steps())
     estimate = None
     if target_bits is not None:
@@ -169,6 +174,11 @@ def surp_encode(
         tail_fit_refreshes=int(np.count_nonzero(run.tail_fits[: stream.refresh_steps.size])),
         beta=beta,
     )
+
+
+def max_steps_for(n: int) -> int:
+    """The most steps a stream over n pooled weights may have (the encoder's cap)."""
+    return STEPS_PER_WEIGHT * n + 64
 
 
 def _empty_steps() -> tuple:
@@ -400,17 +410,32 @@ def replay_magnitudes(stream: SurpStream) -> np.ndarray:
     if steps == 0:
         return np.zeros(n)
     picks = (np.cumsum(stream.gaps + 1) - 1) % n
-    taus = np.empty(steps)
-    refresh_at = dict(
-        zip(stream.refresh_steps.tolist(), stream.refresh_lambdas.tolist(), strict=True)
-    )
-    lam, c, growth = float(stream.initial_lambda), float(stream.c), float(stream.growth)
-    for k in range(steps):
-        lam = refresh_at.get(k, lam)
-        taus[k] = c / lam
-        lam *= growth
+    taus = float(stream.c) / _lambdas(stream)
     # bincount adds the weights of equal indices one after another, in step order.
     return np.bincount(picks, weights=taus, minlength=n)
+
+
+def _lambdas(stream: SurpStream) -> np.ndarray:
+    """λ at each step: the encoder's λ ← λ·growth one step at a time, restarted at each
+    refresh. multiply.accumulate multiplies strictly in order, so every value is the one the
+    encoder's loop computed. Loops over segments or over positions in them, whichever is fewer
+    (at most √steps iterations), so a crafted stream of many refreshes stays fast too."""
+    steps, growth = stream.steps, float(stream.growth)
+    lams = np.full(steps, growth)
+    starts = np.concatenate([[0], stream.refresh_steps]).astype(np.int64)
+    seeds = np.concatenate([[stream.initial_lambda], stream.refresh_lambdas]).astype(np.float64)
+    if starts.size > 1 and starts[1] == 0:  # a refresh before step 0 replaces λ0
+        starts, seeds = starts[1:], seeds[1:]
+    lams[starts] = seeds
+    lengths = np.diff(np.append(starts, steps))
+    if starts.size <= int(lengths.max()):
+        for start, stop in zip(starts.tolist(), (starts + lengths).tolist(), strict=True):
+            np.multiply.accumulate(lams[start:stop], out=lams[start:stop])
+    else:
+        for offset in range(1, int(lengths.max())):
+            inside = starts[lengths > offset] + offset
+            lams[inside] = lams[inside - 1] * growth
+    return lams
 
 
 def decode_stream(stream: SurpStream) -> dict[str, np.ndarray]:
@@ -476,7 +501,7 @@ def parse_payload(payload: bytes) -> SurpStream:
         sections = unpack_sections(body)
         if len(sections) != 5:
             raise CodingError(f"SuRP payload has {len(sections)} sections, expected 5")
-        meta = json.loads(zlib.decompress(sections[0]))
+        meta = json.loads(_inflate_meta(sections[0]))
         names = tuple(str(name) for name in meta["names"])
         shapes = tuple(tuple(int(d) for d in shape) for shape in meta["shapes"])
         steps, refreshes = int(meta["steps"]), int(meta["refreshes"])
@@ -485,23 +510,42 @@ def parse_payload(payload: bytes) -> SurpStream:
     return _stream_from_sections(names, shapes, steps, refreshes, sections)
 
 
+def _inflate_meta(data: bytes) -> bytes:
+    """The zlib'd JSON header, refused if it would unpack beyond _MAX_META bytes."""
+    inflater = zlib.decompressobj()
+    meta = inflater.decompress(data, _MAX_META)
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise CodingError(f"header is truncated or unpacks to more than {_MAX_META} bytes")
+    return meta
+
+
 def _stream_from_sections(names, shapes, steps, refreshes, sections) -> SurpStream:
     tensors = len(names)
     if len(shapes) != tensors or any(d < 0 for shape in shapes for d in shape) or steps < 0:
         raise CodingError("SuRP payload header is inconsistent")
+    n = sum(math.prod(shape) for shape in shapes)  # exact, before anything is allocated
+    if n > _MAX_WEIGHTS or steps > max_steps_for(n) or not 0 <= refreshes <= steps:
+        raise CodingError(f"SuRP payload header declares {steps} steps over {n} weights")
     numbers = sections[1]
-    if len(numbers) != 20 + 4 * (tensors + refreshes) or refreshes < 0:
+    if len(numbers) != 20 + 4 * (tensors + refreshes):
         raise CodingError("SuRP payload side information has the wrong length")
+    # Weights, and steps at the four arrays a step takes beyond its gap (picks, λ, τ, sums).
+    charge(n + 4 * steps, "SuRP payload")
     c, growth, lam0 = struct.unpack("<ddf", numbers[:20])
     floats = np.frombuffer(numbers[20:], "<f4").astype(np.float32)
     scales, refresh_lambdas = floats[:tensors], floats[tensors:]
-    refresh_steps = np.cumsum(decode_gaps(sections[3], refreshes) + 1) - 1
+    refresh_gaps = decode_gaps(sections[3], refreshes)
+    if refreshes and (refresh_gaps.min() < 0 or refresh_gaps.max() >= steps):
+        raise CodingError("SuRP payload refreshes λ after its last step")
+    refresh_steps = np.cumsum(refresh_gaps + 1) - 1
     gaps = np.asarray(decode_gaps(sections[2], steps), np.int64)
-    n = sum(math.prod(shape) for shape in shapes)
     side = np.concatenate([[c, growth, lam0], scales, refresh_lambdas])
     if not (np.all(np.isfinite(side)) and np.all(side > 0)) or (steps and n == 0):
         raise CodingError("SuRP payload side information is not finite and positive")
-    if refresh_steps.size and refresh_steps[-1] >= steps:
+    # The encoder's gaps are below n; larger ones could make the sums below wrap around.
+    if steps and (gaps.min() < 0 or gaps.max() >= n):
+        raise CodingError("SuRP payload has a step outside the weights")
+    if refresh_steps.size and (refresh_steps.min() < 0 or refresh_steps.max() >= steps):
         raise CodingError("SuRP payload refreshes λ after its last step")
     chosen = np.zeros(n, bool)
     if steps:

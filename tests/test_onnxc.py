@@ -223,9 +223,17 @@ def test_wrong_magic_future_version_and_trailing_bytes():
         onnxc.decode_model(data + b"\0")
 
 
-def _reframe(body: bytes) -> bytes:
-    header = struct.pack("<BQI", onnxc.FORMAT_VERSION, len(body), zlib.crc32(body))
+def _reframe(body: bytes, version: int = onnxc.FORMAT_VERSION) -> bytes:
+    header = struct.pack("<BQI", version, len(body), zlib.crc32(body))
     return onnxc.MAGIC + header + body
+
+
+def _checked_block(codec: bytes, payload: bytes, digest: bytes) -> bytes:
+    """A version-2 block whose CRC matches its (edited) bytes: only the digest can object."""
+    from onnxcompress.entropy import pack_sections
+
+    crc = struct.pack("<I", zlib.crc32(payload, zlib.crc32(codec)))
+    return pack_sections([codec, payload, crc + digest])
 
 
 def test_unknown_codec_and_inconsistent_body_are_clean_errors():
@@ -233,8 +241,9 @@ def test_unknown_codec_and_inconsistent_body_are_clean_errors():
 
     data = _file()
     parts = unpack_sections(data[18:])
-    block = unpack_sections(parts[2])
-    renamed = pack_sections([*parts[:2], pack_sections([b"nope", block[1]]), *parts[3:]])
+    block = unpack_sections(parts[3])  # graph, typed names, padding, then the blocks
+    nope = _checked_block(b"nope", block[1], block[2][4:])
+    renamed = pack_sections([*parts[:3], nope, *parts[4:]])
     with pytest.raises(OnnxcError, match="unknown codec 'nope'"):
         onnxc.decode_model(_reframe(renamed))
     missing = pack_sections(parts[:-1])  # a tensor's block dropped: its data is nowhere
@@ -290,11 +299,12 @@ def test_cli_decode_bad_inputs_exit_2(tmp_path, capsys):
     assert main(["decode", str(tmp_path / "missing.onnxc")]) == 2
     assert "no such file" in _one_error_line(capsys)
 
-    same = tmp_path / "same.onnx"  # an .onnxc named .onnx: the default output is itself
+    same = tmp_path / "same.onnx"  # an .onnxc named .onnx: the default picks another name
     same.write_bytes(_file())
-    assert main(["decode", str(same)]) == 2
+    assert main(["decode", str(same), "-o", str(same)]) == 2
     assert "is the input file" in _one_error_line(capsys)
-    assert same.read_bytes() == _file()
+    assert main(["decode", str(same)]) == 0
+    assert same.read_bytes() == _file() and (tmp_path / "same-2.onnx").is_file()
 
 
 def test_pipeline_writes_onnxc_with_reference_sizes(tmp_path, capsys):
