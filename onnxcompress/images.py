@@ -4,6 +4,7 @@ Pillow, and labels files."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,10 @@ PREPROCESS_HELP = (
     "scale=1/255, layout=NCHW|NHWC, bgr, grayscale, dtype=float16"
 )
 _FLAGS = {"bgr", "grayscale"}
+# Larger than any model's image input; Pillow would allocate H*W*3 bytes, 30 GB at 100000.
+MAX_IMAGE_SIDE = 8192
+# No classifier has more classes; a larger "label" is another column (an id) read by mistake.
+MAX_CLASS_INDEX = 2**31 - 1
 
 
 def parse_preprocess(spec: str) -> Preprocess:
@@ -71,17 +76,17 @@ def _parse_value(key: str, value: str | None):
     if not value:
         raise ValueError("missing value")
     if key in ("resize", "crop"):
-        sizes = [int(part) for part in value.split(";")]
-        if len(sizes) > 2 or min(sizes) < 1:
-            raise ValueError(f"'{value}' is not SIZE or HEIGHT;WIDTH")
-        return sizes[0] if len(sizes) == 1 else tuple(sizes)
+        return _sizes(value)
     if key in ("mean", "std"):
         numbers = tuple(_number(part) for part in value.split(";"))
-        if key == "std" and 0 in numbers:
-            raise ValueError("std cannot be 0")
+        if key == "std" and min(numbers) <= 0:
+            raise ValueError(f"'{value}': std must be > 0")
         return numbers
     if key == "scale":
-        return _number(value)
+        scale = _number(value)
+        if scale == 0:
+            raise ValueError("scale 0 would make every image the same")
+        return scale
     if key == "layout":
         if value.upper() not in ("NCHW", "NHWC"):
             raise ValueError(f"'{value}' is not NCHW or NHWC")
@@ -92,13 +97,30 @@ def _parse_value(key: str, value: str | None):
         raise ValueError(f"'{value}' is not a numpy dtype name") from None
 
 
+def _sizes(value: str) -> int | tuple[int, int]:
+    """SIZE or HEIGHT;WIDTH, each from 1 to MAX_IMAGE_SIDE."""
+    try:
+        sizes = [int(part) for part in value.split(";")]
+    except ValueError:
+        sizes = []
+    if not 1 <= len(sizes) <= 2 or min(sizes) < 1:
+        raise ValueError(f"'{value}' is not SIZE or HEIGHT;WIDTH with sizes >= 1")
+    if max(sizes) > MAX_IMAGE_SIDE:
+        raise ValueError(f"'{value}': sizes are at most {MAX_IMAGE_SIDE} pixels")
+    return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
+
+
 def _number(text: str) -> float:
+    """A finite number, or a fraction such as 1/255."""
     numerator, _, denominator = text.partition("/")
-    if not denominator:
-        return float(numerator)
-    if float(denominator) == 0:
-        raise ValueError(f"'{text}' divides by 0")
-    return float(numerator) / float(denominator)
+    value = float(numerator)
+    if denominator:
+        if float(denominator) == 0:
+            raise ValueError(f"'{text}' divides by 0")
+        value /= float(denominator)
+    if not math.isfinite(value):
+        raise ValueError(f"'{text}' is not a finite number")
+    return value
 
 
 def load_images(
@@ -140,15 +162,11 @@ def load_images(
 
 def read_labels(path: str | Path, names: list[str]) -> np.ndarray:
     """Integer labels for the given file names, in their order (see load_images)."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise CompressError(f"{path}: cannot read labels: {exc.strerror or exc}") from exc
-    entries = [(number, line.strip()) for number, line in enumerate(lines, 1) if line.strip()]
+    entries = _label_lines(path)
     if all(re.fullmatch(r"[-+]?\d+", line) for _, line in entries):
         if len(entries) != len(names):
             raise CompressError(f"{path}: {len(entries)} labels for {len(names)} images")
-        return np.array([int(line) for _, line in entries], np.int64)
+        return np.array([_class_index(path, n, line) for n, line in entries], np.int64)
     by_name: dict[str, int] = {}
     for number, line in entries:
         name, _, label = line.rpartition(",") if "," in line else line.rpartition(" ")
@@ -156,13 +174,41 @@ def read_labels(path: str | Path, names: list[str]) -> np.ndarray:
             raise CompressError(
                 f"{path}:{number}: expected '<file>, <int>' or '<file> <int>', got '{line[:80]}'"
             )
-        name = Path(name.strip()).name
-        if by_name.setdefault(name, int(label)) != int(label):
+        name, index = Path(name.strip()).name, _class_index(path, number, label.strip())
+        if by_name.setdefault(name, index) != index:
             raise CompressError(f"{path}: file name {name} has two different labels")
     missing = [name for name in names if name not in by_name]
     if missing:
         raise CompressError(f"{path}: no label for {len(missing)} image(s), e.g. {missing[0]}")
     return np.array([by_name[name] for name in names], np.int64)
+
+
+def _label_lines(path: str | Path) -> list[tuple[int, str]]:
+    """(line number, stripped text) of the non-blank lines of a UTF-8 text file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CompressError(f"{path}: cannot read labels: {exc.strerror or exc}") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = "\0"
+    if "\0" in text:
+        raise CompressError(f"{path}: not a text file; labels are UTF-8 text, one label a line")
+    return [
+        (number, line.strip()) for number, line in enumerate(text.splitlines(), 1) if line.strip()
+    ]
+
+
+def _class_index(path: str | Path, number: int, text: str) -> int:
+    # Python refuses int() of over 4300 digits: length first.
+    short = len(text.lstrip("+-").lstrip("0")) <= len(str(MAX_CLASS_INDEX))
+    value = int(text) if short else None
+    if value is None or not 0 <= value <= MAX_CLASS_INDEX:
+        raise CompressError(
+            f"{path}:{number}: expected a class index from 0 to {MAX_CLASS_INDEX}, got {text[:24]}"
+        )
+    return value
 
 
 def _image_geometry(preprocess: Preprocess, shape: list[int]) -> tuple[int, int, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Iterator, Sequence
@@ -174,6 +175,10 @@ def comma_list(text: str | None) -> list[str]:
     return [item.strip() for item in (text or "").split(",") if item.strip()]
 
 
+# numpy's legacy generators (tensorly seeds with them) take seeds in [0, 2**32).
+MAX_SEED = 2**32 - 1
+
+
 def require_at_least_one(options: Any, names: tuple[str, ...]) -> None:
     """ValueError for the first of `names` that is set (not None) and below 1: counts such as
     ranks, groups and alignments."""
@@ -181,6 +186,15 @@ def require_at_least_one(options: Any, names: tuple[str, ...]) -> None:
         value = getattr(options, name)
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def require_fraction(options: Any, names: tuple[str, ...]) -> None:
+    """ValueError for the first of `names` that is set and outside (0, 1]: targets and energies,
+    refused when the options are read rather than after the layers were measured."""
+    for name in names:
+        value = getattr(options, name)
+        if value is not None and not 0 < value <= 1:
+            raise ValueError(f"{name} must be a fraction in (0, 1], got {value}")
 
 
 def option_help(f: dataclasses.Field) -> str:
@@ -199,6 +213,9 @@ def coerce_option(pass_name: str, name: str, hint: Any, value: Any) -> Any:
         if kind is type(None):
             continue
         converted = _convert(value, kind)
+        if isinstance(converted, float) and not math.isfinite(converted):
+            # Every float option is a fraction, tolerance or factor: nan/inf would run silently.
+            raise CompressError(f"option {label}={value!r}: expected a finite number")
         if converted is not _FAIL:
             return converted
     names = " or ".join(k.__name__ for k in kinds if k is not type(None))

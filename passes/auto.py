@@ -87,12 +87,17 @@ class AutoOptions:
     )
 
     def __post_init__(self) -> None:
-        targets = [t for t in (self.target_latency, self.target_macs, self.target_bytes) if t]
+        targets = [
+            t for t in (self.target_latency, self.target_macs, self.target_bytes) if t is not None
+        ]
         if len(targets) > 1:
             raise ValueError("give one of target_latency, target_macs, target_bytes")
         for value in targets:
             if not 0 < value <= 1:
                 raise ValueError(f"targets are fractions in (0, 1], got {value}")
+        for name in ("max_rel_l2", "max_accuracy_drop"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         unknown = sorted(set(self.method_names()) - set(METHODS))
         if unknown or not self.method_names():
             raise ValueError(f"methods: unknown {', '.join(unknown) or '(none given)'}")
@@ -126,11 +131,13 @@ class AutoOptions:
         return self.upcast or self.budget()[0] == "latency"
 
     def budget(self) -> tuple[str, float]:
-        if self.target_macs:
+        if self.target_macs is not None:
             return "macs", self.target_macs
-        if self.target_bytes:
+        if self.target_bytes is not None:
             return "bytes", self.target_bytes
-        return "latency", self.target_latency or DEFAULT_TARGET_LATENCY
+        if self.target_latency is not None:
+            return "latency", self.target_latency
+        return "latency", DEFAULT_TARGET_LATENCY
 
 
 def make_methods(factory_options: dict[str, Any], context: PassContext) -> dict[str, Any]:

@@ -34,7 +34,14 @@ from onnxcompress.layers import (
     horizontal_conv_node,
     vertical_conv_node,
 )
-from onnxcompress.passkit import PassContext, PassResult, option, require_at_least_one
+from onnxcompress.passkit import (
+    MAX_SEED,
+    PassContext,
+    PassResult,
+    option,
+    require_at_least_one,
+    require_fraction,
+)
 from passes import register
 
 log = logging.getLogger(__name__)
@@ -67,8 +74,11 @@ class CpOptions:
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("rank", "align", "n_iter_max"))
+        require_fraction(self, ("target_macs",))
         if self.l2_reg < 0:
             raise ValueError(f"l2_reg must be >= 0, got {self.l2_reg}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be from 0 to {MAX_SEED}, got {self.seed}")
 
 
 class CpMethod(ConvMethod):

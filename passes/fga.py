@@ -30,7 +30,13 @@ from onnxcompress.layers import (
     dense_spatial_reason,
     spatial_conv_node,
 )
-from onnxcompress.passkit import PassContext, PassResult, option, require_at_least_one
+from onnxcompress.passkit import (
+    PassContext,
+    PassResult,
+    option,
+    require_at_least_one,
+    require_fraction,
+)
 from passes import register
 
 VARIANTS = ("plain", "btd")
@@ -64,6 +70,7 @@ class FgaOptions:
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("groups", "rank", "align", "inner_channels"))
+        require_fraction(self, ("target_macs", "energy"))
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.inner_channels is not None and self.variant != "btd":

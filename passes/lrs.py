@@ -62,7 +62,14 @@ from onnxcompress.linear_layers import (
     first_gemm_c,
     zero_c,
 )
-from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option, require_at_least_one
+from onnxcompress.passkit import (
+    NodeRecord,
+    PassContext,
+    PassResult,
+    option,
+    require_at_least_one,
+    require_fraction,
+)
 from onnxcompress.token_rows import token_rows
 from passes import register
 
@@ -108,6 +115,7 @@ class LrsOptions:
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("rank", "align", "iterations", "grid"))
+        require_fraction(self, ("target_macs",))
         if self.sparsity is not None and not 0 <= self.sparsity <= 1:
             raise ValueError(f"sparsity must be in [0, 1], got {self.sparsity}")
         if self.solver not in SOLVERS:

@@ -51,7 +51,13 @@ from onnxcompress.linear_layers import (
     first_gemm_c,
     low_rank_nodes,
 )
-from onnxcompress.passkit import PassContext, PassResult, option, require_at_least_one
+from onnxcompress.passkit import (
+    PassContext,
+    PassResult,
+    option,
+    require_at_least_one,
+    require_fraction,
+)
 from passes import register
 
 NO_SITE_LEFT = "none: W @ x has its features on axis -2 (only x @ W factors are refit)"
@@ -76,6 +82,7 @@ class SvdOptions:
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("rank", "align"))
+        require_fraction(self, ("target_macs", "energy"))
         if self.min_speedup <= 0:
             raise ValueError(f"min_speedup must be > 0, got {self.min_speedup}")
 

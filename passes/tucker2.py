@@ -29,7 +29,13 @@ from onnxcompress.layers import (
     dense_spatial_reason,
     spatial_conv_node,
 )
-from onnxcompress.passkit import PassContext, PassResult, option, require_at_least_one
+from onnxcompress.passkit import (
+    PassContext,
+    PassResult,
+    option,
+    require_at_least_one,
+    require_fraction,
+)
 from passes import register
 
 
@@ -60,6 +66,7 @@ class Tucker2Options:
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("rank_in", "rank_out", "align"))
+        require_fraction(self, ("target_macs", "energy"))
         if self.vbmf and (self.rank_in is not None or self.rank_out is not None):
             raise ValueError("vbmf chooses the ranks: do not give rank_in/rank_out with it")
         if self.vbmf and self.energy is not None:

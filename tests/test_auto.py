@@ -692,6 +692,14 @@ def test_second_run_times_no_layer_again(vgg_calibration, monkeypatch):
         ({"methods": "svd,magic"}, "unknown magic"),
         ({"jobs": 0}, "jobs"),
         ({"target_macs": 1.5}, "fractions"),
+        # 0 used to read as "no target" and run at the default latency target 0.5 (issue 27).
+        ({"target_latency": "0"}, "fractions in \\(0, 1\\], got 0"),
+        ({"target_macs": "0"}, "fractions in \\(0, 1\\], got 0"),
+        ({"target_bytes": 0.0}, "fractions in \\(0, 1\\], got 0"),
+        ({"target_macs": "0", "target_latency": "0.5"}, "one of"),
+        ({"max_rel_l2": "-1"}, "max_rel_l2 must be >= 0"),
+        ({"max_accuracy_drop": "-0.5"}, "max_accuracy_drop must be >= 0"),
+        ({"target_latency": "nan"}, "finite"),
     ],
 )
 def test_bad_options_are_one_clear_error(options, message):

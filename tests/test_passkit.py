@@ -60,3 +60,39 @@ def test_bad_options_raise_one_clear_error(raw, words):
 def test_help_comes_from_field_metadata():
     fields = {f.name: f for f in _spec().option_fields()}
     assert option_help(fields["groups"]) == "number of groups"
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", float("nan"), float("inf")])
+def test_float_options_must_be_finite(raw):
+    """From --opt strings and from TOML (which has nan and inf literals) alike (issue 27)."""
+    with pytest.raises(CompressError, match="demo.energy=.*: expected a finite number"):
+        _spec().make_options({"energy": raw})
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("svd.target_macs", "0"),
+        ("svd.energy", "0"),
+        ("svd.energy", "1.5"),
+        ("cp.target_macs", "0"),
+        ("fga.energy", "-0.1"),
+        ("tucker2.target_macs", "2"),
+        ("lrs.target_macs", "0"),
+    ],
+)
+def test_factorization_fractions_refused_when_the_options_are_read(option, value):
+    """Not after every layer was factorized and measured, as the budget used to refuse them."""
+    import passes
+
+    pass_name, name = option.split(".")
+    with pytest.raises(CompressError, match=f"{name} must be a fraction in"):
+        passes.get_pass(pass_name).make_options({name: value})
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_cp_seed_within_numpys_range(seed):
+    import passes
+
+    with pytest.raises(CompressError, match="seed must be from 0 to 4294967295"):
+        passes.get_pass("cp").make_options({"seed": seed})
