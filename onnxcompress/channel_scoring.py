@@ -21,7 +21,7 @@ from onnxcompress.channel_activations import (
     sample_rows,
     weight_as_features,
 )
-from onnxcompress.channel_groups import ChannelGraph, Edit
+from onnxcompress.channel_groups import ChannelGraph, Edit, label
 from onnxcompress.channel_importance import (
     ChannelMoments,
     CovarianceAccumulator,
@@ -103,6 +103,18 @@ def activation_moments(
                 moments[name] = ChannelMoments(value.shape[layout.axis])
             moments[name].add(value, layout.axis)
     return moments
+
+
+def layer_weights(model: onnx.ModelProto, channel_graph: ChannelGraph, groups: list[int]):
+    """(weight, tensor, node) of every layer whose channels `groups` tie: the weights that
+    scoring, refit and surgery read (producers, consumers, depthwise convs in between)."""
+    constants = graph.constant_tensors(model)
+    kinds = ("producer", "consumer", "depthwise")
+    nodes = {edit.node for kind in kinds for edit in _edits(channel_graph, kind, groups)}
+    for index in sorted(nodes):
+        node = model.graph.node[index]
+        if len(node.input) > 1 and node.input[1] in constants:
+            yield constants[node.input[1]], node.input[1], label(node)
 
 
 def _edits(channel_graph: ChannelGraph, kind: str, groups: list[int]) -> list[Edit]:

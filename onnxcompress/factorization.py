@@ -14,6 +14,7 @@ import onnx
 from onnxcompress import activation_scale, allocation, graph, layer_refit, layer_timing
 from onnxcompress.analyse import ModelAnalysis, analyse
 from onnxcompress.errors import CompressError
+from onnxcompress.input_checks import require_finite_weights
 from onnxcompress.layers import Namer, conv_layers, conv_node, named_copy, replace_node
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option, track
 
@@ -167,6 +168,7 @@ def run_factorization(
     model = named_copy(model)
     analysis = analyse(model, context.input_shapes)
     layers, skipped = method.layers(model, analysis)
+    require_finite_weights(decomposed_weights(layers, method), pass_name)
     transforms = _input_transforms(model, layers, method, options, context)
     layers = [
         activation_scale.transformed_layer(x, transforms[x.name]) if transforms else x
@@ -197,6 +199,15 @@ def run_factorization(
         replace_node(rewritten, layer.name, rewrite.nodes, rewrite.initializers)
         rewrites[layer.name] = (layer, candidate, rewrite)
     return _finish(model, rewritten, rewrites, plan, options, context, analysis, pass_name)
+
+
+def decomposed_weights(layers: list, method: Method):
+    """(weight, tensor, node) of each layer `method` would decompose (not those it skips)."""
+    for layer in layers:
+        if not method.skip_reason(layer):
+            activation = getattr(layer, "activation", layer.node.input[0])
+            tensor = next(name for name in layer.node.input[:2] if name != activation)
+            yield layer.weight, tensor, layer.name
 
 
 def _finish(model, rewritten, rewrites, plan, options, context, analysis, pass_name):

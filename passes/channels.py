@@ -26,9 +26,15 @@ from onnxcompress.channel_budget import (
 from onnxcompress.channel_groups import ChannelGraph, Group, build_channel_graph, label
 from onnxcompress.channel_importance import ranges_kept
 from onnxcompress.channel_refit import refit_consumers
-from onnxcompress.channel_scoring import data_scores, refit_aware_scores, weight_scores
+from onnxcompress.channel_scoring import (
+    data_scores,
+    layer_weights,
+    refit_aware_scores,
+    weight_scores,
+)
 from onnxcompress.channel_surgery import prune_channels
 from onnxcompress.errors import CompressError
+from onnxcompress.input_checks import require_finite_weights
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list, option
 from passes import register
 
@@ -160,6 +166,7 @@ def _scores(model, channel_graph, candidates, importance, context, options):
     """Per group: channel scores, and (refit-aware data scores only) damage curves."""
     if not candidates:
         return {}, None
+    require_finite_weights(layer_weights(model, channel_graph, candidates), "channels")
     if importance == "data" and options.refit:
         return refit_aware_scores(
             model, channel_graph, candidates, context, options.max_refit_features
