@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 from rich.table import Table
+from rich.text import Text
 
 from onnxcompress.errors import CompressError
 from onnxcompress.io import write_bytes_atomic
@@ -138,10 +139,27 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
 
 def fidelity_title(report: dict[str, Any]) -> str:
-    return f"fidelity on {report['validation']['samples']} samples ({report['calibration']})"
+    """What the fidelity figures were measured on, or the "not validated: ..." status."""
+    validation = report["validation"]
+    if not is_validated(report):
+        return validation["status"]
+    title = f"fidelity on {validation['samples']} samples ({report['calibration']})"
+    status = validation.get("status")
+    return f"{title} — {status}" if status else title
 
 
-def fidelity_table(report: dict[str, Any]) -> Table:
+def is_validated(report: dict[str, Any]) -> bool:
+    return report["validation"].get("validated", True)  # reports before the flag were
+
+
+def fidelity_note(report: dict[str, Any]) -> str:
+    """Why the run has no fidelity figures ("" when it has)."""
+    return "" if is_validated(report) else report["validation"]["detail"]
+
+
+def fidelity_table(report: dict[str, Any]) -> Table | Text:
+    if not is_validated(report):
+        return Text(f"{fidelity_title(report)} ({fidelity_note(report)})", style="bold red")
     table = Table(title=fidelity_title(report), title_justify="left")
     for column in FIDELITY_COLUMNS:
         table.add_column(column, justify="left" if column == "output" else "right")

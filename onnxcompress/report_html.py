@@ -12,6 +12,7 @@ from onnxcompress import report_rows as rows
 from onnxcompress.report import (
     FIDELITY_COLUMNS,
     SUMMARY_COLUMNS,
+    fidelity_note,
     fidelity_rows,
     fidelity_title,
     pass_notes,
@@ -48,8 +49,11 @@ def render_html(report: dict[str, Any]) -> str:
         "<h2>Summary</h2>",
         table(SUMMARY_COLUMNS, summary_rows(report)),
         f"<h2>{escape(fidelity_title(report))}</h2>",
-        table(FIDELITY_COLUMNS, fidelity_rows(report)),
     ]
+    if fidelity_note(report):
+        body.append(f'<p class="warning">{escape(fidelity_note(report))}</p>')
+    if fidelity_rows(report):
+        body.append(table(FIDELITY_COLUMNS, fidelity_rows(report)))
     if not plots.plots_available():
         body.append(f'<p class="note">{escape(plots.INSTALL_HINT)}</p>')
     body += _passes(report)

@@ -8,6 +8,7 @@ from onnxcompress import report_rows as rows
 from onnxcompress.report import (
     FIDELITY_COLUMNS,
     SUMMARY_COLUMNS,
+    fidelity_note,
     fidelity_rows,
     fidelity_title,
     pass_notes,
@@ -25,7 +26,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "## Summary",
         table(SUMMARY_COLUMNS, summary_rows(report)),
         f"## {_cell(fidelity_title(report))}",
-        table(FIDELITY_COLUMNS, fidelity_rows(report)),
+        _cell(fidelity_note(report)),
+        table(FIDELITY_COLUMNS, fidelity_rows(report)) if fidelity_rows(report) else "",
         _verdict(report),
         "## Passes",
     ]
@@ -48,6 +50,8 @@ def _verdict(report: dict[str, Any]) -> str:
     if limit is None:
         return ""
     worst = report["validation"]["worst_rel_l2"]
+    if worst is None:
+        return f"Not validated, so the limit {limit:g} is **not met**."
     word = "within" if report.get("passed") else "**over**"
     return f"Worst relative L2 error {worst:.4g} is {word} the limit {limit:g}."
 

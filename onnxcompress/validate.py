@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from onnxcompress.calibration import (
     Calibration,
@@ -117,6 +118,39 @@ def run_model(
     return {name: np.concatenate(parts) for name, parts in collected.items() if parts}
 
 
+def require_nan_free_outputs(
+    model: onnx.ModelProto, session: ort.InferenceSession, calibration: Calibration
+) -> None:
+    """Refuse a model that outputs NaN on the first calibration batch (a NaN weight, or inputs
+    it cannot take): no error can be measured against it, and the passes' fits fail on it."""
+    names = [out.name for out in session.get_outputs()]
+    for name, value in zip(names, run_session(session, calibration.batches[0]), strict=True):
+        if np.issubdtype(np.asarray(value).dtype, np.floating) and np.isnan(value).any():
+            raise CompressError(
+                f"the model's output '{name}' is NaN on the calibration inputs "
+                f"({calibration.source}); {_nan_cause(model, calibration)}"
+            )
+
+
+def _nan_cause(model: onnx.ModelProto, calibration: Calibration) -> str:
+    from onnxcompress.input_checks import non_finite_count
+
+    readers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, node.name or node.op_type)
+    for tensor in model.graph.initializer:
+        bad = non_finite_count(numpy_helper.to_array(tensor))
+        if bad and tensor.name in readers:
+            return (
+                f"its weight '{tensor.name}' (read by node '{readers[tensor.name]}') holds {bad} "
+                "NaN or infinite value(s): fix the model's weights"
+            )
+    if calibration.source.startswith("random"):
+        return "give real inputs with --data, or their range with --input-range"
+    return "fix the model, or the data it is given"
+
+
 def compare_models(
     original: onnx.ModelProto | bytes,
     result: onnx.ModelProto | bytes,
@@ -147,6 +181,9 @@ def compare_models(
         after = run_session(session_after, batch, names)
         for name, a, b in zip(names, before, after, strict=True):
             stats[name].add(a, b)
+    if names and stats[names[0]].rows == 0:
+        # Figures over nothing would read as exact (rel L2 0, cosine 1).
+        raise CompressError(f"no samples to validate on ({calibration.source})")
     labels = calibration.labels
     if labels is not None and not any(s.predictions_before for s in stats.values()):
         log.warning("labels given, but no output looks like class scores: no accuracy")
@@ -214,6 +251,8 @@ class _OutputStats:
                 f"output '{self.name}' has shape {list(before.shape)} in the original and "
                 f"{list(after.shape)} in the result"
             )
+        if len(before) == 0:
+            return  # a batch of no samples adds nothing (compare_models refuses all-empty)
         self.shape = self.shape or list(before.shape)
         self.nonfinite_result += int(np.count_nonzero(~np.isfinite(after)))
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):

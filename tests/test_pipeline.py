@@ -1,13 +1,17 @@
 """The pipeline keeps held-out samples away from the passes that fit on data."""
 
+import pickle
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
 import passes
 from onnxcompress.calibration import Calibration
 from onnxcompress.errors import CompressError
+from onnxcompress.holdout import ReadWatch
 from onnxcompress.passkit import PassResult, PassSpec
 from onnxcompress.pipeline import CompressOptions, compress, split_holdout
 from tests.conftest import REPO
@@ -64,3 +68,73 @@ def test_passes_never_see_the_held_out_samples(tmp_path, monkeypatch):
     assert len(seen[0]) == 6  # 8 batches of 1: 6 to fit, 2 held out
     assert seen[0] == pytest.approx([float(x.sum()) for x in inputs[:6]])
     assert result.report["validation"]["samples"] == 2
+
+
+def _relu_model(path, batch="batch"):
+    """y = Relu(x) on x [batch, 4]: a model whose batch the data may cut (or not, when fixed)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def _spy_on_rows(monkeypatch, seen):
+    def spy(model, options, context):
+        seen.append(sum(len(batch["x"]) for batch in context.calibration))
+        seen.append(len(context.labels))
+        return PassResult(model, False)
+
+    monkeypatch.setitem(passes.PASSES, "spy", PassSpec("spy", spy, SpyOptions, "spy"))
+
+
+def test_one_batch_is_split_by_samples(tmp_path, monkeypatch):
+    seen = []
+    _spy_on_rows(monkeypatch, seen)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.arange(32, dtype=np.float32).reshape(8, 4), labels=np.arange(8))
+    options = CompressOptions(
+        passes=["spy"], output=str(tmp_path / "o.onnx"), data=str(data), batch_size=8, bench=False
+    )
+    result = compress(_relu_model(tmp_path / "m.onnx"), options)
+    assert seen == [6, 6], "one batch of 8: the passes get 6 samples and 6 labels"
+    validation = result.report["validation"]
+    assert validation["samples"] == 2 and validation["validated"] is True
+    assert "held-out" in validation["status"]
+
+
+def test_holdout_cuts_a_batch_and_keeps_arrays_given_once():
+    state = np.zeros((2, 1, 5), np.float32)  # pinned shape, the same for every batch
+    batch = {"x": np.arange(24.0).reshape(8, 3), "h": np.ones((2, 8, 5)), "s": state}
+    batch["sr"] = np.array(16)
+    axes = {"x": 0, "h": 1, "s": 1, "sr": None}
+    calibration = Calibration([batch], np.arange(8), "file d.npz (8 samples)", axes, False)
+    fit, held = split_holdout(calibration, 0.25)
+    (head,), (tail,) = fit.batches, held.batches
+    assert head["x"].shape == (6, 3) and tail["x"].shape == (2, 3)
+    assert head["h"].shape == (2, 6, 5) and tail["h"].shape == (2, 2, 5)
+    assert head["s"] is state and tail["s"] is state and tail["sr"] is batch["sr"]
+    assert list(tail["x"][:, 0]) == [18.0, 21.0]
+    assert list(fit.labels) == [0, 1, 2, 3, 4, 5] and list(held.labels) == [6, 7]
+
+
+def test_fixed_batch_is_held_out_only_in_whole_batches():
+    def calibration(batches):
+        data = [{"x": np.full((4, 3), i, np.float32)} for i in range(batches)]
+        return Calibration(data, None, f"file d.npz ({4 * batches} samples)", {"x": 0}, True)
+
+    one = calibration(1)
+    assert split_holdout(one, 0.25) == (one, one)
+    fit, held = split_holdout(calibration(2), 0.25)
+    assert len(fit.batches) == len(held.batches) == 1 and held.batches[0]["x"][0, 0] == 1
+
+
+def test_read_watch_counts_reading_not_asking():
+    watched = ReadWatch([{"x": np.zeros(2)}])
+    assert watched and len(watched) == 1 and not watched.read  # asking whether there is data
+    first = ReadWatch(watched)
+    assert first[0] is watched[0] and first.read
+    shipped = ReadWatch(watched)
+    assert type(pickle.loads(pickle.dumps(shipped))) is list and shipped.read  # to a worker
+    looped = ReadWatch(watched)
+    assert [batch for batch in looped] and looped.read

@@ -99,7 +99,7 @@ def test_model_compared_with_itself_is_exact():
     assert logits["top1_agreement"] == 1.0
     assert report["worst_rel_l2"] == 0.0
     assert report["samples"] == 6
-    assert report["source"] == "random (seed 0)"
+    assert report["source"] == "random, standard normal N(0, 1), seed 0"
 
 
 def test_perturbed_model_figures_equal_numpy():
@@ -349,3 +349,70 @@ def test_normalised_embeddings_get_cosine_but_no_top1():
     confident[:, 3] = 1 - 15e-6
     probabilities.add(confident, confident)
     assert "top1_agreement" in probabilities.summary(None)
+
+
+# -- issue 27: what validation and random inputs rest on ------------------------------------
+
+
+def two_inputs() -> onnx.ModelProto:
+    """y = a + b on two float inputs [batch, 4]."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"])],
+        "two",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 4]) for n in "ab"],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    return _model(graph)
+
+
+def test_random_inputs_drawn_in_the_given_range():
+    model, shapes = two_inputs(), {"a": [64, 4], "b": [64, 4]}
+    batches = random_inputs(model, shapes, ranges={"a": (-1.0, 1.0)})
+    a = np.concatenate([batch["a"] for batch in batches])
+    b = np.concatenate([batch["b"] for batch in batches])
+    assert a.min() >= -1 and a.max() <= 1 and a.min() < -0.9 and a.max() > 0.9
+    assert np.abs(b).max() > 1.5, "b keeps the standard normal"
+    mixed = calibration_inputs(model, shapes, ranges={"a": (-1.0, 1.0)})
+    assert mixed.source == "random, seed 0: a uniform in [-1, 1], b standard normal N(0, 1)"
+    every = calibration_inputs(model, shapes, seed=3, ranges={"": (0.0, 255.0)})
+    assert every.source == "random, uniform in [0, 255], seed 3"
+    assert all(0 <= batch["b"].min() and batch["b"].max() <= 255 for batch in every.batches)
+
+
+@pytest.mark.parametrize(
+    ("ranges", "message"),
+    [
+        ({"c": (-1.0, 1.0)}, "'c' is not an input"),
+        ({"a": (1.0, -1.0)}, "finite numbers LO < HI"),
+        ({"a": (1.0, 1.0)}, "finite numbers LO < HI"),
+        ({"": (float("nan"), 1.0)}, "finite numbers LO < HI"),
+        ({"": (0.0, float("inf"))}, "finite numbers LO < HI"),
+        ({"a": (0.0, 1e39)}, "beyond what the input's type holds"),
+    ],
+)
+def test_input_range_problems_are_named(ranges, message):
+    with pytest.raises(CompressError, match=message):
+        random_inputs(two_inputs(), {"a": [1, 4], "b": [1, 4]}, ranges=ranges)
+
+
+def test_input_range_of_an_int_input_is_refused(tmp_path):
+    model, shapes = scaled_by_rate(), {"x": [1, 4], "sr": []}
+    with pytest.raises(CompressError, match="'sr' is an input random data cannot stand in for"):
+        random_inputs(model, shapes, fixed={"sr": np.array(16)}, ranges={"sr": (0.0, 1.0)})
+    np.savez(tmp_path / "d.npz", x=np.ones((2, 4), np.float32), sr=np.array(16))
+    with pytest.raises(CompressError, match="--input-range .* drop it"):
+        calibration_inputs(model, shapes, data=tmp_path / "d.npz", ranges={"": (0.0, 1.0)})
+
+
+def test_npz_with_zero_samples_is_refused(tmp_path):
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 3, 4, 4), np.float32))
+    model = classifier()
+    with pytest.raises(CompressError, match="empty.npz holds 0 samples"):
+        calibration_inputs(model, resolve_input_shapes(model), data=tmp_path / "empty.npz")
+
+
+def test_no_samples_give_no_figures():
+    model = classifier()
+    empty = Calibration([{"x": np.zeros((0, 3, 4, 4), np.float32)}], None, "file e.npz")
+    with pytest.raises(CompressError, match="no samples to validate on"):
+        compare_models(model, classifier(noise=1.0), empty)
