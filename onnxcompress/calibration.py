@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +12,17 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnxcompress.batch_layout import BatchLayout, batch_axes, batch_layout
 from onnxcompress.errors import CompressError
 from onnxcompress.graph import dim_values, runtime_inputs
 from onnxcompress.images import Preprocess, load_images, parse_preprocess
+from onnxcompress.input_checks import (
+    made_up_bytes,
+    non_finite_count,
+    random_batch_count,
+    refuse_huge_batch,
+)
+from onnxcompress.input_ranges import input_ranges, random_source
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +36,11 @@ class Calibration:
 
     batches: list[dict[str, np.ndarray]]
     labels: np.ndarray | None
-    source: str  # in words, for the report: "random (seed 0)", "file x.npz (512 samples)", ...
+    source: str  # in words, for the report: "random, ... seed 0", "file x.npz (512 samples)"
+    # The axis each input stacks samples on (None: the same array in every batch); None when
+    # unknown, and then samples are split for validation only in whole batches.
+    axes: dict[str, int | None] | None = None
+    fixed_batch: bool = True  # the model fixes its batch size: no batch can be cut
 
 
 def calibration_inputs(
@@ -44,12 +55,19 @@ def calibration_inputs(
     batch_size: int | None = None,
     seed: int = 0,
     fixed: dict[str, np.ndarray] | None = None,
+    ranges: dict[str, tuple[float, float]] | None = None,
 ) -> Calibration:
     """The calibration set: from `data` (.npz), from `images` (a folder), else seeded random.
 
     `count` caps the samples (random: default 4 batches of the pinned shape). `fixed` gives
-    arrays that random data cannot stand in for (e.g. an int64 sample rate).
+    arrays that random data cannot stand in for (e.g. an int64 sample rate); `ranges` the
+    interval random values of an input are drawn from (see `random_inputs`).
     """
+    if ranges and (data is not None or images is not None):
+        raise CompressError(
+            "--input-range sets the random inputs used without data; drop it when giving "
+            "--data or --images"
+        )
     if data is not None and images is not None:
         raise CompressError("give calibration data either as --data FILE.npz or as --images DIR")
     if count is not None and count < 1:
@@ -59,18 +77,40 @@ def calibration_inputs(
             "a labels file goes with --images; with --data put the labels in the file "
             f"as an int array named '{LABELS_KEY}'"
         )
+    # How samples stack, so that validation can hold some out of a single batch.
+    pins = batch_layout(model, input_shapes)
+    layout = {"axes": pins.axes, "fixed_batch": _batch_is_fixed(model, pins.axes)}
     if data is not None:
-        batches, file_labels = load_npz_inputs(data, model, input_shapes, batch_size, limit=count)
-        samples = sum(_batch_rows(model, batch) for batch in batches)
-        return Calibration(batches, file_labels, f"file {Path(data).name} ({samples} samples)")
+        batches, file_labels, shown = read_npz_batches(data, model, input_shapes, batch_size, count)
+        layout = {"axes": shown.axes, "fixed_batch": _batch_is_fixed(model, shown.axes)}
+        samples = sum(_batch_rows(model, batch, shown.axes) for batch in batches)
+        if samples == 0:
+            raise CompressError(
+                f"{Path(data).name} holds 0 samples; give at least one sample per input"
+            )
+        source = f"file {Path(data).name} ({_noted(f'{samples} samples', shown)})"
+        return Calibration(batches, file_labels, source, **layout)
+    made_up = made_up_bytes(input_dtypes(model), input_shapes, fixed)
+    refuse_huge_batch(model, input_shapes, made_up)  # before random or image inputs are made
     if images is not None:
-        return _image_calibration(
+        found = _image_calibration(
             model, input_shapes, images, preprocess, labels, count, batch_size
         )
-    rows = _pinned_batch(model, input_shapes)
-    batch_count = DEFAULT_RANDOM_BATCHES if count is None else max(1, math.ceil(count / rows))
-    batches = random_inputs(model, input_shapes, count=batch_count, seed=seed, fixed=fixed)
-    return Calibration(batches, None, f"random (seed {seed})")
+        axes = dict.fromkeys(layout["axes"], 0)  # images stack on axis 0
+        return dataclasses.replace(found, axes=axes, fixed_batch=layout["fixed_batch"])
+    rows = _pinned_batch(model, input_shapes, pins.axes)
+    batch_count = random_batch_count(made_up, count, rows, DEFAULT_RANDOM_BATCHES)
+    batches = random_inputs(
+        model, input_shapes, count=batch_count, seed=seed, fixed=fixed, ranges=ranges
+    )
+    source = random_source(input_dtypes(model), fixed or {}, ranges or {}, seed)
+    return Calibration(batches, None, _noted(source, pins), **layout)
+
+
+def _noted(text: str, layout: BatchLayout) -> str:
+    """`text`, then which axis was taken as the batch where the model does not name it."""
+    note = layout.note()
+    return f"{text}; {note}" if note else text
 
 
 def random_inputs(
@@ -79,8 +119,10 @@ def random_inputs(
     count: int = DEFAULT_RANDOM_BATCHES,
     seed: int = 0,
     fixed: dict[str, np.ndarray] | None = None,
+    ranges: dict[str, tuple[float, float]] | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """`count` batches of standard-normal data in each input's pinned shape and dtype.
+    """`count` batches of random data in each input's pinned shape and dtype: standard normal,
+    or uniform in [lo, hi] for an input in `ranges` (the key "" stands for every float input).
 
     Integer and bool inputs (token ids, sizes, flags) have no meaningful random stand-in: they
     must come from `fixed`, which is used as is in every batch.
@@ -94,12 +136,16 @@ def random_inputs(
                 f"input '{name}' takes {dtype} values that random data cannot stand in for; "
                 f"give calibration data with --data FILE.npz holding an array named '{name}'"
             )
+    per_input = input_ranges(dtypes, fixed, ranges or {})
     batches = []
     for _ in range(count):
         batch = {}
         for name, dtype in dtypes.items():
             if name in fixed:
                 batch[name] = np.asarray(fixed[name])
+            elif name in per_input:
+                low, high = per_input[name]
+                batch[name] = rng.uniform(low, high, input_shapes[name]).astype(dtype)
             else:
                 values = rng.standard_normal(input_shapes[name], dtype=np.float32)
                 batch[name] = values.astype(dtype)
@@ -116,11 +162,24 @@ def load_npz_inputs(
 ) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
     """Batches from a .npz holding one array per input name, plus an optional 'labels' array.
 
-    Each array stacks the samples along the input's batch axis (axis 0, or the axis carrying
-    the batch symbol, e.g. silero's state [2, N, 128]); all give the same sample count N. An
-    array of exactly the input's pinned shape whose sample count differs from N, or any array
-    for an input with no batch axis (e.g. silero's scalar int64 'sr'), is used for every batch.
+    Each array stacks the samples along the input's batch axis (the named batch dim, else the
+    one dynamic axis where the array differs from the pinned shape, e.g. state [2, N, 128]
+    pinned [2, 1, 128]; see `batch_layout`); all give the same sample count N. An array of
+    exactly the input's pinned shape whose sample count differs from N, or any array for an
+    input with no batch axis (e.g. silero's scalar int64 'sr'), is used for every batch.
     """
+    batches, labels, _ = read_npz_batches(path, model, input_shapes, batch_size, limit)
+    return batches, labels
+
+
+def read_npz_batches(
+    path: str | Path,
+    model: onnx.ModelProto,
+    input_shapes: dict[str, list[int]],
+    batch_size: int | None = None,
+    limit: int | None = None,
+) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None, BatchLayout]:
+    """`load_npz_inputs`, and the batch layout the data showed."""
     arrays = _read_npz(path)
     dtypes = input_dtypes(model)
     missing = [name for name in dtypes if name not in arrays]
@@ -132,7 +191,8 @@ def load_npz_inputs(
     ignored = sorted(set(arrays) - set(dtypes) - {LABELS_KEY})
     if ignored:
         log.warning("%s: ignoring arrays that match no input: %s", path, ", ".join(ignored))
-    axes = batch_axes(model)
+    layout = batch_layout(model, input_shapes, arrays)
+    axes = layout.axes
     samples: dict[str, int] = {}
     for name, dtype in dtypes.items():
         array, shape, axis = arrays[name], input_shapes[name], axes[name]
@@ -142,6 +202,12 @@ def load_npz_inputs(
             want = list(shape) if axis is None else [*shape[:axis], "N", *shape[axis + 1 :]]
             raise CompressError(
                 f"{path}: array '{name}' has shape {list(array.shape)}, expected {want}"
+            )
+        bad = non_finite_count(array)
+        if bad:
+            raise CompressError(
+                f"{path}: array '{name}' holds {bad} NaN or infinite value(s); calibration "
+                "data must be finite numbers"
             )
         if axis is not None:
             samples[name] = array.shape[axis]
@@ -158,11 +224,14 @@ def load_npz_inputs(
         sample_count = min(sample_count, limit)
     stacked = {name: (arrays[name], axes[name]) for name in samples}
     constant = {name: arrays[name] for name in dtypes if name not in samples}
-    batch_size = batch_size_for(model, input_shapes, batch_size)
-    batches = _split_batches(stacked, constant, sample_count, batch_size, _batch_is_fixed(model))
+    batch_size = batch_size_for(model, input_shapes, batch_size, axes)
+    for name in stacked if sample_count > batch_size else ():
+        layout.refuse_if_unsure(name, input_shapes[name])  # the cut would follow a guess
+    fixed = _batch_is_fixed(model, axes)
+    batches = _split_batches(stacked, constant, sample_count, batch_size, fixed)
     if labels is not None:
-        labels = labels[: sum(_batch_rows(model, batch) for batch in batches)]
-    return batches, labels
+        labels = labels[: sum(_batch_rows(model, batch, axes) for batch in batches)]
+    return batches, labels, layout
 
 
 def input_dtypes(model: onnx.ModelProto) -> dict[str, np.dtype]:
@@ -177,48 +246,38 @@ def input_dtypes(model: onnx.ModelProto) -> dict[str, np.dtype]:
     return dtypes
 
 
-def batch_axes(model: onnx.ModelProto) -> dict[str, int | None]:
-    """The axis each input stacks samples on, None for inputs without one.
-
-    The batch symbol is the first symbolic leading dim among the inputs; an input carries the
-    batch on the axis with that symbol. A model with no dynamic leading dim batches on axis 0.
-    """
-    dims = {inp.name: dim_values(inp) for inp in runtime_inputs(model)}
-    symbol = next((d[0] for d in dims.values() if d and isinstance(d[0], str)), None)
-    axes: dict[str, int | None] = {}
-    for name, shape in dims.items():
-        if symbol is not None and symbol in shape:
-            axes[name] = shape.index(symbol)
-        elif shape and (symbol is None or not isinstance(shape[0], int)):
-            axes[name] = 0
-        else:
-            axes[name] = None
-    return axes
-
-
 def batch_size_for(
-    model: onnx.ModelProto, input_shapes: dict[str, list[int]], requested: int | None
+    model: onnx.ModelProto,
+    input_shapes: dict[str, list[int]],
+    requested: int | None,
+    axes: dict[str, int | None] | None = None,
 ) -> int:
     """The batch size to cut data into: the user's, else the pinned batch dim."""
-    pinned = _pinned_batch(model, input_shapes)
+    axes = batch_axes(model, input_shapes) if axes is None else axes
+    pinned = _pinned_batch(model, input_shapes, axes)
     if requested is None:
         return pinned
     if requested < 1:
         raise CompressError(f"batch size must be at least 1, got {requested}")
-    if _batch_is_fixed(model) and requested != pinned:
+    if _batch_is_fixed(model, axes) and requested != pinned:
         raise CompressError(f"the model fixes its batch dim to {pinned}; cannot run {requested}")
     return requested
 
 
-def _pinned_batch(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> int:
-    for name, axis in batch_axes(model).items():
+def _pinned_batch(
+    model: onnx.ModelProto,
+    input_shapes: dict[str, list[int]],
+    axes: dict[str, int | None] | None = None,
+) -> int:
+    axes = batch_axes(model, input_shapes) if axes is None else axes
+    for name, axis in axes.items():
         if axis is not None:
             return int(input_shapes[name][axis])
     return 1
 
 
-def _batch_is_fixed(model: onnx.ModelProto) -> bool:
-    axes = batch_axes(model)
+def _batch_is_fixed(model: onnx.ModelProto, axes: dict[str, int | None] | None = None) -> bool:
+    axes = batch_axes(model) if axes is None else axes
     for inp in runtime_inputs(model):
         axis = axes[inp.name]
         if axis is not None:
@@ -226,8 +285,13 @@ def _batch_is_fixed(model: onnx.ModelProto) -> bool:
     return True
 
 
-def _batch_rows(model: onnx.ModelProto, batch: dict[str, np.ndarray]) -> int:
-    for name, axis in batch_axes(model).items():
+def _batch_rows(
+    model: onnx.ModelProto,
+    batch: dict[str, np.ndarray],
+    axes: dict[str, int | None] | None = None,
+) -> int:
+    axes = batch_axes(model) if axes is None else axes
+    for name, axis in axes.items():
         if axis is not None and batch[name].ndim > axis:
             return batch[name].shape[axis]
     return 1

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from onnxcompress import cli_types
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import comma_list
 from onnxcompress.report_progress import TerminalProgress
@@ -29,13 +33,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise CompressError(f"{message} (see {self.prog} --help)")
-
-
-def _at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +59,8 @@ def compress_parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         help="output .onnx, or .onnxc for an entropy-coded file that `decode` turns back "
-        "into .onnx (default: <model>.compressed.onnx)",
+        "into .onnx (default: <model>.compressed.onnx, or <model>.compressed-2.onnx, ... if "
+        "that exists: a default never replaces a file)",
     )
     p.add_argument(
         "--opt",
@@ -80,24 +78,53 @@ def compress_parser() -> argparse.ArgumentParser:
         help="image preprocessing spec, e.g. 'resize=224,mean=104;117;123,bgr' (lists split by ;)",
     )
     p.add_argument("--labels", help="labels for --images: '<file>, <int>' lines or one int a line")
-    p.add_argument("--calib-count", type=int, help="use at most this many samples")
-    p.add_argument("--batch-size", type=int, help="batch size for data runs (dynamic batch)")
+    p.add_argument(
+        "--calib-count", type=cli_types.at_least_one, help="use at most this many samples"
+    )
+    p.add_argument(
+        "--batch-size", type=cli_types.at_least_one, help="batch size for data runs (dynamic batch)"
+    )
     p.add_argument(
         "--holdout",
         type=float,
         default=0.25,
         help="fraction of --data/--images samples kept out of refit and used only "
-        "to validate (default 0.25; 0 validates on the refit samples)",
+        "to validate (default 0.25). 0 gives the passes every sample: if they read them, the "
+        "run is 'not validated' and --max-rel-l2 fails it",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed for random inputs (default 0)")
-    p.add_argument("--threads", type=int, default=2, help="onnxruntime threads (default 2)")
     p.add_argument(
-        "--jobs", type=_at_least_one, default=1, help="worker processes for independent jobs (auto)"
+        "--seed", type=cli_types.seed, default=0, help="seed for random inputs (default 0)"
+    )
+    p.add_argument(
+        "--input-range",
+        action="append",
+        default=[],
+        metavar="[NAME:]LO,HI",
+        help="without data, draw random values of input NAME (all float inputs without NAME) "
+        "uniformly in [LO, HI], e.g. the model's documented range: --input-range=-1,1 "
+        "(repeatable; default: standard normal)",
+    )
+    p.add_argument(
+        "--threads",
+        type=cli_types.thread_count,
+        default=2,
+        help="onnxruntime threads, at most the cores this process may use (default 2)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=cli_types.at_least_one,
+        default=1,
+        help="worker processes for independent jobs (auto)",
     )
     p.add_argument("--no-bench", action="store_true", help="skip the latency benchmark")
-    p.add_argument("--bench-repeats", type=int, default=30, help="timed runs per model")
     p.add_argument(
-        "--max-rel-l2", type=float, help="exit 1 if any output's relative L2 error exceeds this"
+        "--bench-repeats", type=cli_types.at_least_one, default=30, help="timed runs per model"
+    )
+    p.add_argument(
+        "--max-rel-l2",
+        type=cli_types.non_negative_number,
+        help="exit 1 if any output's relative L2 error exceeds this, or if the run is not "
+        "validated (the passes read every sample: none held out)",
     )
     p.add_argument(
         "--report",
@@ -116,7 +143,9 @@ def analyse_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="input .onnx file")
     p.add_argument("--json", help="write the table as JSON to this path")
-    p.add_argument("--top", type=int, help="show only the N layers with the most MACs")
+    p.add_argument(
+        "--top", type=cli_types.at_least_one, help="show only the N layers with the most MACs"
+    )
     _common(p)
     return p
 
@@ -127,9 +156,30 @@ def decode_parser() -> argparse.ArgumentParser:
         description="Restore a standard .onnx model from a .onnxc file.",
     )
     p.add_argument("model", help="input .onnxc file (never modified)")
-    p.add_argument("-o", "--output", help="output .onnx (default: <name>.onnx beside the input)")
+    p.add_argument(
+        "-o",
+        "--output",
+        help="output .onnx (default: <name>.onnx beside the input, or <name>-2.onnx, ... "
+        "if that exists: a default never replaces a file)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks")
     return p
+
+
+def parse_input_ranges(items: list[str]) -> dict[str, tuple[float, float]]:
+    """`[NAME:]LO,HI` items as {name: (lo, hi)}, "" for all inputs; checked against the model
+    when the random inputs are drawn."""
+    ranges = {}
+    for item in items:
+        name, _, bounds = item.rpartition(":")  # names may hold ':' (e.g. 'input:0')
+        try:
+            low, high = (float(value) for value in bounds.split(","))
+        except ValueError:
+            raise CompressError(
+                f"--input-range {item!r}: expected [NAME:]LO,HI, e.g. pixel_values:-1,1"
+            ) from None
+        ranges[name] = (low, high)
+    return ranges
 
 
 def parse_input_shapes(items: list[str]) -> dict[str, list[int]]:
@@ -173,6 +223,10 @@ def _read_config(path: str) -> tuple[list[str], dict]:
         raise CompressError(f"--config {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise CompressError(f"--config {path}: not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise CompressError(
+            f"--config {path}: not UTF-8 text at byte {exc.start}; save the TOML file as UTF-8"
+        ) from exc
     passes = data.pop("passes", [])
     if isinstance(passes, str):
         passes = comma_list(passes)
@@ -204,7 +258,7 @@ def list_passes(console: Console) -> None:
 
 
 def run_compress(args: argparse.Namespace, console: Console) -> int:
-    from onnxcompress.pipeline import CompressOptions, compress
+    from onnxcompress.pipeline import CompressOptions, compress, default_output
     from onnxcompress.report import fidelity_table, pass_lines, summary_table
 
     if args.list_passes:
@@ -226,6 +280,7 @@ def run_compress(args: argparse.Namespace, console: Console) -> int:
         calibration_count=args.calib_count,
         batch_size=args.batch_size,
         holdout=args.holdout,
+        input_ranges=parse_input_ranges(args.input_range),
         seed=args.seed,
         threads=args.threads,
         jobs=args.jobs,
@@ -248,15 +303,21 @@ def run_compress(args: argparse.Namespace, console: Console) -> int:
     out.print(summary_table(result.report))
     out.print(fidelity_table(result.report))
     written = f"wrote {result.output}"
+    if not args.output and result.output != default_output(Path(args.model)):
+        written += f" ({default_output(Path(args.model)).name} exists and was left as it is)"
     if args.report:
         written += f", report {_report_files(args.report)}"
     out.print(written, soft_wrap=True)
     if not result.passed:
-        worst = result.report["validation"]["worst_rel_l2"]
-        sys.stderr.write(
-            f"error: relative L2 error {worst:.4g} exceeds --max-rel-l2 "
-            f"{args.max_rel_l2:g}; the model and report were written anyway\n"
+        validation = result.report["validation"]
+        why = (
+            f"relative L2 error {validation['worst_rel_l2']:.4g} exceeds --max-rel-l2 "
+            f"{args.max_rel_l2:g}"
+            if validation["validated"]
+            else f"--max-rel-l2 {args.max_rel_l2:g} cannot pass: {validation['status']} "
+            f"({validation['detail']})"
         )
+        sys.stderr.write(f"error: {why}; the model and report were written anyway\n")
     return result.exit_code
 
 
@@ -270,9 +331,12 @@ def _report_files(raw: str) -> str:
 def run_analyse(args: argparse.Namespace, console: Console) -> int:
     from onnxcompress import io
     from onnxcompress.analyse import analyse, format_table
+    from onnxcompress.pipeline import check_input_model
     from onnxcompress.report import write_json
 
     model = io.load_model(args.model)
+    # The check compress runs on load: a table of a model it would refuse proves nothing.
+    check_input_model(model, Path(args.model))
     analysis = analyse(model, parse_input_shapes(args.input_shape))
     Console().print(format_table(analysis, top=args.top))
     if args.json:
@@ -288,16 +352,38 @@ def run_decode(args: argparse.Namespace, console: Console) -> int:
     source = Path(args.model)
     if not source.is_file():
         raise CompressError(f"{source}: no such file")
-    output = Path(args.output) if args.output else source.with_suffix(".onnx")
+    # A default name never replaces a file: x.onnxc is often named after the user's x.onnx.
+    preferred = source.with_suffix(".onnx")
+    output = io.output_file(args.output) if args.output else io.free_path(preferred)
     if output.exists() and output.resolve() == source.resolve():
         raise CompressError(f"output {output} is the input file; choose another path with -o")
     model = onnxc.load_onnxc(source)
-    written = io.save_model(model, output)
-    Console().print(f"wrote {output} ({written} bytes)")
+    written = io.save_model(model, output, replace=args.output is not None)
+    kept = f"; {preferred} exists and was left as it is" if output != preferred else ""
+    Console().print(f"wrote {output} ({written} bytes){kept}", soft_wrap=True)
     return EXIT_OK
 
 
+class Terminated(BaseException):
+    """SIGTERM (what `timeout` and CI send), raised where the run is so that every `finally`
+    on the way out removes its temp files; a BaseException, so no `except Exception` eats it."""
+
+
+def _raise_terminated(_signum, _frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is not threading.main_thread():  # signals: main thread only
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     console = Console(stderr=True)
     verbose = "-v" in argv or "--verbose" in argv
@@ -317,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _fail(console, "interrupted", verbose)
         return 130
+    except Terminated:
+        _fail(console, "terminated", verbose)
+        return 128 + signal.SIGTERM
     except Exception as exc:  # a bug of ours: still one line unless -v
         _fail(
             console,

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
+import re
+import stat
 import tempfile
 from pathlib import Path
 
 import onnx
 
 from onnxcompress.errors import CompressError, first_line
+from onnxcompress.input_checks import require_utf8_strings
 
 # protobuf cannot serialise a message of 2 GiB or more; stay clear of the limit.
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
+# Tensors of this many bytes or more go to the external data file (onnx's own default).
+EXTERNAL_TENSOR_BYTES = 1024
+# Temp files carry this tag and the writer's pid: a later run can prove a leftover is its own.
+_TEMP_TAG = "onnxcompress"
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -27,7 +36,9 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if _is_onnxc(path):  # a coded model file: decode it transparently
         from onnxcompress import onnxc
 
-        return onnxc.load_onnxc(path)
+        model = onnxc.load_onnxc(path)
+        require_utf8_strings(model, path)
+        return model
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends
@@ -36,6 +47,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         ) from exc
     if not model.graph.node and not model.graph.output:
         raise CompressError(f"{path}: not an ONNX model (no graph found in the file)")
+    require_utf8_strings(model, path)  # before external data: its file names are strings too
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as exc:
@@ -48,59 +60,242 @@ def model_bytes(model: onnx.ModelProto) -> int:
     return model.ByteSize()
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> int:
-    """Write the model atomically (temp file + rename); returns the bytes written.
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, replace: bool = True) -> int:
+    """Write the model atomically; returns the bytes written, external data included.
 
-    Models too large for one protobuf go to external data in a `<name>.data` file beside it.
+    A model too large for one protobuf keeps its large tensors in `<name>.<digest>.data` beside
+    it, named by their content and in place before the `.onnx` is renamed over the old one, so
+    neither a reader nor a concurrent writer ever pairs one run's graph with another's weights.
+    `replace=False` refuses to replace a file that exists when the write ends.
     """
-    path = Path(path)
+    path = output_file(path)
     if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-        return write_bytes_atomic(model.SerializeToString(), path)
-
-    def write_external(tmp: str) -> None:
-        onnx.save_model(
-            model,
-            tmp,
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=path.name + ".data",
-            size_threshold=1024,
-        )
-
-    _write_atomic(path, write_external)
-    return path.stat().st_size
+        return write_bytes_atomic(model.SerializeToString(), path, replace=replace)
+    return _save_with_external_data(model, path, replace)
 
 
-def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> int:
+def write_bytes_atomic(data: bytes, path: str | os.PathLike, *, replace: bool = True) -> int:
     """Write bytes atomically (temp file in the same folder + rename); returns bytes written."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-
-    _write_atomic(Path(path), write)
+    path = output_file(path)
+    with _temp_beside(path, ".tmp") as tmp:
+        _write_file(tmp, [data])
+        _publish(tmp, path, replace)
     return len(data)
 
 
-def _write_atomic(path: Path, write) -> None:
-    """`write(tmp)` into a temp file beside `path`, then rename it over `path`: readers never
-    see a half-written file, and a failure leaves no temp file behind."""
-    directory = path.parent if str(path.parent) else Path(".")
+def output_file(path: str | os.PathLike) -> Path:
+    """The file a write to `path` replaces: a symlink's target. Refuses anything at the path
+    that is not a regular file (a folder, a device such as /dev/null, a FIFO, a socket)."""
+    path = Path(path)
+    if path.is_symlink():
+        target = path.resolve()
+        if not target.exists():
+            raise CompressError(f"{path} is a link to {target}, which does not exist")
+        path = target
+    if path.exists() and not path.is_file():
+        raise CompressError(f"{path} is {_file_kind(path)}, not a regular file; give a file path")
+    return path
+
+
+def free_path(preferred: Path) -> Path:
+    """`preferred` if nothing is there, else the first free `<stem>-2<suffix>`, `-3`, ...: a
+    name the tool picks itself never replaces a file."""
+    for number in range(1, 1000):
+        name = preferred.name if number == 1 else f"{preferred.stem}-{number}{preferred.suffix}"
+        candidate = preferred.with_name(name)
+        if not candidate.exists() and not candidate.is_symlink():
+            return candidate
+    raise CompressError(f"{preferred} and 998 numbered names beside it exist; give one with -o")
+
+
+def _save_with_external_data(model: onnx.ModelProto, path: Path, replace: bool) -> int:
+    tensors = [
+        tensor
+        for tensor in _initializers(model.graph)
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_TENSOR_BYTES
+    ]
+    with _temp_beside(path, ".data.tmp") as data_tmp, _temp_beside(path, ".tmp") as graph_tmp:
+        spans, digest = _write_file(data_tmp, (tensor.raw_data for tensor in tensors))
+        data_path = path.with_name(f"{path.name}.{digest[:16]}.data")
+        _write_file(graph_tmp, [_serialize_with_external(model, tensors, spans, data_path.name)])
+        # Data files are renamed and removed only under this lock, so every data file named
+        # as ours that the model at `path` does not read is a leftover, safe to remove.
+        with _folder_lock(path.parent):
+            try:
+                os.replace(data_tmp, data_path)
+                _publish(graph_tmp, path, replace)
+            finally:
+                _remove_unread_data(path)
+    return path.stat().st_size + sum(length for _, length in spans)
+
+
+def _remove_unread_data(path: Path) -> None:
+    own = re.compile(rf"{re.escape(path.name)}\.[0-9a-f]{{16}}\.data")
+    read = _external_files(path)
+    for entry in path.parent.iterdir():
+        if own.fullmatch(entry.name) and entry.name not in read:
+            entry.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive advisory lock on the folder (flock on the folder itself: no lock file)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
+def _initializers(graph: onnx.GraphProto):
+    """Initializers of a graph and of every subgraph under it."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _initializers(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _initializers(subgraph)
+
+
+def _serialize_with_external(
+    model: onnx.ModelProto, tensors: list, spans: list[tuple[int, int]], location: str
+) -> bytes:
+    """The model's bytes with `tensors` pointing into the data file; the tensors get their
+    bytes back afterwards (moved out and in, so memory never holds them twice)."""
+    moved = []
+    try:
+        for tensor, (offset, length) in zip(tensors, spans, strict=True):
+            moved.append(tensor.raw_data)
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", offset), ("length", length)):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+        return model.SerializeToString()
+    except ValueError as exc:  # protobuf's own limit, met by what stays in the graph
+        raise CompressError(f"the model's graph is too large to write: {first_line(exc)}") from exc
+    finally:
+        for tensor, raw in zip(tensors, moved, strict=False):
+            del tensor.external_data[:]
+            tensor.ClearField("data_location")
+            tensor.raw_data = raw
+
+
+def _external_files(path: Path) -> set[str]:
+    """Names of the external data files the model now at `path` reads (none if unreadable)."""
+    try:
+        if not path.is_file() or path.stat().st_size >= EXTERNAL_DATA_THRESHOLD:
+            return set()
+        existing = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not a model of ours: its files are left alone
+        return set()
+    names = set()
+    for tensor in _initializers(existing.graph):
+        names.update(e.value for e in tensor.external_data if e.key == "location")
+    return {name for name in names if Path(name).name == name}
+
+
+def _write_file(path: str, chunks) -> tuple[list[tuple[int, int]], str]:
+    """Write chunks one after another and flush them to disk; returns each chunk's (offset,
+    length) and the sha256 of all of them."""
+    digest, spans, offset = hashlib.sha256(), [], 0
+    try:
+        with open(path, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+                digest.update(chunk)
+                spans.append((offset, len(chunk)))
+                offset += len(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())  # renamed into place only once it is on disk
+    except OSError as exc:
+        raise CompressError(f"{path}: cannot write: {exc.strerror or exc}") from exc
+    _default_permissions(path)
+    return spans, digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _temp_beside(path: Path, suffix: str):
+    """A temp file beside `path`, removed on any failure or interruption. Its name carries this
+    process's id, so a later run can prove a leftover (after SIGKILL) is a dead run's own."""
+    directory = path.parent
     if not directory.is_dir():
         raise CompressError(f"{path}: output folder {directory} does not exist")
     if not os.access(directory, os.W_OK):
         raise CompressError(f"{path}: output folder {directory} is not writable")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+    remove_stale_temps(path)
+    prefix = f".{path.name}.{_TEMP_TAG}-{os.getpid()}-"
     try:
-        write(tmp)
-        _default_permissions(tmp)
-        os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
     except OSError as exc:
         raise CompressError(f"{path}: cannot write: {exc.strerror or exc}") from exc
+    os.close(fd)
+    try:
+        yield tmp
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _publish(tmp: str, path: Path, replace: bool) -> None:
+    """Move the finished temp file to `path` in one step; without `replace`, only if nothing
+    is there (a hard link fails on an existing name, where a rename would replace it)."""
+    try:
+        if replace:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise CompressError(
+                f"{path} appeared during the run and was not replaced; give the output with -o"
+            ) from None
+        except OSError:  # a file system without hard links
+            if path.exists():
+                raise CompressError(f"{path} exists and was not replaced") from None
+            os.replace(tmp, path)
+    except OSError as exc:
+        raise CompressError(f"{path}: cannot write: {exc.strerror or exc}") from exc
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temp files that runs writing `path` left when killed (their process is
+    gone); returns them."""
+    directory = path.parent
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{_TEMP_TAG}-(\d+)-\w+(\.data)?\.tmp")
+    removed = []
+    for entry in directory.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and not _process_alive(int(match.group(1))) and entry.is_file():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _file_kind(path: Path) -> str:
+    mode = path.stat().st_mode
+    kinds = [
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
+    return next((words for test, words in kinds if test(mode)), "not a regular file")
 
 
 def file_sha256(path: str | os.PathLike) -> str:

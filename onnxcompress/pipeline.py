@@ -15,7 +15,8 @@ import onnx
 from onnxcompress import graph, io
 from onnxcompress.analyse import analyse
 from onnxcompress.errors import CompressError
-from onnxcompress.passkit import PassContext, PassSpec, Progress, no_progress, sample_count
+from onnxcompress.holdout import ReadWatch, split_holdout, validation_entry
+from onnxcompress.passkit import PassContext, PassSpec, Progress, no_progress
 
 StepCallback = Callable[[str], None]
 
@@ -35,6 +36,8 @@ class CompressOptions:
     calibration_count: int | None = None
     # Fraction of the user's samples kept out of the passes' refit and used only to validate.
     holdout: float = 0.25
+    # Interval each random input is drawn from when no data is given ("" for every input).
+    input_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     batch_size: int | None = None
     seed: int = 0
     threads: int = 2
@@ -52,7 +55,7 @@ class CompressResult:
     report: dict[str, Any]
     model: onnx.ModelProto
     output: Path
-    passed: bool  # False when the result is over the --max-rel-l2 tolerance
+    passed: bool  # False when over the --max-rel-l2 tolerance, or not validated under one
 
     @property
     def exit_code(self) -> int:
@@ -69,12 +72,12 @@ def lookup_passes(names: list[str]) -> list[PassSpec]:
 
 
 def resolve_output_path(model_path: Path, output: str | None) -> Path:
-    """Default `<name>.compressed.onnx` beside the input; never the input itself."""
-    out = Path(output) if output else model_path.with_name(model_path.stem + ".compressed.onnx")
+    """The user's `-o` (a symlink resolved to its target), else `<name>.compressed.onnx` beside
+    the input or, if that exists, the first free `<name>.compressed-2.onnx`, ...; never the
+    input itself, never anything but a regular file."""
+    out = io.output_file(output) if output else io.free_path(default_output(model_path))
     if out.exists() and out.resolve() == model_path.resolve():
         raise CompressError(f"output {out} is the input file; choose another path with -o")
-    if out.is_dir():
-        raise CompressError(f"output {out} is a folder; give a file path with -o")
     folder = out.parent if str(out.parent) else Path(".")
     if folder.exists() and not folder.is_dir():
         raise CompressError(f"output folder {folder} is a file, not a folder")
@@ -83,6 +86,10 @@ def resolve_output_path(model_path: Path, output: str | None) -> Path:
     if not _writable(folder):
         raise CompressError(f"output folder {folder} is not writable; choose another path with -o")
     return out
+
+
+def default_output(model_path: Path) -> Path:
+    return model_path.with_name(model_path.stem + ".compressed.onnx")
 
 
 def _writable(folder: Path) -> bool:
@@ -128,7 +135,7 @@ def compress(
     input_hash = io.file_sha256(model_path) if model_path.is_file() else None
     original = io.load_model(model_path)
     check_input_model(original, model_path)
-    validate.make_session(original, threads=options.threads)  # an opset ORT cannot run fails here
+    session = validate.make_session(original, threads=options.threads)  # refuses opsets ORT lacks
     shapes = graph.resolve_input_shapes(original, options.input_shapes)
 
     step("analyse")
@@ -143,9 +150,12 @@ def compress(
         count=options.calibration_count,
         batch_size=options.batch_size,
         seed=options.seed,
+        ranges=options.input_ranges,
     )
+    timed_batch = calibration.batches[0]  # a whole batch: held-out rows may be a cut one
+    validate.require_nan_free_outputs(original, session, calibration)
     fit, calibration = split_holdout(calibration, options.holdout)
-    user_data = None if fit.source.startswith("random") else fit.batches
+    user_data = None if fit.source.startswith("random") else ReadWatch(fit.batches)
     context = PassContext(
         input_shapes=shapes,
         calibration=user_data,
@@ -167,6 +177,7 @@ def compress(
     with progress("validation batches", len(calibration.batches)) as task:
         counted = dataclasses.replace(calibration, batches=_CountedBatches(calibration, task))
         fidelity = validate.compare_models(original, model, counted, threads=options.threads)
+    fidelity = validation_entry(fidelity, fit, calibration, bool(user_data and user_data.read))
 
     latency = None
     if options.bench:
@@ -175,7 +186,7 @@ def compress(
         with progress(f"benchmark, {options.bench_repeats} timed runs per model", None):
             latency = benchmark.benchmark_models(
                 {"original": original, "result": model},
-                calibration.batches[0],
+                timed_batch,
                 threads=options.threads,
                 repeats=options.bench_repeats,
             )
@@ -186,11 +197,14 @@ def compress(
     if output.suffix.lower() == ".onnxc":
         written, sizes = write_onnxc(original, model, output, coded)
     else:
-        written = io.save_model(model, output)
+        # A name the tool picked replaces nothing, even a file made while the run went on.
+        written = io.save_model(model, output, replace=options.output is not None)
     if input_hash is not None and io.file_sha256(model_path) != input_hash:
         raise CompressError(f"{model_path}: input file changed during the run (not by this tool?)")
 
-    passed = options.max_rel_l2 is None or fidelity["worst_rel_l2"] <= options.max_rel_l2
+    passed = options.max_rel_l2 is None or (
+        fidelity["validated"] and fidelity["worst_rel_l2"] <= options.max_rel_l2
+    )
     report = {
         "input": str(model_path),
         "output": str(output),
@@ -200,6 +214,7 @@ def compress(
         "input_shapes": shapes,
         "calibration": calibration.source,
         "calibration_for_passes": fit.source,
+        "batch_axes": calibration.axes,  # input -> the axis its samples stack on (None: none)
         "passes": pass_reports,
         "before": before.to_dict(),
         "after": after.to_dict(),
@@ -242,37 +257,6 @@ def write_onnxc(
         if which.ByteSize() < io.EXTERNAL_DATA_THRESHOLD:
             sizes[label] = onnxc.reference_sizes(which.SerializeToString())
     return written, sizes
-
-
-def split_holdout(calibration, holdout: float):
-    """(batches the passes may fit on, batches validation measures on).
-
-    With user data and at least two batches, the last `holdout` fraction of batches is kept
-    out of the passes so that refitted models are not validated on what they were fitted to.
-    Random inputs are not split (passes do not fit on them).
-    """
-    from onnxcompress.calibration import Calibration
-
-    if not 0 <= holdout < 1:
-        raise CompressError(f"--holdout {holdout}: expected a fraction in [0, 1)")
-    count = len(calibration.batches)
-    held = min(count - 1, max(1, round(count * holdout))) if holdout > 0 else 0
-    if calibration.source.startswith("random") or held < 1:
-        return calibration, calibration
-    fit_batches, eval_batches = calibration.batches[:-held], calibration.batches[-held:]
-    fit_rows, eval_rows = sample_count(fit_batches), sample_count(eval_batches)
-    labels = calibration.labels
-    fit = Calibration(
-        fit_batches,
-        None if labels is None else labels[:fit_rows],
-        f"{calibration.source}, first {fit_rows} samples",
-    )
-    evaluation = Calibration(
-        eval_batches,
-        None if labels is None else labels[fit_rows:],
-        f"{calibration.source}, {eval_rows} held-out samples",
-    )
-    return fit, evaluation
 
 
 def run_passes(

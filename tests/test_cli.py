@@ -266,3 +266,272 @@ def test_bad_input_by_subprocess_has_no_traceback(tmp_path):
 def test_verbose_shows_details(tmp_path, capsys, flag):
     assert run_cli(tmp_path / "missing.onnx", "--passes", "identity", flag) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+# -- option ranges and bad-input refusals (issue 27) ------------------------------------------
+
+
+def _out_of_range():
+    from onnxcompress.cli_types import usable_cores
+
+    cores = usable_cores()
+    return [
+        (["--max-rel-l2", "nan"], "argument --max-rel-l2: expected a finite number >= 0, got nan"),
+        (["--max-rel-l2", "-1"], "argument --max-rel-l2: expected a finite number >= 0, got -1"),
+        (["--max-rel-l2", "inf"], "expected a finite number >= 0"),
+        (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got 0"),
+        (["--batch-size", "-1"], "argument --batch-size: expected an integer >= 1, got -1"),
+        (["--calib-count", "0"], "argument --calib-count: expected an integer >= 1, got 0"),
+        (["--calib-count", "-1"], "argument --calib-count: expected an integer >= 1, got -1"),
+        (["--bench-repeats", "0"], "argument --bench-repeats: expected an integer >= 1, got 0"),
+        (["--bench-repeats", "-1"], "argument --bench-repeats: expected an integer >= 1"),
+        (["--threads", "0"], f"argument --threads: expected 1 to {cores} (the cores"),
+        (["--threads", "-1"], f"argument --threads: expected 1 to {cores} (the cores"),
+        (["--threads", str(cores + 1)], f"expected 1 to {cores} (the cores this process may use"),
+        (["--threads", "100000"], f"expected 1 to {cores} (the cores this process may use"),
+        (["--seed", "-1"], "argument --seed: expected an integer from 0 to 4294967295, got -1"),
+        (["--seed", str(2**32)], "argument --seed: expected an integer from 0 to 4294967295"),
+        (["--seed", "1e3"], "argument --seed: expected an integer, got '1e3'"),
+        (["--opt", "auto.target_latency=0"], "auto: targets are fractions in (0, 1], got 0"),
+        (["--opt", "auto.target_macs=0"], "auto: targets are fractions in (0, 1], got 0"),
+        (["--opt", "svd.energy=nan"], "option svd.energy='nan': expected a finite number"),
+        (["--opt", "cp.seed=-1"], "cp: seed must be from 0 to 4294967295, got -1"),
+    ]
+
+
+@pytest.mark.parametrize(("argv", "words"), _out_of_range())
+def test_out_of_range_options_refused_before_the_model_is_read(tmp_path, capsys, argv, words):
+    # The model does not exist: an option refused only later would say "no such file".
+    pass_name = argv[1].partition(".")[0] if argv[0] == "--opt" else "identity"
+    code = run_cli(tmp_path / "missing.onnx", "--passes", pass_name, *argv, "-q")
+    line = one_error_line(capsys)
+    assert code == 2 and words in line, line
+    assert not list(tmp_path.iterdir())
+
+
+def test_thread_count_refused_by_subprocess_names_the_cores(tmp_path):
+    from onnxcompress.cli_types import usable_cores
+
+    out = tmp_path / "o.onnx"
+    argv = [str(FIXTURE), "--passes", "identity", "--threads", "100000", "-o", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "onnxcompress", *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert f"1 to {usable_cores()} (the cores" in done.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("top", ["-3", "0"])
+def test_analyse_top_must_be_positive(capsys, top):
+    assert run_cli("analyse", FIXTURE, "--top", top) == 2
+    assert f"argument --top: expected an integer >= 1, got {top}" in one_error_line(capsys)
+
+
+def test_config_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_bytes(b'passes = ["identity"]\n# caf\xe9 \xff\n')
+    code = run_cli(FIXTURE, "--config", config, "-o", tmp_path / "o.onnx", "--no-bench", "-q")
+    line = one_error_line(capsys)
+    assert code == 2 and f"--config {config}: not UTF-8 text at byte" in line, line
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def _bad_initializer(kind: str) -> onnx.TensorProto:
+    weight = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    if kind == "negative dims":
+        weight.dims[0] = -4
+    elif kind == "short raw_data":
+        weight.raw_data = weight.raw_data[:-4]
+    else:  # "undefined data_type"
+        weight.data_type = TensorProto.UNDEFINED
+    return weight
+
+
+@pytest.mark.parametrize("kind", ["negative dims", "short raw_data", "undefined data_type"])
+def test_analyse_refuses_what_the_checker_refuses(tmp_path, capsys, kind):
+    """analyse used to exit 0 (negative dims) or crash (the others) on models compress refuses."""
+    model = _model(node=helper.make_node("MatMul", ["x", "w"], ["y"]), input_dims=(1, 4))
+    model.graph.initializer.append(_bad_initializer(kind))
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(model.SerializeToString())
+    table = tmp_path / "t.json"
+    assert run_cli("analyse", path, "--json", table) == 2
+    line = one_error_line(capsys)
+    assert f"{path}: model fails the ONNX checker" in line, line
+    assert not table.exists()
+    assert run_cli(path, "--passes", "identity", "-o", tmp_path / "o.onnx") == 2
+    assert one_error_line(capsys) == line, "analyse and compress refuse it alike"
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ("resize=100000", "sizes are at most 8192 pixels"),
+        ("crop=224;9000", "sizes are at most 8192 pixels"),
+        ("resize=0", "with sizes >= 1"),
+        ("resize=-3", "with sizes >= 1"),
+        ("resize=1;2;3", "is not SIZE or HEIGHT;WIDTH"),
+        ("std=nan", "'nan' is not a finite number"),
+        ("std=1;inf;1", "'inf' is not a finite number"),
+        ("mean=nan", "'nan' is not a finite number"),
+        ("mean=-inf", "'-inf' is not a finite number"),
+        ("scale=nan", "'nan' is not a finite number"),
+        ("scale=1e308/1e-10", "is not a finite number"),
+        ("scale=0", "scale 0"),
+        ("std=0", "std must be > 0"),
+        ("std=58;-57;57", "std must be > 0"),
+    ],
+)
+def test_preprocess_nonsense_refused(spec, words):
+    from onnxcompress.errors import CompressError
+    from onnxcompress.images import parse_preprocess
+
+    with pytest.raises(CompressError, match="preprocess: bad value") as refused:
+        parse_preprocess(spec)
+    assert words in str(refused.value)
+
+
+def _image_folder(tmp_path, count=3):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(count):
+        Image.new("RGB", (32, 32), (index * 40, 10, 200)).save(folder / f"{index}.png")
+    return folder
+
+
+def test_preprocess_nan_by_cli_is_one_line(tmp_path, capsys):
+    images = _image_folder(tmp_path)
+    code = run_cli(
+        FIXTURE, "--passes", "identity", "-o", tmp_path / "o.onnx", "--no-bench", "-q",
+        "--images", images, "--preprocess", "resize=32,std=nan",
+    )  # fmt: skip
+    line = one_error_line(capsys)
+    assert code == 2 and "preprocess: bad value for 'std': 'nan' is not a finite" in line, line
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not a text file"),
+        (b"1\n2\n\xff\xfe\n", "not a text file"),
+        (b"1\n2\n" + b"9" * 30 + b"\n", ":3: expected a class index from 0 to 2147483647, got 999"),
+        (b"1\n2\n" + b"9" * 5000 + b"\n", ":3: expected a class index from 0 to 2147483647"),
+        (b"1\n-5\n2\n", ":2: expected a class index from 0 to 2147483647, got -5"),
+        (b"0.png, 1\n1.png 2\n2.png, 99999999999999999999\n", ":3: expected a class index"),
+    ],
+    ids=["png", "not utf-8", "30 digits", "5000 digits", "negative", "named, 20 digits"],
+)
+def test_bad_labels_file_is_one_line(tmp_path, capsys, content, words):
+    images = _image_folder(tmp_path)
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes(content)
+    code = run_cli(
+        FIXTURE, "--passes", "identity", "-o", tmp_path / "o.onnx", "--no-bench", "-q",
+        "--images", images, "--preprocess", "resize=32", "--labels", labels,
+    )  # fmt: skip
+    line = one_error_line(capsys)
+    assert code == 2 and f"{labels}" in line and words in line, line
+
+
+# -- issue 27: no fidelity figure without held-out samples; random inputs said as such -------
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    pass
+
+
+def _reading_pass(model, options, context):
+    """Reads every calibration batch, as a refit does, and changes nothing."""
+    assert sum(len(batch["x"]) for batch in context.calibration) > 0
+    return PassResult(model, False)
+
+
+def _batch_model(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(_model(input_dims=("batch", 4)), path)
+    return path
+
+
+def test_zero_sample_data_is_refused(tmp_path, capsys):
+    data = tmp_path / "x.npz"
+    np.savez(data, x=np.zeros((0, 4), np.float32))
+    out = tmp_path / "o.onnx"
+    args = ["--data", data, "-o", out, "--max-rel-l2", "0.01", "--no-bench", "-q"]
+    assert run_cli(_batch_model(tmp_path), "--passes", "identity", *args) == 2
+    assert one_error_line(capsys) == (
+        "error: x.npz holds 0 samples; give at least one sample per input"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("samples", "holdout"), [(1, "0.25"), (8, "0")])
+def test_samples_the_passes_fit_on_do_not_validate(tmp_path, monkeypatch, capsys, samples, holdout):
+    spec = PassSpec("reader", _reading_pass, ReadOptions, "test-only pass that reads the data")
+    monkeypatch.setitem(passes.PASSES, "reader", spec)
+    data, out, report = tmp_path / "x.npz", tmp_path / "o.onnx", tmp_path / "report"
+    np.savez(data, x=np.ones((samples, 4), np.float32))
+    args = ["--data", data, "--holdout", holdout, "-o", out, "--report", report, "--no-bench"]
+    code = run_cli(_batch_model(tmp_path), "--passes", "reader", *args, "--max-rel-l2", "0.01")
+    captured = capsys.readouterr()
+    assert code == 1 and out.exists()
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("error: --max-rel-l2 0.01 cannot pass: not validated: no held-out")
+    assert "not validated: no held-out samples" in captured.out
+    assert "rel L2" not in captured.out and "cosine" not in captured.out
+    validation = json.loads((report / "report.json").read_text())["validation"]
+    assert validation["validated"] is False and validation["worst_rel_l2"] is None
+    assert validation["status"] == "not validated: no held-out samples"
+    assert validation["fit_samples"]["samples"] == samples
+    for name in ("report.md", "report.html"):
+        text = (report / name).read_text()
+        assert "not validated: no held-out samples" in text and "max abs" not in text
+
+
+def test_holdout_zero_validates_when_the_passes_read_nothing(tmp_path, capsys):
+    data, report = tmp_path / "x.npz", tmp_path / "r.json"
+    np.savez(data, x=np.ones((8, 4), np.float32))
+    args = ["--data", data, "--holdout", "0", "-o", tmp_path / "o.onnx", "--report", report]
+    code = run_cli(_batch_model(tmp_path), "--passes", "identity", *args, "--no-bench", "-q")
+    assert code == 0
+    validation = json.loads(report.read_text())["validation"]
+    assert validation["validated"] is True and validation["samples"] == 8
+    assert validation["status"] == (
+        "validated on samples the passes did not read (no held-out samples)"
+    )
+
+
+def test_random_inputs_are_described_and_ranged(tmp_path, capsys):
+    report = tmp_path / "r.json"
+    args = ["-o", tmp_path / "o.onnx", "--report", report, "--no-bench", "-q"]
+    assert run_cli(_batch_model(tmp_path), "--passes", "identity", *args) == 0
+    stated = json.loads(report.read_text())
+    assert stated["calibration"] == "random, standard normal N(0, 1), seed 0"
+    assert stated["validation"]["status"].startswith("validated on random inputs")
+    assert "standard normal N(0, 1), seed 0" in capsys.readouterr().out.replace("\n", " ")
+    ranged = ["--input-range=x:-1,1", "--seed", "5"]
+    assert run_cli(_batch_model(tmp_path), "--passes", "identity", *args, *ranged) == 0
+    assert json.loads(report.read_text())["calibration"] == "random, uniform in [-1, 1], seed 5"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("1,-1", "--input-range 1,-1: expected finite numbers LO < HI"),
+        ("x:nan,1", "expected finite numbers LO < HI"),
+        ("y:0,1", "'y' is not an input; random inputs are drawn for x"),
+        ("x:0", "expected [NAME:]LO,HI"),
+        ("x:a,b", "expected [NAME:]LO,HI"),
+    ],
+)
+def test_bad_input_range_is_refused(tmp_path, capsys, value, message):
+    args = ["--input-range=" + value, "-o", tmp_path / "o.onnx", "--no-bench", "-q"]
+    assert run_cli(_batch_model(tmp_path), "--passes", "identity", *args) == 2
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "o.onnx").exists()
