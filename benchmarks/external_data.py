@@ -55,7 +55,10 @@ def run(args: list[str], stop: signal.Signals | None = None) -> tuple[int, float
     """Run the CLI; with `stop`, send that signal once a temp file of the output appears."""
     started = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, "-m", "onnxcompress", *args], cwd=REPO, stderr=subprocess.DEVNULL
+        [sys.executable, "-m", "onnxcompress", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     output = Path(args[args.index("-o") + 1])
     while stop is not None and process.poll() is None:
@@ -84,16 +87,20 @@ def main() -> None:
         save_as_external_data=True,
         location="stack.onnx.data",
     )
-    print(f"input: {listing(folder / 'in')}")
+    print(f"# External data at {options.gigabytes:g} GB\n")
+    print(f"command: `python benchmarks/external_data.py --gigabytes {options.gigabytes:g}`\n")
+    print(f"- input: {listing(folder / 'in')}")
     command = [str(source), "--passes", "identity", "-o", str(folder / "out" / "stack.onnx")]
     command += ["--no-bench", "-q"]
     runs = [("run", None), ("rerun", None), ("SIGTERM while writing", signal.SIGTERM)]
     runs += [("SIGKILL while writing", signal.SIGKILL), ("run after the kill", None)]
     for label, stop in runs:
         code, seconds = run(command, stop)
-        print(f"{label}: exit {code}, {seconds:.0f} s; out: {listing(folder / 'out')}", flush=True)
+        print(
+            f"- {label}: exit {code}, {seconds:.0f} s; out: {listing(folder / 'out')}", flush=True
+        )
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
-    print(f"peak memory of the largest run: {peak:.1f} GB")
+    print(f"- peak memory of the largest run: {peak:.1f} GB")
     shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -17,6 +17,7 @@ import onnx
 from onnx import helper
 
 from onnxcompress import graph
+from onnxcompress.errors import ORT_LOG_SEVERITY
 from onnxcompress.tables import format_table, human  # noqa: F401  (re-exported for callers)
 
 log = logging.getLogger(__name__)
@@ -300,7 +301,7 @@ def _shapes_from_onnxruntime(
     try:
         import onnxruntime as ort  # imported here: most models never need it
 
-        ort.set_default_logger_severity(3)
+        ort.set_default_logger_severity(ORT_LOG_SEVERITY)
         if pinned.ByteSize() >= _MAX_PROTOBUF_BYTES:
             raise ValueError("model too large to hand to onnxruntime in memory")
         probe = onnx.ModelProto()
@@ -309,7 +310,7 @@ def _shapes_from_onnxruntime(
         probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in listed)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3
+        options.log_severity_level = ORT_LOG_SEVERITY
         session = ort.InferenceSession(
             probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )

@@ -11,12 +11,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxcompress.errors import CompressError
+from onnxcompress.errors import ORT_LOG_SEVERITY, CompressError
 from onnxcompress.validate import make_session, ort_message, run_session, session_options
 
 log = logging.getLogger(__name__)
 
-ort.set_default_logger_severity(3)
+ort.set_default_logger_severity(ORT_LOG_SEVERITY)
 
 # How idle pool threads wait, as onnxruntime session config entries. "stop" (the default):
 # they spin during a run, as in a deployed session with onnxruntime's defaults, and stop when

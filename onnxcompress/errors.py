@@ -1,5 +1,9 @@
 """Errors the tool turns into one line on stderr and an exit code."""
 
+# onnxruntime logs at this level and above (4: fatal only). Its errors reach the user anyway,
+# as exceptions the tool turns into its one line; its coloured log lines would come first.
+ORT_LOG_SEVERITY = 4
+
 
 class CompressError(Exception):
     """Bad input or bad option: the CLI prints the message on one line and exits 2."""

@@ -149,9 +149,9 @@ def validation_entry(
     elif not passes_read:
         basis = "samples the passes did not read (no held-out samples)"
     else:
-        counted = "the 1 sample" if samples == 1 else f"all {samples} samples"
+        counted = "the only sample" if samples == 1 else f"all {samples} samples"
         detail = (
-            f"the passes fit on {counted} validation would measure; give more samples "
+            f"the passes fit on {counted}, so none is left to validate on; give more samples "
             "or a --holdout above 0"
         )
         return _unvalidated(fidelity, detail)

@@ -10,8 +10,10 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
+import onnx
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+from onnx import helper
 
 from onnxcompress.errors import CompressError
 from onnxcompress.graph import dim_values, runtime_inputs
@@ -82,6 +84,42 @@ def require_utf8_strings(model: Message, source: object) -> None:
             f"{source}: node or tensor names are not valid UTF-8 ({field} {raw[:40]!r}); "
             "re-export the model with UTF-8 names"
         )
+
+
+def require_sized_tensors(model: onnx.ModelProto, source: object) -> None:
+    """Refuse a model whose initializer or Constant holds more or fewer values than its dims
+    say (the checker lets some through; reading them fails deep inside)."""
+    constants = (
+        attribute.t
+        for node in model.graph.node
+        if node.op_type == "Constant"
+        for attribute in node.attribute
+        if attribute.type == onnx.AttributeProto.TENSOR
+    )
+    for tensor in (*model.graph.initializer, *constants):
+        held, expected = _values_held(tensor), math.prod(tensor.dims)
+        if held is not None and held != expected:
+            raise CompressError(
+                f"{source}: tensor '{tensor.name}' holds {held:,} values for dims "
+                f"{list(tensor.dims)} ({expected:,}): the file is damaged or was not written "
+                "by an ONNX exporter"
+            )
+
+
+def _values_held(tensor: onnx.TensorProto) -> int | None:
+    """How many values a tensor's data holds; None when not counted here (external data,
+    strings, sub-byte or unknown types)."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    name = onnx.TensorProto.DataType.Name(tensor.data_type)
+    if name in ("UNDEFINED", "STRING") or "4" in name:  # int4, uint4, float4 pack two a byte
+        return None
+    if tensor.HasField("raw_data"):
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        return len(tensor.raw_data) // itemsize if len(tensor.raw_data) % itemsize == 0 else -1
+    fields = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+    held = sum(len(getattr(tensor, field)) for field in fields)
+    return held // 2 if name.startswith("COMPLEX") else held
 
 
 def made_up_bytes(dtypes: dict, input_shapes: dict[str, list[int]], fixed) -> dict[str, int]:

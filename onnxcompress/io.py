@@ -22,6 +22,8 @@ EXTERNAL_DATA_THRESHOLD = 2_000_000_000
 EXTERNAL_TENSOR_BYTES = 1024
 # Temp files carry this tag and the writer's pid: a later run can prove a leftover is its own.
 _TEMP_TAG = "onnxcompress"
+# A model file with external data holds its graph alone: never read a larger one to find them.
+GRAPH_ONLY_BYTES = 64 << 20
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -183,18 +185,34 @@ def _serialize_with_external(
             tensor.raw_data = raw
 
 
+def stored_bytes(path: str | os.PathLike) -> int:
+    """Bytes a model takes on disk: its file and the external data files it reads."""
+    path = Path(path)
+    folder = path.parent
+    data = {folder / name for name in _data_locations(path) if (folder / name).is_file()}
+    return path.stat().st_size + sum(file.stat().st_size for file in data)
+
+
 def _external_files(path: Path) -> set[str]:
-    """Names of the external data files the model now at `path` reads (none if unreadable)."""
+    """Names of the data files beside it that the model now at `path` reads."""
+    return {name for name in _data_locations(path) if Path(name).name == name}
+
+
+def _data_locations(path: Path) -> set[str]:
+    """The external data locations the model file at `path` names (none if it is unreadable,
+    or too large to hold only a graph: such a file keeps its weights inline)."""
     try:
-        if not path.is_file() or path.stat().st_size >= EXTERNAL_DATA_THRESHOLD:
+        if not path.is_file() or path.stat().st_size >= GRAPH_ONLY_BYTES:
             return set()
         existing = onnx.load(str(path), load_external_data=False)
-    except Exception:  # not a model of ours: its files are left alone
+    except Exception:  # not a model: it names no files
         return set()
-    names = set()
-    for tensor in _initializers(existing.graph):
-        names.update(e.value for e in tensor.external_data if e.key == "location")
-    return {name for name in names if Path(name).name == name}
+    return {
+        entry.value
+        for tensor in _initializers(existing.graph)
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
 
 
 def _write_file(path: str, chunks) -> tuple[list[tuple[int, int]], str]:

@@ -16,6 +16,7 @@ from onnxcompress import graph, io
 from onnxcompress.analyse import analyse
 from onnxcompress.errors import CompressError
 from onnxcompress.holdout import ReadWatch, split_holdout, validation_entry
+from onnxcompress.input_checks import require_sized_tensors
 from onnxcompress.passkit import PassContext, PassSpec, Progress, no_progress
 
 StepCallback = Callable[[str], None]
@@ -154,6 +155,7 @@ def compress(
     )
     timed_batch = calibration.batches[0]  # a whole batch: held-out rows may be a cut one
     validate.require_nan_free_outputs(original, session, calibration)
+    del session  # it holds a copy of the weights
     fit, calibration = split_holdout(calibration, options.holdout)
     user_data = None if fit.source.startswith("random") else ReadWatch(fit.batches)
     context = PassContext(
@@ -208,7 +210,7 @@ def compress(
     report = {
         "input": str(model_path),
         "output": str(output),
-        "input_bytes": model_path.stat().st_size,
+        "input_bytes": io.stored_bytes(model_path),
         "output_bytes": written,
         "sizes": sizes,
         "input_shapes": shapes,
@@ -301,3 +303,4 @@ def check_input_model(model: onnx.ModelProto, path: Path) -> None:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CompressError(f"{path}: model fails the ONNX checker: {first[:200]}") from exc
+    require_sized_tensors(model, path)

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from onnxcompress.errors import CompressError
-from onnxcompress.io import write_bytes_atomic
+from onnxcompress.io import output_file, write_bytes_atomic
 from onnxcompress.tables import human
 
 
@@ -40,6 +40,9 @@ def report_target(raw: str | os.PathLike) -> ReportTarget:
         raise CompressError(f"--report {text}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK) and not (is_folder and path.is_dir()):
         raise CompressError(f"--report {text}: folder {parent} is not writable")
+    names = ("report.json", "report.md", "report.html") if is_folder else ("",)
+    for name in names:  # a FIFO or device there is refused now, not after the run
+        output_file(path / name if name else path)
     return ReportTarget(path, is_folder)
 
 

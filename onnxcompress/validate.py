@@ -22,7 +22,7 @@ from onnxcompress.calibration import (
     parse_preprocess,
     random_inputs,
 )
-from onnxcompress.errors import CompressError
+from onnxcompress.errors import ORT_LOG_SEVERITY, CompressError
 
 __all__ = [
     "Calibration",
@@ -41,7 +41,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Only errors: onnxruntime's warnings (e.g. unused initializers) are noise for the user.
-ort.set_default_logger_severity(3)
+ort.set_default_logger_severity(ORT_LOG_SEVERITY)
 
 
 def session_options(threads: int = 2, optimize: bool = False) -> ort.SessionOptions:
@@ -55,7 +55,7 @@ def session_options(threads: int = 2, optimize: bool = False) -> ort.SessionOpti
         if optimize
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    options.log_severity_level = 3
+    options.log_severity_level = ORT_LOG_SEVERITY
     return options
 
 

@@ -241,3 +241,32 @@ def test_nan_constant_before_the_layers_is_refused_by_the_outputs(tmp_path, caps
     line = one_error_line(capsys)
     assert code == 2 and "output 'y' is NaN" in line and "weight 'c'" in line and "'scale'" in line
     assert not out.exists()
+
+
+def _mis_sized(where: str) -> onnx.ModelProto:
+    """y = x + w where w says dims [3] but holds 8 values (as a fuzzed dims field leaves it)."""
+    w = numpy_helper.from_array(np.arange(8, dtype=np.float32), "w")
+    if where == "float_data":
+        w = helper.make_tensor("w", TensorProto.FLOAT, [8], list(range(8)))
+    del w.dims[:]
+    w.dims.append(3)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])
+    nodes = [helper.make_node("Add", ["x", "w"], ["y"])]
+    inits = [w]
+    if where == "constant":
+        nodes.insert(0, helper.make_node("Constant", [], ["w"], value=w))
+        inits = []
+    graph = helper.make_graph(nodes, "g", [x], [y], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("where", ["raw_data", "float_data", "constant"])
+@pytest.mark.parametrize("command", ["analyse", "compress"])
+def test_tensor_holding_more_values_than_its_dims_is_refused(tmp_path, capsys, where, command):
+    model = tmp_path / "m.onnx"
+    onnx.save(_mis_sized(where), model)
+    args = ["analyse", model] if command == "analyse" else [model, "--passes", "identity"]
+    assert run_cli(*args) == 2
+    line = one_error_line(capsys)
+    assert "tensor 'w' holds 8 values for dims [3] (3)" in line

@@ -2,6 +2,7 @@
 output must be a regular file, external data is written atomically, and no temp file outlives
 SIGTERM, SIGINT or (by the next run) SIGKILL."""
 
+import json
 import os
 import signal
 import stat
@@ -109,12 +110,17 @@ def test_output_that_is_not_a_regular_file_is_refused(tmp_path, capsys, command)
         assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
 
 
-def test_report_path_that_is_a_fifo_is_refused(tmp_path):
+@pytest.mark.parametrize("folder", [False, True])
+def test_report_path_that_is_a_fifo_is_refused_before_the_run(tmp_path, capsys, folder):
     fifo = tmp_path / "report.json"
     os.mkfifo(fifo)
+    report = tmp_path if folder else fifo
+    args = [str(FIXTURE), "--passes", "identity", "-o", str(tmp_path / "o.onnx")]
+    assert main([*args, "--report", str(report), "--no-bench", "-q"]) == 2
+    assert "is a FIFO, not a regular file" in _one_error_line(capsys)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and not (tmp_path / "o.onnx").exists()
     with pytest.raises(CompressError, match="is a FIFO, not a regular file"):
         io.write_bytes_atomic(b"{}", fifo)
-    assert stat.S_ISFIFO(fifo.lstat().st_mode)
 
 
 def test_symlink_to_a_file_writes_its_target(tmp_path, capsys):
@@ -155,6 +161,17 @@ def test_rerun_to_the_same_output_replaces_its_data(tmp_path, external):
         loaded = io.load_model(path)
         np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), values)
     assert _hidden(tmp_path) == []
+
+
+def test_report_counts_external_data_in_both_file_sizes(tmp_path, external):
+    source, out, report = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    io.save_model(_add_model(np.arange(4096.0)), source)
+    args = [str(source), "--passes", "identity", "-o", str(out), "--report", str(report)]
+    assert main([*args, "--no-bench", "-q"]) == 0
+    sizes = json.loads(report.read_text())
+    for key, path in (("input_bytes", source), ("output_bytes", out)):
+        (data,) = tmp_path.glob(f"{path.name}.*.data")
+        assert sizes[key] == path.stat().st_size + data.stat().st_size == io.stored_bytes(path)
 
 
 def test_external_data_has_the_permissions_of_a_plain_file(tmp_path, external):
