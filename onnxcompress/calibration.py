@@ -211,7 +211,7 @@ def read_npz_batches(
             )
         if axis is not None:
             samples[name] = array.shape[axis]
-    sample_count = max(samples.values(), default=1)
+    sample_count = _sample_count(samples, arrays, input_shapes, layout.named)
     for name, count in list(samples.items()):
         if count != sample_count and list(arrays[name].shape) == list(input_shapes[name]):
             del samples[name]  # one array of the pinned shape: the same for every batch
@@ -231,7 +231,21 @@ def read_npz_batches(
     batches = _split_batches(stacked, constant, sample_count, batch_size, fixed)
     if labels is not None:
         labels = labels[: sum(_batch_rows(model, batch, axes) for batch in batches)]
+    # An array given once for every batch has no sample axis: it is never cut (holdout).
+    layout.axes = {name: axis if name in stacked else None for name, axis in axes.items()}
     return batches, labels, layout
+
+
+def _sample_count(samples: dict[str, int], arrays, input_shapes, named: set[str]) -> int:
+    """Samples in the file, told by the arrays that differ from their pinned shape, else by
+    those on the model's named batch axis: an array of exactly its pinned shape may be one
+    given for every batch (a table [?, 16] pinned [8, 16] next to x with 4 samples)."""
+    differ = {n for n in samples if list(arrays[n].shape) != list(input_shapes[n])}
+    for group in (differ, named):
+        counts = [count for name, count in samples.items() if name in group]
+        if counts:
+            return max(counts)
+    return max(samples.values(), default=1)
 
 
 def input_dtypes(model: onnx.ModelProto) -> dict[str, np.dtype]:

@@ -106,13 +106,13 @@ def compress_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--threads",
-        type=cli_types.thread_count,
+        type=cli_types.up_to_cores,
         default=2,
         help="onnxruntime threads, at most the cores this process may use (default 2)",
     )
     p.add_argument(
         "--jobs",
-        type=cli_types.at_least_one,
+        type=cli_types.up_to_cores,
         default=1,
         help="worker processes for independent jobs (auto)",
     )
@@ -359,7 +359,9 @@ def run_decode(args: argparse.Namespace, console: Console) -> int:
         raise CompressError(f"output {output} is the input file; choose another path with -o")
     model = onnxc.load_onnxc(source)
     written = io.save_model(model, output, replace=args.output is not None)
-    kept = f"; {preferred} exists and was left as it is" if output != preferred else ""
+    kept = ""
+    if args.output is None and output != preferred:
+        kept = f"; {preferred} exists and was left as it is"
     Console().print(f"wrote {output} ({written} bytes){kept}", soft_wrap=True)
     return EXIT_OK
 

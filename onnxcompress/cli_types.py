@@ -32,8 +32,9 @@ def at_least_one(text: str) -> int:
     return value
 
 
-def thread_count(text: str) -> int:
-    """1 to the usable cores: more threads only contend (100000 took 16.5 GB and crashed)."""
+def up_to_cores(text: str) -> int:
+    """1 to the usable cores, for --threads and --jobs: more only contend, and each job is a
+    process with its own model copy (--threads 100000 took 16.5 GB and crashed)."""
     value, cores = _integer(text), usable_cores()
     if not 1 <= value <= cores:
         raise argparse.ArgumentTypeError(

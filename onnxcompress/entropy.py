@@ -56,8 +56,10 @@ class DecodeBudget:
             raise CodingError(f"{what}: negative count {count}")
         if self.limit is not None and self.spent + count > self.limit:
             raise CodingError(
-                f"{what} declares {count:,} values, more than a file of this size can hold "
-                f"({self.limit:,} in all): it was not written by this tool, or was altered"
+                f"{what} declares {count:,} values, more than this reader decodes from a file "
+                f"of this size ({self.limit:,} in all): refused as a possible decompression "
+                "bomb (a format-1 file of a very sparse model can also hit this: encode the "
+                "model again)"
             )
         self.spent += count
 

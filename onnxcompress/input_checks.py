@@ -96,7 +96,13 @@ def require_sized_tensors(model: onnx.ModelProto, source: object) -> None:
         for attribute in node.attribute
         if attribute.type == onnx.AttributeProto.TENSOR
     )
+    known = set(onnx.TensorProto.DataType.values())
     for tensor in (*model.graph.initializer, *constants):
+        if tensor.data_type not in known:
+            raise CompressError(
+                f"{source}: tensor '{tensor.name}' has data type {tensor.data_type}, which ONNX "
+                "does not define: the file is damaged or was not written by an ONNX exporter"
+            )
         held, expected = _values_held(tensor), math.prod(tensor.dims)
         if held is not None and held != expected:
             raise CompressError(

@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import os
 import re
+import socket
 import stat
 import tempfile
 from pathlib import Path
@@ -20,10 +21,23 @@ from onnxcompress.input_checks import require_utf8_strings
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
 # Tensors of this many bytes or more go to the external data file (onnx's own default).
 EXTERNAL_TENSOR_BYTES = 1024
-# Temp files carry this tag and the writer's pid: a later run can prove a leftover is its own.
+# Temp files carry this tag, the machine and the writer's pid, so that a later run can prove
+# a leftover's writer is gone: pids mean something only on the machine (host name and boot)
+# that wrote them, not on another host or container sharing the folder.
 _TEMP_TAG = "onnxcompress"
-# A model file with external data holds its graph alone: never read a larger one to find them.
-GRAPH_ONLY_BYTES = 64 << 20
+
+
+def _machine_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            boot = fh.read().strip()
+    except OSError:
+        boot = ""
+    text = f"{socket.gethostname()}-{boot}"
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+_HOST = _machine_id()
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -68,12 +82,15 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, replace: bool
     A model too large for one protobuf keeps its large tensors in `<name>.<digest>.data` beside
     it, named by their content and in place before the `.onnx` is renamed over the old one, so
     neither a reader nor a concurrent writer ever pairs one run's graph with another's weights.
-    `replace=False` refuses to replace a file that exists when the write ends.
+    `replace=False` refuses (OutputTaken) to replace a file that exists when the write ends.
     """
     path = output_file(path)
-    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-        return write_bytes_atomic(model.SerializeToString(), path, replace=replace)
-    return _save_with_external_data(model, path, replace)
+    if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
+        return _save_with_external_data(model, path, replace)
+    with _folder_lock(path):
+        written = write_bytes_atomic(model.SerializeToString(), path, replace=replace)
+        _remove_own_data(path, keep=None)  # a model written before with external data
+    return written
 
 
 def write_bytes_atomic(data: bytes, path: str | os.PathLike, *, replace: bool = True) -> int:
@@ -120,29 +137,42 @@ def _save_with_external_data(model: onnx.ModelProto, path: Path, replace: bool) 
         spans, digest = _write_file(data_tmp, (tensor.raw_data for tensor in tensors))
         data_path = path.with_name(f"{path.name}.{digest[:16]}.data")
         _write_file(graph_tmp, [_serialize_with_external(model, tensors, spans, data_path.name)])
-        # Data files are renamed and removed only under this lock, so every data file named
-        # as ours that the model at `path` does not read is a leftover, safe to remove.
-        with _folder_lock(path.parent):
+        # Data files named as ours are renamed and removed only under this lock: once the
+        # graph is in place, every other one is a leftover (of a replaced or killed run).
+        with _folder_lock(path):
+            os.replace(data_tmp, data_path)
             try:
-                os.replace(data_tmp, data_path)
                 _publish(graph_tmp, path, replace)
-            finally:
-                _remove_unread_data(path)
+            except BaseException:
+                if data_path.name not in (_data_locations(path) or {data_path.name}):
+                    data_path.unlink(missing_ok=True)  # the file there does not read it
+                raise
+            _remove_own_data(path, keep=data_path.name)
     return path.stat().st_size + sum(length for _, length in spans)
 
 
-def _remove_unread_data(path: Path) -> None:
+def _remove_own_data(path: Path, keep: str | None) -> None:
+    """Remove the data files named as this tool names those of `path`, but `keep`."""
     own = re.compile(rf"{re.escape(path.name)}\.[0-9a-f]{{16}}\.data")
-    read = _external_files(path)
     for entry in path.parent.iterdir():
-        if own.fullmatch(entry.name) and entry.name not in read:
+        if own.fullmatch(entry.name) and entry.name != keep:
             entry.unlink(missing_ok=True)
 
 
+def _output_folder(path: Path) -> Path:
+    directory = path.parent
+    if not directory.is_dir():
+        raise CompressError(f"{path}: output folder {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise CompressError(f"{path}: output folder {directory} is not writable")
+    return directory
+
+
 @contextlib.contextmanager
-def _folder_lock(folder: Path):
-    """An exclusive advisory lock on the folder (flock on the folder itself: no lock file)."""
-    fd = os.open(folder, os.O_RDONLY)
+def _folder_lock(path: Path):
+    """An exclusive advisory lock on the folder `path` goes in (flock on the folder itself:
+    no lock file)."""
+    fd = os.open(_output_folder(path), os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -189,24 +219,20 @@ def stored_bytes(path: str | os.PathLike) -> int:
     """Bytes a model takes on disk: its file and the external data files it reads."""
     path = Path(path)
     folder = path.parent
-    data = {folder / name for name in _data_locations(path) if (folder / name).is_file()}
+    # A file this large keeps its weights inline: not parsed again just to find data files.
+    names = _data_locations(path) if path.stat().st_size < 256 << 20 else None
+    names = names or set()
+    data = {folder / name for name in names if (folder / name).is_file()}
     return path.stat().st_size + sum(file.stat().st_size for file in data)
 
 
-def _external_files(path: Path) -> set[str]:
-    """Names of the data files beside it that the model now at `path` reads."""
-    return {name for name in _data_locations(path) if Path(name).name == name}
-
-
-def _data_locations(path: Path) -> set[str]:
-    """The external data locations the model file at `path` names (none if it is unreadable,
-    or too large to hold only a graph: such a file keeps its weights inline)."""
+def _data_locations(path: Path) -> set[str] | None:
+    """The external data locations the model file at `path` names; None if it cannot tell
+    (no readable model there)."""
     try:
-        if not path.is_file() or path.stat().st_size >= GRAPH_ONLY_BYTES:
-            return set()
         existing = onnx.load(str(path), load_external_data=False)
-    except Exception:  # not a model: it names no files
-        return set()
+    except Exception:  # not a model, or gone
+        return None
     return {
         entry.value
         for tensor in _initializers(existing.graph)
@@ -238,13 +264,9 @@ def _write_file(path: str, chunks) -> tuple[list[tuple[int, int]], str]:
 def _temp_beside(path: Path, suffix: str):
     """A temp file beside `path`, removed on any failure or interruption. Its name carries this
     process's id, so a later run can prove a leftover (after SIGKILL) is a dead run's own."""
-    directory = path.parent
-    if not directory.is_dir():
-        raise CompressError(f"{path}: output folder {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise CompressError(f"{path}: output folder {directory} is not writable")
+    directory = _output_folder(path)
     remove_stale_temps(path)
-    prefix = f".{path.name}.{_TEMP_TAG}-{os.getpid()}-"
+    prefix = _temp_prefix(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
     except OSError as exc:
@@ -267,24 +289,35 @@ def _publish(tmp: str, path: Path, replace: bool) -> None:
         try:
             os.link(tmp, path)
         except FileExistsError:
-            raise CompressError(
-                f"{path} appeared during the run and was not replaced; give the output with -o"
-            ) from None
+            raise OutputTaken(path) from None
         except OSError:  # a file system without hard links
             if path.exists():
-                raise CompressError(f"{path} exists and was not replaced") from None
+                raise OutputTaken(path) from None
             os.replace(tmp, path)
     except OSError as exc:
         raise CompressError(f"{path}: cannot write: {exc.strerror or exc}") from exc
 
 
+class OutputTaken(CompressError):
+    """A file appeared at an output path the tool picked itself, which it never replaces."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"{path} appeared during the run and was not replaced")
+        self.path = path
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{_TEMP_TAG}-{_HOST}-{os.getpid()}-"
+
+
 def remove_stale_temps(path: Path) -> list[Path]:
-    """Remove the temp files that runs writing `path` left when killed (their process is
-    gone); returns them."""
-    directory = path.parent
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.{_TEMP_TAG}-(\d+)-\w+(\.data)?\.tmp")
+    """Remove the temp files that runs on this machine writing `path` left when killed (their
+    process is gone); returns them. Another machine's (a shared folder) are never touched."""
+    pattern = re.compile(
+        rf"\.{re.escape(path.name)}\.{_TEMP_TAG}-{re.escape(_HOST)}-(\d+)-\w+(\.data)?\.tmp"
+    )
     removed = []
-    for entry in directory.iterdir():
+    for entry in path.parent.iterdir():
         match = pattern.fullmatch(entry.name)
         if match and not _process_alive(int(match.group(1))) and entry.is_file():
             entry.unlink(missing_ok=True)

@@ -93,6 +93,18 @@ def default_output(model_path: Path) -> Path:
     return model_path.with_name(model_path.stem + ".compressed.onnx")
 
 
+def save_result(model, output: Path, model_path: Path, named: bool) -> tuple[int, Path]:
+    """Write the model; a name the tool picked replaces nothing, even a file made while the
+    run went on: then the next free name is taken. Returns (bytes, path written)."""
+    while True:
+        try:
+            return io.save_model(model, output, replace=named), output
+        except io.OutputTaken:
+            if named:
+                raise
+            output = io.free_path(default_output(model_path))
+
+
 def _writable(folder: Path) -> bool:
     import os
 
@@ -199,8 +211,7 @@ def compress(
     if output.suffix.lower() == ".onnxc":
         written, sizes = write_onnxc(original, model, output, coded)
     else:
-        # A name the tool picked replaces nothing, even a file made while the run went on.
-        written = io.save_model(model, output, replace=options.output is not None)
+        written, output = save_result(model, output, model_path, options.output is not None)
     if input_hash is not None and io.file_sha256(model_path) != input_hash:
         raise CompressError(f"{model_path}: input file changed during the run (not by this tool?)")
 

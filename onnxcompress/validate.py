@@ -181,8 +181,9 @@ def compare_models(
         after = run_session(session_after, batch, names)
         for name, a, b in zip(names, before, after, strict=True):
             stats[name].add(a, b)
-    if names and stats[names[0]].rows == 0:
-        # Figures over nothing would read as exact (rel L2 0, cosine 1).
+    # The first output with rows counts the samples: another may be empty (no detections).
+    samples = next((stat.rows for stat in stats.values() if stat.rows), 0)
+    if samples == 0 and _no_input_rows(calibration):  # figures over nothing read as exact
         raise CompressError(f"no samples to validate on ({calibration.source})")
     labels = calibration.labels
     if labels is not None and not any(s.predictions_before for s in stats.values()):
@@ -191,9 +192,18 @@ def compare_models(
     return {
         "outputs": outputs,
         "worst_rel_l2": max((out["rel_l2"] for out in outputs.values()), default=0.0),
-        "samples": stats[names[0]].rows if names else 0,
+        "samples": samples,
         "source": calibration.source,
     }
+
+
+def _no_input_rows(calibration: Calibration) -> bool:
+    return all(
+        np.size(value) == 0
+        for batch in calibration.batches
+        for value in batch.values()
+        if np.ndim(value) > 0
+    )
 
 
 def is_classifier_output(shape: tuple[int, ...]) -> bool:
@@ -252,7 +262,7 @@ class _OutputStats:
                 f"{list(after.shape)} in the result"
             )
         if len(before) == 0:
-            return  # a batch of no samples adds nothing (compare_models refuses all-empty)
+            return  # an empty output (e.g. no detections) in both models adds nothing
         self.shape = self.shape or list(before.shape)
         self.nonfinite_result += int(np.count_nonzero(~np.isfinite(after)))
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
@@ -297,6 +307,8 @@ class _OutputStats:
             "cosine_min": self.cosine_min if self.row_size > 1 else self._cosine(),
             "nonfinite_result": self.nonfinite_result,
         }
+        if self.rows == 0:
+            summary["empty"] = True  # empty for every sample in both models: equal, not measured
         if self.predictions_before:
             summary.update(self._classification(labels))
         return summary

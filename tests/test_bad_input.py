@@ -261,6 +261,14 @@ def _mis_sized(where: str) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def test_tensor_of_a_type_onnx_does_not_define_is_refused(tmp_path, capsys):
+    model = _mis_sized("raw_data")
+    model.graph.initializer[0].data_type = 99
+    onnx.save(model, tmp_path / "m.onnx")
+    assert run_cli("analyse", tmp_path / "m.onnx") == 2
+    assert "tensor 'w' has data type 99, which ONNX does not define" in one_error_line(capsys)
+
+
 @pytest.mark.parametrize("where", ["raw_data", "float_data", "constant"])
 @pytest.mark.parametrize("command", ["analyse", "compress"])
 def test_tensor_holding_more_values_than_its_dims_is_refused(tmp_path, capsys, where, command):

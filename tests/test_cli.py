@@ -289,6 +289,7 @@ def _out_of_range():
         (["--threads", "-1"], f"argument --threads: expected 1 to {cores} (the cores"),
         (["--threads", str(cores + 1)], f"expected 1 to {cores} (the cores this process may use"),
         (["--threads", "100000"], f"expected 1 to {cores} (the cores this process may use"),
+        (["--jobs", "100000"], f"argument --jobs: expected 1 to {cores} (the cores"),
         (["--seed", "-1"], "argument --seed: expected an integer from 0 to 4294967295, got -1"),
         (["--seed", str(2**32)], "argument --seed: expected an integer from 0 to 4294967295"),
         (["--seed", "1e3"], "argument --seed: expected an integer, got '1e3'"),

@@ -178,7 +178,7 @@ def test_cli_refuses_a_crafted_file_in_one_line(tmp_path, capsys):
     assert time.perf_counter() - start < 5.0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {source}: corrupted"), err
-    assert "more than a file of this size can hold" in err[0]
+    assert "more than this reader decodes from a file of this size" in err[0]
     assert not (tmp_path / "out.onnx").exists()
 
 
@@ -194,7 +194,7 @@ def test_writer_pads_a_file_that_decodes_more_than_its_size_allows(which, monkey
     parts = unpack_sections(padded[_START:])
     assert len(parts[2]) > 0 and not any(parts[2])  # zeros
     parts[2] = parts[2][: len(parts[2]) // 2]  # less padding: over the reader's bound
-    with pytest.raises(OnnxcError, match="more than a file of this size can hold"):
+    with pytest.raises(OnnxcError, match="more than this reader decodes from a file of this size"):
         onnxc.decode_model(_frame(parts))
 
 

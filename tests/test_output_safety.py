@@ -54,6 +54,9 @@ def test_decode_default_never_replaces_the_original(tmp_path, capsys):
     assert "m.onnx exists and was left as it is" in capsys.readouterr().out
     assert main(["decode", str(tmp_path / "m.onnxc")]) == 0  # and the next free name after that
     assert (tmp_path / "m-3.onnx").exists() and original.read_bytes() == b"the user's own model"
+    capsys.readouterr()
+    assert main(["decode", str(tmp_path / "m.onnxc"), "-o", str(tmp_path / "named.onnx")]) == 0
+    assert "left as it is" not in capsys.readouterr().out  # the user chose the name
 
 
 def test_compress_default_never_replaces_an_existing_file(tmp_path, capsys):
@@ -172,6 +175,43 @@ def test_report_counts_external_data_in_both_file_sizes(tmp_path, external):
     for key, path in (("input_bytes", source), ("output_bytes", out)):
         (data,) = tmp_path.glob(f"{path.name}.*.data")
         assert sizes[key] == path.stat().st_size + data.stat().st_size == io.stored_bytes(path)
+
+
+def test_the_data_just_written_stays_when_the_graph_cannot_be_read_back(
+    tmp_path, external, monkeypatch
+):
+    # Publishing never asks the file it wrote which data it reads (a large graph, a parse
+    # failure): it knows.
+    monkeypatch.setattr(io, "_data_locations", lambda path: None)
+    path = tmp_path / "big.onnx"
+    for values in (np.arange(4096.0), -np.arange(4096.0)):
+        io.save_model(_add_model(values), path)
+        assert len(_data_files(tmp_path)) == 1
+        loaded = io.load_model(path)
+        np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), values)
+
+
+def test_a_small_model_over_a_large_one_removes_its_data(tmp_path, monkeypatch):
+    path = tmp_path / "m.onnx"
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    io.save_model(_add_model(np.arange(4096.0)), path)
+    assert len(_data_files(tmp_path)) == 1
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 2_000_000_000)
+    io.save_model(_add_model(np.arange(4096.0)), path)
+    assert _data_files(tmp_path) == [] and _hidden(tmp_path) == []
+
+
+def test_a_default_name_taken_during_the_run_moves_to_the_next_free_one(tmp_path):
+    from onnxcompress.pipeline import default_output, save_result
+
+    source = tmp_path / "net.onnx"
+    taken = default_output(source)
+    taken.write_bytes(b"made by someone else while the run went on")
+    written, path = save_result(_add_model(np.ones(4)), taken, source, named=False)
+    assert path == tmp_path / "net.compressed-2.onnx" and path.stat().st_size == written
+    assert taken.read_bytes() == b"made by someone else while the run went on"
+    with pytest.raises(io.OutputTaken):
+        io.save_model(_add_model(np.ones(4)), taken, replace=False)
 
 
 def test_external_data_has_the_permissions_of_a_plain_file(tmp_path, external):
@@ -310,12 +350,15 @@ def test_the_next_run_removes_what_a_killed_run_left(tmp_path):
     assert killed.returncode == -signal.SIGKILL
     (left,) = _hidden(tmp_path)
     assert left.startswith(".out.onnx.onnxcompress-")
-    living = tmp_path / f".out.onnx.onnxcompress-{os.getpid()}-abc.tmp"  # a run still going
+    assert left.startswith(io._temp_prefix(out).rsplit("-", 2)[0])
+    living = tmp_path / f"{io._temp_prefix(out)}abc.tmp"  # a run of this process, still going
     foreign = tmp_path / ".out.onnx.x1y2.tmp"  # not named as this tool names its temp files
-    for path in (living, foreign):
+    dead_pid = left.split("-")[-2]
+    elsewhere = tmp_path / f".out.onnx.onnxcompress-0badc0de-{dead_pid}-abc.tmp"  # other host
+    for path in (living, foreign, elsewhere):
         path.write_bytes(b"not ours to remove")
     assert main(args) == 0
-    assert _hidden(tmp_path) == sorted([living.name, foreign.name])
+    assert _hidden(tmp_path) == sorted([living.name, foreign.name, elsewhere.name])
 
 
 def test_temp_names_carry_the_writer_pid(tmp_path, monkeypatch):
@@ -328,7 +371,7 @@ def test_temp_names_carry_the_writer_pid(tmp_path, monkeypatch):
 
     monkeypatch.setattr(io, "_write_file", spy)
     io.save_model(_add_model(np.ones(4)), tmp_path / "m.onnx")
-    assert seen and seen[0].startswith(f".m.onnx.onnxcompress-{os.getpid()}-")
+    assert seen and seen[0].startswith(f".m.onnx.onnxcompress-{io._HOST}-{os.getpid()}-")
 
 
 def test_signal_handler_is_restored_after_main(tmp_path):

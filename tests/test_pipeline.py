@@ -138,3 +138,24 @@ def test_read_watch_counts_reading_not_asking():
     assert type(pickle.loads(pickle.dumps(shipped))) is list and shipped.read  # to a worker
     looped = ReadWatch(watched)
     assert [batch for batch in looped] and looped.read
+
+
+def test_an_array_given_once_with_a_dynamic_dim_is_never_cut(tmp_path):
+    # 'table' [?, 16] pinned to [8, 16] and given once: its 8 rows outvoted x's 4 per batch,
+    # and x went whole into both halves (validated on the rows the passes fit on).
+    from onnxcompress.calibration import calibration_inputs
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])
+    table = helper.make_tensor_value_info("table", TensorProto.FLOAT, ["k", 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x, table], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.arange(12.0, dtype=np.float32).reshape(4, 3), table=np.ones((8, 16), "f"))
+    for x_pin, batch_size in (4, None), (1, 4):  # x as pinned (the named batch), x differing
+        shapes = {"x": [x_pin, 3], "table": [8, 16]}
+        calibration = calibration_inputs(model, shapes, data=data, batch_size=batch_size)
+        fit, held = split_holdout(calibration, 0.25)
+        assert [b["x"].shape for b in fit.batches] == [(3, 3)]
+        assert [b["x"].shape for b in held.batches] == [(1, 3)]
+        assert all(b["table"].shape == (8, 16) for b in fit.batches + held.batches)

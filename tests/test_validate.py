@@ -416,3 +416,26 @@ def test_no_samples_give_no_figures():
     empty = Calibration([{"x": np.zeros((0, 3, 4, 4), np.float32)}], None, "file e.npz")
     with pytest.raises(CompressError, match="no samples to validate on"):
         compare_models(model, classifier(noise=1.0), empty)
+
+
+@pytest.mark.parametrize("empty_first", [True, False])
+def test_an_output_empty_for_every_sample_is_not_taken_for_no_samples(empty_first):
+    # A detector that finds nothing: boxes [0, 4] in both models, next to a real output.
+    from onnxcompress.calibration import Calibration
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])
+    boxes = helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [0, 4])
+    starts, ends = (numpy_helper.from_array(np.array([v]), n) for n, v in (("s", 0), ("e", 0)))
+    nodes = [
+        helper.make_node("Relu", ["x"], ["y"]),
+        helper.make_node("Slice", ["x", "s", "e"], ["boxes"]),
+    ]
+    outputs = [boxes, y] if empty_first else [y, boxes]
+    graph = helper.make_graph(nodes, "g", [x], outputs, [starts, ends])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    batches = [{"x": np.ones((2, 4), np.float32)} for _ in range(3)]
+    result = compare_models(model, model, Calibration(batches, None, "test"))
+    assert result["samples"] == 6
+    assert result["outputs"]["boxes"].get("empty") is True
+    assert "empty" not in result["outputs"]["y"]
