@@ -87,7 +87,7 @@ def measure(model, coded, data, reference, threads) -> dict:
 
 
 def run_model(name: str, args) -> None:
-    import passes
+    from onnxcompress import passes
 
     data = DATASETS[name](args)
     shapes = graph.resolve_input_shapes(data.model)

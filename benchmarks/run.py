@@ -209,7 +209,7 @@ def at_batch(bench: BenchModel, batch: int) -> BenchModel:
 
 def run_variant(bench: BenchModel, variant: Variant, context: PassContext, args):
     """(row, model): the variant compressed, checked, sized and scored; model None on error."""
-    import passes
+    from onnxcompress import passes
 
     method = METHODS[variant.method]
     row = {"method": variant.method, "label": variant.label, "options": variant.options}
@@ -482,7 +482,7 @@ def parse_args(argv: list[str] | None = None, known_models=None) -> argparse.Nam
 def check_options(todo: list[Variant]) -> None:
     """CompressError for an option a pass does not have or a value it cannot take, before
     anything runs (a typo in --opt should not surface hours later as error rows)."""
-    import passes
+    from onnxcompress import passes
 
     for variant in todo:
         method = METHODS[variant.method]

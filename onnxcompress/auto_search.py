@@ -67,7 +67,6 @@ CONFIRM_WINDOWS = 4
 # inside the int8 model (timed alone, int8 also pays quantizing its input and dequantizing its
 # output, which inside an int8 model it does not: a small excess is that, not the kernel).
 INT8_SLOWER = 1.2
-FACTORY = "passes.auto:make_methods"
 
 
 def search(
@@ -79,13 +78,15 @@ def search(
     context: PassContext,
     quantize=None,
     quantize_layer=None,
+    factory: str = "",
 ) -> PassResult:
     """The whole search; the result's summary is the `auto` section of the report.
+    `factory` ("module:function") makes the methods in sensitivity worker processes.
     `quantize(model) -> model` (int8), when given, is tried on the original and the best plan;
     with `quantize_layer(model, feeds) -> model` too, plans are also chosen on int8 timings."""
     kind, target = options.budget()
     sample = first_samples(context.calibration, options.sensitivity_samples)
-    measured = run_sensitivity(model, choices, options, context, sample)
+    measured = run_sensitivity(model, choices, options, context, sample, factory)
     in_graph = kind == "latency" and options.latency_basis == "graph"
     with context.progress("timing candidates", sum(len(c.candidates) for c in choices)) as bar:
         tables = auto_plan.score_layers(
@@ -554,7 +555,7 @@ def _factorized(plan: dict) -> bool:
     return any(s.method != "keep" for s in plan.values())
 
 
-def run_sensitivity(model, choices, options, context, sample) -> dict[str, list]:
+def run_sensitivity(model, choices, options, context, sample, factory) -> dict[str, list]:
     """Damage of every candidate, one job per layer, through the executor."""
     jobs = jobs_of(options, context)
     threads = executor.threads_per_job(jobs, context.threads)
@@ -570,7 +571,7 @@ def run_sensitivity(model, choices, options, context, sample) -> dict[str, list]
             sensitivity.SensitivityJob(
                 model_path,
                 data_path,
-                FACTORY,
+                factory,
                 factory_options,
                 c.name,
                 context.input_shapes,

@@ -239,11 +239,11 @@ def _read_config(path: str) -> tuple[list[str], dict]:
 def list_passes(console: Console) -> None:
     from rich.table import Table
 
-    import passes as registry
+    from onnxcompress import registry
     from onnxcompress.passkit import option_help
 
-    for name in sorted(registry.PASSES):
-        spec = registry.PASSES[name]
+    for name in sorted(registry.all_passes()):
+        spec = registry.all_passes()[name]
         console.print(f"[bold]{name}[/bold] — {spec.help}")
         fields = spec.option_fields()
         if not fields:

@@ -36,7 +36,7 @@ from onnxcompress.channel_surgery import prune_channels
 from onnxcompress.errors import CompressError
 from onnxcompress.input_checks import require_finite_weights
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list, option
-from passes import register
+from onnxcompress.registry import register
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from onnxcompress.passkit import (
     require_at_least_one,
     require_fraction,
 )
-from passes import register
+from onnxcompress.registry import register
 
 VARIANTS = ("plain", "btd")
 

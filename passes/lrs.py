@@ -70,8 +70,8 @@ from onnxcompress.passkit import (
     require_at_least_one,
     require_fraction,
 )
+from onnxcompress.registry import register
 from onnxcompress.token_rows import token_rows
-from passes import register
 
 SOLVERS = ("linear", "admm", "weight")
 STARTS = ("svd", "rpca")

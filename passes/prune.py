@@ -15,8 +15,8 @@ from onnxcompress import graph, onnxc
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list, option
 from onnxcompress.prunable import PrunableLayer, label, prunable_layers, write_weights
+from onnxcompress.registry import register
 from onnxcompress.sparsity import SCOPES, magnitude_masks, nm_mask, quantize_uniform
-from passes import register
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from onnxcompress.errors import CompressError
 from onnxcompress.onnxc import CodedWeights, encode_sparse
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list, option
 from onnxcompress.prunable import label, prunable_layers, write_weights
+from onnxcompress.registry import register
 from onnxcompress.sparsity import magnitude_masks, quantize_uniform
-from passes import register
 
 log = logging.getLogger(__name__)
 

@@ -58,7 +58,7 @@ from onnxcompress.passkit import (
     require_at_least_one,
     require_fraction,
 )
-from passes import register
+from onnxcompress.registry import register
 
 NO_SITE_LEFT = "none: W @ x has its features on axis -2 (only x @ W factors are refit)"
 NO_SITE_ROW_C = "none: C varies by row, so there is no [N] bias to refit"

@@ -13,6 +13,7 @@ import onnx
 import pytest
 from conftest import REPO, shared_model
 from onnx import TensorProto, helper, numpy_helper
+from onnxcompress.passes import get_pass
 
 from onnxcompress import graph, io
 from onnxcompress.analyse import analyse
@@ -33,7 +34,6 @@ from onnxcompress.channel_surgery import zero_removed_inputs
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
 from onnxcompress.validate import random_inputs, run_model
-from passes import get_pass
 
 SPEC = get_pass("channels")
 FIXTURES = ["vgg_style", "resnet_style", "mobilenet_style", "mlp", "transformer_block"]

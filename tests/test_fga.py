@@ -10,15 +10,15 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxcompress.passes import get_pass
+from onnxcompress.passes.fga import FgaOptions, fga
+from onnxcompress.passes.fold_bn import fold_batchnorm
 
 from onnxcompress import factorize, graph, layer_timing
 from onnxcompress.analyse import analyse
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext, PassResult
 from onnxcompress.validate import make_session
-from passes import get_pass
-from passes.fga import FgaOptions, fga
-from passes.fold_bn import fold_batchnorm
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 C = 32  # input channels of the tiny models

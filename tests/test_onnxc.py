@@ -12,14 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+from onnxcompress.passes import get_pass
+from onnxcompress.passes.prune import prune
 
 from models.fixtures import resnet_style
 from onnxcompress import graph, io, onnxc
 from onnxcompress.cli import main
 from onnxcompress.onnxc import CodedWeights, OnnxcError
 from onnxcompress.passkit import PassContext
-from passes import get_pass
-from passes.prune import prune
 from tests.conftest import shared_model
 
 

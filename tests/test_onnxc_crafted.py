@@ -15,6 +15,8 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto
+from onnxcompress.passes import get_pass
+from onnxcompress.passes.prune import prune
 
 from models.fixtures import resnet_style
 from onnxcompress import graph, onnxc, surp
@@ -22,8 +24,6 @@ from onnxcompress.cli import main
 from onnxcompress.entropy import pack_ints, pack_sections, unpack_sections
 from onnxcompress.onnxc import OnnxcError
 from onnxcompress.passkit import PassContext
-from passes import get_pass
-from passes.prune import prune
 
 _START = len(onnxc.MAGIC) + 13  # magic, version u8, body length u64, CRC32 u32
 _FIRST_BLOCK = 3  # graph, typed names, padding

@@ -12,13 +12,13 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxcompress.passes import auto, get_pass, upcast
 
 from models.fixtures import half_precision, mlp, vgg_style
 from onnxcompress import graph, report_rows
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
 from onnxcompress.validate import run_model
-from passes import auto, get_pass, upcast
 from tests.conftest import shared_model
 
 VGG_SHAPES = {"input": [2, 3, 32, 32]}

@@ -1,0 +1,67 @@
+"""The package as users get it: a wheel with one top-level name, `onnxcompress` (the repo's
+passes/ folder inside it as onnxcompress.passes), whose CLI runs from any directory."""
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from tests.conftest import REPO
+
+SOURCES = ["pyproject.toml", "README.md", "onnxcompress", "passes"]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    # Built from a copy: setuptools leaves build/ and *.egg-info in the tree it builds.
+    source = tmp_path_factory.mktemp("source")
+    for name in SOURCES:
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
+        copy(REPO / name, source / name)
+    out = tmp_path_factory.mktemp("wheel")
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
+    done = subprocess.run(
+        [*command, "-q", "-w", str(out), str(source)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    (built,) = out.glob("onnxcompress-*.whl")
+    return built
+
+
+def test_the_wheel_has_one_top_level_package(wheel):
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    top = {name.split("/")[0] for name in names}
+    assert {name for name in top if not name.endswith(".dist-info")} == {"onnxcompress"}
+    assert "onnxcompress/passes/svd.py" in names and "onnxcompress/registry.py" in names
+    assert not any(name.startswith(("passes/", "tests/", "benchmarks/")) for name in names)
+
+
+def test_the_installed_cli_runs_from_another_directory(wheel, tmp_path):
+    target = tmp_path / "site"
+    install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target"]
+    done = subprocess.run([*install, str(target), str(wheel)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # The wheel's copy comes first on the path; the dependencies from this environment.
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    out = elsewhere / "out.onnx"
+    model = REPO / "models" / "mlp.onnx"
+    run = [sys.executable, "-m", "onnxcompress", str(model), "--passes", "svd", "-o", str(out)]
+    done = subprocess.run(
+        [*run, "--no-bench", "-q"], cwd=elsewhere, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert out.is_file()
+    where = subprocess.run(
+        [sys.executable, "-c", "import onnxcompress.passes as p; print(p.__file__)"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert where.stdout.strip().startswith(str(target)), where.stdout
