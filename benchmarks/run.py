@@ -53,12 +53,13 @@ from benchmarks.image_models import (  # noqa: E402
 )
 from benchmarks.results_md import markdown  # noqa: E402
 from benchmarks.suite import METHODS, BenchModel, Variant, parse_options, variants  # noqa: E402
-from onnxcompress import CompressError, graph, io, onnxc  # noqa: E402
+from onnxcompress import CompressError, graph, io  # noqa: E402
 from onnxcompress.analyse import analyse  # noqa: E402
 from onnxcompress.benchmark import DEFAULT_SPINNING, benchmark_models  # noqa: E402
+from onnxcompress.coding import onnxc as onnxc  # noqa: E402
 from onnxcompress.passkit import PassContext  # noqa: E402
 from onnxcompress.pipeline import run_passes  # noqa: E402
-from onnxcompress.report import write_json  # noqa: E402
+from onnxcompress.report.files import write_json  # noqa: E402
 
 QUICK = {
     "models": "resnet20,mnist",

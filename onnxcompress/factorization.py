@@ -11,11 +11,13 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
-from onnxcompress import activation_scale, allocation, graph, layer_refit, layer_timing
+from onnxcompress import activation_scale, graph, layer_refit
 from onnxcompress.analyse import ModelAnalysis, analyse
+from onnxcompress.auto import layer_timing as layer_timing
 from onnxcompress.errors import CompressError
 from onnxcompress.input_checks import require_finite_weights
 from onnxcompress.layers import Namer, conv_layers, conv_node, named_copy, replace_node
+from onnxcompress.maths import allocation as allocation
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option, track
 
 log = logging.getLogger(__name__)

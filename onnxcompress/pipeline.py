@@ -136,7 +136,7 @@ def compress(
     long loops — passes' own, validation batches, the benchmark. Both default to silence.
     """
     from onnxcompress import benchmark, validate
-    from onnxcompress.report import report_target
+    from onnxcompress.report.files import report_target
 
     step = on_step or (lambda _name: None)
     progress = progress or no_progress
@@ -239,7 +239,7 @@ def compress(
         "benchmark": latency,
     }
     if report_path is not None:
-        from onnxcompress.report import write_report
+        from onnxcompress.report.files import write_report
 
         write_report(report, report_path)
     return CompressResult(report=report, model=model, output=output, passed=passed)
@@ -264,9 +264,9 @@ def write_onnxc(
 ) -> tuple[int, dict[str, Any]]:
     """Write the `.onnxc` file; return its bytes and the reference sizes of plain files:
     the original and the result as `.onnx`, each also under gzip -9 and zstd -19."""
-    from onnxcompress import onnxc
+    from onnxcompress.coding import onnxc as onnxc
 
-    written = onnxc.save_onnxc(model, output, coded)
+    written = io.save_onnxc(model, output, coded)
     sizes: dict[str, Any] = {"onnxc_bytes": written}
     for label, which in (("original", original), ("result", model)):
         if which.ByteSize() < io.EXTERNAL_DATA_THRESHOLD:

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxcompress import auto_search
-from onnxcompress.auto_candidates import layer_choices, method_layers
+from onnxcompress.auto import search as auto_search
+from onnxcompress.auto.candidates import layer_choices, method_layers
 from onnxcompress.errors import CompressError
 from onnxcompress.factorization import CLIFF_ERROR
 from onnxcompress.layers import named_copy

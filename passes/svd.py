@@ -25,7 +25,6 @@ import numpy as np
 import onnx
 import scipy.linalg
 
-from onnxcompress import factorize, ranks
 from onnxcompress.factorization import (
     DEFAULT_TARGET_MACS,
     Candidate,
@@ -51,6 +50,8 @@ from onnxcompress.linear_layers import (
     first_gemm_c,
     low_rank_nodes,
 )
+from onnxcompress.maths import factors as factorize
+from onnxcompress.maths import ranks as ranks
 from onnxcompress.passkit import (
     PassContext,
     PassResult,

@@ -10,11 +10,15 @@ import pytest
 from onnxcompress.passes import get_pass
 
 from models.fixtures import mlp, resnet_style, vgg_style
-from onnxcompress import auto_plan, auto_search, benchmark, graph, layers, report_rows, sensitivity
+from onnxcompress import benchmark, graph, layers
 from onnxcompress.analyse import analyse
+from onnxcompress.auto import plan as auto_plan
+from onnxcompress.auto import search as auto_search
+from onnxcompress.auto import sensitivity as sensitivity
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
 from onnxcompress.pipeline import build_options, lookup_passes, run_passes
+from onnxcompress.report import rows as report_rows
 from onnxcompress.validate import run_model
 
 VGG_SHAPES = {"input": [1, 3, 32, 32]}

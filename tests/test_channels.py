@@ -17,8 +17,8 @@ from onnxcompress.passes import get_pass
 
 from onnxcompress import graph, io
 from onnxcompress.analyse import analyse
-from onnxcompress.channel_groups import build_channel_graph
-from onnxcompress.channel_importance import (
+from onnxcompress.channels.graph import build_channel_graph
+from onnxcompress.channels.importance import (
     ChannelMoments,
     CovarianceAccumulator,
     LinearConsumer,
@@ -30,7 +30,7 @@ from onnxcompress.channel_importance import (
     kept_count,
     weight_channel_norms,
 )
-from onnxcompress.channel_surgery import zero_removed_inputs
+from onnxcompress.channels.surgery import zero_removed_inputs
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
 from onnxcompress.validate import random_inputs, run_model

@@ -10,8 +10,9 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxcompress.passes import get_pass
 from onnxcompress.passes.cp import CpOptions, estimate_errors
 
-from onnxcompress import factorize, graph
+from onnxcompress import graph
 from onnxcompress.analyse import analyse
+from onnxcompress.maths import factors as factorize
 from onnxcompress.passkit import PassContext
 from onnxcompress.validate import run_model
 
@@ -300,7 +301,7 @@ def test_a_layer_reverted_by_timing_is_never_fitted(monkeypatch):
     # Under a budget, candidates carry estimated errors; the CP fit happens when building.
     import onnxcompress.passes.cp as cp_module
 
-    from onnxcompress import layer_timing
+    from onnxcompress.auto import layer_timing as layer_timing
 
     fits = []
     real_fit = cp_module.factorize.cp_factors

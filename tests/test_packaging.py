@@ -36,8 +36,29 @@ def test_the_wheel_has_one_top_level_package(wheel):
         names = archive.namelist()
     top = {name.split("/")[0] for name in names}
     assert {name for name in top if not name.endswith(".dist-info")} == {"onnxcompress"}
-    assert "onnxcompress/passes/svd.py" in names and "onnxcompress/registry.py" in names
     assert not any(name.startswith(("passes/", "tests/", "benchmarks/")) for name in names)
+    # Every module of the repo's package folders is in the wheel (a package left out of
+    # pyproject's list would be missing).
+    sources = {
+        f"onnxcompress/{p.relative_to(REPO / 'onnxcompress')}" for p in _modules("onnxcompress")
+    }
+    sources |= {f"onnxcompress/passes/{p.relative_to(REPO / 'passes')}" for p in _modules("passes")}
+    assert sources <= set(names), sorted(sources - set(names))
+
+
+# Runs the CLI in-process, then lists the files of every onnxcompress module it loaded.
+_LOADED = """
+import sys
+from onnxcompress.cli import main
+main([{model!r}, "--passes", "svd,prune", "-o", {out!r}, "--no-bench"])
+for name, module in sys.modules.items():
+    if name.startswith("onnxcompress") and getattr(module, "__file__", None):
+        print("loaded " + module.__file__)
+"""
+
+
+def _modules(folder: str):
+    return [p for p in (REPO / folder).rglob("*.py") if "__pycache__" not in p.parts]
 
 
 def test_the_installed_cli_runs_from_another_directory(wheel, tmp_path):
@@ -57,11 +78,14 @@ def test_the_installed_cli_runs_from_another_directory(wheel, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert out.is_file()
+    # Every onnxcompress module a run loads comes from the wheel, none from this checkout.
+    loaded = _LOADED.format(model=str(model), out=str(out))
     where = subprocess.run(
-        [sys.executable, "-c", "import onnxcompress.passes as p; print(p.__file__)"],
+        [sys.executable, "-c", loaded],
         cwd=elsewhere,
         env=env,
         capture_output=True,
         text=True,
     )
-    assert where.stdout.strip().startswith(str(target)), where.stdout
+    files = [line[7:] for line in where.stdout.splitlines() if line.startswith("loaded ")]
+    assert len(files) > 20 and all(f.startswith(str(target)) for f in files), files

@@ -10,7 +10,7 @@ from onnxcompress import passes
 from onnxcompress.cli import main
 from onnxcompress.passkit import PassContext, PassResult, PassSpec, no_progress, track
 from onnxcompress.pipeline import CompressOptions, compress
-from onnxcompress.report_progress import TerminalProgress
+from onnxcompress.report.progress import TerminalProgress
 from tests.conftest import REPO
 
 FIXTURE = REPO / "models" / "vgg_style.onnx"

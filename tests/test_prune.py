@@ -12,7 +12,8 @@ from onnxcompress.passes import get_pass
 from onnxcompress.passes.prune import PruneOptions, prune
 
 from models.fixtures import mlp, resnet_style, transformer_block
-from onnxcompress import graph, onnxc
+from onnxcompress import graph
+from onnxcompress.coding import onnxc as onnxc
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
 from onnxcompress.validate import run_model

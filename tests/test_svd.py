@@ -10,10 +10,11 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxcompress.passes import get_pass
 
 from models.fixtures import mlp, transformer_block, vgg_style
-from onnxcompress import factorize, graph
+from onnxcompress import graph
 from onnxcompress.analyse import analyse
 from onnxcompress.layers import named_copy
 from onnxcompress.linear_layers import linear_layers
+from onnxcompress.maths import factors as factorize
 from onnxcompress.passkit import PassContext
 from onnxcompress.validate import run_model
 

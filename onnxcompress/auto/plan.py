@@ -12,10 +12,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxcompress import allocation, graph, latency_cache, layer_refit, layer_timing
-from onnxcompress.auto_candidates import LayerChoices
+from onnxcompress import graph, layer_refit
+from onnxcompress.auto import latency_cache as latency_cache
+from onnxcompress.auto import layer_timing as layer_timing
+from onnxcompress.auto.candidates import LayerChoices
+from onnxcompress.auto.sensitivity import Measured
 from onnxcompress.layers import Namer, replace_node
-from onnxcompress.sensitivity import Measured
+from onnxcompress.maths import allocation as allocation
 
 BUDGET_KINDS = ("latency", "macs", "bytes")
 

@@ -12,8 +12,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxcompress import auto_plan, benchmark, executor, graph, residual_blocks, sensitivity
-from onnxcompress.auto_plan import LayerTable, Scored
+from onnxcompress import benchmark, executor, graph, residual_blocks
+from onnxcompress.auto import plan as auto_plan
+from onnxcompress.auto import sensitivity as sensitivity
+from onnxcompress.auto.plan import LayerTable, Scored
 from onnxcompress.calibration import random_inputs
 from onnxcompress.errors import CompressError
 from onnxcompress.factorization import CLIFF_ERROR
