@@ -77,7 +77,7 @@ def activation_aware_option() -> Any:
         False,
         "with calibration data, factorize W·T (T: input whitening from the data) and allocate "
         "ranks by that data error instead of weight error; off by default: measured worse on "
-        "ResNet-20 for every pass, better for svd on SqueezeNet (README)",
+        "ResNet-20 for every pass, better for svd on SqueezeNet (docs/results.md)",
     )
 
 

@@ -112,7 +112,7 @@ class AutoOptions:
 
     def wants_int8(self, context: PassContext) -> bool:
         """int8 is tried when asked, and by default wherever it can be measured: at half the
-        latency ResNet-20 and SqueezeNet lost less with it (README, the `auto` section)."""
+        latency ResNet-20 and SqueezeNet lost less with it (docs/results.md, the `auto` section)."""
         if self.int8 is not None:
             return self.int8
         return self.budget()[0] == "latency" and bool(context.calibration)

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # A whole model within this much of its latency target is on target (timing noise).
 LATENCY_SLACK = 0.02
 # With every round off target, rounds this close to the fastest count as equally fast (the
-# same model's ratio moved by ~0.05 between runs here: README, "cp then int8: the ridge"),
+# same model's ratio moved by ~0.05 between runs here: docs/results.md, "cp then int8: the ridge"),
 # so a plan a little slower with far less error is not thrown away for timing noise.
 MISSED_TIE = 0.05
 # Plans built and measured at most, the budget tightened after a miss and loosened after a
@@ -358,7 +358,7 @@ def _block_rounds(build, quantize, rounds, tried, max_error) -> dict | None:
     samples), one more block a round, the layers after them refit on the calibration data;
     each measured in float and, with `quantize`, in int8, like every round. Per-layer plans
     keep every op; on ResNet-20 at batch 1 on 2 threads the per-op cost of the thread pool
-    is most of the time, and no per-layer plan reached half of it (README). Stops at the
+    is most of the time, and no per-layer plan reached half of it (docs/results.md). Stops at the
     first count with a round on target, or when the outputs break. What was measured (None
     for a model without such blocks)."""
     model, tables, _, context, options, checker = build
@@ -399,10 +399,10 @@ def _plans_after_blocks(build, rounds, tried, scale: float) -> None:
     target (the count before the one that met it, or the last tried): the blocks go most of the
     way at little damage each and the layers left make up the rest, where the next block would
     cost more (ResNet-20, 2 threads: four blocks removed reach 0.58, five 0.46 at a top-1 cost
-    four times the fourth's, README). The layers' tables are the original's (timed alone on the
-    same shapes: a block keeps its input's shape); rewritten layers are refit to the original's
-    outputs, so they also take up what the removed blocks changed. Rounds built like the float
-    search's, budgets from the measured ratio of the blocks-removed model."""
+    four times the fourth's, docs/results.md). The layers' tables are the original's (timed
+    alone on the same shapes: a block keeps its input's shape); rewritten layers are refit to
+    the original's outputs, so they also take up what the removed blocks changed. Rounds built
+    like the float search's, budgets from the measured ratio of the blocks-removed model."""
     model, tables, methods, context, options, checker = build
     target = options.budget()[1]
     missed = [

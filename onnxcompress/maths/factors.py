@@ -222,7 +222,7 @@ def cp_factors(
     `l2_reg` > 0 adds a ridge term of l2_reg·‖W‖²/R to every ALS solve. Unregularized CP
     often ends with large components that cancel each other (on ResNet-20 the CP weights sum
     to 20–90× ‖W‖); the fit is as good, but any rounding of the intermediate activations
-    (int8, fp16) no longer cancels: `cp` then `int8` lost 5–69 points of top-1 (README, "cp
+    (int8, fp16) no longer cancels: `cp` then `int8` lost 5–69 points of top-1 (docs/results.md, "cp
     then int8: the ridge").
     """
     w = _conv_weight(weight)
