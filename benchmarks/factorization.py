@@ -55,6 +55,8 @@ import onnxruntime as ort  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from onnxcompress.passes import get_pass  # noqa: E402
+
 from benchmarks.big_models import BIG_MODELS  # noqa: E402
 from onnxcompress import CompressError, CompressOptions, compress, graph, io  # noqa: E402
 from onnxcompress.analyse import analyse  # noqa: E402
@@ -62,9 +64,8 @@ from onnxcompress.benchmark import benchmark_models  # noqa: E402
 from onnxcompress.calibration import DEFAULT_RANDOM_BATCHES  # noqa: E402
 from onnxcompress.passkit import PassContext, sample_count  # noqa: E402
 from onnxcompress.pipeline import run_passes  # noqa: E402
-from onnxcompress.tables import human  # noqa: E402
+from onnxcompress.report.tables import human  # noqa: E402
 from onnxcompress.validate import make_session, run_session  # noqa: E402
-from passes import get_pass  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 SHARED_MODELS = SHARED / "models"
@@ -108,11 +109,11 @@ DEFAULTS = {
 
 def registered_passes(wanted: list[str]) -> tuple[list[str], dict[str, str]]:
     """The wanted passes that are registered and take `target_macs`; why the others are not."""
-    import passes
+    from onnxcompress import passes
 
     available, missing = [], {}
     for name in wanted:
-        spec = passes.PASSES.get(name)
+        spec = passes.all_passes().get(name)
         if spec is None:
             missing[name] = "not registered in passes/ (yet)"
             continue
@@ -493,7 +494,7 @@ def accuracy_part(args, pass_names: list[str], out: dict) -> None:
 
 
 def accuracy_model(name: str, data: Dataset, args, pass_names) -> tuple[list[dict], list[str]]:
-    import passes
+    from onnxcompress import passes
 
     shapes = graph.resolve_input_shapes(data.model)
     macs_before = analyse(data.model, shapes).total_macs

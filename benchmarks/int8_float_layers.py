@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.image_models import add_data_arguments, resnet20, squeezenet  # noqa: E402
 from benchmarks.int8_mixed import run_pass, table  # noqa: E402
-from onnxcompress import graph, layer_timing, layers  # noqa: E402
+from onnxcompress import graph, layers  # noqa: E402
 from onnxcompress.analyse import analyse  # noqa: E402
+from onnxcompress.auto import layer_timing as layer_timing  # noqa: E402
 from onnxcompress.benchmark import benchmark_models  # noqa: E402
 from onnxcompress.factorization import Rewrite  # noqa: E402
 from onnxcompress.passkit import PassContext, comma_list  # noqa: E402

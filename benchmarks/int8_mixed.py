@@ -17,11 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from onnxcompress.passes import get_pass  # noqa: E402
+
 from benchmarks.image_models import add_data_arguments, resnet20  # noqa: E402
 from onnxcompress import graph  # noqa: E402
 from onnxcompress.benchmark import benchmark_models  # noqa: E402
 from onnxcompress.passkit import PassContext, comma_list  # noqa: E402
-from passes import get_pass  # noqa: E402
 
 # Node-name suffixes the factorization builders give their factors.
 FACTOR_TAGS = (".cp_", ".svd_", ".tucker2_", ".fga_")

@@ -36,9 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.factorization import DATASETS, predict  # noqa: E402
-from onnxcompress import CompressError, graph, onnxc  # noqa: E402
+from onnxcompress import CompressError, graph  # noqa: E402
 from onnxcompress.analyse import analyse  # noqa: E402
 from onnxcompress.benchmark import benchmark_models  # noqa: E402
+from onnxcompress.coding import onnxc as onnxc  # noqa: E402
 from onnxcompress.passkit import PassContext  # noqa: E402
 from onnxcompress.pipeline import run_passes  # noqa: E402
 
@@ -87,7 +88,7 @@ def measure(model, coded, data, reference, threads) -> dict:
 
 
 def run_model(name: str, args) -> None:
-    import passes
+    from onnxcompress import passes
 
     data = DATASETS[name](args)
     shapes = graph.resolve_input_shapes(data.model)

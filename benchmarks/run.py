@@ -53,12 +53,13 @@ from benchmarks.image_models import (  # noqa: E402
 )
 from benchmarks.results_md import markdown  # noqa: E402
 from benchmarks.suite import METHODS, BenchModel, Variant, parse_options, variants  # noqa: E402
-from onnxcompress import CompressError, graph, io, onnxc  # noqa: E402
+from onnxcompress import CompressError, graph, io  # noqa: E402
 from onnxcompress.analyse import analyse  # noqa: E402
 from onnxcompress.benchmark import DEFAULT_SPINNING, benchmark_models  # noqa: E402
+from onnxcompress.coding import onnxc as onnxc  # noqa: E402
 from onnxcompress.passkit import PassContext  # noqa: E402
 from onnxcompress.pipeline import run_passes  # noqa: E402
-from onnxcompress.report import write_json  # noqa: E402
+from onnxcompress.report.files import write_json  # noqa: E402
 
 QUICK = {
     "models": "resnet20,mnist",
@@ -209,7 +210,7 @@ def at_batch(bench: BenchModel, batch: int) -> BenchModel:
 
 def run_variant(bench: BenchModel, variant: Variant, context: PassContext, args):
     """(row, model): the variant compressed, checked, sized and scored; model None on error."""
-    import passes
+    from onnxcompress import passes
 
     method = METHODS[variant.method]
     row = {"method": variant.method, "label": variant.label, "options": variant.options}
@@ -482,7 +483,7 @@ def parse_args(argv: list[str] | None = None, known_models=None) -> argparse.Nam
 def check_options(todo: list[Variant]) -> None:
     """CompressError for an option a pass does not have or a value it cannot take, before
     anything runs (a typo in --opt should not surface hours later as error rows)."""
-    import passes
+    from onnxcompress import passes
 
     for variant in todo:
         method = METHODS[variant.method]

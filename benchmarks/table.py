@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from onnxcompress import CompressError, CompressOptions, compress  # noqa: E402
-from onnxcompress.tables import human  # noqa: E402
+from onnxcompress.report.tables import human  # noqa: E402
 
 SHARED_MODELS = REPO.parent / "shared" / "models"
 PINS = {"ppocr_mobile_v2.0_cls.onnx": {"x": [1, 3, 48, 192]}}

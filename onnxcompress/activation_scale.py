@@ -20,12 +20,9 @@ from onnx import numpy_helper
 
 from onnxcompress.layers import ConvLayer
 from onnxcompress.linear_layers import LinearLayer
+from onnxcompress.maths.whitening import RIDGE, whitening  # noqa: F401  (re-exported)
 from onnxcompress.passkit import PassContext
 from onnxcompress.token_rows import token_rows
-
-# Ridge added to C, relative to its mean diagonal: keeps T invertible when channels are dead
-# (always zero after a ReLU) or exactly correlated.
-RIDGE = 1e-4
 
 
 def activation_of(layer: ConvLayer | LinearLayer) -> str:
@@ -68,15 +65,6 @@ def _channel_columns(batch: dict[str, np.ndarray], value: np.ndarray, axis: int)
         return token_rows(batch, value).T.astype(np.float64)
     x = np.moveaxis(value, axis, 0)
     return x.reshape(x.shape[0], -1).astype(np.float64)
-
-
-def whitening(moment: np.ndarray, diagonal: bool) -> np.ndarray:
-    """T with T Tᵀ = C + ridge (lower triangular), or diag(√diag C) when `diagonal`."""
-    c = len(moment)
-    ridge = RIDGE * max(float(np.trace(moment)) / max(c, 1), 1e-30)
-    if diagonal:
-        return np.diag(np.sqrt(np.diag(moment) + ridge))
-    return np.linalg.cholesky(moment + ridge * np.eye(c))
 
 
 def transformed_layer(layer: ConvLayer | LinearLayer, transform: np.ndarray) -> Any:

@@ -18,7 +18,7 @@ from onnx import helper
 
 from onnxcompress import graph
 from onnxcompress.errors import ORT_LOG_SEVERITY
-from onnxcompress.tables import format_table, human  # noqa: F401  (re-exported for callers)
+from onnxcompress.report.tables import format_table, human  # noqa: F401  (re-exported for callers)
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from rich.console import Console
 from onnxcompress import cli_types
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import comma_list
-from onnxcompress.report_progress import TerminalProgress
+from onnxcompress.report.progress import TerminalProgress
 
 EXIT_OK, EXIT_VALIDATION, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -239,11 +239,11 @@ def _read_config(path: str) -> tuple[list[str], dict]:
 def list_passes(console: Console) -> None:
     from rich.table import Table
 
-    import passes as registry
+    from onnxcompress import registry
     from onnxcompress.passkit import option_help
 
-    for name in sorted(registry.PASSES):
-        spec = registry.PASSES[name]
+    for name in sorted(registry.all_passes()):
+        spec = registry.all_passes()[name]
         console.print(f"[bold]{name}[/bold] — {spec.help}")
         fields = spec.option_fields()
         if not fields:
@@ -259,7 +259,7 @@ def list_passes(console: Console) -> None:
 
 def run_compress(args: argparse.Namespace, console: Console) -> int:
     from onnxcompress.pipeline import CompressOptions, compress, default_output
-    from onnxcompress.report import fidelity_table, pass_lines, summary_table
+    from onnxcompress.report.terminal import fidelity_table, pass_lines, summary_table
 
     if args.list_passes:
         list_passes(Console())
@@ -322,7 +322,7 @@ def run_compress(args: argparse.Namespace, console: Console) -> int:
 
 
 def _report_files(raw: str) -> str:
-    from onnxcompress.report import report_target
+    from onnxcompress.report.files import report_target
 
     target = report_target(raw)
     return f"{target.path}/report.{{json,md,html}}" if target.is_folder else str(target.path)
@@ -332,7 +332,7 @@ def run_analyse(args: argparse.Namespace, console: Console) -> int:
     from onnxcompress import io
     from onnxcompress.analyse import analyse, format_table
     from onnxcompress.pipeline import check_input_model
-    from onnxcompress.report import write_json
+    from onnxcompress.report.files import write_json
 
     model = io.load_model(args.model)
     # The check compress runs on load: a table of a model it would refuse proves nothing.
@@ -347,7 +347,8 @@ def run_analyse(args: argparse.Namespace, console: Console) -> int:
 def run_decode(args: argparse.Namespace, console: Console) -> int:
     from pathlib import Path
 
-    from onnxcompress import io, onnxc
+    from onnxcompress import io
+    from onnxcompress.coding import onnxc as onnxc
 
     source = Path(args.model)
     if not source.is_file():

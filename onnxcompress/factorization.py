@@ -11,11 +11,13 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
-from onnxcompress import activation_scale, allocation, graph, layer_refit, layer_timing
+from onnxcompress import activation_scale, graph, layer_refit
 from onnxcompress.analyse import ModelAnalysis, analyse
+from onnxcompress.auto import layer_timing as layer_timing
 from onnxcompress.errors import CompressError
 from onnxcompress.input_checks import require_finite_weights
 from onnxcompress.layers import Namer, conv_layers, conv_node, named_copy, replace_node
+from onnxcompress.maths import allocation as allocation
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option, track
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,7 @@ def activation_aware_option() -> Any:
         False,
         "with calibration data, factorize W·T (T: input whitening from the data) and allocate "
         "ranks by that data error instead of weight error; off by default: measured worse on "
-        "ResNet-20 for every pass, better for svd on SqueezeNet (README)",
+        "ResNet-20 for every pass, better for svd on SqueezeNet (docs/results.md)",
     )
 
 

@@ -50,7 +50,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if path.stat().st_size == 0:
         raise CompressError(f"{path}: file is empty, not an ONNX model")
     if _is_onnxc(path):  # a coded model file: decode it transparently
-        from onnxcompress import onnxc
+        from onnxcompress.coding import onnxc as onnxc
 
         model = onnxc.load_onnxc(path)
         require_utf8_strings(model, path)
@@ -100,6 +100,14 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike, *, replace: bool = 
         _write_file(tmp, [data])
         _publish(tmp, path, replace)
     return len(data)
+
+
+def save_onnxc(model: onnx.ModelProto, path: str | os.PathLike, coded=()) -> int:
+    """Write the model as an entropy-coded `.onnxc` file atomically (bytes from coding.onnxc,
+    `coded`: weights a pass coded already); returns the bytes written."""
+    from onnxcompress.coding import onnxc
+
+    return write_bytes_atomic(onnxc.encode_model(model, coded), path)
 
 
 def output_file(path: str | os.PathLike) -> Path:
@@ -365,7 +373,7 @@ def _default_permissions(path: str) -> None:
 
 
 def _is_onnxc(path: Path) -> bool:
-    from onnxcompress.onnxc import MAGIC
+    from onnxcompress.coding.onnxc import MAGIC
 
     with open(path, "rb") as fh:
         return fh.read(len(MAGIC)) == MAGIC

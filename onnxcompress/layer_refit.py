@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxcompress.maths.least_squares import LeastSquaresAccumulator
 from onnxcompress.passkit import PassContext, sample_count, track
-from onnxcompress.refit import LeastSquaresAccumulator
 from onnxcompress.token_rows import token_row_mask
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """The one flow behind the CLI and the library: load → analyse → passes → check → validate →
-benchmark → write + report. Passes are looked up by name, lazily, from the `passes` registry."""
+benchmark → write + report. Passes are looked up by name in `onnxcompress.registry`."""
 
 from __future__ import annotations
 
@@ -65,10 +65,12 @@ class CompressResult:
 
 def lookup_passes(names: list[str]) -> list[PassSpec]:
     """The registered passes for these names (imported lazily: the core never imports a pass)."""
-    import passes as registry
+    from onnxcompress import registry
 
     if not names:
-        raise CompressError(f"no pass given; passes are: {', '.join(sorted(registry.PASSES))}")
+        raise CompressError(
+            f"no pass given; passes are: {', '.join(sorted(registry.all_passes()))}"
+        )
     return [registry.get_pass(name) for name in names]
 
 
@@ -134,7 +136,7 @@ def compress(
     long loops — passes' own, validation batches, the benchmark. Both default to silence.
     """
     from onnxcompress import benchmark, validate
-    from onnxcompress.report import report_target
+    from onnxcompress.report.files import report_target
 
     step = on_step or (lambda _name: None)
     progress = progress or no_progress
@@ -237,7 +239,7 @@ def compress(
         "benchmark": latency,
     }
     if report_path is not None:
-        from onnxcompress.report import write_report
+        from onnxcompress.report.files import write_report
 
         write_report(report, report_path)
     return CompressResult(report=report, model=model, output=output, passed=passed)
@@ -262,9 +264,9 @@ def write_onnxc(
 ) -> tuple[int, dict[str, Any]]:
     """Write the `.onnxc` file; return its bytes and the reference sizes of plain files:
     the original and the result as `.onnx`, each also under gzip -9 and zstd -19."""
-    from onnxcompress import onnxc
+    from onnxcompress.coding import onnxc as onnxc
 
-    written = onnxc.save_onnxc(model, output, coded)
+    written = io.save_onnxc(model, output, coded)
     sizes: dict[str, Any] = {"onnxc_bytes": written}
     for label, which in (("original", original), ("result", model)):
         if which.ByteSize() < io.EXTERNAL_DATA_THRESHOLD:
@@ -289,7 +291,9 @@ def run_passes(
     for spec in specs:
         step(f"pass {spec.name}")
         started = time.perf_counter()
+        before = _fingerprint(model)
         result = spec.run(model, typed[spec.name], context)
+        check_contract(spec.name, model, before, result)
         if coded is not None:
             coded.extend(result.artifacts.get("coded_weights", []))
         if result.changed:
@@ -305,6 +309,41 @@ def run_passes(
             }
         )
     return model, reports
+
+
+STATUSES = ("rewritten", "skipped", "reverted")
+
+
+class PassContractError(RuntimeError):
+    """A pass broke the pass contract: a bug in the pass, reported to its author."""
+
+
+def check_contract(name: str, model: onnx.ModelProto, before: tuple, result) -> None:
+    """The contract every pass keeps (see passkit.PassResult): `changed=False` means the
+    model, handed back, is the one it was given, untouched; every record's status is one of
+    STATUSES; a skipped or reverted node says why."""
+    if not result.changed and (result.model != model or _fingerprint(model) != before):
+        raise PassContractError(f"pass {name} says changed=False but changed the model")
+    if result.changed and _fingerprint(model) != before:
+        raise PassContractError(f"pass {name} changed the model it was given in place")
+    for record in result.records:
+        if record.status not in STATUSES:
+            raise PassContractError(
+                f"pass {name}: record of {record.node} has status {record.status!r}, "
+                f"not one of {', '.join(STATUSES)}"
+            )
+        if record.status != "rewritten" and not record.reason:
+            raise PassContractError(f"pass {name}: {record.status} {record.node} without a reason")
+
+
+def _fingerprint(model: onnx.ModelProto) -> tuple:
+    """What a pass could change, cheaply: the nodes, and each initializer's name, type,
+    dims and size (not its bytes: a 2 GB model is not copied to be compared)."""
+    nodes = tuple(node.SerializeToString() for node in model.graph.node)
+    tensors = tuple(
+        (t.name, t.data_type, tuple(t.dims), t.ByteSize()) for t in model.graph.initializer
+    )
+    return nodes, tensors, tuple(model.graph.input), tuple(model.graph.output)
 
 
 def check_input_model(model: onnx.ModelProto, path: Path) -> None:

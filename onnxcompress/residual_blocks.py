@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxcompress import graph, layers, linear_layers, sensitivity
+from onnxcompress import graph, layers, linear_layers
 from onnxcompress.analyse import analyse
+from onnxcompress.auto import sensitivity as sensitivity
 from onnxcompress.layer_refit import RefitSite, refit_layers
 from onnxcompress.passkit import PassContext, sample_count, track
 

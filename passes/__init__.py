@@ -1,33 +1,9 @@
-"""Registry of passes by name. Each pass is one module here with one public entry."""
+"""The passes, one module each, installed as `onnxcompress.passes`. Importing this package
+imports every module, and each registers itself in `onnxcompress.registry`."""
 
 from __future__ import annotations
 
-from onnxcompress.errors import CompressError
-from onnxcompress.passkit import PassSpec
-
-PASSES: dict[str, PassSpec] = {}
-
-
-def register(name: str, options: type, help: str):
-    """Decorator: register `fn(model, options, context) -> PassResult` under `name`."""
-
-    def decorate(fn):
-        if name in PASSES:
-            raise RuntimeError(f"pass {name} registered twice")
-        PASSES[name] = PassSpec(name=name, run=fn, options=options, help=help)
-        return fn
-
-    return decorate
-
-
-def get_pass(name: str) -> PassSpec:
-    if name not in PASSES:
-        raise CompressError(f"unknown pass '{name}'; passes are: {', '.join(sorted(PASSES))}")
-    return PASSES[name]
-
-
-# Importing the modules registers them; keep this list in one place.
-from passes import (  # noqa: E402, F401
+from onnxcompress.passes import (  # noqa: F401  (importing registers them)
     auto,
     blocks,
     channels,
@@ -43,3 +19,7 @@ from passes import (  # noqa: E402, F401
     tucker2,
     upcast,
 )
+
+from onnxcompress.registry import all_passes, get_pass, register
+
+__all__ = ["all_passes", "get_pass", "register"]

@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxcompress import auto_search
-from onnxcompress.auto_candidates import layer_choices, method_layers
+from onnxcompress.auto import search as auto_search
+from onnxcompress.auto.candidates import layer_choices, method_layers
 from onnxcompress.errors import CompressError
 from onnxcompress.factorization import CLIFF_ERROR
 from onnxcompress.layers import named_copy
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list, option
-from passes import register
+from onnxcompress.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class AutoOptions:
 
     def wants_int8(self, context: PassContext) -> bool:
         """int8 is tried when asked, and by default wherever it can be measured: at half the
-        latency ResNet-20 and SqueezeNet lost less with it (README, the `auto` section)."""
+        latency ResNet-20 and SqueezeNet lost less with it (docs/results.md, the `auto` section)."""
         if self.int8 is not None:
             return self.int8
         return self.budget()[0] == "latency" and bool(context.calibration)
@@ -124,7 +124,7 @@ class AutoOptions:
         return self.budget()[0] == "latency" and bool(context.calibration)
 
     def wants_upcast(self, model: onnx.ModelProto) -> bool:
-        from passes.upcast import computes_in_float16
+        from onnxcompress.passes.upcast import computes_in_float16
 
         if self.upcast is False or not computes_in_float16(model):
             return False
@@ -143,7 +143,7 @@ class AutoOptions:
 def make_methods(factory_options: dict[str, Any], context: PassContext) -> dict[str, Any]:
     """The candidate methods, configured as their passes would be for a budget run (never
     timed or refit by their own driver: auto does both). Importable by worker processes."""
-    from passes import cp, fga, lrs, svd, tucker2
+    from onnxcompress.passes import cp, fga, lrs, svd, tucker2
 
     align = factory_options["align"]
     data = bool(context.calibration)
@@ -182,7 +182,7 @@ def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> 
         raise CompressError("auto: no layer any candidate method can rewrite to save MACs")
     quantize = quantize_layer = None
     if options.wants_int8(context):
-        from passes import int8
+        from onnxcompress.passes import int8
 
         def quantize(source: onnx.ModelProto, keep: list[str] = ()) -> onnx.ModelProto:
             # `keep`: nodes left in float (layers whose int8 kernel is slower, and the ops
@@ -202,7 +202,15 @@ def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> 
                 return source
 
     found = auto_search.search(
-        model, analysis, choices, methods, options, context, quantize, quantize_layer
+        model,
+        analysis,
+        choices,
+        methods,
+        options,
+        context,
+        quantize,
+        quantize_layer,
+        factory=f"{__name__}:{make_methods.__name__}",
     )
     records += found.records
     if found.summary.get("int8", {}).get("quantized"):
@@ -222,7 +230,7 @@ def _upcast_first(model, options: AutoOptions, context: PassContext):
     scaled to it (target / the upcast's measured ratio: the user's target is of the file
     given), and what was done. SqueezeNet's float16 file: int8 of it ran 1.21x slower than
     the file, int8 of its upcast 0.58x (`python benchmarks/fp16_upcast.py --threads 1`)."""
-    from passes import upcast
+    from onnxcompress.passes import upcast
 
     upcast_model = upcast.upcast(model, upcast.UpcastOptions(), context).model
     done: dict[str, Any] = {"from": "float16", "to": "float32"}

@@ -27,7 +27,7 @@ from onnxcompress.passkit import (
     first_samples,
     option,
 )
-from passes import register
+from onnxcompress.registry import register
 
 
 @dataclass(frozen=True)

@@ -16,27 +16,28 @@ import onnx
 
 from onnxcompress import graph
 from onnxcompress.analyse import ModelAnalysis, analyse
-from onnxcompress.channel_budget import (
+from onnxcompress.channels.budget import (
     MacsMeter,
     bisect_ratio,
     greedy_counts,
     masks_for,
     uniform_counts,
 )
-from onnxcompress.channel_groups import ChannelGraph, Group, build_channel_graph, label
-from onnxcompress.channel_importance import ranges_kept
-from onnxcompress.channel_refit import refit_consumers
-from onnxcompress.channel_scoring import (
+from onnxcompress.channels.graph import build_channel_graph
+from onnxcompress.channels.groups import ChannelGraph, Group, label
+from onnxcompress.channels.importance import ranges_kept
+from onnxcompress.channels.refit import refit_consumers
+from onnxcompress.channels.scoring import (
     data_scores,
     layer_weights,
     refit_aware_scores,
     weight_scores,
 )
-from onnxcompress.channel_surgery import prune_channels
+from onnxcompress.channels.surgery import prune_channels
 from onnxcompress.errors import CompressError
 from onnxcompress.input_checks import require_finite_weights
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list, option
-from passes import register
+from onnxcompress.registry import register
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import scipy.linalg
 
-from onnxcompress import factorize, fit_cache
+from onnxcompress.auto import fit_cache as fit_cache
 from onnxcompress.factorization import (
     DEFAULT_TARGET_MACS,
     Candidate,
@@ -34,6 +34,7 @@ from onnxcompress.layers import (
     horizontal_conv_node,
     vertical_conv_node,
 )
+from onnxcompress.maths import factors as factorize
 from onnxcompress.passkit import (
     MAX_SEED,
     PassContext,
@@ -42,7 +43,7 @@ from onnxcompress.passkit import (
     require_at_least_one,
     require_fraction,
 )
-from passes import register
+from onnxcompress.registry import register
 
 log = logging.getLogger(__name__)
 

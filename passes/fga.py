@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxcompress import factorize, ranks
 from onnxcompress.factorization import (
     DEFAULT_TARGET_MACS,
     Candidate,
@@ -30,6 +29,9 @@ from onnxcompress.layers import (
     dense_spatial_reason,
     spatial_conv_node,
 )
+from onnxcompress.maths import btd
+from onnxcompress.maths import factors as factorize
+from onnxcompress.maths import ranks as ranks
 from onnxcompress.passkit import (
     PassContext,
     PassResult,
@@ -37,7 +39,7 @@ from onnxcompress.passkit import (
     require_at_least_one,
     require_fraction,
 )
-from passes import register
+from onnxcompress.registry import register
 
 VARIANTS = ("plain", "btd")
 
@@ -153,10 +155,10 @@ class FgaMethod(ConvMethod):
         x = layer.node.input[0]
         if self.options.variant == "btd":
             inner = candidate.config["inner_channels"]
-            leading, grouped, pointwise = factorize.fga_btd_factors(
+            leading, grouped, pointwise = btd.fga_btd_factors(
                 layer.weight, groups, rank, inner, seed=0
             )
-            approx = factorize.compose_fga_btd(leading, grouped, pointwise, groups)
+            approx = btd.compose_fga_btd(leading, grouped, pointwise, groups)
             exact = factorize.relative_error(layer.weight, approx)
             candidate.config["weight_rel_error_exact"] = round(exact, 6)
             # No bias: the 1×1 maps the grouped conv's zero padding to zero, so it commutes

@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 
 from onnxcompress import graph
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option
-from passes import register
+from onnxcompress.registry import register
 
 log = logging.getLogger(__name__)
 

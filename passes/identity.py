@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import onnx
 
 from onnxcompress.passkit import PassContext, PassResult
-from passes import register
+from onnxcompress.registry import register
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ from onnxcompress.passkit import (
     option,
     sample_count,
 )
+from onnxcompress.registry import register
 from onnxcompress.validate import ort_message
-from passes import register
 
 # The first opset whose DequantizeLinear takes `axis` (per-channel weights).
 QDQ_OPSET = 13

@@ -11,7 +11,7 @@ a smaller dense Conv/product: its MACs really fall. `structured=false` keeps an 
 single entries, stored dense: it saves size after compression, never time or MACs on
 onnxruntime, so it takes explicit `rank` and `sparsity` and no MAC budget.
 
-Solver (onnxcompress.lowrank_sparse): weight-only alternating projection (from two starts,
+Solver (onnxcompress.maths.lowrank_sparse): weight-only alternating projection (from two starts,
 L first and S first, the better kept; or from tensorly's robust PCA, `start=rpca`), then
 with calibration data and `solver=linear` the data fit of Yu et al. (CVPR 2017),
 min ‖(W − L − S)X‖ on the layer's input patches X (second moments of a sample of them),
@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxcompress import graph, lowrank_sparse, ranks
+from onnxcompress import graph
 from onnxcompress.activation_scale import activation_of
 from onnxcompress.analyse import analyse
 from onnxcompress.errors import CompressError
@@ -62,6 +62,8 @@ from onnxcompress.linear_layers import (
     first_gemm_c,
     zero_c,
 )
+from onnxcompress.maths import lowrank_sparse as lowrank_sparse
+from onnxcompress.maths import ranks as ranks
 from onnxcompress.passkit import (
     NodeRecord,
     PassContext,
@@ -70,8 +72,8 @@ from onnxcompress.passkit import (
     require_at_least_one,
     require_fraction,
 )
+from onnxcompress.registry import register
 from onnxcompress.token_rows import token_rows
-from passes import register
 
 SOLVERS = ("linear", "admm", "weight")
 STARTS = ("svd", "rpca")

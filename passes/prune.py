@@ -11,12 +11,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxcompress import graph, onnxc
+from onnxcompress import graph
+from onnxcompress.coding import onnxc as onnxc
 from onnxcompress.errors import CompressError
+from onnxcompress.maths.sparsity import SCOPES, magnitude_masks, nm_mask, quantize_uniform
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list, option
 from onnxcompress.prunable import PrunableLayer, label, prunable_layers, write_weights
-from onnxcompress.sparsity import SCOPES, magnitude_masks, nm_mask, quantize_uniform
-from passes import register
+from onnxcompress.registry import register
 
 log = logging.getLogger(__name__)
 

@@ -12,14 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxcompress import graph, surp
-from onnxcompress.entropy import encode_categorical, encode_gaps, pack_sections
+from onnxcompress import graph
+from onnxcompress.coding import surp as surp
+from onnxcompress.coding.entropy import encode_categorical, encode_gaps, pack_sections
+from onnxcompress.coding.onnxc import CodedWeights, encode_sparse
 from onnxcompress.errors import CompressError
-from onnxcompress.onnxc import CodedWeights, encode_sparse
+from onnxcompress.maths.sparsity import magnitude_masks, quantize_uniform
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list, option
 from onnxcompress.prunable import label, prunable_layers, write_weights
-from onnxcompress.sparsity import magnitude_masks, quantize_uniform
-from passes import register
+from onnxcompress.registry import register
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,6 @@ import numpy as np
 import onnx
 import scipy.linalg
 
-from onnxcompress import factorize, ranks
 from onnxcompress.factorization import (
     DEFAULT_TARGET_MACS,
     Candidate,
@@ -51,6 +50,8 @@ from onnxcompress.linear_layers import (
     first_gemm_c,
     low_rank_nodes,
 )
+from onnxcompress.maths import factors as factorize
+from onnxcompress.maths import ranks as ranks
 from onnxcompress.passkit import (
     PassContext,
     PassResult,
@@ -58,7 +59,7 @@ from onnxcompress.passkit import (
     require_at_least_one,
     require_fraction,
 )
-from passes import register
+from onnxcompress.registry import register
 
 NO_SITE_LEFT = "none: W @ x has its features on axis -2 (only x @ W factors are refit)"
 NO_SITE_ROW_C = "none: C varies by row, so there is no [N] bias to refit"

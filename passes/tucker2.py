@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxcompress import factorize, ranks
 from onnxcompress.factorization import (
     DEFAULT_TARGET_MACS,
     Candidate,
@@ -29,6 +28,8 @@ from onnxcompress.layers import (
     dense_spatial_reason,
     spatial_conv_node,
 )
+from onnxcompress.maths import factors as factorize
+from onnxcompress.maths import ranks as ranks
 from onnxcompress.passkit import (
     PassContext,
     PassResult,
@@ -36,7 +37,7 @@ from onnxcompress.passkit import (
     require_at_least_one,
     require_fraction,
 )
-from passes import register
+from onnxcompress.registry import register
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxcompress import graph
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext, PassResult, option
-from passes import register
+from onnxcompress.registry import register
 
 HALF, SINGLE = TensorProto.FLOAT16, TensorProto.FLOAT
 # Node attributes that name an element type the node produces (Cast's `to`, the `dtype` of

@@ -9,11 +9,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxcompress.passes import get_pass
 
 from onnxcompress import activation_scale, graph
 from onnxcompress.passkit import PassContext
 from onnxcompress.validate import run_model
-from passes import get_pass
 
 N, C, H = 16, 12, 9
 

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from onnxcompress.allocation import Option, back_off, choose, pareto_curve
+from onnxcompress.maths.allocation import Option, back_off, choose, pareto_curve
 
 
 def random_groups(rng, integer=False):

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnxcompress.passes import get_pass
 
 from models.fixtures import mlp, resnet_style, vgg_style
-from onnxcompress import auto_plan, auto_search, benchmark, graph, layers, report_rows, sensitivity
+from onnxcompress import benchmark, graph, layers
 from onnxcompress.analyse import analyse
+from onnxcompress.auto import plan as auto_plan
+from onnxcompress.auto import search as auto_search
+from onnxcompress.auto import sensitivity as sensitivity
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
 from onnxcompress.pipeline import build_options, lookup_passes, run_passes
+from onnxcompress.report import rows as report_rows
 from onnxcompress.validate import run_model
-from passes import get_pass
 
 VGG_SHAPES = {"input": [1, 3, 32, 32]}
 MLP_SHAPES = {"input": [32, 64]}
@@ -248,7 +252,7 @@ def test_searching_on_bisects_towards_a_broken_plan_that_met_the_target(monkeypa
     """After the re-timing the usable plan (budget 0.6) misses the 0.5 target and only a broken
     one (budget 0.4) meets it: the search goes on between the two, with the rounds left; it
     does not once the rounds are spent or the usable plan is already the cheapest."""
-    from passes.auto import AutoOptions
+    from onnxcompress.passes.auto import AutoOptions
 
     calls = []
 
@@ -506,7 +510,7 @@ def test_a_plan_the_quantizer_refuses_is_out_not_a_crash():
 
 
 def test_plan_warning_says_missed_targets_and_large_errors():
-    from passes.auto import plan_warning
+    from onnxcompress.passes.auto import plan_warning
 
     on = {"budget": {"target": 0.5}, "target_reached": True, "model": {"rel_l2": 0.1}}
     assert plan_warning(on) == ""
@@ -611,7 +615,7 @@ def test_a_target_only_broken_plans_reach_keeps_a_usable_plan(
 
 
 def test_the_output_bar_is_the_users_tolerance_when_given():
-    from passes.auto import AutoOptions
+    from onnxcompress.passes.auto import AutoOptions
 
     assert auto_search.usable_error(AutoOptions()) == auto_search.CLIFF_ERROR
     assert auto_search.usable_error(AutoOptions(max_rel_l2=0.8)) is None

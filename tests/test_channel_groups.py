@@ -10,9 +10,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import graph
-from onnxcompress.channel_groups import build_channel_graph
-from onnxcompress.channel_importance import keep_mask, kept_count
-from onnxcompress.channel_surgery import prune_channels, zero_removed_inputs
+from onnxcompress.channels.graph import build_channel_graph
+from onnxcompress.channels.importance import keep_mask, kept_count
+from onnxcompress.channels.surgery import prune_channels, zero_removed_inputs
 from onnxcompress.validate import random_inputs, run_model
 
 SHAPE = [2, 3, 8, 8]

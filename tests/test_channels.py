@@ -13,11 +13,12 @@ import onnx
 import pytest
 from conftest import REPO, shared_model
 from onnx import TensorProto, helper, numpy_helper
+from onnxcompress.passes import get_pass
 
 from onnxcompress import graph, io
 from onnxcompress.analyse import analyse
-from onnxcompress.channel_groups import build_channel_graph
-from onnxcompress.channel_importance import (
+from onnxcompress.channels.graph import build_channel_graph
+from onnxcompress.channels.importance import (
     ChannelMoments,
     CovarianceAccumulator,
     LinearConsumer,
@@ -29,11 +30,10 @@ from onnxcompress.channel_importance import (
     kept_count,
     weight_channel_norms,
 )
-from onnxcompress.channel_surgery import zero_removed_inputs
+from onnxcompress.channels.surgery import zero_removed_inputs
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
 from onnxcompress.validate import random_inputs, run_model
-from passes import get_pass
 
 SPEC = get_pass("channels")
 FIXTURES = ["vgg_style", "resnet_style", "mobilenet_style", "mlp", "transformer_block"]

@@ -7,13 +7,14 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxcompress.passes import get_pass
+from onnxcompress.passes.cp import CpOptions, estimate_errors
 
-from onnxcompress import factorize, graph
+from onnxcompress import graph
 from onnxcompress.analyse import analyse
+from onnxcompress.maths import factors as factorize
 from onnxcompress.passkit import PassContext
 from onnxcompress.validate import run_model
-from passes import get_pass
-from passes.cp import CpOptions, estimate_errors
 
 RANK = 3
 X_SHAPE = [2, 6, 9, 11]
@@ -298,8 +299,9 @@ def test_ridge_keeps_cp_close_under_int8():
 
 def test_a_layer_reverted_by_timing_is_never_fitted(monkeypatch):
     # Under a budget, candidates carry estimated errors; the CP fit happens when building.
-    import passes.cp as cp_module
-    from onnxcompress import layer_timing
+    import onnxcompress.passes.cp as cp_module
+
+    from onnxcompress.auto import layer_timing as layer_timing
 
     fits = []
     real_fit = cp_module.factorize.cp_factors

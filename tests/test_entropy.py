@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from onnxcompress import entropy
-from onnxcompress.entropy import CodingError
+from onnxcompress.coding import entropy as entropy
+from onnxcompress.coding.entropy import CodingError
 
 SIZES = st.integers(min_value=0, max_value=5000)
 

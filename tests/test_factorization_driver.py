@@ -334,7 +334,7 @@ def test_nothing_chosen_returns_the_model_unchanged():
 
 
 def test_reverted_layers_that_miss_the_target_are_said(monkeypatch):
-    import onnxcompress.layer_timing as layer_timing
+    import onnxcompress.auto.layer_timing as layer_timing
 
     slow = {"original_ms": 1.0, "rewritten_ms": 1.07, "speedup": 1 / 1.07}
     monkeypatch.setattr(layer_timing, "compare_layer", lambda *args, **kwargs: dict(slow))

@@ -5,7 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxcompress import factorize as fz
+from onnxcompress.maths import btd
+from onnxcompress.maths import factors as fz
 
 # The tolerances onnx-simplifier uses for exact rewrites.
 RTOL, ATOL = 1e-4, 1e-5
@@ -176,13 +177,13 @@ def test_spatial_svd_recovers_exact_rank(n, c, kh, kw, rank):
 )
 def test_fga_btd_recovers_exact_block_terms(n, c, kh, kw, groups, rank, inner):
     weight = _btd_structured(n, c, kh, kw, groups, rank, inner)
-    leading, grouped, pointwise = fz.fga_btd_factors(
+    leading, grouped, pointwise = btd.fga_btd_factors(
         weight, groups, rank, inner, iterations=500, tol=1e-12
     )
     assert leading.shape == (groups * inner, c, 1, 1)
     assert grouped.shape == (groups * rank, inner, kh, kw)
     assert pointwise.shape == (n, groups * rank, 1, 1)
-    composed = fz.compose_fga_btd(leading, grouped, pointwise, groups)
+    composed = btd.compose_fga_btd(leading, grouped, pointwise, groups)
     np.testing.assert_allclose(composed, weight, RTOL, ATOL)
     x = _rng(7).standard_normal((c, 6, 8))
     factored = _conv2d(_conv2d(_conv2d(x, leading), grouped, groups), pointwise)
@@ -239,10 +240,10 @@ def test_fga_btd_is_never_worse_than_fga():
     weight = _rng(11).standard_normal((12, 8, 3, 3))
     for groups, rank in [(2, 3), (4, 2)]:
         fga = _relative_error(fz.compose_fga(*fz.fga_factors(weight, groups, rank), groups), weight)
-        btd = _relative_error(
-            fz.compose_fga_btd(*fz.fga_btd_factors(weight, groups, rank), groups), weight
+        block_terms = _relative_error(
+            btd.compose_fga_btd(*btd.fga_btd_factors(weight, groups, rank), groups), weight
         )
-        assert btd <= fga + 1e-9
+        assert block_terms <= fga + 1e-9
 
 
 def test_dtypes_follow_the_input():
@@ -261,7 +262,7 @@ def test_dtypes_follow_the_input():
         lambda w: fz.fga_factors(w, 2, 0),
         lambda w: fz.tucker2_factors(w, 5, 2),  # rank_in > c
         lambda w: fz.spatial_svd_factors(w, 13),  # > min(c·kh, n·kw)
-        lambda w: fz.fga_btd_factors(w, 2, 1, inner_channels=3),  # g·c′ > c
+        lambda w: btd.fga_btd_factors(w, 2, 1, inner_channels=3),  # g·c′ > c
         lambda w: fz.fga_factors(w[:, :, 0], 1, 1),  # not a 2-D conv weight
         lambda w: fz.truncated_svd(w.reshape(6, -1), 7),
     ],
@@ -272,7 +273,7 @@ def test_bad_arguments_raise_value_error(call):
 
 
 def test_lazy_reexports():
-    from onnxcompress.factorize import compose_fga_btd, fga_btd_factors  # noqa: F401
+    from onnxcompress.maths.btd import compose_fga_btd, fga_btd_factors  # noqa: F401
 
     with pytest.raises(AttributeError):
         fz.no_such_function  # noqa: B018
@@ -292,8 +293,8 @@ def test_macs_per_pixel_equal_factor_parameter_counts():
         return sum(a.size for a in arrays)
 
     assert fz.fga_macs_per_pixel(n, c, kh, kw, 2, 3) == size(fz.fga_factors(weight, 2, 3))
-    btd = fz.fga_btd_factors(weight, 2, 3, inner_channels=3, iterations=2)
-    assert fz.fga_btd_macs_per_pixel(n, c, kh, kw, 2, 3, 3) == size(btd)
+    block_terms = btd.fga_btd_factors(weight, 2, 3, inner_channels=3, iterations=2)
+    assert fz.fga_btd_macs_per_pixel(n, c, kh, kw, 2, 3, 3) == size(block_terms)
     assert fz.tucker2_macs_per_pixel(n, c, kh, kw, 4, 5) == size(fz.tucker2_factors(weight, 4, 5))
     cp = fz.cp_factors(weight, 4, n_iter_max=2)
     assert fz.cp_macs_per_pixel(n, c, kh, kw, 4) == size(
@@ -443,13 +444,13 @@ def test_refit_handles_dependent_inputs_without_ridge():
     [(16, 64, 16), (16, 17, 16), (16, 16, 8), (16, 9, 8), (16, 8, 4), (8, 2, 1), (16, 1, 1)],
 )
 def test_narrow_layers_shrink_the_alignment(align, width, expected):
-    from onnxcompress.ranks import layer_align
+    from onnxcompress.maths.ranks import layer_align
 
     assert layer_align(align, width) == expected
 
 
 def test_aligned_ranks_always_offer_a_rank_below_the_width():
-    from onnxcompress.ranks import aligned_ranks
+    from onnxcompress.maths.ranks import aligned_ranks
 
     assert aligned_ranks(16, 64) == [16, 32, 48]
     assert aligned_ranks(16, 16) == [8]  # align 16 alone would leave a 16-wide layer nothing

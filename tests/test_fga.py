@@ -10,15 +10,18 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxcompress.passes import get_pass
+from onnxcompress.passes.fga import FgaOptions, fga
+from onnxcompress.passes.fold_bn import fold_batchnorm
 
-from onnxcompress import factorize, graph, layer_timing
+from onnxcompress import graph
 from onnxcompress.analyse import analyse
+from onnxcompress.auto import layer_timing as layer_timing
 from onnxcompress.errors import CompressError
+from onnxcompress.maths import btd
+from onnxcompress.maths import factors as factorize
 from onnxcompress.passkit import PassContext, PassResult
 from onnxcompress.validate import make_session
-from passes import get_pass
-from passes.fga import FgaOptions, fga
-from passes.fold_bn import fold_batchnorm
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 C = 32  # input channels of the tiny models
@@ -391,7 +394,7 @@ def btd_weight(rng, n, c, k, groups, rank, inner) -> np.ndarray:
     pointwise = rng.standard_normal((n, groups * rank, 1, 1)) / np.sqrt(
         groups * rank * inner * k * k
     )
-    return factorize.compose_fga_btd(mixing[..., None, None], grouped, pointwise, groups)
+    return btd.compose_fga_btd(mixing[..., None, None], grouped, pointwise, groups)
 
 
 @pytest.mark.parametrize(

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnxcompress.passes import get_pass
 
 from models.fixtures import vgg_style
-from onnxcompress import factorize, fit_cache
+from onnxcompress.auto import fit_cache as fit_cache
+from onnxcompress.maths import factors as factorize
 from onnxcompress.passkit import PassContext
 from onnxcompress.validate import random_inputs, run_model
-from passes import get_pass
 
 SHAPES = {"input": [1, 3, 32, 32]}
 

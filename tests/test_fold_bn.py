@@ -9,11 +9,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxcompress.passes import get_pass
+from onnxcompress.passes.fold_bn import FoldBnOptions, fold_batchnorm, fold_bn, fold_scale_shift
 
 from onnxcompress import graph
 from onnxcompress.passkit import PassContext
-from passes import get_pass
-from passes.fold_bn import FoldBnOptions, fold_batchnorm, fold_bn, fold_scale_shift
 
 ort.set_default_logger_severity(3)
 

@@ -12,6 +12,7 @@ import onnx
 import pytest
 from conftest import shared_model
 from onnx import TensorProto
+from onnxcompress.passes import get_pass
 
 from models import fixtures
 from onnxcompress import graph, io
@@ -19,7 +20,6 @@ from onnxcompress.analyse import analyse
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
 from onnxcompress.validate import random_inputs, run_model
-from passes import get_pass
 
 SPEC = get_pass("int8")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

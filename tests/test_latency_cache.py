@@ -9,8 +9,10 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from onnxcompress import benchmark, latency_cache, layer_timing
-from onnxcompress.latency_cache import LatencyCache, Timing, model_key, time_subgraph
+from onnxcompress import benchmark
+from onnxcompress.auto import latency_cache as latency_cache
+from onnxcompress.auto import layer_timing as layer_timing
+from onnxcompress.auto.latency_cache import LatencyCache, Timing, model_key, time_subgraph
 
 
 @pytest.fixture(autouse=True)
@@ -172,7 +174,7 @@ def test_unusable_folder_warns_once_and_times_uncached(tmp_path, fake_timer, cap
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the cache folder should be")
     cache = LatencyCache(blocker / "cache")
-    with caplog.at_level(logging.WARNING, logger="onnxcompress.latency_cache"):
+    with caplog.at_level(logging.WARNING, logger="onnxcompress.auto.latency_cache"):
         first = time_subgraph(conv_model(), feeds_for(), 2, cache)
         time_subgraph(conv_model(kernel=1), feeds_for(), 2, cache)
         assert time_subgraph(conv_model(), feeds_for(), 2, cache) == first  # in-process hit

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxcompress import lowrank_sparse as ls
+from onnxcompress.maths import lowrank_sparse as ls
 
 N, D, RANK, KEEP = 30, 40, 3, 30
 

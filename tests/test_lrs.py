@@ -8,13 +8,13 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxcompress.passes import get_pass
 
 from onnxcompress import graph
 from onnxcompress.analyse import analyse
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
 from onnxcompress.validate import run_model
-from passes import get_pass
 
 RTOL, ATOL = 1e-4, 1e-5
 LRS = get_pass("lrs")

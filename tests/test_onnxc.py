@@ -12,14 +12,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+from onnxcompress.passes import get_pass
+from onnxcompress.passes.prune import prune
 
 from models.fixtures import resnet_style
-from onnxcompress import graph, io, onnxc
+from onnxcompress import graph, io
 from onnxcompress.cli import main
-from onnxcompress.onnxc import CodedWeights, OnnxcError
+from onnxcompress.coding import onnxc as onnxc
+from onnxcompress.coding.onnxc import CodedWeights, OnnxcError
 from onnxcompress.passkit import PassContext
-from passes import get_pass
-from passes.prune import prune
 from tests.conftest import shared_model
 
 
@@ -230,14 +231,14 @@ def _reframe(body: bytes, version: int = onnxc.FORMAT_VERSION) -> bytes:
 
 def _checked_block(codec: bytes, payload: bytes, digest: bytes) -> bytes:
     """A version-2 block whose CRC matches its (edited) bytes: only the digest can object."""
-    from onnxcompress.entropy import pack_sections
+    from onnxcompress.coding.entropy import pack_sections
 
     crc = struct.pack("<I", zlib.crc32(payload, zlib.crc32(codec)))
     return pack_sections([codec, payload, crc + digest])
 
 
 def test_unknown_codec_and_inconsistent_body_are_clean_errors():
-    from onnxcompress.entropy import pack_sections, unpack_sections
+    from onnxcompress.coding.entropy import pack_sections, unpack_sections
 
     data = _file()
     parts = unpack_sections(data[18:])
@@ -261,7 +262,7 @@ def test_unknown_codec_and_inconsistent_body_are_clean_errors():
 def test_cli_decode_round_trip_and_default_output(tmp_path, capsys):
     model = _pruned(0.8)
     source = tmp_path / "m.onnxc"
-    onnxc.save_onnxc(model, source)
+    io.save_onnxc(model, source)
     before = io.file_sha256(source)
     assert main(["decode", str(source)]) == 0
     assert onnx.load(tmp_path / "m.onnx") == model

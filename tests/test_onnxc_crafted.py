@@ -15,15 +15,17 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto
+from onnxcompress.passes import get_pass
+from onnxcompress.passes.prune import prune
 
 from models.fixtures import resnet_style
-from onnxcompress import graph, onnxc, surp
+from onnxcompress import graph
 from onnxcompress.cli import main
-from onnxcompress.entropy import pack_ints, pack_sections, unpack_sections
-from onnxcompress.onnxc import OnnxcError
+from onnxcompress.coding import onnxc as onnxc
+from onnxcompress.coding import surp as surp
+from onnxcompress.coding.entropy import pack_ints, pack_sections, unpack_sections
+from onnxcompress.coding.onnxc import OnnxcError
 from onnxcompress.passkit import PassContext
-from passes import get_pass
-from passes.prune import prune
 
 _START = len(onnxc.MAGIC) + 13  # magic, version u8, body length u64, CRC32 u32
 _FIRST_BLOCK = 3  # graph, typed names, padding

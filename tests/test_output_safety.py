@@ -14,8 +14,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcompress import io, onnxc
+from onnxcompress import io
 from onnxcompress.cli import main
+from onnxcompress.coding import onnxc as onnxc
 from onnxcompress.errors import CompressError
 from tests.conftest import REPO
 
@@ -47,7 +48,7 @@ def _hidden(folder) -> list[str]:
 def test_decode_default_never_replaces_the_original(tmp_path, capsys):
     original = tmp_path / "m.onnx"
     original.write_bytes(b"the user's own model")
-    onnxc.save_onnxc(_add_model(np.arange(8.0)), tmp_path / "m.onnxc")
+    io.save_onnxc(_add_model(np.arange(8.0)), tmp_path / "m.onnxc")
     assert main(["decode", str(tmp_path / "m.onnxc")]) == 0
     assert original.read_bytes() == b"the user's own model"
     assert onnx.load(tmp_path / "m-2.onnx") == _add_model(np.arange(8.0))
@@ -101,7 +102,7 @@ def _special_files(tmp_path):
 @pytest.mark.parametrize("command", ["compress", "decode"])
 def test_output_that_is_not_a_regular_file_is_refused(tmp_path, capsys, command):
     source = tmp_path / "m.onnxc"
-    onnxc.save_onnxc(_add_model(np.arange(4.0)), source)
+    io.save_onnxc(_add_model(np.arange(4.0)), source)
     args = (
         ["decode", str(source)] if command == "decode" else [str(FIXTURE), "--passes", "identity"]
     )

@@ -83,7 +83,7 @@ def test_float_options_must_be_finite(raw):
 )
 def test_factorization_fractions_refused_when_the_options_are_read(option, value):
     """Not after every layer was factorized and measured, as the budget used to refuse them."""
-    import passes
+    from onnxcompress import passes
 
     pass_name, name = option.split(".")
     with pytest.raises(CompressError, match=f"{name} must be a fraction in"):
@@ -92,7 +92,7 @@ def test_factorization_fractions_refused_when_the_options_are_read(option, value
 
 @pytest.mark.parametrize("seed", ["-1", str(2**32)])
 def test_cp_seed_within_numpys_range(seed):
-    import passes
+    from onnxcompress import passes
 
     with pytest.raises(CompressError, match="seed must be from 0 to 4294967295"):
         passes.get_pass("cp").make_options({"seed": seed})

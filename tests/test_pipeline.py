@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-import passes
+from onnxcompress import passes
 from onnxcompress.calibration import Calibration
 from onnxcompress.errors import CompressError
 from onnxcompress.holdout import ReadWatch
@@ -56,7 +56,7 @@ def test_passes_never_see_the_held_out_samples(tmp_path, monkeypatch):
         seen.append([float(b["input"].sum()) for b in context.calibration])
         return PassResult(model, False)
 
-    monkeypatch.setitem(passes.PASSES, "spy", PassSpec("spy", spy, SpyOptions, "spy"))
+    monkeypatch.setitem(passes.all_passes(), "spy", PassSpec("spy", spy, SpyOptions, "spy"))
     rng = np.random.default_rng(0)
     data = tmp_path / "d.npz"
     inputs = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
@@ -85,7 +85,7 @@ def _spy_on_rows(monkeypatch, seen):
         seen.append(len(context.labels))
         return PassResult(model, False)
 
-    monkeypatch.setitem(passes.PASSES, "spy", PassSpec("spy", spy, SpyOptions, "spy"))
+    monkeypatch.setitem(passes.all_passes(), "spy", PassSpec("spy", spy, SpyOptions, "spy"))
 
 
 def test_one_batch_is_split_by_samples(tmp_path, monkeypatch):
@@ -159,3 +159,56 @@ def test_an_array_given_once_with_a_dynamic_dim_is_never_cut(tmp_path):
         assert [b["x"].shape for b in fit.batches] == [(3, 3)]
         assert [b["x"].shape for b in held.batches] == [(1, 3)]
         assert all(b["table"].shape == (8, 16) for b in fit.batches + held.batches)
+
+
+def _contract_case(kind: str):
+    """A pass breaking the contract in one way (`kind`), on a copy of the Relu model."""
+    from onnxcompress.passkit import NodeRecord
+
+    def run(model, options, context):
+        if kind == "in_place":
+            model.graph.node[0].name = "renamed"
+            return PassResult(model, True)
+        changed = onnx.ModelProto()
+        changed.CopyFrom(model)
+        changed.graph.node[0].name = "renamed"
+        if kind == "unchanged_but_changed":
+            return PassResult(changed, False)
+        status, reason = ("done", "x") if kind == "bad_status" else ("skipped", "")
+        return PassResult(model, False, [NodeRecord("r", "Relu", status, reason)])
+
+    return run
+
+
+@pytest.mark.parametrize(
+    ("kind", "words"),
+    [
+        ("unchanged_but_changed", "says changed=False but changed the model"),
+        ("in_place", "changed the model it was given in place"),
+        ("bad_status", "has status 'done'"),
+        ("skip_without_reason", "skipped r without a reason"),
+    ],
+)
+def test_run_passes_enforces_the_pass_contract(tmp_path, kind, words):
+    from onnxcompress.passkit import PassContext
+    from onnxcompress.pipeline import PassContractError, run_passes
+
+    model = onnx.load(_relu_model(tmp_path / "m.onnx"))
+    spec = PassSpec("breaker", _contract_case(kind), SpyOptions, "breaks the contract")
+    with pytest.raises(PassContractError, match=words):
+        run_passes(model, [spec], {"breaker": SpyOptions()}, PassContext({}), lambda _: None)
+
+
+@pytest.mark.parametrize("name", ["identity", "fold_bn"])
+def test_a_second_run_of_an_idempotent_pass_changes_nothing(name):
+    from models.fixtures import resnet_style
+    from onnxcompress.passkit import PassContext
+    from onnxcompress.pipeline import run_passes
+    from onnxcompress.registry import get_pass
+
+    spec = get_pass(name)
+    model, shapes = resnet_style(), {"input": [1, 3, 32, 32]}
+    args = ([spec], {name: spec.make_options({})}, PassContext(shapes), lambda _: None)
+    once, _ = run_passes(model, *args)
+    twice, reports = run_passes(once, *args)
+    assert reports[0]["changed"] is False and twice == once

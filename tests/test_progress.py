@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
-import passes
+from onnxcompress import passes
 from onnxcompress.cli import main
 from onnxcompress.passkit import PassContext, PassResult, PassSpec, no_progress, track
 from onnxcompress.pipeline import CompressOptions, compress
-from onnxcompress.report_progress import TerminalProgress
+from onnxcompress.report.progress import TerminalProgress
 from tests.conftest import REPO
 
 FIXTURE = REPO / "models" / "vgg_style.onnx"
@@ -79,7 +79,7 @@ def test_track_counts_each_item_after_its_work():
 
 def test_pipeline_reports_pass_validation_and_benchmark(tmp_path, monkeypatch):
     spec = PassSpec("looper", _looping_pass, LoopOptions, "test-only pass with a loop")
-    monkeypatch.setitem(passes.PASSES, "looper", spec)
+    monkeypatch.setitem(passes.all_passes(), "looper", spec)
     recorder = Recorder()
     steps = []
     options = CompressOptions(

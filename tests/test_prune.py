@@ -8,14 +8,15 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxcompress.passes import get_pass
+from onnxcompress.passes.prune import PruneOptions, prune
 
 from models.fixtures import mlp, resnet_style, transformer_block
-from onnxcompress import graph, onnxc
+from onnxcompress import graph
+from onnxcompress.coding import onnxc as onnxc
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
 from onnxcompress.validate import run_model
-from passes import get_pass
-from passes.prune import PruneOptions, prune
 from tests.conftest import REPO
 
 SPEC = get_pass("prune")

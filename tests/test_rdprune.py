@@ -13,12 +13,14 @@ import onnx
 import pytest
 from conftest import shared_model
 from onnx import TensorProto, helper, numpy_helper
+from onnxcompress.passes import get_pass
 
-from onnxcompress import graph, onnxc, surp
+from onnxcompress import graph
+from onnxcompress.coding import onnxc as onnxc
+from onnxcompress.coding import surp as surp
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
 from onnxcompress.validate import random_inputs, run_model
-from passes import get_pass
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = get_pass("rdprune")

@@ -9,10 +9,10 @@ import pytest
 
 from onnxcompress.cli import main
 from onnxcompress.errors import CompressError
-from onnxcompress.report import report_target, write_report
-from onnxcompress.report_html import render_html
-from onnxcompress.report_markdown import render_markdown
-from onnxcompress.report_plots import INSTALL_HINT, damage_cost_curve
+from onnxcompress.report.files import report_target, write_report
+from onnxcompress.report.html import render_html
+from onnxcompress.report.markdown import render_markdown
+from onnxcompress.report.plots import INSTALL_HINT, damage_cost_curve
 from tests.conftest import REPO
 
 FIXTURE = REPO / "models" / "resnet_style.onnx"

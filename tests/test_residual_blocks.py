@@ -6,13 +6,13 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
+from onnxcompress.passes import get_pass
 
 from models.fixtures import mlp, mobilenet_style, resnet_style
 from onnxcompress import graph, residual_blocks
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
 from onnxcompress.validate import run_model
-from passes import get_pass
 
 SHAPES = {"input": [4, 3, 32, 32]}
 

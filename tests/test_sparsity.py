@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from onnxcompress.sparsity import magnitude_masks, nm_mask, quantize_uniform
+from onnxcompress.maths.sparsity import magnitude_masks, nm_mask, quantize_uniform
 
 
 def _weights(seed=0):

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxcompress import surp
-from onnxcompress.entropy import CodingError, encode_gaps
+from onnxcompress.coding import surp as surp
+from onnxcompress.coding.entropy import CodingError, encode_gaps
 
 
 def laplacian(seed: int, *shapes: tuple[int, ...], scale: float = 0.05) -> dict[str, np.ndarray]:

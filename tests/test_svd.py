@@ -7,15 +7,16 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxcompress.passes import get_pass
 
 from models.fixtures import mlp, transformer_block, vgg_style
-from onnxcompress import factorize, graph
+from onnxcompress import graph
 from onnxcompress.analyse import analyse
 from onnxcompress.layers import named_copy
 from onnxcompress.linear_layers import linear_layers
+from onnxcompress.maths import factors as factorize
 from onnxcompress.passkit import PassContext
 from onnxcompress.validate import run_model
-from passes import get_pass
 
 RTOL, ATOL = 1e-4, 1e-5
 OUT4 = ["n", "c", "h", "w"]  # conv outputs: rank known, dims left to shape inference

@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxcompress.passes import get_pass
+from onnxcompress.passes.lrs import input_moments
 
 from onnxcompress.activation_scale import input_second_moments
 from onnxcompress.analyse import analyse
@@ -17,8 +19,6 @@ from onnxcompress.linear_layers import linear_layers
 from onnxcompress.passkit import PassContext
 from onnxcompress.token_rows import MASK_INPUT, token_row_mask, token_rows
 from onnxcompress.validate import run_model
-from passes import get_pass
-from passes.lrs import input_moments
 
 BATCH, SEQ, K, N, RANK = 4, 10, 8, 6, 3
 SHAPES = {"x": [BATCH, SEQ, K], MASK_INPUT: [BATCH, SEQ]}

@@ -10,14 +10,14 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxcompress.passes import get_pass
+from onnxcompress.passes.tucker2 import Tucker2Options, _hosvd_kept_energy, tucker2
 
 from models.fixtures import FIXTURES
 from onnxcompress import graph
 from onnxcompress.analyse import analyse
 from onnxcompress.passkit import PassContext
 from onnxcompress.validate import run_model
-from passes import get_pass
-from passes.tucker2 import Tucker2Options, _hosvd_kept_energy, tucker2
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 N, C, R_IN, R_OUT = 10, 12, 4, 5

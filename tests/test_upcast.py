@@ -12,13 +12,14 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxcompress.passes import auto, get_pass, upcast
 
 from models.fixtures import half_precision, mlp, vgg_style
-from onnxcompress import graph, report_rows
+from onnxcompress import graph
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
+from onnxcompress.report import rows as report_rows
 from onnxcompress.validate import run_model
-from passes import auto, get_pass, upcast
 from tests.conftest import shared_model
 
 VGG_SHAPES = {"input": [2, 3, 32, 32]}
@@ -167,7 +168,7 @@ def test_bad_io_option_is_one_clear_error():
 
 
 def test_auto_searches_a_float16_model_on_its_upcast_with_the_target_scaled(monkeypatch):
-    monkeypatch.setattr("onnxcompress.auto_search.latency_ratio", lambda *args: 0.8)
+    monkeypatch.setattr("onnxcompress.auto.search.latency_ratio", lambda *args: 0.8)
     half = half_precision(vgg_style())
     calibration = _images(np.float16) * 2
     spec = get_pass("auto")

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 
 from onnxcompress.analyse import analyse
-from onnxcompress.channel_groups import ChannelGraph
-from onnxcompress.channel_importance import allowed_counts, greedy_moves, keep_mask, kept_count
-from onnxcompress.channel_surgery import prune_channels
+from onnxcompress.channels.groups import ChannelGraph
+from onnxcompress.channels.importance import allowed_counts, greedy_moves, keep_mask, kept_count
+from onnxcompress.channels.surgery import prune_channels
 
 MAX_RATIO = 0.99  # the bisection's upper end; kept counts never fall below one unit anyway
 BISECTION_STEPS = 14

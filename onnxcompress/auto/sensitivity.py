@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxcompress import latency_cache, layer_refit
+from onnxcompress import layer_refit
 from onnxcompress.analyse import analyse
-from onnxcompress.auto_candidates import RUNG_FRACTIONS, layer_choices, method_layers
+from onnxcompress.auto import latency_cache as latency_cache
+from onnxcompress.auto.candidates import RUNG_FRACTIONS, layer_choices, method_layers
 from onnxcompress.errors import CompressError
 from onnxcompress.io import write_bytes_atomic
 from onnxcompress.layers import Namer, replace_node

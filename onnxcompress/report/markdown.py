@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from onnxcompress import report_rows as rows
-from onnxcompress.report import (
+from onnxcompress.report import rows as rows
+from onnxcompress.report.terminal import (
     FIDELITY_COLUMNS,
     SUMMARY_COLUMNS,
     fidelity_note,

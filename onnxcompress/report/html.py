@@ -7,9 +7,9 @@ import base64
 from html import escape
 from typing import Any
 
-from onnxcompress import report_plots as plots
-from onnxcompress import report_rows as rows
-from onnxcompress.report import (
+from onnxcompress.report import plots as plots
+from onnxcompress.report import rows as rows
+from onnxcompress.report.terminal import (
     FIDELITY_COLUMNS,
     SUMMARY_COLUMNS,
     fidelity_note,

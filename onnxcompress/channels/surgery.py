@@ -10,7 +10,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxcompress import graph
-from onnxcompress.channel_groups import ChannelGraph, Edit
+from onnxcompress.channels.groups import ChannelGraph, Edit
 
 # Model IR versions before 4 want every initializer listed as a graph input too.
 MIN_IR = 4

@@ -35,16 +35,16 @@ import numpy as np
 import onnx
 import zstandard
 
-from onnxcompress.entropy import (
+from onnxcompress.coding.entropy import (
     CodingError,
     charge,
     decode_budget,
     pack_sections,
     unpack_sections,
 )
+from onnxcompress.coding.sparse_codec import FLOAT_TYPES, encode_sparse, sparse_charge
+from onnxcompress.coding.sparse_codec import decode_sparse as decode_sparse
 from onnxcompress.errors import CompressError, first_line
-from onnxcompress.sparse_codec import FLOAT_TYPES, encode_sparse, sparse_charge
-from onnxcompress.sparse_codec import decode_sparse as decode_sparse  # onnxc.decode_sparse
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ DECODE_FLOOR = 1 << 24
 # Codec name -> "module:function" decoding a payload into {tensor name: array}.
 # Looked up lazily so the core never imports pass modules or optional codecs up front.
 CODECS = {
-    "sparse": "onnxcompress.sparse_codec:decode_sparse",
-    "surp": "onnxcompress.surp:decode_payload",
+    "sparse": "onnxcompress.coding.sparse_codec:decode_sparse",
+    "surp": "onnxcompress.coding.surp:decode_payload",
 }
 MIN_CODED_ELEMENTS = 64
 _GRAPH_ZSTD_LEVEL, _LARGE_GRAPH_ZSTD_LEVEL, _LARGE_GRAPH = 19, 9, 16 << 20
@@ -104,15 +104,6 @@ def coded_size(model: onnx.ModelProto, coded: Iterable[CodedWeights] = ()) -> di
 def decode_limit(file_size: int) -> int:
     """Values a reader decodes at most from a file of `file_size` bytes (see VALUES_PER_BYTE)."""
     return max(DECODE_FLOOR, VALUES_PER_BYTE * file_size)
-
-
-def save_onnxc(
-    model: onnx.ModelProto, path: str | os.PathLike, coded: Iterable[CodedWeights] = ()
-) -> int:
-    """Write the model as `.onnxc` atomically; returns the bytes written."""
-    from onnxcompress import io
-
-    return io.write_bytes_atomic(encode_model(model, coded), path)
 
 
 @dataclass

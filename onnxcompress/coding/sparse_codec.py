@@ -9,7 +9,7 @@ import math
 import numpy as np
 import onnx
 
-from onnxcompress.entropy import (
+from onnxcompress.coding.entropy import (
     CodingError,
     charge,
     decode_categorical,

@@ -1,7 +1,7 @@
 """Block-term filter group approximation: 1×1 channel mixing → grouped kh×kw conv → 1×1.
 
 The generalisation of FGA in methods.md §1: the leading 1×1 learns the channel mixing instead
-of using fixed contiguous groups. Pure numpy; shapes as in `onnxcompress.factorize`.
+of using fixed contiguous groups. Pure numpy; shapes as in `onnxcompress.maths.factors`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import scipy.linalg
 
 # Package-internal helpers shared with the other factorizations.
-from onnxcompress.factorize import _check_rank, _conv_weight, _output_dtype, _svd, compose_fga
+from onnxcompress.maths.factors import _check_rank, _conv_weight, _output_dtype, _svd, compose_fga
 
 log = logging.getLogger(__name__)
 

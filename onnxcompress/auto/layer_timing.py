@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxcompress import latency_cache
+from onnxcompress.auto import latency_cache as latency_cache
 
 REPEATS = 20
 MIN_SECONDS = 0.05

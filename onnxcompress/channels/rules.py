@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from onnxcompress import graph
-from onnxcompress.channel_groups import (
+from onnxcompress.channels.groups import (
     Layout,
     Unmappable,
     Walker,
@@ -22,7 +22,7 @@ from onnxcompress.channel_groups import (
     opaque,
     require_channels_on_axis_1,
 )
-from onnxcompress.channel_linear_rules import conv, conv_transpose, gemm, matmul
+from onnxcompress.channels.linear_rules import conv, conv_transpose, gemm, matmul
 
 UNARY = set(
     "Relu LeakyRelu Sigmoid HardSigmoid HardSwish Tanh Elu Selu Celu Softplus Softsign Gelu Mish "

@@ -12,10 +12,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxcompress import allocation, graph, latency_cache, layer_refit, layer_timing
-from onnxcompress.auto_candidates import LayerChoices
+from onnxcompress import graph, layer_refit
+from onnxcompress.auto import latency_cache as latency_cache
+from onnxcompress.auto import layer_timing as layer_timing
+from onnxcompress.auto.candidates import LayerChoices
+from onnxcompress.auto.sensitivity import Measured
 from onnxcompress.layers import Namer, replace_node
-from onnxcompress.sensitivity import Measured
+from onnxcompress.maths import allocation as allocation
 
 BUDGET_KINDS = ("latency", "macs", "bytes")
 
@@ -109,7 +112,7 @@ def int8_tables(
     """Copies of `tables` whose latencies are the candidates' and layers' timed as int8:
     int8 kernels favour other shapes than float ones (on SqueezeNet, a plan chosen on these
     factorizes only the first conv, 3 input channels, and its int8 runs at 0.48 of the
-    latency against int8 alone's 0.59: README, `auto`), so a plan meant to be quantized is
+    latency against int8 alone's 0.59: docs/results.md, `auto`), so a plan meant to be quantized is
     chosen on these. `keep_only`: the layers' own latencies only (each timed against its
     first candidate, which the copy keeps; the others are dropped)."""
     copy = dataclasses.replace

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import tensorly as tl
 
-from onnxcompress import latency_cache
+from onnxcompress.auto import latency_cache as latency_cache
 from onnxcompress.errors import CompressError
 from onnxcompress.io import write_bytes_atomic
 

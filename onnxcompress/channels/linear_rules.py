@@ -7,7 +7,7 @@ from __future__ import annotations
 import onnx
 
 from onnxcompress import graph
-from onnxcompress.channel_groups import (
+from onnxcompress.channels.groups import (
     Layout,
     Unmappable,
     Walker,

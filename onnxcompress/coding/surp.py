@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from onnxcompress.entropy import (
+from onnxcompress.coding.entropy import (
     CodingError,
     charge,
     decode_bits,

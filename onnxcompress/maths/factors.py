@@ -5,8 +5,8 @@ Conv weights follow ONNX: W[n, c, kh, kw] (n outputs, c inputs) of a 2-D conv wi
 weights of the replacement convs in execution order, and each `compose_*` rebuilds the
 equivalent full weight (for tests and error measurement). The arithmetic is float64; results
 come back in the input's floating dtype (float32 for non-float input). Rank choice and MAC
-costs live in `onnxcompress.ranks`, the calibration refit in `onnxcompress.refit` and the
-block-term FGA in `onnxcompress.btd`; all are re-exported here so passes import one module.
+costs live in `maths.ranks`, the calibration refit in `maths.least_squares` and the block-term
+FGA in `maths.btd`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,11 @@ import scipy.linalg
 import tensorly as tl
 from tensorly.decomposition import parafac, partial_tucker
 
-from onnxcompress.ranks import (  # noqa: F401  (re-exported)
+from onnxcompress.maths.least_squares import (  # noqa: F401  (re-exported)
+    LeastSquaresAccumulator,
+    refit_least_squares,
+)
+from onnxcompress.maths.ranks import (  # noqa: F401  (re-exported)
     align_rank,
     conv_macs_per_pixel,
     cp_macs_per_pixel,
@@ -33,19 +37,8 @@ from onnxcompress.ranks import (  # noqa: F401  (re-exported)
     tucker2_macs_per_pixel,
     vbmf_rank,
 )
-from onnxcompress.refit import LeastSquaresAccumulator, refit_least_squares  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-
-def __getattr__(name: str):
-    # Lazy re-export: onnxcompress.btd builds on this module's helpers, so it cannot be
-    # imported here at load time without a cycle.
-    if name in ("fga_btd_factors", "compose_fga_btd"):
-        from onnxcompress import btd
-
-        return getattr(btd, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def relative_error(weight: np.ndarray, approx: np.ndarray) -> float:
@@ -229,7 +222,7 @@ def cp_factors(
     `l2_reg` > 0 adds a ridge term of l2_reg·‖W‖²/R to every ALS solve. Unregularized CP
     often ends with large components that cancel each other (on ResNet-20 the CP weights sum
     to 20–90× ‖W‖); the fit is as good, but any rounding of the intermediate activations
-    (int8, fp16) no longer cancels: `cp` then `int8` lost 5–69 points of top-1 (README, "cp
+    (int8, fp16) no longer cancels: `cp` then `int8` lost 5–69 points of top-1 (docs/results.md, "cp
     then int8: the ridge").
     """
     w = _conv_weight(weight)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg
 
-from onnxcompress.activation_scale import whitening
+from onnxcompress.maths.whitening import whitening
 
 ITERATIONS = 30
 INNER_STEPS = 3  # hard-thresholding pursuit steps per S update when C ≠ I

@@ -12,8 +12,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxcompress import auto_plan, benchmark, executor, graph, residual_blocks, sensitivity
-from onnxcompress.auto_plan import LayerTable, Scored
+from onnxcompress import benchmark, executor, graph, residual_blocks
+from onnxcompress.auto import plan as auto_plan
+from onnxcompress.auto import sensitivity as sensitivity
+from onnxcompress.auto.plan import LayerTable, Scored
 from onnxcompress.calibration import random_inputs
 from onnxcompress.errors import CompressError
 from onnxcompress.factorization import CLIFF_ERROR
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 # A whole model within this much of its latency target is on target (timing noise).
 LATENCY_SLACK = 0.02
 # With every round off target, rounds this close to the fastest count as equally fast (the
-# same model's ratio moved by ~0.05 between runs here: README, "cp then int8: the ridge"),
+# same model's ratio moved by ~0.05 between runs here: docs/results.md, "cp then int8: the ridge"),
 # so a plan a little slower with far less error is not thrown away for timing noise.
 MISSED_TIE = 0.05
 # Plans built and measured at most, the budget tightened after a miss and loosened after a
@@ -67,7 +69,6 @@ CONFIRM_WINDOWS = 4
 # inside the int8 model (timed alone, int8 also pays quantizing its input and dequantizing its
 # output, which inside an int8 model it does not: a small excess is that, not the kernel).
 INT8_SLOWER = 1.2
-FACTORY = "passes.auto:make_methods"
 
 
 def search(
@@ -79,13 +80,15 @@ def search(
     context: PassContext,
     quantize=None,
     quantize_layer=None,
+    factory: str = "",
 ) -> PassResult:
     """The whole search; the result's summary is the `auto` section of the report.
+    `factory` ("module:function") makes the methods in sensitivity worker processes.
     `quantize(model) -> model` (int8), when given, is tried on the original and the best plan;
     with `quantize_layer(model, feeds) -> model` too, plans are also chosen on int8 timings."""
     kind, target = options.budget()
     sample = first_samples(context.calibration, options.sensitivity_samples)
-    measured = run_sensitivity(model, choices, options, context, sample)
+    measured = run_sensitivity(model, choices, options, context, sample, factory)
     in_graph = kind == "latency" and options.latency_basis == "graph"
     with context.progress("timing candidates", sum(len(c.candidates) for c in choices)) as bar:
         tables = auto_plan.score_layers(
@@ -355,7 +358,7 @@ def _block_rounds(build, quantize, rounds, tried, max_error) -> dict | None:
     samples), one more block a round, the layers after them refit on the calibration data;
     each measured in float and, with `quantize`, in int8, like every round. Per-layer plans
     keep every op; on ResNet-20 at batch 1 on 2 threads the per-op cost of the thread pool
-    is most of the time, and no per-layer plan reached half of it (README). Stops at the
+    is most of the time, and no per-layer plan reached half of it (docs/results.md). Stops at the
     first count with a round on target, or when the outputs break. What was measured (None
     for a model without such blocks)."""
     model, tables, _, context, options, checker = build
@@ -396,10 +399,10 @@ def _plans_after_blocks(build, rounds, tried, scale: float) -> None:
     target (the count before the one that met it, or the last tried): the blocks go most of the
     way at little damage each and the layers left make up the rest, where the next block would
     cost more (ResNet-20, 2 threads: four blocks removed reach 0.58, five 0.46 at a top-1 cost
-    four times the fourth's, README). The layers' tables are the original's (timed alone on the
-    same shapes: a block keeps its input's shape); rewritten layers are refit to the original's
-    outputs, so they also take up what the removed blocks changed. Rounds built like the float
-    search's, budgets from the measured ratio of the blocks-removed model."""
+    four times the fourth's, docs/results.md). The layers' tables are the original's (timed
+    alone on the same shapes: a block keeps its input's shape); rewritten layers are refit to
+    the original's outputs, so they also take up what the removed blocks changed. Rounds built
+    like the float search's, budgets from the measured ratio of the blocks-removed model."""
     model, tables, methods, context, options, checker = build
     target = options.budget()[1]
     missed = [
@@ -554,7 +557,7 @@ def _factorized(plan: dict) -> bool:
     return any(s.method != "keep" for s in plan.values())
 
 
-def run_sensitivity(model, choices, options, context, sample) -> dict[str, list]:
+def run_sensitivity(model, choices, options, context, sample, factory) -> dict[str, list]:
     """Damage of every candidate, one job per layer, through the executor."""
     jobs = jobs_of(options, context)
     threads = executor.threads_per_job(jobs, context.threads)
@@ -570,7 +573,7 @@ def run_sensitivity(model, choices, options, context, sample) -> dict[str, list]
             sensitivity.SensitivityJob(
                 model_path,
                 data_path,
-                FACTORY,
+                factory,
                 factory_options,
                 c.name,
                 context.input_shapes,

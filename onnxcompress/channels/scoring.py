@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from onnxcompress import graph
-from onnxcompress.channel_activations import (
+from onnxcompress.channels.activations import (
     input_features,
     output_rows,
     output_shape,
@@ -21,8 +21,8 @@ from onnxcompress.channel_activations import (
     sample_rows,
     weight_as_features,
 )
-from onnxcompress.channel_groups import ChannelGraph, Edit, label
-from onnxcompress.channel_importance import (
+from onnxcompress.channels.groups import ChannelGraph, Edit, label
+from onnxcompress.channels.importance import (
     ChannelMoments,
     CovarianceAccumulator,
     LinearConsumer,
@@ -33,7 +33,7 @@ from onnxcompress.channel_importance import (
     normalised,
     weight_channel_norms,
 )
-from onnxcompress.channel_surgery import input_axis, output_axis
+from onnxcompress.channels.surgery import input_axis, output_axis
 from onnxcompress.passkit import PassContext
 
 

@@ -157,17 +157,6 @@ class ChannelGraph:
         return any(self.group_of_space[s] in keep for s in edit.layout.spaces())
 
 
-def build_channel_graph(
-    model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None
-) -> ChannelGraph:
-    """Walk `model` (not modified) and return its channel groups and the edits pruning needs."""
-    from onnxcompress.channel_rules import PRODUCER_OPS, RULES
-
-    walker = Walker(model, input_shapes)
-    walker.walk(RULES, PRODUCER_OPS)
-    return walker.result()
-
-
 class Walker:
     """Forward dataflow over the nodes (in graph order) carrying layouts; union–find on spaces."""
 

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from onnxcompress import graph
-from onnxcompress.channel_activations import (
+from onnxcompress.channels.activations import (
     input_features,
     output_rows,
     output_table,
@@ -28,10 +28,10 @@ from onnxcompress.channel_activations import (
     sample_rows,
     weight_as_features,
 )
-from onnxcompress.channel_groups import ChannelGraph, label
-from onnxcompress.channel_surgery import ConstantEditor
+from onnxcompress.channels.groups import ChannelGraph, label
+from onnxcompress.channels.surgery import ConstantEditor
+from onnxcompress.maths.least_squares import LeastSquaresAccumulator
 from onnxcompress.passkit import PassContext
-from onnxcompress.refit import LeastSquaresAccumulator
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from onnxcompress.tables import human
+from onnxcompress.report.tables import human
 
 LAYER_COLUMNS = (
     "pass",

@@ -1,0 +1,2 @@
+"""Coupled-channel structured pruning: channel groups and their rules, importance, budget,
+surgery and refit."""

@@ -1,0 +1,1 @@
+"""Entropy coding, SuRP and the .onnxc format: bytes in, bytes out."""

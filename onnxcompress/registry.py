@@ -1,0 +1,37 @@
+"""Passes by name. Each pass module in `onnxcompress.passes` (the repo's `passes/` folder)
+registers itself with `register`; the registry imports that package once, lazily, on the first
+look-up, so the core never imports or names a pass itself."""
+
+from __future__ import annotations
+
+import importlib
+
+from onnxcompress.errors import CompressError
+from onnxcompress.passkit import PassSpec
+
+_PASSES: dict[str, PassSpec] = {}
+
+
+def register(name: str, options: type, help: str):
+    """Decorator: register `fn(model, options, context) -> PassResult` under `name`."""
+
+    def decorate(fn):
+        if name in _PASSES:
+            raise RuntimeError(f"pass {name} registered twice")
+        _PASSES[name] = PassSpec(name=name, run=fn, options=options, help=help)
+        return fn
+
+    return decorate
+
+
+def all_passes() -> dict[str, PassSpec]:
+    """Every registered pass by name."""
+    importlib.import_module("onnxcompress.passes")  # its modules register on import
+    return _PASSES
+
+
+def get_pass(name: str) -> PassSpec:
+    passes = all_passes()
+    if name not in passes:
+        raise CompressError(f"unknown pass '{name}'; passes are: {', '.join(sorted(passes))}")
+    return passes[name]
