@@ -115,7 +115,7 @@ def float_region(model: onnx.ModelProto, layers: list[str]) -> list[str]:
     and the next layers they reach, so int8 resumes at a layer's output, not a pool's.
     (Why: onnxruntime moves a QuantizeLinear up over a MaxPool and then runs the pool on
     uint8 in NCHW, far slower: SqueezeNet with its first conv alone in float, in
-    `python benchmarks/int8_float_layers.py`.)
+    `python benchmarks/experiments/int8_float_layers.py`.)
     Ops with several activation inputs (Add, Concat) end the region: their inputs meet there."""
     constants = set(constant_tensors(model))
     users = consumers(model)

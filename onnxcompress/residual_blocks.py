@@ -4,7 +4,7 @@ Such a block computes Add(x, branch(x)), then often Relu, where x is a Relu's ou
 (Relu(x) = x): without its branch it is x itself, so the block can go whole. What comes after
 sees different activations; `refit_after` refits the convs there to their outputs in the
 original (least squares on calibration data, in graph order, as the factorization passes
-refit). `passes/blocks.py` removes blocks; `benchmarks/block_drop.py` measures each."""
+refit). `passes/blocks.py` removes blocks; `benchmarks/experiments/block_drop.py` measures each."""
 
 from __future__ import annotations
 

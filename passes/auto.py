@@ -229,7 +229,8 @@ def _upcast_first(model, options: AutoOptions, context: PassContext):
     """The float32 upcast of a float16 model, the options with a latency or bytes target
     scaled to it (target / the upcast's measured ratio: the user's target is of the file
     given), and what was done. SqueezeNet's float16 file: int8 of it ran 1.21x slower than
-    the file, int8 of its upcast 0.58x (`python benchmarks/fp16_upcast.py --threads 1`)."""
+    the file, int8 of its upcast 0.58x
+    (`python benchmarks/experiments/fp16_upcast.py --threads 1`)."""
     from onnxcompress.passes import upcast
 
     upcast_model = upcast.upcast(model, upcast.UpcastOptions(), context).model

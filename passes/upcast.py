@@ -1,7 +1,7 @@
 """`upcast`: run a float16 model in float32. onnxruntime's CPU provider has few float16
 kernels and runs a float16 file through Casts it inserts, and its int8 quantizer then works
 on float16: on SqueezeNet's float16 file the upcast alone is no faster, but int8 of the file
-ran 1.21x slower than it and int8 of the upcast 0.58x (`benchmarks/fp16_upcast.py`). The
+ran 1.21x slower than it and int8 of the upcast 0.58x (`benchmarks/experiments/fp16_upcast.py`). The
 factorization passes want float32 weights too.
 
 Every float16 weight, Constant and intermediate becomes float32 (the weights' values are

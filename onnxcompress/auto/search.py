@@ -57,7 +57,7 @@ CHECK_WINDOWS = 3
 # The choice is made on these windows alone, taken at the end for every round together: a
 # round's own windows lean low when the search stopped on it because they read on target
 # (the benchmark timed kept plans 0.02 slower than auto's check on average, spread 0.04:
-# benchmarks/auto_check_gap.py over the results before this choice), and
+# benchmarks/experiments/auto_check_gap.py over the results before this choice), and
 # rounds timed a minute apart met different machine states (ResNet-20, 2 threads: one plan
 # 0.55 in one pass, 0.62 in the next).
 RETIME_WINDOWS = 5
@@ -320,7 +320,7 @@ def _mixed_on_target(build, measured, quantize, quantize_layer, rounds, tried) -
 
 def _int8_slower(tables: list[LayerTable], tables8: list[LayerTable]) -> list[str]:
     """The layers whose int8 kernel, timed alone, is well over their float one (SqueezeNet's
-    first conv, 3 input channels: `python benchmarks/int8_float_layers.py`)."""
+    first conv, 3 input channels: `python benchmarks/experiments/int8_float_layers.py`)."""
     return [
         table.choice.name
         for table, table8 in zip(tables, tables8, strict=True)
