@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import needs_minilm
+
+from tests.conftest import needs_minilm
 
 pytestmark = needs_minilm
 

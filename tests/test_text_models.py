@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import needs_minilm
 
 from benchmarks import make_sentences
 from benchmarks.text_models import (
@@ -18,6 +17,7 @@ from benchmarks.text_models import (
     load_sentences,
     split_sentences,
 )
+from tests.conftest import needs_minilm
 
 
 def test_sentence_file_loads():

@@ -5,12 +5,10 @@ top-1 kept on ResNet-20, and clean errors for what it cannot do."""
 from __future__ import annotations
 
 import io as stdio
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from conftest import shared_model
 from onnx import TensorProto
 from onnxcompress.passes import get_pass
 
@@ -20,9 +18,10 @@ from onnxcompress.analyse import analyse
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
 from onnxcompress.validate import random_inputs, run_model
+from tests.conftest import SHARED, shared_model
 
 SPEC = get_pass("int8")
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = SHARED / "data"
 CIFAR_MEAN = np.array([125.3, 123.0, 113.9], np.float32)  # as benchmarks/factorization.py
 CIFAR_STD = np.array([63.0, 62.1, 66.7], np.float32)
 

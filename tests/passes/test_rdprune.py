@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import shared_model
 from onnx import TensorProto, helper, numpy_helper
 from onnxcompress.passes import get_pass
 
@@ -21,8 +20,9 @@ from onnxcompress.coding import surp as surp
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
 from onnxcompress.validate import random_inputs, run_model
+from tests.conftest import shared_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SPEC = get_pass("rdprune")
 
 

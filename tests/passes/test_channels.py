@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import REPO, shared_model
 from onnx import TensorProto, helper, numpy_helper
 from onnxcompress.passes import get_pass
 
@@ -34,6 +33,7 @@ from onnxcompress.channels.surgery import zero_removed_inputs
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
 from onnxcompress.validate import random_inputs, run_model
+from tests.conftest import REPO, shared_model
 
 SPEC = get_pass("channels")
 FIXTURES = ["vgg_style", "resnet_style", "mobilenet_style", "mlp", "transformer_block"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -14,10 +12,11 @@ from onnxcompress.passes.fold_bn import FoldBnOptions, fold_batchnorm, fold_bn, 
 
 from onnxcompress import graph
 from onnxcompress.passkit import PassContext
+from tests.conftest import SHARED
 
 ort.set_default_logger_severity(3)
 
-SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+SHARED_MODELS = SHARED / "models"
 EPS = 1e-3
 
 

@@ -19,7 +19,7 @@ from onnxcompress.analyse import analyse
 from onnxcompress.passkit import PassContext
 from onnxcompress.validate import run_model
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
+MODELS = Path(__file__).resolve().parents[2] / "models"
 N, C, R_IN, R_OUT = 10, 12, 4, 5
 
 

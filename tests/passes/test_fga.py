@@ -4,8 +4,6 @@ never-slower revert, and the block-term (btd) variant."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
@@ -22,8 +20,9 @@ from onnxcompress.maths import btd
 from onnxcompress.maths import factors as factorize
 from onnxcompress.passkit import PassContext, PassResult
 from onnxcompress.validate import make_session
+from tests.conftest import REPO
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
+MODELS = REPO / "models"
 C = 32  # input channels of the tiny models
 N = 32  # output channels
 HW = (12, 12)
