@@ -65,7 +65,7 @@ from onnxcompress.calibration import DEFAULT_RANDOM_BATCHES  # noqa: E402
 from onnxcompress.passkit import PassContext, sample_count  # noqa: E402
 from onnxcompress.pipeline import run_passes  # noqa: E402
 from onnxcompress.report.tables import human  # noqa: E402
-from onnxcompress.validate import make_session, run_session  # noqa: E402
+from onnxcompress.runtime import make_session, run_session  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 SHARED_MODELS = SHARED / "models"

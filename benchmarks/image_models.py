@@ -24,7 +24,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.suite import Batches, BenchModel  # noqa: E402
 from onnxcompress import graph, io  # noqa: E402
-from onnxcompress.validate import make_session, run_session  # noqa: E402
+from onnxcompress.runtime import make_session, run_session  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 SHARED_MODELS = SHARED / "models"

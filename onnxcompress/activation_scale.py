@@ -22,6 +22,7 @@ from onnxcompress.layers import ConvLayer
 from onnxcompress.linear_layers import LinearLayer
 from onnxcompress.maths.whitening import RIDGE, whitening  # noqa: F401  (re-exported)
 from onnxcompress.passkit import PassContext
+from onnxcompress.runtime import capture
 from onnxcompress.token_rows import token_rows
 
 
@@ -43,14 +44,10 @@ def input_second_moments(
 ) -> dict[str, np.ndarray]:
     """E[x xᵀ] over the input channels of each layer on the calibration batches (original
     model), one pass over the data for all layers."""
-    from onnxcompress.validate import expose_outputs, make_session, run_session
-
     names = sorted({activation_of(layer) for layer in layers})
-    session = make_session(expose_outputs(model, names), threads=context.threads, optimize=True)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for batch in context.calibration or []:
-        values = dict(zip(names, run_session(session, batch, names), strict=True))
+    for batch, values in capture(model, names, context.calibration or [], context.threads):
         for layer in layers:
             x = _channel_columns(batch, values[activation_of(layer)], feature_axis(layer))
             sums[layer.name] = sums.get(layer.name, 0) + x @ x.T

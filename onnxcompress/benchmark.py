@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxcompress.errors import ORT_LOG_SEVERITY, CompressError
-from onnxcompress.validate import make_session, ort_message, run_session, session_options
+from onnxcompress.runtime import make_session, ort_message, run_session, session_options
 
 log = logging.getLogger(__name__)
 

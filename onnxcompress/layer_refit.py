@@ -48,7 +48,7 @@ def refit_layers(
     context: PassContext,
 ) -> dict[str, Any]:
     """Refit every site in place in `rewritten`; returns a summary for the pass record."""
-    from onnxcompress.validate import expose_outputs, make_session
+    from onnxcompress.runtime import expose_outputs, make_session
 
     order = {out: i for i, node in enumerate(rewritten.graph.node) for out in node.output}
     # The original never changes: one session exposes every layer output refit needs.
@@ -82,7 +82,7 @@ def refit_layers(
 
 
 def _accumulate(source, rewritten, site: RefitSite, context: PassContext):
-    from onnxcompress.validate import expose_outputs, make_session, run_session
+    from onnxcompress.runtime import expose_outputs, make_session, run_session
 
     target = make_session(
         expose_outputs(rewritten, [site.input]), threads=context.threads, optimize=True

@@ -135,7 +135,7 @@ def compress(
     `on_step` hears the name of each step; `progress` (see `PassContext.progress`) shows
     long loops — passes' own, validation batches, the benchmark. Both default to silence.
     """
-    from onnxcompress import benchmark, validate
+    from onnxcompress import benchmark, runtime, validate
     from onnxcompress.report.files import report_target
 
     step = on_step or (lambda _name: None)
@@ -150,7 +150,7 @@ def compress(
     input_hash = io.file_sha256(model_path) if model_path.is_file() else None
     original = io.load_model(model_path)
     check_input_model(original, model_path)
-    session = validate.make_session(original, threads=options.threads)  # refuses opsets ORT lacks
+    session = runtime.make_session(original, threads=options.threads)  # refuses opsets ORT lacks
     shapes = graph.resolve_input_shapes(original, options.input_shapes)
 
     step("analyse")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,7 +21,8 @@ from onnxcompress.calibration import (
     parse_preprocess,
     random_inputs,
 )
-from onnxcompress.errors import ORT_LOG_SEVERITY, CompressError
+from onnxcompress.errors import CompressError
+from onnxcompress.runtime import make_session, run_session
 
 __all__ = [
     "Calibration",
@@ -31,91 +31,11 @@ __all__ = [
     "compare_models",
     "load_images",
     "load_npz_inputs",
-    "make_session",
     "parse_preprocess",
     "random_inputs",
-    "run_model",
-    "run_session",
 ]
 
 log = logging.getLogger(__name__)
-
-# Only errors: onnxruntime's warnings (e.g. unused initializers) are noise for the user.
-ort.set_default_logger_severity(ORT_LOG_SEVERITY)
-
-
-def session_options(threads: int = 2, optimize: bool = False) -> ort.SessionOptions:
-    """CPU options shared by validation and benchmarking; optimisations only when asked."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if optimize
-        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
-    options.log_severity_level = ORT_LOG_SEVERITY
-    return options
-
-
-def make_session(
-    model: onnx.ModelProto | bytes,
-    threads: int = 2,
-    optimize: bool = False,
-    options: ort.SessionOptions | None = None,
-) -> ort.InferenceSession:
-    """A CPU session; unoptimised by default, so runtime fusions cannot hide graph bugs."""
-    options = options or session_options(threads, optimize)
-    payload = model if isinstance(model, bytes) else model.SerializeToString()
-    try:
-        return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... classes
-        raise CompressError(f"onnxruntime cannot run the model: {ort_message(exc)}") from exc
-
-
-def expose_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy with `names` (intermediate tensors) added as graph outputs, so one onnxruntime
-    run returns them; onnxruntime types them itself."""
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    present = {out.name for out in exposed.graph.output}
-    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
-    return exposed
-
-
-def run_session(
-    session: ort.InferenceSession, batch: dict[str, np.ndarray], output_names=None
-) -> list[np.ndarray]:
-    """Run one batch, feeding the inputs the session takes."""
-    feeds = {}
-    for inp in session.get_inputs():
-        if inp.name not in batch:
-            raise CompressError(f"no data for model input '{inp.name}'")
-        feeds[inp.name] = batch[inp.name]
-    try:
-        return session.run(output_names, feeds)
-    except Exception as exc:
-        raise CompressError(f"onnxruntime failed running the model: {ort_message(exc)}") from exc
-
-
-def run_model(
-    model: onnx.ModelProto | bytes,
-    batches: list[dict[str, np.ndarray]],
-    threads: int = 2,
-    output_names: list[str] | None = None,
-) -> dict[str, np.ndarray]:
-    """Outputs over all batches, concatenated along axis 0 (scalars become one row each)."""
-    session = make_session(model, threads)
-    names = output_names or [out.name for out in session.get_outputs()]
-    unknown = sorted(set(names) - {out.name for out in session.get_outputs()})
-    if unknown:
-        raise CompressError(f"the model has no output(s) {', '.join(unknown)}")
-    collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for batch in batches:
-        for name, value in zip(names, run_session(session, batch, names), strict=True):
-            collected[name].append(np.atleast_1d(value))
-    return {name: np.concatenate(parts) for name, parts in collected.items() if parts}
 
 
 def require_nan_free_outputs(
@@ -221,15 +141,6 @@ def _unit_rows(scores: np.ndarray) -> bool:
     if not rows.size or not np.any(rows < 0):
         return False
     return bool(np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-4))
-
-
-def ort_message(exc: Exception) -> str:
-    """onnxruntime's message without its status prefix and C++ source location."""
-    text = str(exc).strip()
-    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
-    text = re.sub(r"^\S+\.(?:h|cc|cpp):\d+ [^(]*\([^)]*\)\s*", "", text)
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[0][:300] if lines else type(exc).__name__
 
 
 @dataclass

@@ -33,7 +33,7 @@ from onnxcompress.passkit import (
     sample_count,
 )
 from onnxcompress.registry import register
-from onnxcompress.validate import ort_message
+from onnxcompress.runtime import ort_message
 
 # The first opset whose DequantizeLinear takes `axis` (per-channel weights).
 QDQ_OPSET = 13

@@ -73,6 +73,7 @@ from onnxcompress.passkit import (
     require_fraction,
 )
 from onnxcompress.registry import register
+from onnxcompress.runtime import capture
 from onnxcompress.token_rows import token_rows
 
 SOLVERS = ("linear", "admm", "weight")
@@ -426,10 +427,7 @@ def input_moments(
     (c, kh, kw); linear: features) on the calibration data, from at most MAX_ROWS rows a
     layer sampled evenly over the batches (seeded), in one onnxruntime pass; and for the
     layers named in `keep_rows`, up to ADMM_ROWS of those rows themselves (float32)."""
-    from onnxcompress.validate import expose_outputs, make_session, run_session
-
     names = sorted({activation_of(layer) for layer in layers})
-    session = make_session(expose_outputs(model, names), threads=context.threads, optimize=True)
     rng = np.random.default_rng(context.seed)
     batches = context.calibration or []
     per_batch = math.ceil(MAX_ROWS / max(1, len(batches)))
@@ -437,8 +435,7 @@ def input_moments(
     counts: dict[str, int] = {}
     kept: dict[str, list[np.ndarray]] = {name: [] for name in keep_rows}
     per_batch_kept = math.ceil(ADMM_ROWS / max(1, len(batches)))
-    for batch in batches:
-        values = dict(zip(names, run_session(session, batch, names), strict=True))
+    for batch, values in capture(model, names, batches, context.threads):
         for layer in layers:
             rows = _input_rows(layer, values[activation_of(layer)], batch)
             if len(rows) > per_batch:

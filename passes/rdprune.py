@@ -260,7 +260,8 @@ def output_fidelity(
 ) -> dict[str, dict]:
     """Per variant (name → weights): worst relative L2 over the outputs vs the original, and
     top-1 agreement when an output looks like class scores."""
-    from onnxcompress.validate import is_classifier_output, run_model
+    from onnxcompress.runtime import run_model
+    from onnxcompress.validate import is_classifier_output
 
     reference = run_model(model, batches, threads=context.threads)
     constants = graph.constant_tensors(model)

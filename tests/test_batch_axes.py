@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxcompress.calibration import batch_axes, calibration_inputs, load_npz_inputs
 from onnxcompress.errors import CompressError
 from onnxcompress.graph import resolve_input_shapes
-from onnxcompress.validate import run_model
+from onnxcompress.runtime import run_model
 from tests.test_cli import one_error_line, run_cli
 
 PINS = {"audio": [1, 8], "state": [2, 1, 4]}

@@ -18,7 +18,7 @@ from benchmarks.image_models import (
 from benchmarks.suite import BenchModel, parse_options, variants
 from models.fixtures import mlp, vgg_style
 from onnxcompress import graph
-from onnxcompress.validate import run_model
+from onnxcompress.runtime import run_model
 
 FAST = ["--budgets", "0.5", "--sparsities", "0.5", "--repeats", "2"]
 

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.layer_refit import conv_patches
-from onnxcompress.validate import run_model
+from onnxcompress.runtime import run_model
 
 GEOMETRIES = [
     ((3, 3), {"strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [1, 1]}),

@@ -58,7 +58,7 @@ def test_model_passes_checker(model):
 def test_embeddings_match_sentence_transformers(model, reference, seq_len):
     from models.minilm import build_minilm, tokenize
     from onnxcompress.graph import check_model
-    from onnxcompress.validate import run_model
+    from onnxcompress.runtime import run_model
 
     sentences = list(reference["sentences"])
     feeds = tokenize(sentences, seq_len)
@@ -77,7 +77,7 @@ def test_padding_does_not_change_embeddings(model):
     """The attention mask and masked pooling make extra padding irrelevant; without them the
     padded embedding would change."""
     from models.minilm import tokenize
-    from onnxcompress.validate import run_model
+    from onnxcompress.runtime import run_model
 
     short = tokenize(["A short one."], None)
     padded = tokenize(["A short one."], 40)

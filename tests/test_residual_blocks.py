@@ -12,7 +12,7 @@ from models.fixtures import mlp, mobilenet_style, resnet_style
 from onnxcompress import graph, residual_blocks
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
-from onnxcompress.validate import run_model
+from onnxcompress.runtime import run_model
 
 SHAPES = {"input": [4, 3, 32, 32]}
 

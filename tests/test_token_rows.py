@@ -17,8 +17,8 @@ from onnxcompress.analyse import analyse
 from onnxcompress.layer_refit import RefitSite, refit_layers
 from onnxcompress.linear_layers import linear_layers
 from onnxcompress.passkit import PassContext
+from onnxcompress.runtime import run_model
 from onnxcompress.token_rows import MASK_INPUT, token_row_mask, token_rows
-from onnxcompress.validate import run_model
 
 BATCH, SEQ, K, N, RANK = 4, 10, 8, 6, 3
 SHAPES = {"x": [BATCH, SEQ, K], MASK_INPUT: [BATCH, SEQ]}

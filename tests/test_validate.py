@@ -12,16 +12,15 @@ from PIL import Image
 
 from onnxcompress.errors import CompressError
 from onnxcompress.graph import resolve_input_shapes
+from onnxcompress.runtime import make_session, run_model
 from onnxcompress.validate import (
     Calibration,
     calibration_inputs,
     compare_models,
     load_images,
     load_npz_inputs,
-    make_session,
     parse_preprocess,
     random_inputs,
-    run_model,
 )
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -153,7 +153,7 @@ def output_damage(
 
 def run_outputs(model: onnx.ModelProto, context: PassContext) -> list[np.ndarray]:
     """All graph outputs over all calibration batches, concatenated along the batch axis."""
-    from onnxcompress.validate import make_session, run_session
+    from onnxcompress.runtime import make_session, run_session
 
     session = make_session(model, threads=context.threads, optimize=True)
     names = [out.name for out in session.get_outputs()]

@@ -32,6 +32,7 @@ from onnxcompress.channels.groups import ChannelGraph, label
 from onnxcompress.channels.surgery import ConstantEditor
 from onnxcompress.maths.least_squares import LeastSquaresAccumulator
 from onnxcompress.passkit import PassContext
+from onnxcompress.runtime import capture
 
 log = logging.getLogger(__name__)
 
@@ -127,17 +128,13 @@ def _target_tensor(model, node: onnx.NodeProto, constants: dict) -> str:
 
 def _collect_targets(original: onnx.ModelProto, sites: list[Site], context: PassContext) -> None:
     """One run of the original per batch: each site keeps its target rows at sampled rows."""
-    from onnxcompress.validate import expose_outputs, make_session, run_session
-
     if not sites:
         return
     batches = context.calibration or []
     names = list(dict.fromkeys(s.target for s in sites))
-    session = make_session(expose_outputs(original, names), threads=context.threads, optimize=True)
     limit = rows_per_batch(len(batches))
     generators = {s.node: np.random.default_rng(context.seed + s.node) for s in sites}
-    for batch in batches:
-        values = dict(zip(names, run_session(session, batch, names), strict=True))
+    for _, values in capture(original, names, batches, context.threads):
         for site in sites:
             node, y = original.graph.node[site.node], values[site.target]
             rows = sample_rows(output_rows(node, y.shape), limit, generators[site.node])
@@ -148,7 +145,7 @@ def _collect_targets(original: onnx.ModelProto, sites: list[Site], context: Pass
 
 
 def _refit(pruned, node, site: Site, context, max_features) -> dict[str, Any]:
-    from onnxcompress.validate import make_session, run_session
+    from onnxcompress.runtime import make_session, run_session
 
     weights = ConstantEditor(pruned)
     weight = weights.get(node, 1)

@@ -35,6 +35,7 @@ from onnxcompress.channels.importance import (
 )
 from onnxcompress.channels.surgery import input_axis, output_axis
 from onnxcompress.passkit import PassContext
+from onnxcompress.runtime import capture
 
 
 def weight_scores(
@@ -90,14 +91,10 @@ def activation_moments(
 ) -> dict[str, ChannelMoments]:
     """Per-position moments of each tensor along its layout's channel axis (features after a
     flatten), over every calibration batch."""
-    from onnxcompress.validate import expose_outputs, make_session, run_session
-
     names = list(tensors)
-    session = make_session(expose_outputs(model, names), threads=context.threads, optimize=True)
     moments: dict[str, ChannelMoments] = {}
-    for batch in context.calibration or []:
-        values = run_session(session, batch, names)
-        for name, value in zip(names, values, strict=True):
+    for _, values in capture(model, names, context.calibration or [], context.threads):
+        for name, value in values.items():
             layout = tensors[name]
             if name not in moments:
                 moments[name] = ChannelMoments(value.shape[layout.axis])
@@ -206,15 +203,12 @@ def _full_covariance(node: onnx.NodeProto, constants: dict, max_features: int) -
 
 def _consumer_statistics(model, edits, full, constants, context) -> dict:
     """Per consumer: the covariance of its sampled input features, or per-position moments."""
-    from onnxcompress.validate import expose_outputs, make_session, run_session
-
     names = list(dict.fromkeys(model.graph.node[e.node].input[0] for e in edits))
-    session = make_session(expose_outputs(model, names), threads=context.threads, optimize=True)
     batches = context.calibration or []
     limit = rows_per_batch(len(batches))
     stats: dict[int, object] = {}
-    for number, batch in enumerate(batches):
-        values = dict(zip(names, run_session(session, batch, names), strict=True))
+    captured = capture(model, names, batches, context.threads)
+    for number, (_, values) in enumerate(captured):
         for edit in edits:
             node = model.graph.node[edit.node]
             x, weight = values[node.input[0]], constants[node.input[1]]

@@ -11,7 +11,8 @@ from models.fixtures import vgg_style
 from onnxcompress.auto import fit_cache as fit_cache
 from onnxcompress.maths import factors as factorize
 from onnxcompress.passkit import PassContext
-from onnxcompress.validate import random_inputs, run_model
+from onnxcompress.runtime import run_model
+from onnxcompress.validate import random_inputs
 
 SHAPES = {"input": [1, 3, 32, 32]}
 

@@ -13,7 +13,8 @@ from onnxcompress import graph
 from onnxcompress.channels.graph import build_channel_graph
 from onnxcompress.channels.importance import keep_mask, kept_count
 from onnxcompress.channels.surgery import prune_channels, zero_removed_inputs
-from onnxcompress.validate import random_inputs, run_model
+from onnxcompress.runtime import run_model
+from onnxcompress.validate import random_inputs
 
 SHAPE = [2, 3, 8, 8]
 

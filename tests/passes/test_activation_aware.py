@@ -13,7 +13,7 @@ from onnxcompress.passes import get_pass
 
 from onnxcompress import activation_scale, graph
 from onnxcompress.passkit import PassContext
-from onnxcompress.validate import run_model
+from onnxcompress.runtime import run_model
 
 N, C, H = 16, 12, 9
 

@@ -19,7 +19,7 @@ from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
 from onnxcompress.pipeline import build_options, lookup_passes, run_passes
 from onnxcompress.report import rows as report_rows
-from onnxcompress.validate import run_model
+from onnxcompress.runtime import run_model
 
 VGG_SHAPES = {"input": [1, 3, 32, 32]}
 MLP_SHAPES = {"input": [32, 64]}

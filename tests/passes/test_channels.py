@@ -32,7 +32,8 @@ from onnxcompress.channels.importance import (
 from onnxcompress.channels.surgery import zero_removed_inputs
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
-from onnxcompress.validate import random_inputs, run_model
+from onnxcompress.runtime import run_model
+from onnxcompress.validate import random_inputs
 from tests.conftest import REPO, shared_model
 
 SPEC = get_pass("channels")

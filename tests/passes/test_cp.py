@@ -14,7 +14,7 @@ from onnxcompress import graph
 from onnxcompress.analyse import analyse
 from onnxcompress.maths import factors as factorize
 from onnxcompress.passkit import PassContext
-from onnxcompress.validate import run_model
+from onnxcompress.runtime import run_model
 
 RANK = 3
 X_SHAPE = [2, 6, 9, 11]

@@ -19,7 +19,7 @@ from onnxcompress.errors import CompressError
 from onnxcompress.maths import btd
 from onnxcompress.maths import factors as factorize
 from onnxcompress.passkit import PassContext, PassResult
-from onnxcompress.validate import make_session
+from onnxcompress.runtime import make_session
 from tests.conftest import REPO
 
 MODELS = REPO / "models"

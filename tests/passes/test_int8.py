@@ -17,7 +17,8 @@ from onnxcompress import graph, io
 from onnxcompress.analyse import analyse
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
-from onnxcompress.validate import random_inputs, run_model
+from onnxcompress.runtime import run_model
+from onnxcompress.validate import random_inputs
 from tests.conftest import SHARED, shared_model
 
 SPEC = get_pass("int8")

@@ -14,7 +14,7 @@ from onnxcompress import graph
 from onnxcompress.analyse import analyse
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
-from onnxcompress.validate import run_model
+from onnxcompress.runtime import run_model
 
 RTOL, ATOL = 1e-4, 1e-5
 LRS = get_pass("lrs")

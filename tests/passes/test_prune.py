@@ -16,7 +16,7 @@ from onnxcompress import graph
 from onnxcompress.coding import onnxc as onnxc
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
-from onnxcompress.validate import run_model
+from onnxcompress.runtime import run_model
 from tests.conftest import REPO
 
 SPEC = get_pass("prune")

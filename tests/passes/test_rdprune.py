@@ -19,7 +19,8 @@ from onnxcompress.coding import onnxc as onnxc
 from onnxcompress.coding import surp as surp
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
-from onnxcompress.validate import random_inputs, run_model
+from onnxcompress.runtime import run_model
+from onnxcompress.validate import random_inputs
 from tests.conftest import shared_model
 
 REPO = Path(__file__).resolve().parents[2]

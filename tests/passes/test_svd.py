@@ -16,7 +16,7 @@ from onnxcompress.layers import named_copy
 from onnxcompress.linear_layers import linear_layers
 from onnxcompress.maths import factors as factorize
 from onnxcompress.passkit import PassContext
-from onnxcompress.validate import run_model
+from onnxcompress.runtime import run_model
 
 RTOL, ATOL = 1e-4, 1e-5
 OUT4 = ["n", "c", "h", "w"]  # conv outputs: rank known, dims left to shape inference

@@ -17,7 +17,7 @@ from models.fixtures import FIXTURES
 from onnxcompress import graph
 from onnxcompress.analyse import analyse
 from onnxcompress.passkit import PassContext
-from onnxcompress.validate import run_model
+from onnxcompress.runtime import run_model
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 N, C, R_IN, R_OUT = 10, 12, 4, 5

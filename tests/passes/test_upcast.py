@@ -19,7 +19,7 @@ from onnxcompress import graph
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
 from onnxcompress.report import rows as report_rows
-from onnxcompress.validate import run_model
+from onnxcompress.runtime import run_model
 from tests.conftest import shared_model
 
 VGG_SHAPES = {"input": [2, 3, 32, 32]}

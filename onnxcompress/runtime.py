@@ -1,0 +1,117 @@
+"""onnxruntime for the whole tool: CPU sessions (unoptimised by default, so runtime fusions
+cannot hide graph bugs), runs of one batch or many, and `capture`, which exposes intermediate
+tensors and hands them over batch by batch."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxcompress.errors import ORT_LOG_SEVERITY, CompressError
+
+# Only fatal messages: onnxruntime's own errors reach the user as our one line.
+ort.set_default_logger_severity(ORT_LOG_SEVERITY)
+
+Batch = dict[str, np.ndarray]
+
+
+def session_options(threads: int = 2, optimize: bool = False) -> ort.SessionOptions:
+    """CPU options shared by validation and benchmarking; optimisations only when asked."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.log_severity_level = ORT_LOG_SEVERITY
+    return options
+
+
+def make_session(
+    model: onnx.ModelProto | bytes,
+    threads: int = 2,
+    optimize: bool = False,
+    options: ort.SessionOptions | None = None,
+) -> ort.InferenceSession:
+    """A CPU session; unoptimised by default, so runtime fusions cannot hide graph bugs."""
+    options = options or session_options(threads, optimize)
+    payload = model if isinstance(model, bytes) else model.SerializeToString()
+    try:
+        return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... classes
+        raise CompressError(f"onnxruntime cannot run the model: {ort_message(exc)}") from exc
+
+
+def expose_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy with `names` (intermediate tensors) added as graph outputs, so one onnxruntime
+    run returns them; onnxruntime types them itself."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    present = {out.name for out in exposed.graph.output}
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
+    return exposed
+
+
+def run_session(
+    session: ort.InferenceSession, batch: dict[str, np.ndarray], output_names=None
+) -> list[np.ndarray]:
+    """Run one batch, feeding the inputs the session takes."""
+    feeds = {}
+    for inp in session.get_inputs():
+        if inp.name not in batch:
+            raise CompressError(f"no data for model input '{inp.name}'")
+        feeds[inp.name] = batch[inp.name]
+    try:
+        return session.run(output_names, feeds)
+    except Exception as exc:
+        raise CompressError(f"onnxruntime failed running the model: {ort_message(exc)}") from exc
+
+
+def run_model(
+    model: onnx.ModelProto | bytes,
+    batches: list[dict[str, np.ndarray]],
+    threads: int = 2,
+    output_names: list[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Outputs over all batches, concatenated along axis 0 (scalars become one row each)."""
+    session = make_session(model, threads)
+    names = output_names or [out.name for out in session.get_outputs()]
+    unknown = sorted(set(names) - {out.name for out in session.get_outputs()})
+    if unknown:
+        raise CompressError(f"the model has no output(s) {', '.join(unknown)}")
+    collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for batch in batches:
+        for name, value in zip(names, run_session(session, batch, names), strict=True):
+            collected[name].append(np.atleast_1d(value))
+    return {name: np.concatenate(parts) for name, parts in collected.items() if parts}
+
+
+def ort_message(exc: Exception) -> str:
+    """onnxruntime's message without its status prefix and C++ source location."""
+    text = str(exc).strip()
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"^\S+\.(?:h|cc|cpp):\d+ [^(]*\([^)]*\)\s*", "", text)
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
+
+
+def capture(
+    model: onnx.ModelProto,
+    names: list[str],
+    batches: Iterable[Batch],
+    threads: int = 2,
+    optimize: bool = True,
+) -> Iterator[tuple[Batch, dict[str, np.ndarray]]]:
+    """Run `model` on each batch with the tensors `names` exposed as outputs, in one session;
+    yields (batch, {name: value}). Optimised by default: it reads activations, it checks no
+    graph."""
+    session = make_session(expose_outputs(model, names), threads=threads, optimize=optimize)
+    for batch in batches:
+        yield batch, dict(zip(names, run_session(session, batch, names), strict=True))
