@@ -12,7 +12,6 @@ LONG_MODULES = {
     "onnxcompress.auto.search": 900,
     "onnxcompress.coding.surp": 570,
     "onnxcompress.factorization": 450,
-    "onnxcompress.cli": 440,
     "onnxcompress.coding.onnxc": 430,
     "onnxcompress.coding.entropy": 430,
     "onnxcompress.passes.lrs": 550,

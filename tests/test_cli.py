@@ -275,7 +275,7 @@ def test_verbose_shows_details(tmp_path, capsys, flag):
 
 
 def _out_of_range():
-    from onnxcompress.cli_types import usable_cores
+    from onnxcompress.cli_args import usable_cores
 
     cores = usable_cores()
     return [
@@ -314,7 +314,7 @@ def test_out_of_range_options_refused_before_the_model_is_read(tmp_path, capsys,
 
 
 def test_thread_count_refused_by_subprocess_names_the_cores(tmp_path):
-    from onnxcompress.cli_types import usable_cores
+    from onnxcompress.cli_args import usable_cores
 
     out = tmp_path / "o.onnx"
     argv = [str(FIXTURE), "--passes", "identity", "--threads", "100000", "-o", str(out)]
