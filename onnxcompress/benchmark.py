@@ -18,12 +18,8 @@ log = logging.getLogger(__name__)
 
 ort.set_default_logger_severity(ORT_LOG_SEVERITY)
 
-# How idle pool threads wait, as onnxruntime session config entries. "stop" (the default):
-# they spin during a run, as in a deployed session with onnxruntime's defaults, and stop when
-# it returns, so that the next interleaved session has the cores to itself. "off" wakes a
-# thread for every op: ResNet-20 at 2 threads ran 1.5-2.0x slower than deployed, its
-# compressed models less so. "on" (spinning left on) lets idle sessions steal the running
-# one's cores. `python benchmarks/threads.py` compares them with sessions timed alone.
+# How idle pool threads wait (session config entries): "stop" spins during a run, as deployed,
+# and frees the cores for the next session; see docs/decisions.md#default_spinning
 SPINNING = {
     "stop": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"},
     "off": {"session.intra_op.allow_spinning": "0"},
@@ -66,10 +62,8 @@ def benchmark_models(
     try:
         while rounds < repeats or time.perf_counter() - started < min_seconds:
             for name, session in sessions.items():
-                # Untimed first: the timed run then finds this model's weights in cache, as
-                # when a deployed model serves back to back. Straight after the other models
-                # it would not: with 20 ResNet-20 variants interleaved, ratios came out up to
-                # 0.1 higher (benchmarks/results/threads1_resnet20, cp@0.25: 0.614 → 0.518).
+                # Untimed first, so the timed run finds this model's weights in cache, as a
+                # deployed one would; see docs/decisions.md#warm-up-run-per-round
                 session.run(None, feeds[name])
                 begin = time.perf_counter()
                 session.run(None, feeds[name])

@@ -5,7 +5,8 @@ item named.
 Worker processes are started with "spawn": a forked child inherits the parent's
 onnxruntime and BLAS thread pools in whatever state they were in (locks held by threads that
 do not exist in the child), which can hang; a spawned child starts a fresh interpreter.
-Spawn costs about a second per worker, once per pool: keep one executor for a run.
+Spawn starts an interpreter per worker, once per pool: keep one executor for a run (see
+docs/decisions.md#spawn-cost-per-worker).
 
 Another backend plugs in by providing the same `map(fn, items)`; e.g. with Ray:
 `refs = [ray.remote(fn).remote(item) for item in items]`, then yield `ray.get(ref)` in order,

@@ -114,8 +114,7 @@ def float_region(model: onnx.ModelProto, layers: list[str]) -> list[str]:
     float inside an int8 model: each layer, the one-input ops after it (activations, pools),
     and the next layers they reach, so int8 resumes at a layer's output, not a pool's.
     (Why: onnxruntime moves a QuantizeLinear up over a MaxPool and then runs the pool on
-    uint8 in NCHW, far slower: SqueezeNet with its first conv alone in float, in
-    `python benchmarks/experiments/int8_float_layers.py`.)
+    uint8 in NCHW, far slower; see docs/decisions.md#graphfloat_region)
     Ops with several activation inputs (Add, Concat) end the region: their inputs meet there."""
     constants = set(constant_tensors(model))
     users = consumers(model)

@@ -111,8 +111,8 @@ class AutoOptions:
         return comma_list(self.methods)
 
     def wants_int8(self, context: PassContext) -> bool:
-        """int8 is tried when asked, and by default wherever it can be measured: at half the
-        latency ResNet-20 and SqueezeNet lost less with it (docs/results.md, the `auto` section)."""
+        """int8 is tried when asked, and by default wherever it can be measured, as it lost
+        less at half the latency (see docs/decisions.md#autooptionsint8)."""
         if self.int8 is not None:
             return self.int8
         return self.budget()[0] == "latency" and bool(context.calibration)
@@ -228,9 +228,8 @@ def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> 
 def _upcast_first(model, options: AutoOptions, context: PassContext):
     """The float32 upcast of a float16 model, the options with a latency or bytes target
     scaled to it (target / the upcast's measured ratio: the user's target is of the file
-    given), and what was done. SqueezeNet's float16 file: int8 of it ran 1.21x slower than
-    the file, int8 of its upcast 0.58x
-    (`python benchmarks/experiments/fp16_upcast.py --threads 1`)."""
+    given), and what was done. int8 of the upcast runs far faster than int8 of the float16
+    file (see docs/decisions.md#autooptionsupcast)."""
     from onnxcompress.passes import upcast
 
     upcast_model = upcast.upcast(model, upcast.UpcastOptions(), context).model
@@ -286,8 +285,8 @@ def plan_warning(found: dict) -> str:
     unsteady = _unsteady_timing(model.get("latency_windows") or [])
     if unsteady:
         warnings.append(unsteady)
-    # The factorization driver's level for a layer's error, here for the whole model's outputs
-    # (SqueezeNet at 0.95: 14.6 % top-1 of 70.6 %).
+    # The factorization driver's level for a layer's error, here for the whole model's outputs;
+    # see docs/decisions.md#cliff_error
     if model.get("rel_l2", 0.0) > CLIFF_ERROR:
         warnings.append(
             f"the outputs are {model['rel_l2']:.2f} away from the original's (relative L2 on "
@@ -297,10 +296,8 @@ def plan_warning(found: dict) -> str:
     return "; ".join(warnings)
 
 
-# Windows of one plan further apart than this, over their median, make its ratio uncertain.
-# Quiet runs stay within a few percent (SqueezeNet at 2 threads: 0.457-0.467); ResNet-20 at 2
-# threads once read one plan 0.699-0.919, then 0.652 in the benchmark
-# (benchmarks/results/done_when_resnet20/threads2_stop_run2).
+# Windows of one plan further apart than this, over their median, make its ratio uncertain;
+# see docs/decisions.md#unsteady_spread
 UNSTEADY_SPREAD = 0.1
 
 

@@ -3,8 +3,8 @@ first, and refit the convs and linear layers after them on calibration data
 (`onnxcompress.residual_blocks`).
 
 Per-layer rewrites keep every op; on small models at batch 1 with a thread pool much of the
-time is the per-op cost of handing work to the pool, which only fewer ops remove (ResNet-20,
-2 threads: `benchmarks/experiments/block_drop.py`). Each block's damage is measured alone: the model
+time is the per-op cost of handing work to the pool, which only fewer ops remove (see
+docs/decisions.md#autooptionsblocks). Each block's damage is measured alone: the model
 without it, refit on `ranking_samples` calibration samples, against the original's outputs
 on the calibration data. Blocks are then removed together, least damaging first, and the
 result refit on all the calibration data. Damage that blocks do together is not measured

@@ -206,8 +206,8 @@ def estimate_errors(
 ) -> dict[int, float]:
     """Relative CP error ‖W − W_R‖/‖W‖ for every rank in `ranks`, estimated cheaply.
 
-    Fitting CP at every rung is too slow (tensorly's ALS forms explicit Khatri–Rao products:
-    seconds per rank at R ≈ 128 on a 64×64×3×3 weight). Instead a few anchor ranks (the
+    Fitting CP at every rung is too slow (tensorly's ALS forms explicit Khatri–Rao products;
+    see docs/decisions.md#estimate_sweeps-max_anchors). Instead a few anchor ranks (the
     largest R_max, then ¾, ½, ¼, … of it, and the smallest; see `_anchor_ranks`) get
     `sweeps` sweeps of a lean numpy ALS, each started from the previous anchor's factors plus
     seeded random columns; log(error) is interpolated linearly in R between anchors, and a

@@ -1,8 +1,8 @@
 """`upcast`: run a float16 model in float32. onnxruntime's CPU provider has few float16
 kernels and runs a float16 file through Casts it inserts, and its int8 quantizer then works
-on float16: on SqueezeNet's float16 file the upcast alone is no faster, but int8 of the file
-ran 1.21x slower than it and int8 of the upcast 0.58x (`benchmarks/experiments/fp16_upcast.py`). The
-factorization passes want float32 weights too.
+on float16: the upcast alone is no faster, but int8 of it runs far faster than int8 of the
+file (see docs/decisions.md#autooptionsupcast). The factorization passes want float32 weights
+too.
 
 Every float16 weight, Constant and intermediate becomes float32 (the weights' values are
 exactly representable, so the float32 model computes the float16 weights' maths without

@@ -1,8 +1,8 @@
 """Results of slow deterministic fits (CP-ALS), kept across runs and processes.
 
 `auto` fits the same layer at the same rank in its sensitivity runs (worker processes), in
-every plan it builds, and again in the next run on the same model: on SqueezeNet, CP-ALS was
-104 of the 190 s of a run whose timings and sensitivities all came from the cache. A fit is
+every plan it builds, and again in the next run on the same model, and CP-ALS is slow (see
+docs/decisions.md#cp-fit-cache). A fit is
 keyed by everything its result depends on (the weight's bytes, the settings, the tensorly
 version) and stored as an `.npz` of arrays (read without pickle) in the cache folder's
 `fits/`, beside the latency cache. The cache is an optimisation: a store that cannot be read

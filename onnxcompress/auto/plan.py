@@ -110,11 +110,9 @@ def int8_tables(
     model, tables, measured, threads, quantize, progress=None, keep_only: bool = False
 ) -> list[LayerTable]:
     """Copies of `tables` whose latencies are the candidates' and layers' timed as int8:
-    int8 kernels favour other shapes than float ones (on SqueezeNet, a plan chosen on these
-    factorizes only the first conv, 3 input channels, and its int8 runs at 0.48 of the
-    latency against int8 alone's 0.59: docs/results.md, `auto`), so a plan meant to be quantized is
-    chosen on these. `keep_only`: the layers' own latencies only (each timed against its
-    first candidate, which the copy keeps; the others are dropped)."""
+    int8 kernels favour other shapes than float ones (see docs/decisions.md#plans-on-int8-costs),
+    so a plan meant to be quantized is chosen on these. `keep_only`: the layers' own latencies
+    only (each timed against its first candidate, which the copy keeps; the others are dropped)."""
     copy = dataclasses.replace
     copies = [
         LayerTable(t.choice, copy(t.keep), [copy(s) for s in t.options[: 1 if keep_only else None]])

@@ -32,9 +32,8 @@ log = logging.getLogger(__name__)
 
 # A whole model within this much of its latency target is on target (timing noise).
 LATENCY_SLACK = 0.02
-# With every round off target, rounds this close to the fastest count as equally fast (the
-# same model's ratio moved by ~0.05 between runs here: docs/results.md, "cp then int8: the ridge"),
-# so a plan a little slower with far less error is not thrown away for timing noise.
+# With every round off target, rounds this close to the fastest count as equally fast, so
+# timing noise does not cost a plan with far less error; see docs/decisions.md#missed_tie
 MISSED_TIE = 0.05
 # Plans built and measured at most, the budget tightened after a miss and loosened after a
 # plan far under target (bisecting once both are known).
@@ -45,21 +44,12 @@ PLAN_AFTER_BLOCKS_ROUNDS = 3
 CURVE_POINTS = 12
 # The original's whole-model timing (the layer tables' scale) runs at least this long.
 TIMING_SECONDS = 1.0
-# A plan's latency ratio is the median over short windows, each timing the original and the
-# plan side by side: one window's ratio spreads by a standard deviation of 0.04-0.05 at 2
-# threads on this machine whatever its length (benchmarks/results/timing_noise_resnet20_
-# threads2.md), and a search that kept the round that happened to time on target lost top-1
-# for nothing (ResNet-20, 2 threads: 0.487 in auto, 0.562 in the benchmark). Windows in a
-# row are not independent (the machine keeps a state for seconds), so rounds that may be kept
-# are timed again, all together, later, before the choice.
+# A plan's ratio is the median of short windows timing it beside the original, as one window
+# is noisy whatever its length; see docs/decisions.md#window_seconds-check_windows
 WINDOW_SECONDS = 0.5
 CHECK_WINDOWS = 3
-# The choice is made on these windows alone, taken at the end for every round together: a
-# round's own windows lean low when the search stopped on it because they read on target
-# (the benchmark timed kept plans 0.02 slower than auto's check on average, spread 0.04:
-# benchmarks/experiments/auto_check_gap.py over the results before this choice), and
-# rounds timed a minute apart met different machine states (ResNet-20, 2 threads: one plan
-# 0.55 in one pass, 0.62 in the next).
+# The choice is made on these windows alone, taken at the end for every round together, as a
+# round's own windows lean low; see docs/decisions.md#retime_windows
 RETIME_WINDOWS = 5
 # A round this close to the target is timed in CONFIRM_WINDOWS more windows before the search
 # decides on it.
@@ -112,9 +102,8 @@ def search(
         if kind != "latency":
             raise CompressError(f"auto: target_{kind}={target:g} is not reachable: {why}")
         out_of_reach = f"target_{kind}={target:g} looks out of reach: {why}"
-        # The estimate is scaled by one whole-model timing and moves with the machine's noise
-        # (a ResNet-20 target reached in one run was refused so in the next): build the
-        # cheapest plan and let the measurement decide.
+        # The estimate moves with one whole-model timing's noise: build the cheapest plan and
+        # let the measurement decide; see docs/decisions.md#latency-target-out-of-reach
         budget = floor
     checker = _Checker(model, context, feeds, options)
     build = (model, tables, methods, context, options, checker)
@@ -223,8 +212,8 @@ def _latency_rounds(
             if ratio >= target or (ratio >= target - LATENCY_SLACK and not missed):
                 break  # on target: within the slack either side
             # Under target: this plan gives up more than it must; try a looser budget. Also
-            # just under it once a looser plan missed: the step between the two can be large
-            # (ResNet-20, 2 threads: rel L2 0.14 missing at 0.61, 0.33 on target at 0.495).
+            # just under it once a looser plan missed: the step between the two can be large;
+            # see docs/decisions.md#step-under-the-target-after-a-miss
             step = budget + (target - ratio) * scale
             budget = (budget + missed) / 2 if missed else step
         else:
@@ -240,10 +229,9 @@ def _latency_rounds(
 
 def _int8_rounds(model, tables, best_float, tried, rounds, quantize, checker) -> float | None:
     """Two more rounds: the original quantized to int8 (every layer kept) and the best float
-    plan quantized. Whether int8 pays depends on the runtime and the shapes (on ResNet-20 it
-    speeds up the original but slows the factorized layers down), so it is measured like
-    every round and kept only if it wins. Returns the int8 original's latency ratio (None
-    when the quantizer failed on it)."""
+    plan quantized. Whether int8 pays depends on the runtime and the shapes, so it is measured
+    like every round and kept only if it wins (see docs/decisions.md#no-int8-around-float-factors).
+    Returns the int8 original's latency ratio (None when the quantizer failed on it)."""
     plan, compressed, refit, _, restored = best_float
     sources = [("the original", _original_built(model, tables))]
     if _factorized(plan):
@@ -304,10 +292,9 @@ def _int8_table_rounds(build, measured, quantize, quantize_layer, original_int8,
 
 def _mixed_on_target(build, measured, quantize, quantize_layer, rounds, tried) -> None:
     """With the int8 original on target, one more round: it with the layers whose int8
-    kernel is slower left in float, which quantizes less (less error) and may run faster
-    (SqueezeNet, 2 threads: int8 0.466 on target at -1.10 points, so no int8 plans were
-    searched and `Conv_0` in float, -0.80 in other runs, went untried). Only the layers' own
-    int8 timings are needed, not every candidate's."""
+    kernel is slower left in float, which quantizes less (less error) and may run faster (see
+    docs/decisions.md#mixed-original-when-int8-is-on-target). Only the layers' own int8
+    timings are needed, not every candidate's."""
     model, tables, _, context, _, checker = build
     with context.progress("timing layers in int8", len(tables)) as bar:
         keeps8 = auto_plan.int8_tables(
@@ -319,8 +306,8 @@ def _mixed_on_target(build, measured, quantize, quantize_layer, rounds, tried) -
 
 
 def _int8_slower(tables: list[LayerTable], tables8: list[LayerTable]) -> list[str]:
-    """The layers whose int8 kernel, timed alone, is well over their float one (SqueezeNet's
-    first conv, 3 input channels: `python benchmarks/experiments/int8_float_layers.py`)."""
+    """The layers whose int8 kernel, timed alone, is over INT8_SLOWER times their float one
+    (see docs/decisions.md#int8_slower)."""
     return [
         table.choice.name
         for table, table8 in zip(tables, tables8, strict=True)
@@ -357,9 +344,9 @@ def _block_rounds(build, quantize, rounds, tried, max_error) -> dict | None:
     first (each block's damage measured alone, the layers after it refit on the sensitivity
     samples), one more block a round, the layers after them refit on the calibration data;
     each measured in float and, with `quantize`, in int8, like every round. Per-layer plans
-    keep every op; on ResNet-20 at batch 1 on 2 threads the per-op cost of the thread pool
-    is most of the time, and no per-layer plan reached half of it (docs/results.md). Stops at the
-    first count with a round on target, or when the outputs break. What was measured (None
+    keep every op, whose per-op cost at batch 1 can be most of the time (see
+    docs/decisions.md#autooptionsblocks). Stops at the first count with a round on target, or
+    when the outputs break. What was measured (None
     for a model without such blocks)."""
     model, tables, _, context, options, checker = build
     found = residual_blocks.identity_blocks(model)
@@ -398,11 +385,11 @@ def _plans_after_blocks(build, rounds, tried, scale: float) -> None:
     """Per-layer plans on the model with the most blocks removed whose float round missed the
     target (the count before the one that met it, or the last tried): the blocks go most of the
     way at little damage each and the layers left make up the rest, where the next block would
-    cost more (ResNet-20, 2 threads: four blocks removed reach 0.58, five 0.46 at a top-1 cost
-    four times the fourth's, docs/results.md). The layers' tables are the original's (timed
-    alone on the same shapes: a block keeps its input's shape); rewritten layers are refit to
-    the original's outputs, so they also take up what the removed blocks changed. Rounds built
-    like the float search's, budgets from the measured ratio of the blocks-removed model."""
+    cost more (see docs/decisions.md#plan_after_blocks_rounds). The layers' tables are the
+    original's (timed alone on the same shapes: a block keeps its input's shape); rewritten
+    layers are refit to the original's outputs, so they also take up what the removed blocks
+    changed. Rounds built like the float search's, budgets from the measured ratio of the
+    blocks-removed model."""
     model, tables, methods, context, options, checker = build
     target = options.budget()[1]
     missed = [
@@ -492,9 +479,9 @@ def _retime(rounds, tried, checker) -> None:
 
 def _search_again(rounds, tried, build, bounds, max_error) -> bool:
     """When the re-timing put every usable round off target (the machine's state moved since
-    the search stopped on one: ResNet-20, 2 threads, a plan at 0.510 in the search, 0.544 at
-    the end, done_when_resnet20/threads2_fresh_run3), tighten the float plans on from the
-    re-timed ratios with the rounds the search has left. True when it built more."""
+    the search stopped on one; see docs/decisions.md#search-on-after-the-re-timing), tighten
+    the float plans on from the re-timed ratios with the rounds the search has left. True when
+    it built more."""
     options = build[4]
     target = options.budget()[1]
     if rounds[_best_round(rounds, target, max_error)]["latency_ratio"] <= target + LATENCY_SLACK:
@@ -528,8 +515,8 @@ def _search_again(rounds, tried, build, bounds, max_error) -> bool:
 def _confirmed(check: dict, model, checker, target: float) -> float:
     """The round's ratio, timed in CONFIRM_WINDOWS more windows first when it is within
     CONFIRM_BAND of the target: the search stops on such a round or steps by a little from
-    it (SqueezeNet, 1 thread: an int8 plan at 0.519 in three windows, 0.539 in seven; the
-    search had stopped on it and the choice then dropped it)."""
+    it, so a few lucky windows must not decide (see
+    docs/decisions.md#confirm_band-confirm_windows)."""
     if abs(check["latency_ratio"] - target) <= CONFIRM_BAND:
         windows = checker.windows({"compressed": model}, CONFIRM_WINDOWS)
         _add_windows(check, [_ratio(w, "compressed") for w in windows])

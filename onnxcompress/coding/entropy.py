@@ -26,8 +26,8 @@ RangeDecoder = constriction.stream.queue.RangeDecoder
 
 # Above this many distinct symbols a static model's header and 24-bit precision stop paying off.
 MAX_MODELLED_SYMBOLS = 1 << 16
-# Gaps: mantissa bits after the leading one that are modelled (the rest are stored raw).
-# Two bits keep geometric data within ~1 % of its entropy; raw-only low bits lose up to ~5 %.
+# Gaps: mantissa bits after the leading one that are modelled (the rest are stored raw);
+# see docs/decisions.md#mantissa_bits
 MANTISSA_BITS = 2
 _SMALL = 1 << (MANTISSA_BITS + 1)  # v below this is coded exactly by its token
 _MAX_GAP = (1 << 62) - 1

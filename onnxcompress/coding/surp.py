@@ -26,8 +26,8 @@ from onnxcompress.coding.entropy import (
 
 VERSION = 1
 NORMALIZATIONS = ("rms", "l2", "none")
-# λ is also refreshed when more than CROWD·β weights pass τ at once (see _refresh). Measured on
-# ResNet-20 at sparsity 0.3: CROWD 4 → 409 kB, 16 → 340 kB, 64 → 303 kB at the same accuracy.
+# λ is also refreshed when more than CROWD·β weights pass τ at once (see _refresh), for a
+# smaller file at the same accuracy; see docs/decisions.md#crowd
 CROWD = 64.0
 # Prefix-size search for a bit budget overshoots its estimate by this much first.
 _BUDGET_MARGIN = 1.15

@@ -220,10 +220,9 @@ def cp_factors(
     tensorly's overhead, so large layers may want a smaller `n_iter_max`.
 
     `l2_reg` > 0 adds a ridge term of l2_reg·‖W‖²/R to every ALS solve. Unregularized CP
-    often ends with large components that cancel each other (on ResNet-20 the CP weights sum
-    to 20–90× ‖W‖); the fit is as good, but any rounding of the intermediate activations
-    (int8, fp16) no longer cancels: `cp` then `int8` lost 5–69 points of top-1 (docs/results.md, "cp
-    then int8: the ridge").
+    often ends with large components that cancel each other; the fit is as good, but any
+    rounding of the intermediate activations (int8, fp16) no longer cancels (see
+    docs/decisions.md#cpoptionsl2_reg).
     """
     w = _conv_weight(weight)
     if rank < 1:

@@ -37,7 +37,7 @@ INNER_STEPS = 3  # hard-thresholding pursuit steps per S update when C ≠ I
 MAX_SUPPORT = 512  # per-row exact fits above this support size are skipped (cost)
 TOLERANCE = 1e-9  # stop when f falls by less than this, relative
 EXACT = 1e-20  # or when f is this small relative to its start: an exact split
-ADMM_RHO = 3.0  # penalty of the ReLU ADMM (1 oscillated on a fixture; 3 decreased steadily)
+ADMM_RHO = 3.0  # penalty of the ReLU ADMM; see docs/decisions.md#admm_rho
 ADMM_ITERATIONS = 20
 ADMM_INNER = 10  # alternating iterations of each warm-started split inside the ADMM
 
