@@ -216,15 +216,13 @@ def apply_plan(
     methods: dict[str, Any],
     context,
     refit: bool,
-    reference: onnx.ModelProto | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The model with every planned rewrite built for real, then refit in graph order on the
-    compressed model's own activations, each rewritten layer to its output in `reference`
-    (default: `model`). Returns (model, refit summary)."""
+    compressed model's own activations, each rewritten layer to its output in `model`.
+    Returns (model, refit summary)."""
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(model)
     namer = Namer(model)
-    current = {node.name: node for node in model.graph.node}
     sites = []
     for table in tables:
         chosen = plan.get(table.choice.name)
@@ -233,24 +231,13 @@ def apply_plan(
         option = next(o for o in table.choice.candidates if o.key == chosen.key)
         layer = table.choice.layers[chosen.method]
         rewrite = methods[chosen.method].build(layer, option.candidate, namer)
-        _read_as_in(rewrite.nodes, layer.node, current[layer.name])
         replace_node(rewritten, layer.name, rewrite.nodes, rewrite.initializers)
         if rewrite.refit is not None:
             sites.append(rewrite.refit)
     summary: dict[str, Any] = {"layers": 0}
     if refit and context.calibration and sites:
-        summary = layer_refit.refit_layers(reference or model, rewritten, sites, context)
+        summary = layer_refit.refit_layers(model, rewritten, sites, context)
     return graph.cleanup_and_sort(rewritten), summary
-
-
-def _read_as_in(nodes: list[onnx.NodeProto], was: onnx.NodeProto, now: onnx.NodeProto) -> None:
-    """Make a rewrite built from the layer as tabled (`was`) read what the layer reads in the
-    model it goes into (`now`): without a removed residual block, the layer after it reads the
-    block's input."""
-    renamed = {a: b for a, b in zip(was.input, now.input, strict=True) if a != b}
-    if renamed:
-        for node in nodes:
-            node.input[:] = [renamed.get(name, name) for name in node.input]
 
 
 def budget_for(

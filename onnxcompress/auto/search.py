@@ -38,9 +38,6 @@ MISSED_TIE = 0.05
 # Plans built and measured at most, the budget tightened after a miss and loosened after a
 # plan far under target (bisecting once both are known).
 LATENCY_ROUNDS = 5
-# Per-layer plans built at most on the model with blocks removed (a search from a start near
-# the target: the blocks already took most of the way).
-PLAN_AFTER_BLOCKS_ROUNDS = 3
 CURVE_POINTS = 12
 # The original's whole-model timing (the layer tables' scale) runs at least this long.
 TIMING_SECONDS = 1.0
@@ -127,9 +124,9 @@ def search(
             _mixed_on_target(build, measured, quantize, quantize_layer, rounds, tried)
     blocks = None
     if on_latency and options.wants_blocks(context):
+        # Per-layer plans on the model with blocks removed never won (docs/decisions.md
+        # #plan_after_blocks_rounds): the block rounds stand alone.
         blocks = _block_rounds(build, quantize, rounds, tried, max_error)
-        if blocks is not None:
-            _plans_after_blocks(build, rounds, tried, scale)
     if on_latency:
         _retime(rounds, tried, checker)
         if _search_again(rounds, tried, build, (floor, scale), max_error):
@@ -180,21 +177,19 @@ def _latency_rounds(
     quantize=None,
     known=(None, None),
     count=LATENCY_ROUNDS,
-    reference=None,
 ):
     """Build and check plans; for a latency target, tighten the budget after a miss and
     loosen it after a plan far under target, bisecting once both are known. Returns the
     rounds' checks and, per round, (plan, model, refit, check, restored layers). With
     `quantize`, each plan is measured quantized to int8. `start` is (budget, floor, scale);
-    `known`, the budgets that met and missed the target before; `count`, the rounds at most;
-    `reference`, the model the rewritten layers are refit to (default `model`)."""
+    `known`, the budgets that met and missed the target before; `count`, the rounds at most."""
     kind, target = options.budget()
     budget, floor, scale = start
     rounds, tried = [], []
     met, missed = known  # the largest budget that met the target, the smallest that missed
     for _ in range(count):
         plan = auto_plan.allocate(tables, kind, budget)
-        built = _build_and_check(model, plan, tables, methods, context, options, checker, reference)
+        built = _build_and_check(model, plan, tables, methods, context, options, checker)
         if quantize is None:
             rounds.append({"budget": round(budget, 6), **built[2]})
             tried.append((plan, *built))
@@ -379,45 +374,6 @@ def _block_rounds(build, quantize, rounds, tried, max_error) -> dict | None:
         if on_target or _breaks(check, max_error):
             break
     return {"damage_alone": damage, "ranked": [block.add for block in ranked]}
-
-
-def _plans_after_blocks(build, rounds, tried, scale: float) -> None:
-    """Per-layer plans on the model with the most blocks removed whose float round missed the
-    target (the count before the one that met it, or the last tried): the blocks go most of the
-    way at little damage each and the layers left make up the rest, where the next block would
-    cost more (see docs/decisions.md#plan_after_blocks_rounds). The layers' tables are the
-    original's (timed alone on the same shapes: a block keeps its input's shape); rewritten
-    layers are refit to the original's outputs, so they also take up what the removed blocks
-    changed. Rounds built like the float search's, budgets from the measured ratio of the
-    blocks-removed model."""
-    model, tables, methods, context, options, checker = build
-    target = options.budget()[1]
-    missed = [
-        i for i, r in enumerate(rounds)
-        if r.get("blocks") and not r.get("int8") and not _failed_whole(r)
-        and r.get("latency_ratio", 0.0) > target + LATENCY_SLACK
-    ]  # fmt: skip
-    if not missed:
-        return
-    base = max(missed, key=lambda i: len(rounds[i]["blocks"]))
-    names, dropped = rounds[base]["blocks"], tried[base][1]
-    left = {node.name for node in dropped.graph.node}
-    rest = [t for t in tables if t.choice.name in left]
-    if not rest:
-        return
-    floor = _floor(rest, "latency")
-    spend = sum(t.keep.cost("latency") for t in rest)
-    budget = max(floor, spend - (rounds[base]["latency_ratio"] - target) * scale)
-    start = (budget, floor, scale)
-    build_rest = (dropped, rest, methods, context, options, checker)
-    more, more_tried = _latency_rounds(
-        *build_rest, start, count=PLAN_AFTER_BLOCKS_ROUNDS, reference=model
-    )
-    keep_all = _original_built(model, tables)[0]
-    for round_, (plan, *built) in zip(more, more_tried, strict=True):
-        round_.update({"blocks": names, "plan_after_blocks": True})
-        tried.append(({**keep_all, **plan}, *built))
-        rounds.append(round_)
 
 
 def _mark_removed(records: list[NodeRecord], summary: dict, model, removed: list[str]) -> None:
@@ -742,15 +698,15 @@ def accuracy_drop(reference: np.ndarray, outputs: np.ndarray, labels) -> float |
     return float(100 * (before - np.mean(outputs.argmax(1) == labels)))
 
 
-def _build_and_check(model, plan, tables, methods, context, options, checker, reference=None):
-    """Build the plan on `model`, refit to `reference` (default `model`); while the
+def _build_and_check(model, plan, tables, methods, context, options, checker):
+    """Build the plan on `model`, refit to its outputs; while the
     whole-model check fails the tolerance, restore the most damaging rewritten layer and
     rebuild. Returns (model, refit, check, restored layers)."""
     restored: list[str] = []
     kind = options.budget()[0]
     while True:
         compressed, refit = auto_plan.apply_plan(
-            model, plan, tables, methods, context, options.refit, reference
+            model, plan, tables, methods, context, options.refit
         )
         check = checker(compressed, kind)
         why = checker.fails(check)

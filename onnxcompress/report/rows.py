@@ -183,8 +183,7 @@ def _built_as(round_: dict[str, Any]) -> str:
         blocks = round_.get("blocks")
         if not blocks:
             return "float"
-        then = ", then a per-layer plan" if round_.get("plan_after_blocks") else ""
-        return f"float, blocks removed: {', '.join(blocks)}{then}"
+        return f"float, blocks removed: {', '.join(blocks)}"
     if round_.get("costs") == "int8":
         built = "int8, chosen on int8 costs"
     else:
