@@ -16,6 +16,7 @@ from onnxcompress import benchmark, executor, graph, residual_blocks
 from onnxcompress.auto import plan as auto_plan
 from onnxcompress.auto import sensitivity as sensitivity
 from onnxcompress.auto.plan import LayerTable, Scored
+from onnxcompress.auto.rounds import Built, Rounds
 from onnxcompress.calibration import random_inputs
 from onnxcompress.errors import CompressError
 from onnxcompress.factorization import CLIFF_ERROR
@@ -104,7 +105,7 @@ def search(
         budget = floor
     checker = _Checker(model, context, feeds, options)
     build = (model, tables, methods, context, options, checker)
-    rounds, tried = _latency_rounds(*build, (budget, floor, scale))
+    rounds = _latency_rounds(*build, (budget, floor, scale))
     if out_of_reach:
         rounds[0]["estimate"] = out_of_reach + "; built and measured instead"
     on_latency = target if kind == "latency" else None
@@ -113,27 +114,26 @@ def search(
     cost_tables = {"float": (tables, rest, scale)}
     if quantize and on_latency and context.calibration:
         best = _best_round(rounds, on_latency, max_error)
-        original_int8 = _int8_rounds(model, tables, tried[best], tried, rounds, quantize, checker)
+        original_int8 = _int8_rounds(model, tables, rounds.built[best], rounds, quantize, checker)
         if quantize_layer and original_int8 and original_int8 > target + LATENCY_SLACK:
-            cost_tables["int8"], more, more_tried = _int8_table_rounds(
+            cost_tables["int8"], more = _int8_table_rounds(
                 build, measured, quantize, quantize_layer, original_int8, total
             )
-            rounds += more
-            tried += more_tried
+            rounds.merge(more)
         elif quantize_layer and original_int8:
-            _mixed_on_target(build, measured, quantize, quantize_layer, rounds, tried)
+            _mixed_on_target(build, measured, quantize, quantize_layer, rounds)
     blocks = None
     if on_latency and options.wants_blocks(context):
         # Per-layer plans on the model with blocks removed never won (docs/decisions.md
         # #plan_after_blocks_rounds): the block rounds stand alone.
-        blocks = _block_rounds(build, quantize, rounds, tried, max_error)
+        blocks = _block_rounds(build, quantize, rounds, max_error)
     if on_latency:
-        _retime(rounds, tried, checker)
-        if _search_again(rounds, tried, build, (floor, scale), max_error):
-            _retime(rounds, tried, checker)
+        _retime(rounds, checker)
+        if _search_again(rounds, build, (floor, scale), max_error):
+            _retime(rounds, checker)
     chosen = _best_round(rounds, on_latency, max_error)
     tables, rest, scale = cost_tables[rounds[chosen].get("costs", "float")]
-    plan, compressed, refit, _, backed_off = tried[chosen]
+    plan, compressed, refit, _, backed_off = rounds.built[chosen]
     summary = _summary(kind, target, tables, plan, rounds, chosen, backed_off, refit, scale, rest)
     if kind == "latency":  # measured on the whole model, not predicted
         summary["target_reached"] = rounds[chosen]["latency_ratio"] <= target + LATENCY_SLACK
@@ -180,28 +180,27 @@ def _latency_rounds(
 ):
     """Build and check plans; for a latency target, tighten the budget after a miss and
     loosen it after a plan far under target, bisecting once both are known. Returns the
-    rounds' checks and, per round, (plan, model, refit, check, restored layers). With
+    rounds (their checks, and what each built). With
     `quantize`, each plan is measured quantized to int8. `start` is (budget, floor, scale);
     `known`, the budgets that met and missed the target before; `count`, the rounds at most."""
     kind, target = options.budget()
     budget, floor, scale = start
-    rounds, tried = [], []
+    rounds = Rounds()
     met, missed = known  # the largest budget that met the target, the smallest that missed
     for _ in range(count):
         plan = auto_plan.allocate(tables, kind, budget)
         built = _build_and_check(model, plan, tables, methods, context, options, checker)
         if quantize is None:
-            rounds.append({"budget": round(budget, 6), **built[2]})
-            tried.append((plan, *built))
+            rounds.add({"budget": round(budget, 6), **built[2]}, plan, *built)
             check = built[2]
         else:
             compressed, refit, _, restored = built
             built = (plan, compressed, refit, restored)
-            check = _int8_round(built, round(budget, 6), quantize, checker, rounds, tried)
+            check = _int8_round(built, round(budget, 6), quantize, checker, rounds)
             rounds[-1]["costs"] = "int8"
         if kind != "latency" or check.get("latency_ratio") is None:
             break
-        ratio = _confirmed(rounds[-1], tried[-1][1], checker, target)
+        ratio = _confirmed(rounds[-1], rounds.built[-1].model, checker, target)
         if ratio <= target + LATENCY_SLACK:
             met = max(met or budget, budget)
             if ratio >= target or (ratio >= target - LATENCY_SLACK and not missed):
@@ -219,10 +218,10 @@ def _latency_rounds(
             # The layers must give up what the whole model missed (never below the cheapest).
             step = max(floor, budget - (ratio - target) * scale)
             budget = (budget + met) / 2 if met else step
-    return rounds, tried
+    return rounds
 
 
-def _int8_rounds(model, tables, best_float, tried, rounds, quantize, checker) -> float | None:
+def _int8_rounds(model, tables, best_float: Built, rounds, quantize, checker) -> float | None:
     """Two more rounds: the original quantized to int8 (every layer kept) and the best float
     plan quantized. Whether int8 pays depends on the runtime and the shapes, so it is measured
     like every round and kept only if it wins (see docs/decisions.md#no-int8-around-float-factors).
@@ -233,7 +232,7 @@ def _int8_rounds(model, tables, best_float, tried, rounds, quantize, checker) ->
         sources.append(("the best float plan", (plan, compressed, refit, restored)))
     checks = []
     for of, built in sources:
-        checks.append(_int8_round(built, None, quantize, checker, rounds, tried))
+        checks.append(_int8_round(built, None, quantize, checker, rounds))
         rounds[-1]["of"] = of
     return checks[0].get("latency_ratio")
 
@@ -255,10 +254,10 @@ def _int8_table_rounds(build, measured, quantize, quantize_layer, original_int8,
         tables8 = auto_plan.int8_tables(
             model, tables, measured, context.threads, quantize_layer, bar
         )
-    rounds, tried = [], []
+    rounds = Rounds()
     in_float = _int8_slower(tables, tables8)
     if in_float:
-        mixed = _mixed_original(model, tables, in_float, quantize, checker, rounds, tried)
+        mixed = _mixed_original(model, tables, in_float, quantize, checker, rounds)
         if mixed is None or mixed >= original_int8:
             in_float = []
         else:  # the plans below start from this model: those layers cost their float time
@@ -272,20 +271,19 @@ def _int8_table_rounds(build, measured, quantize, quantize_layer, original_int8,
         "latency", target / original_int8, tables8, original_int8 * total
     )
     if original_int8 <= target + LATENCY_SLACK:
-        return (tables8, rest, scale / original_int8), rounds, tried
+        return (tables8, rest, scale / original_int8), rounds
     floor = _floor(tables8, "latency")
     start = (max(budget, floor), floor, scale / original_int8)
-    more, more_tried = _latency_rounds(
-        model, tables8, methods, context, options, checker, start, quantize
-    )
-    for round_, (plan, *_) in zip(more, more_tried, strict=True):
-        kept = [name for name in in_float if plan[name].method == "keep"]
+    more = _latency_rounds(model, tables8, methods, context, options, checker, start, quantize)
+    for round_, built in zip(more, more.built, strict=True):
+        kept = [name for name in in_float if built.plan[name].method == "keep"]
         if kept:
             round_["float_layers"] = kept
-    return (tables8, rest, scale / original_int8), rounds + more, tried + more_tried
+    rounds.merge(more)
+    return (tables8, rest, scale / original_int8), rounds
 
 
-def _mixed_on_target(build, measured, quantize, quantize_layer, rounds, tried) -> None:
+def _mixed_on_target(build, measured, quantize, quantize_layer, rounds) -> None:
     """With the int8 original on target, one more round: it with the layers whose int8
     kernel is slower left in float, which quantizes less (less error) and may run faster (see
     docs/decisions.md#mixed-original-when-int8-is-on-target). Only the layers' own int8
@@ -297,7 +295,7 @@ def _mixed_on_target(build, measured, quantize, quantize_layer, rounds, tried) -
         )
     in_float = _int8_slower(tables, keeps8)
     if in_float:
-        _mixed_original(model, tables, in_float, quantize, checker, rounds, tried)
+        _mixed_original(model, tables, in_float, quantize, checker, rounds)
 
 
 def _int8_slower(tables: list[LayerTable], tables8: list[LayerTable]) -> list[str]:
@@ -319,11 +317,11 @@ def _keeping_in_float(quantize, layers: list[str]):
     return mixed
 
 
-def _mixed_original(model, tables, layers, quantize, checker, rounds, tried) -> float | None:
+def _mixed_original(model, tables, layers, quantize, checker, rounds) -> float | None:
     """One more round: the original in int8 but for `layers` (and the ops up to the next
     layers) in float. Its latency ratio, None if it failed."""
     built = _original_built(model, tables)
-    check = _int8_round(built, None, _keeping_in_float(quantize, layers), checker, rounds, tried)
+    check = _int8_round(built, None, _keeping_in_float(quantize, layers), checker, rounds)
     rounds[-1].update({"of": "the original", "float_layers": layers})
     return None if check.get("tolerance_failed") else check.get("latency_ratio")
 
@@ -334,7 +332,7 @@ def _failed_whole(round_: dict) -> bool:
     return bool(round_.get("int8") or round_.get("blocks")) and "tolerance_failed" in round_
 
 
-def _block_rounds(build, quantize, rounds, tried, max_error) -> dict | None:
+def _block_rounds(build, quantize, rounds, max_error) -> dict | None:
     """Rounds of the original with whole identity residual blocks removed, the least damaging
     first (each block's damage measured alone, the layers after it refit on the sensitivity
     samples), one more block a round, the layers after them refit on the calibration data;
@@ -360,12 +358,11 @@ def _block_rounds(build, quantize, rounds, tried, max_error) -> dict | None:
         why = checker.fails(check)
         if why:
             check["tolerance_failed"] = why
-        rounds.append({"budget": None, "blocks": names, **check})
-        tried.append((keep_all, dropped, refit, check, []))
+        rounds.add({"budget": None, "blocks": names, **check}, keep_all, dropped, refit, check, [])
         checks = [check]
         if quantize:
             built = (keep_all, dropped, refit, [])
-            checks.append(_int8_round(built, None, quantize, checker, rounds, tried))
+            checks.append(_int8_round(built, None, quantize, checker, rounds))
             rounds[-1].update({"of": f"{count} block(s) removed", "blocks": names})
         on_target = any(
             c.get("latency_ratio", 1.0) <= target + LATENCY_SLACK and "tolerance_failed" not in c
@@ -394,7 +391,7 @@ def _mark_removed(records: list[NodeRecord], summary: dict, model, removed: list
             layer.update(latency_ms_after=0.0, damage=None)
 
 
-def _int8_round(built, budget, quantize, checker, rounds, tried) -> dict:
+def _int8_round(built, budget, quantize, checker, rounds: Rounds) -> dict:
     """Quantize a built plan's model, check it like any round and record it; the check."""
     plan, source, refit, restored = built
     try:
@@ -406,12 +403,11 @@ def _int8_round(built, budget, quantize, checker, rounds, tried) -> dict:
         why = checker.fails(check)  # no back-off inside an int8 model: it is out if it fails
         if why:
             check["tolerance_failed"] = why
-    rounds.append({"budget": budget, "int8": True, **check})
-    tried.append((plan, quantized, refit, check, restored))
+    rounds.add({"budget": budget, "int8": True, **check}, plan, quantized, refit, check, restored)
     return check
 
 
-def _retime(rounds, tried, checker) -> None:
+def _retime(rounds: Rounds, checker) -> None:
     """Time every round that may be kept (all but failed int8 ones) again, all together with
     the original in RETIME_WINDOWS windows; each round's ratio is then the median of those
     windows alone, its search's kept as `latency_ratio_search` (windows as
@@ -423,7 +419,7 @@ def _retime(rounds, tried, checker) -> None:
     if not timed:
         return
     windows = checker.windows(
-        {str(i): tried[i][1] for i in timed}, RETIME_WINDOWS, "timing the plans again"
+        {str(i): rounds.built[i].model for i in timed}, RETIME_WINDOWS, "timing the plans again"
     )
     for i in timed:
         round_ = rounds[i]
@@ -433,7 +429,7 @@ def _retime(rounds, tried, checker) -> None:
         _add_windows(round_, [_ratio(w, str(i)) for w in windows])
 
 
-def _search_again(rounds, tried, build, bounds, max_error) -> bool:
+def _search_again(rounds: Rounds, build, bounds, max_error) -> bool:
     """When the re-timing put every usable round off target (the machine's state moved since
     the search stopped on one; see docs/decisions.md#search-on-after-the-re-timing), tighten
     the float plans on from the re-timed ratios with the rounds the search has left. True when
@@ -460,11 +456,10 @@ def _search_again(rounds, tried, build, bounds, max_error) -> bool:
     else:
         budget = max(floor, fastest["budget"] - (fastest["latency_ratio"] - target) * scale)
     known = (met, fastest["budget"])
-    more, more_tried = _latency_rounds(
+    more = _latency_rounds(
         *build, (budget, floor, scale), known=known, count=LATENCY_ROUNDS - len(floats)
     )
-    rounds.extend(more)
-    tried.extend(more_tried)
+    rounds.merge(more)
     return bool(more)
 
 
@@ -756,7 +751,7 @@ def _summary(kind, target, tables, plan, rounds, kept, backed_off, refit, total,
         "candidates": candidates,
         "curve": _curve(tables, kind, plan, total, rest),
         "backed_off": backed_off,
-        "rounds": rounds,
+        "rounds": list(rounds),  # the entries alone: what was built stays out of the report
         "chosen_round": kept,
         "model": rounds[kept],
         "refit": refit,

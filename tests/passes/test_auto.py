@@ -248,6 +248,15 @@ def test_a_plan_the_retiming_puts_off_target_sends_the_search_on(vgg_calibration
     assert found["target_reached"] is True
 
 
+def _as_rounds(entries: list[dict], models=()) -> auto_search.Rounds:
+    """Round entries as the search keeps them, each with the model it built (if given)."""
+    rounds = auto_search.Rounds()
+    for i, entry in enumerate(entries):
+        model = models[i] if i < len(models) else None
+        rounds.add(entry, None, model, None, entry, [])
+    return rounds
+
+
 def test_searching_on_bisects_towards_a_broken_plan_that_met_the_target(monkeypatch):
     """After the re-timing the usable plan (budget 0.6) misses the 0.5 target and only a broken
     one (budget 0.4) meets it: the search goes on between the two, with the rounds left; it
@@ -260,7 +269,7 @@ def test_searching_on_bisects_towards_a_broken_plan_that_met_the_target(monkeypa
         *args, known, count
     ):  # model, tables, methods, context, options, checker, start
         calls.append((args[6], known, count))
-        return [{"budget": args[6][0], "latency_ratio": 0.5}], [("plan",)]
+        return _as_rounds([{"budget": args[6][0], "latency_ratio": 0.5}])
 
     monkeypatch.setattr(auto_search, "_latency_rounds", fake_rounds)
     rounds = [
@@ -269,15 +278,15 @@ def test_searching_on_bisects_towards_a_broken_plan_that_met_the_target(monkeypa
     ]
     build = (None, None, None, None, AutoOptions(target_latency=0.5), None)
     cliff = auto_search.CLIFF_ERROR
-    assert auto_search._search_again(list(rounds), [], build, (0.1, 1.0), cliff)
+    assert auto_search._search_again(_as_rounds(rounds), build, (0.1, 1.0), cliff)
     ((start, known, count),) = calls
     assert start == (pytest.approx(0.5), 0.1, 1.0) and count == auto_search.LATENCY_ROUNDS - 2
     assert known == (0.4, 0.6)
     spent = rounds + [dict(rounds[0])] * (auto_search.LATENCY_ROUNDS - 2)
-    assert not auto_search._search_again(spent, [], build, (0.1, 1.0), cliff)
-    assert not auto_search._search_again(list(rounds), [], build, (0.6, 1.0), cliff)
+    assert not auto_search._search_again(_as_rounds(spent), build, (0.1, 1.0), cliff)
+    assert not auto_search._search_again(_as_rounds(rounds), build, (0.6, 1.0), cliff)
     on_target = [{**rounds[0], "latency_ratio": 0.51}, rounds[1]]
-    assert not auto_search._search_again(on_target, [], build, (0.1, 1.0), cliff)
+    assert not auto_search._search_again(_as_rounds(on_target), build, (0.1, 1.0), cliff)
     assert len(calls) == 1
 
 
@@ -501,11 +510,11 @@ def test_a_plan_the_quantizer_refuses_is_out_not_a_crash():
     def refuse(model):
         raise CompressError("int8: onnxruntime's quantizer failed: index 1 is out of bounds")
 
-    rounds = [{"budget": 0.4, "latency_ratio": 0.5, "rel_l2": 0.2}]
-    tried = [("float round",)]
-    check = auto_search._int8_round(({}, "model", None, []), 0.3, refuse, Checker(), rounds, tried)
+    rounds = _as_rounds([{"budget": 0.4, "latency_ratio": 0.5, "rel_l2": 0.2}])
+    check = auto_search._int8_round(({}, "model", None, []), 0.3, refuse, Checker(), rounds)
     assert check["tolerance_failed"].startswith("int8 failed: int8: onnxruntime's quantizer")
-    assert rounds[-1]["int8"] is True and len(tried) == 2
+    assert rounds[-1]["int8"] is True and len(rounds.built) == 2
+    assert rounds.built[-1].model == "model" and rounds.built[-1].check is check
     assert auto_search._best_round(rounds, 0.5) == 0
 
 
@@ -640,14 +649,15 @@ def test_plans_are_chosen_on_fresh_windows_taken_together():
             ]
 
     search_windows = [0.49] * (auto_search.CHECK_WINDOWS + auto_search.CONFIRM_WINDOWS)
-    rounds = [
+    entries = [
         {"budget": 0.4, "latency_ratio": 0.49, "latency_windows": list(search_windows)},
         {"budget": None, "int8": True, "latency_ratio": 0.62, "latency_windows": [0.62] * 3},
         {"budget": 0.7, "latency_ratio": 0.95, "latency_windows": [0.95] * 3},
         {"budget": None, "int8": True, "tolerance_failed": "int8 failed: refused"},
     ]
+    rounds = _as_rounds(entries, [f"model {i}" for i in range(4)])
     checker = Checker()
-    auto_search._retime(rounds, [(None, f"model {i}") for i in range(4)], checker)
+    auto_search._retime(rounds, checker)
     assert checker.timed == ["0", "1", "2"]
     assert rounds[0]["latency_ratio"] == 0.56 and rounds[0]["latency_ratio_search"] == 0.49
     assert rounds[0]["latency_windows"] == [0.56] * auto_search.RETIME_WINDOWS
