@@ -13,7 +13,6 @@ LONG_MODULES = {
     "onnxcompress.coding.surp": 570,
     "onnxcompress.factorization": 450,
     "onnxcompress.coding.onnxc": 430,
-    "onnxcompress.coding.entropy": 430,
     "onnxcompress.passes.lrs": 550,
 }
 MAX_LINES = 410

@@ -13,11 +13,22 @@ Payload layouts (all integers in headers are LEB128 varints):
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import constriction
 import numpy as np
+
+from onnxcompress.coding.framing import (  # noqa: F401  (CodingError and framing re-exported)
+    CodingError,
+    Reader,
+    pack_ints,
+    pack_sections,
+    unpack_ints,
+    unpack_sections,
+    write_varint,
+    write_varints,
+)
 
 # constriction's submodules live in a compiled extension: reach them as attributes.
 Categorical = constriction.stream.model.Categorical
@@ -32,10 +43,6 @@ MANTISSA_BITS = 2
 _SMALL = 1 << (MANTISSA_BITS + 1)  # v below this is coded exactly by its token
 _MAX_GAP = (1 << 62) - 1
 _MODE_MODELLED, _MODE_RAW = 0, 1
-
-
-class CodingError(ValueError):
-    """A payload that cannot be decoded: truncated, corrupted or inconsistent."""
 
 
 # -- decode budget -------------------------------------------------------------------------
@@ -101,9 +108,9 @@ def encode_categorical(symbols: np.ndarray, alphabet: int) -> bytes:
     if present.size > MAX_MODELLED_SYMBOLS:
         return bytes([_MODE_RAW]) + _pack_fixed_width(symbols, _width(alphabet - 1))
     header = bytearray([_MODE_MODELLED])
-    _write_varint(header, present.size)
-    _write_varints(header, np.diff(present, prepend=0))
-    _write_varints(header, counts)
+    write_varint(header, present.size)
+    write_varints(header, np.diff(present, prepend=0))
+    write_varints(header, counts)
     if present.size < 2:  # one symbol (or none): the header says everything
         return bytes(header)
     encoder = RangeEncoder()
@@ -115,7 +122,7 @@ def encode_categorical(symbols: np.ndarray, alphabet: int) -> bytes:
 def decode_categorical(data: bytes, count: int, alphabet: int) -> np.ndarray:
     """Inverse of `encode_categorical`: `count` symbols as an int64 array."""
     charge(count, "a coded stream")
-    reader = _Reader(data)
+    reader = Reader(data)
     mode = reader.byte()
     if mode == _MODE_RAW:
         symbols = _unpack_fixed_width(reader.rest(), count, _width(alphabet - 1))
@@ -257,50 +264,6 @@ def decode_bits(data: bytes, count: int) -> np.ndarray:
     return decode_categorical(data, count, 2).astype(np.uint8)
 
 
-# -- framing -------------------------------------------------------------------------------
-
-
-def pack_sections(parts: list[bytes]) -> bytes:
-    """Frame byte strings: count, each length, then the bytes (varints)."""
-    out = bytearray()
-    _write_varint(out, len(parts))
-    for part in parts:
-        _write_varint(out, len(part))
-    for part in parts:
-        out += part
-    return bytes(out)
-
-
-def unpack_sections(data: bytes) -> list[bytes]:
-    """Inverse of `pack_sections`; raises CodingError on truncated or trailing data."""
-    reader = _Reader(data)
-    count = reader.varint()
-    if count > len(data):
-        raise CodingError(f"section count {count} exceeds the payload size")
-    lengths = [reader.varint() for _ in range(count)]
-    parts = [reader.take(length) for length in lengths]
-    if reader.remaining():
-        raise CodingError(f"{reader.remaining()} stray bytes after the last section")
-    return parts
-
-
-def pack_ints(values: Iterable[int]) -> bytes:
-    """Non-negative integers as LEB128 varints (small headers)."""
-    out = bytearray()
-    for value in values:
-        _write_varint(out, value)
-    return bytes(out)
-
-
-def unpack_ints(data: bytes) -> list[int]:
-    """Inverse of `pack_ints`: every varint in `data`."""
-    reader = _Reader(data)
-    values = []
-    while reader.remaining():
-        values.append(reader.varint())
-    return values
-
-
 # -- helpers -------------------------------------------------------------------------------
 
 
@@ -357,65 +320,3 @@ def _unpack_variable_width(data: bytes, widths: np.ndarray) -> np.ndarray:
     # Bits of one value do not overlap, so summing the shifted bits ORs them together.
     np.add.at(values, owner, bits << shift)
     return values
-
-
-def _write_varint(out: bytearray, value: int) -> None:
-    value = int(value)
-    if value < 0:
-        raise ValueError("varints are non-negative")
-    while True:
-        low, value = value & 0x7F, value >> 7
-        out.append(low | (0x80 if value else 0))
-        if not value:
-            return
-
-
-def _write_varints(out: bytearray, values: np.ndarray) -> None:
-    for value in values.tolist():
-        _write_varint(out, value)
-
-
-class _Reader:
-    """Sequential reads from a payload; every overrun is a CodingError."""
-
-    def __init__(self, data: bytes):
-        self.data = memoryview(bytes(data))
-        self.pos = 0
-
-    def remaining(self) -> int:
-        return len(self.data) - self.pos
-
-    def byte(self) -> int:
-        return self.take(1)[0]
-
-    def take(self, length: int) -> bytes:
-        if length > self.remaining():
-            raise CodingError(f"truncated payload: needs {length} bytes, {self.remaining()} left")
-        chunk = bytes(self.data[self.pos : self.pos + length])
-        self.pos += length
-        return chunk
-
-    def rest(self) -> bytes:
-        return self.take(self.remaining())
-
-    def varint(self) -> int:
-        value, shift = 0, 0
-        while True:
-            if self.pos >= len(self.data):
-                raise CodingError("truncated payload inside a varint")
-            byte = self.data[self.pos]
-            self.pos += 1
-            value |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return value
-            shift += 7
-            if shift > 70:
-                raise CodingError("varint longer than 10 bytes")
-
-    def varints(self, count: int) -> np.ndarray:
-        if count > self.remaining():
-            raise CodingError(f"truncated payload: {count} varints, {self.remaining()} bytes left")
-        values = [self.varint() for _ in range(count)]
-        if any(v >= 1 << 63 for v in values):
-            raise CodingError("varint value too large")
-        return np.array(values, dtype=np.int64)
