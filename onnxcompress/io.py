@@ -14,6 +14,7 @@ from pathlib import Path
 
 import onnx
 
+from onnxcompress import graph
 from onnxcompress.errors import CompressError, first_line
 from onnxcompress.input_checks import require_utf8_strings
 
@@ -188,15 +189,12 @@ def _folder_lock(path: Path):
         os.close(fd)  # closing drops the lock
 
 
-def _initializers(graph: onnx.GraphProto):
+def _initializers(body: onnx.GraphProto):
     """Initializers of a graph and of every subgraph under it."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _initializers(attribute.g)
-            for subgraph in attribute.graphs:
-                yield from _initializers(subgraph)
+    yield from body.initializer
+    for node in body.node:
+        for subgraph in graph.subgraphs(node):
+            yield from _initializers(subgraph)
 
 
 def _serialize_with_external(

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
 
+from onnxcompress import graph
 from onnxcompress.calibration import (
     Calibration,
     Preprocess,
@@ -22,6 +22,7 @@ from onnxcompress.calibration import (
     random_inputs,
 )
 from onnxcompress.errors import CompressError
+from onnxcompress.input_checks import non_finite_count
 from onnxcompress.runtime import make_session, run_session
 
 __all__ = [
@@ -53,17 +54,13 @@ def require_nan_free_outputs(
 
 
 def _nan_cause(model: onnx.ModelProto, calibration: Calibration) -> str:
-    from onnxcompress.input_checks import non_finite_count
-
-    readers = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, node.name or node.op_type)
-    for tensor in model.graph.initializer:
-        bad = non_finite_count(numpy_helper.to_array(tensor))
-        if bad and tensor.name in readers:
+    readers = graph.consumers(model)
+    for name, value in graph.constant_tensors(model).items():
+        bad = non_finite_count(value)
+        if bad and readers.get(name):
+            reader = readers[name][0].name or readers[name][0].op_type
             return (
-                f"its weight '{tensor.name}' (read by node '{readers[tensor.name]}') holds {bad} "
+                f"its weight '{name}' (read by node '{reader}') holds {bad} "
                 "NaN or infinite value(s): fix the model's weights"
             )
     if calibration.source.startswith("random"):
