@@ -116,7 +116,9 @@ def _weights_as_milliseconds(monkeypatch, compressed_ms, int8_factor=1.0, again_
         after = factor * float(sum(int(np.prod(i.dims)) for i in rewrite.initializers))
         return {"original_ms": before, "rewritten_ms": after, "speedup": before / after}
 
-    seen: dict[int, list] = {}  # by model object: every round's model lives to the end
+    # By model object; each model is held here so that its id is never reused by a later one
+    # (a freed model's id going to a new model would hand it the old model's timing).
+    seen: dict[int, list] = {}
 
     def model_ms(models, *args, **kwargs):
         timing = {"original": {"median_ms": float(_weight_count(vgg_style()))}}
@@ -124,9 +126,9 @@ def _weights_as_milliseconds(monkeypatch, compressed_ms, int8_factor=1.0, again_
             if name == "original":
                 continue
             if id(model) not in seen:
-                seen[id(model)] = [compressed_ms(model), 0]
+                seen[id(model)] = [compressed_ms(model), 0, model]
             seen[id(model)][1] += 1  # windows this model was timed in
-            first, windows = seen[id(model)]
+            first, windows, _ = seen[id(model)]
             again = windows > auto_search.CHECK_WINDOWS and again_ms is not None
             timing[name] = {"median_ms": again_ms(first) if again else first}
         return timing
