@@ -21,8 +21,11 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxcompress.auto import checks as auto_checks
 from onnxcompress.auto import search as auto_search
+from onnxcompress.auto import summary as auto_summary
 from onnxcompress.auto.candidates import layer_choices, method_layers
+from onnxcompress.auto.settings import SearchSettings
 from onnxcompress.errors import CompressError
 from onnxcompress.factorization import CLIFF_ERROR
 from onnxcompress.layers import named_copy
@@ -123,6 +126,24 @@ class AutoOptions:
             return self.blocks and bool(context.calibration)
         return self.budget()[0] == "latency" and bool(context.calibration)
 
+    def search_settings(self, context: PassContext) -> SearchSettings:
+        """What the search is told: the budget, the candidates and the tolerance, with the
+        defaults that depend on the run (jobs, blocks) resolved."""
+        kind, target = self.budget()
+        return SearchSettings(
+            kind=kind,
+            target=target,
+            methods=tuple(self.method_names()),
+            align=self.align,
+            sensitivity_samples=self.sensitivity_samples,
+            jobs=self.jobs or context.jobs,
+            refit=self.refit,
+            max_rel_l2=self.max_rel_l2,
+            max_accuracy_drop=self.max_accuracy_drop,
+            latency_basis=self.latency_basis,
+            blocks=self.wants_blocks(context),
+        )
+
     def wants_upcast(self, model: onnx.ModelProto) -> bool:
         from onnxcompress.passes.upcast import computes_in_float16
 
@@ -206,7 +227,7 @@ def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> 
         analysis,
         choices,
         methods,
-        options,
+        options.search_settings(context),
         context,
         quantize,
         quantize_layer,
@@ -214,7 +235,7 @@ def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> 
     )
     records += found.records
     if found.summary.get("int8", {}).get("quantized"):
-        auto_search.mark_precision(records, found.summary, found.model)
+        auto_summary.mark_precision(records, found.summary, found.model)
     summary = {"auto": found.summary}
     if upcast:
         found.summary["upcast"] = upcast
@@ -258,7 +279,7 @@ def _upcast_note(done: dict[str, Any]) -> str:
 def _upcast_ratio(kind: str, model, upcast_model, context: PassContext) -> float:
     """The upcast's latency (measured) or weight bytes over the float16 model's."""
     if kind == "latency":
-        return auto_search.latency_ratio(model, upcast_model, context)
+        return auto_checks.latency_ratio(model, upcast_model, context)
     from onnxcompress.graph import weight_bytes
 
     return weight_bytes(upcast_model) / weight_bytes(model)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.experiments.int8_mixed import run_pass  # noqa: E402
 from benchmarks.image_models import add_data_arguments, resnet20  # noqa: E402
-from onnxcompress.auto.search import RETIME_WINDOWS, WINDOW_SECONDS  # noqa: E402
+from onnxcompress.auto.checks import RETIME_WINDOWS, WINDOW_SECONDS  # noqa: E402
 from onnxcompress.benchmark import benchmark_models  # noqa: E402
 from onnxcompress.passkit import PassContext  # noqa: E402
 

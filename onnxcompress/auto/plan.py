@@ -278,3 +278,13 @@ def _stand_in(measured: Measured):
 class _Rewrite:
     nodes: list[onnx.NodeProto]
     initializers: list[onnx.TensorProto]
+
+
+def factorized(plan: dict[str, Scored]) -> bool:
+    """Whether a plan rewrites any layer (a plan of all keeps is the original model)."""
+    return any(s.method != "keep" for s in plan.values())
+
+
+def floor(tables: list[LayerTable], kind: str) -> float:
+    """The tabled layers' cost with every layer at its cheapest candidate."""
+    return sum(min(s.cost(kind) for s in t.all()) for t in tables)

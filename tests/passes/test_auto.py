@@ -12,9 +12,13 @@ from onnxcompress.passes import get_pass
 from models.fixtures import mlp, resnet_style, vgg_style
 from onnxcompress import benchmark, graph, layers
 from onnxcompress.analyse import analyse
+from onnxcompress.auto import checks as auto_checks
+from onnxcompress.auto import choice as auto_choice
 from onnxcompress.auto import plan as auto_plan
+from onnxcompress.auto import rounds as auto_rounds
 from onnxcompress.auto import search as auto_search
 from onnxcompress.auto import sensitivity as sensitivity
+from onnxcompress.auto.settings import SearchSettings
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
 from onnxcompress.pipeline import build_options, lookup_passes, run_passes
@@ -129,13 +133,13 @@ def _weights_as_milliseconds(monkeypatch, compressed_ms, int8_factor=1.0, again_
                 seen[id(model)] = [compressed_ms(model), 0, model]
             seen[id(model)][1] += 1  # windows this model was timed in
             first, windows, _ = seen[id(model)]
-            again = windows > auto_search.CHECK_WINDOWS and again_ms is not None
+            again = windows > auto_checks.CHECK_WINDOWS and again_ms is not None
             timing[name] = {"median_ms": again_ms(first) if again else first}
         return timing
 
     monkeypatch.setattr(auto_plan.layer_timing, "compare_layer", layer_ms)
     monkeypatch.setattr(auto_plan.layer_timing, "call_overhead_ms", lambda *a, **k: 0.0)
-    monkeypatch.setattr(auto_search.benchmark, "benchmark_models", model_ms)
+    monkeypatch.setattr(benchmark, "benchmark_models", model_ms)
 
 
 @pytest.mark.parametrize("slowdown", [1.3, 10.0])
@@ -150,7 +154,7 @@ def test_latency_budget_tightens_when_the_whole_model_misses(
         latency_basis="layer", int8=False,
     )  # fmt: skip
     rounds = result.summary["auto"]["rounds"]
-    assert len(rounds) >= 2 and rounds[0]["latency_ratio"] > 0.7 + auto_search.LATENCY_SLACK
+    assert len(rounds) >= 2 and rounds[0]["latency_ratio"] > 0.7 + auto_choice.LATENCY_SLACK
     assert rounds[1]["budget"] < rounds[0]["budget"]
     assert rounds[-1]["latency_ratio"] <= rounds[0]["latency_ratio"]
     if slowdown == 10.0:  # out of reach: tightened down to the cheapest plan, then said so
@@ -199,18 +203,18 @@ def test_a_round_timed_on_target_by_luck_is_timed_again_before_the_search_stops(
         vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.7, int8=False
     )
     found = result.summary["auto"]
-    rounds, check = found["rounds"], auto_search.CHECK_WINDOWS
+    rounds, check = found["rounds"], auto_checks.CHECK_WINDOWS
     assert rounds[3]["latency_windows_search"][:check] == [0.71] * check
     assert set(rounds[3]["latency_windows_search"][check:]) == {0.8}
     assert rounds[3]["latency_ratio_search"] == 0.8
     budgets = [r["budget"] for r in rounds]
     assert budgets[4] == pytest.approx((budgets[2] + budgets[3]) / 2, abs=1e-6)
     assert rounds[4]["latency_ratio"] == 0.69
-    confirmed = check + auto_search.CONFIRM_WINDOWS
+    confirmed = check + auto_checks.CONFIRM_WINDOWS
     assert len(rounds[4]["latency_windows_search"]) == confirmed  # near the target
     assert len(rounds[0]["latency_windows_search"]) == check  # far off: its first windows only
     # Then all timed again together, and judged on those windows alone.
-    assert all(len(r["latency_windows"]) == auto_search.RETIME_WINDOWS for r in rounds)
+    assert all(len(r["latency_windows"]) == auto_checks.RETIME_WINDOWS for r in rounds)
     on_target = [1, 2, 4]
     best = min(on_target, key=lambda i: rounds[i]["rel_l2"])
     assert found["chosen_round"] == best and found["target_reached"] is True
@@ -223,7 +227,7 @@ def test_a_plan_the_retiming_puts_off_target_sends_the_search_on(vgg_calibration
     original = _weight_count(vgg_style())
     first = iter([0.7 * original])  # then every plan costs its weights
     _weights_as_milliseconds(monkeypatch, lambda model: next(first, None) or _weight_count(model))
-    timed = auto_search._Checker.windows
+    timed = auto_checks.Checker.windows
     retimes = []
 
     def slower_at_first_retime(self, models, count, step=""):
@@ -236,7 +240,7 @@ def test_a_plan_the_retiming_puts_off_target_sends_the_search_on(vgg_calibration
                         window[name] = {"median_ms": 1.15 * window[name]["median_ms"]}
         return out
 
-    monkeypatch.setattr(auto_search._Checker, "windows", slower_at_first_retime)
+    monkeypatch.setattr(auto_checks.Checker, "windows", slower_at_first_retime)
     result = _run_auto(
         vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.7, int8=False
     )
@@ -246,13 +250,13 @@ def test_a_plan_the_retiming_puts_off_target_sends_the_search_on(vgg_calibration
     assert len(rounds) > 1 and rounds[1]["budget"] < rounds[0]["budget"]
     assert rounds[0]["latency_ratio_search"] == 0.7  # the search's own reading stays
     assert rounds[0]["latency_ratio"] == pytest.approx(0.7)  # the last windows: unscaled
-    assert all(len(r["latency_windows"]) == auto_search.RETIME_WINDOWS for r in rounds)
+    assert all(len(r["latency_windows"]) == auto_checks.RETIME_WINDOWS for r in rounds)
     assert found["target_reached"] is True
 
 
-def _as_rounds(entries: list[dict], models=()) -> auto_search.Rounds:
+def _as_rounds(entries: list[dict], models=()) -> auto_rounds.Rounds:
     """Round entries as the search keeps them, each with the model it built (if given)."""
-    rounds = auto_search.Rounds()
+    rounds = auto_rounds.Rounds()
     for i, entry in enumerate(entries):
         model = models[i] if i < len(models) else None
         rounds.add(entry, None, model, None, entry, [])
@@ -263,32 +267,29 @@ def test_searching_on_bisects_towards_a_broken_plan_that_met_the_target(monkeypa
     """After the re-timing the usable plan (budget 0.6) misses the 0.5 target and only a broken
     one (budget 0.4) meets it: the search goes on between the two, with the rounds left; it
     does not once the rounds are spent or the usable plan is already the cheapest."""
-    from onnxcompress.passes.auto import AutoOptions
-
     calls = []
 
-    def fake_rounds(
-        *args, known, count
-    ):  # model, tables, methods, context, options, checker, start
-        calls.append((args[6], known, count))
-        return _as_rounds([{"budget": args[6][0], "latency_ratio": 0.5}])
+    def fake_rounds(self, start, known, count):
+        calls.append((start, known, count))
+        return _as_rounds([{"budget": start[0], "latency_ratio": 0.5}])
 
-    monkeypatch.setattr(auto_search, "_latency_rounds", fake_rounds)
+    monkeypatch.setattr(auto_rounds.Search, "latency_rounds", fake_rounds)
     rounds = [
         {"budget": 0.6, "latency_ratio": 0.56, "rel_l2": 0.2},
         {"budget": 0.4, "latency_ratio": 0.45, "rel_l2": 0.9},
     ]
-    build = (None, None, None, None, AutoOptions(target_latency=0.5), None)
+    settings = SearchSettings("latency", 0.5, ("svd",))
+    search = auto_rounds.Search(None, [], {}, PassContext({}), settings, None)
     cliff = auto_search.CLIFF_ERROR
-    assert auto_search._search_again(_as_rounds(rounds), build, (0.1, 1.0), cliff)
+    assert auto_search.search_again(_as_rounds(rounds), search, (0.1, 1.0), cliff)
     ((start, known, count),) = calls
-    assert start == (pytest.approx(0.5), 0.1, 1.0) and count == auto_search.LATENCY_ROUNDS - 2
+    assert start == (pytest.approx(0.5), 0.1, 1.0) and count == auto_rounds.LATENCY_ROUNDS - 2
     assert known == (0.4, 0.6)
-    spent = rounds + [dict(rounds[0])] * (auto_search.LATENCY_ROUNDS - 2)
-    assert not auto_search._search_again(_as_rounds(spent), build, (0.1, 1.0), cliff)
-    assert not auto_search._search_again(_as_rounds(rounds), build, (0.6, 1.0), cliff)
+    spent = rounds + [dict(rounds[0])] * (auto_rounds.LATENCY_ROUNDS - 2)
+    assert not auto_search.search_again(_as_rounds(spent), search, (0.1, 1.0), cliff)
+    assert not auto_search.search_again(_as_rounds(rounds), search, (0.6, 1.0), cliff)
     on_target = [{**rounds[0], "latency_ratio": 0.51}, rounds[1]]
-    assert not auto_search._search_again(_as_rounds(on_target), build, (0.1, 1.0), cliff)
+    assert not auto_search.search_again(_as_rounds(on_target), search, (0.1, 1.0), cliff)
     assert len(calls) == 1
 
 
@@ -513,11 +514,14 @@ def test_a_plan_the_quantizer_refuses_is_out_not_a_crash():
         raise CompressError("int8: onnxruntime's quantizer failed: index 1 is out of bounds")
 
     rounds = _as_rounds([{"budget": 0.4, "latency_ratio": 0.5, "rel_l2": 0.2}])
-    check = auto_search._int8_round(({}, "model", None, []), 0.3, refuse, Checker(), rounds)
+    settings = SearchSettings("latency", 0.5, ("svd",))
+    search = auto_rounds.Search(None, [], {}, PassContext({}), settings, Checker())
+    built = auto_rounds.Built({}, "model", None, {}, [])
+    check = search.int8_round(built, 0.3, refuse, rounds)
     assert check["tolerance_failed"].startswith("int8 failed: int8: onnxruntime's quantizer")
     assert rounds[-1]["int8"] is True and len(rounds.built) == 2
     assert rounds.built[-1].model == "model" and rounds.built[-1].check is check
-    assert auto_search._best_round(rounds, 0.5) == 0
+    assert auto_choice.best_round(rounds, 0.5) == 0
 
 
 def test_plan_warning_says_missed_targets_and_large_errors():
@@ -555,16 +559,16 @@ def test_best_round_prefers_on_target_then_least_error():
         {"budget": 0.3, "latency_ratio": 0.4, "rel_l2": 0.30},
         {"budget": 0.4, "latency_ratio": 0.5, "rel_l2": 0.20},
     ]
-    assert auto_search._best_round(rounds, 0.5) == 2
-    assert auto_search._best_round(rounds, 0.2) == 1  # none on target: the fastest
+    assert auto_choice.best_round(rounds, 0.5) == 2
+    assert auto_choice.best_round(rounds, 0.2) == 1  # none on target: the fastest
     close = [*rounds, {"budget": 0.35, "latency_ratio": 0.44, "rel_l2": 0.10}]
-    assert auto_search._best_round(close, 0.2) == 3  # as fast within noise, less error
-    assert auto_search._best_round([{"budget": 0.5}], None) == 0  # macs/bytes: one round
+    assert auto_choice.best_round(close, 0.2) == 3  # as fast within noise, less error
+    assert auto_choice.best_round([{"budget": 0.5}], None) == 0  # macs/bytes: one round
     failed_int8 = {"budget": None, "int8": True, "latency_ratio": 0.3, "rel_l2": 0.01}
     failed_int8["tolerance_failed"] = "top-1 accuracy drop 3.00 points > 1"
-    assert auto_search._best_round([*rounds, failed_int8], 0.5) == 2  # int8 out: it failed
+    assert auto_choice.best_round([*rounds, failed_int8], 0.5) == 2  # int8 out: it failed
     no_data = [{"budget": 0.3, "latency_ratio": 0.4}, {"budget": 0.4, "latency_ratio": 0.5}]
-    assert auto_search._best_round(no_data, 0.5) == 1  # the larger budget: less given up
+    assert auto_choice.best_round(no_data, 0.5) == 1  # the larger budget: less given up
 
 
 def test_best_round_passes_over_plans_that_break_the_outputs():
@@ -577,12 +581,12 @@ def test_best_round_passes_over_plans_that_break_the_outputs():
         {"budget": None, "int8": True, "latency_ratio": 0.65, "rel_l2": 0.02},
         {"budget": 0.6, "latency_ratio": 0.70, "rel_l2": 0.10},
     ]
-    assert auto_search._best_round(rounds, 0.5) == 1  # no bar: on target, less error
-    assert auto_search._best_round(rounds, 0.5, cliff) == 2
-    assert auto_search._broken_faster(rounds, 2, cliff) == {"latency_ratio": 0.45, "rel_l2": 1.0}
-    assert auto_search._broken_faster(rounds, 2, None) is None
-    assert auto_search._best_round(rounds[:2], 0.5, cliff) == 1  # all broken: as without
-    assert auto_search._broken_faster(rounds, 1, cliff) is None  # the kept one is broken
+    assert auto_choice.best_round(rounds, 0.5) == 1  # no bar: on target, less error
+    assert auto_choice.best_round(rounds, 0.5, cliff) == 2
+    assert auto_choice.broken_faster(rounds, 2, cliff) == {"latency_ratio": 0.45, "rel_l2": 1.0}
+    assert auto_choice.broken_faster(rounds, 2, None) is None
+    assert auto_choice.best_round(rounds[:2], 0.5, cliff) == 1  # all broken: as without
+    assert auto_choice.broken_faster(rounds, 1, cliff) is None  # the kept one is broken
 
 
 @pytest.mark.parametrize("max_rel_l2", [None, 2.0])
@@ -600,7 +604,7 @@ def test_a_target_only_broken_plans_reach_keeps_a_usable_plan(
         return float(_weight_count(model))
 
     _weights_as_milliseconds(monkeypatch, compressed_ms)
-    measured = auto_search._Checker.__call__
+    measured = auto_checks.Checker.__call__
 
     def broken_floats(self, compressed, kind):
         check = measured(self, compressed, kind)
@@ -608,7 +612,7 @@ def test_a_target_only_broken_plans_reach_keeps_a_usable_plan(
             check["rel_l2"] = 0.9
         return check
 
-    monkeypatch.setattr(auto_search._Checker, "__call__", broken_floats)
+    monkeypatch.setattr(auto_checks.Checker, "__call__", broken_floats)
     options = {"max_rel_l2": max_rel_l2} if max_rel_l2 else {}
     result = _run_auto(
         vgg_style(), VGG_SHAPES, vgg_calibration, methods="svd", target_latency=0.3, **options
@@ -628,9 +632,13 @@ def test_a_target_only_broken_plans_reach_keeps_a_usable_plan(
 def test_the_output_bar_is_the_users_tolerance_when_given():
     from onnxcompress.passes.auto import AutoOptions
 
-    assert auto_search.usable_error(AutoOptions()) == auto_search.CLIFF_ERROR
-    assert auto_search.usable_error(AutoOptions(max_rel_l2=0.8)) is None
-    assert auto_search.usable_error(AutoOptions(max_accuracy_drop=20.0)) is None
+    def bar(**options):
+        settings = AutoOptions(**options).search_settings(PassContext({}))
+        return settings.usable_error(auto_search.CLIFF_ERROR)
+
+    assert bar() == auto_search.CLIFF_ERROR
+    assert bar(max_rel_l2=0.8) is None
+    assert bar(max_accuracy_drop=20.0) is None
 
 
 def test_plans_are_chosen_on_fresh_windows_taken_together():
@@ -650,7 +658,7 @@ def test_plans_are_chosen_on_fresh_windows_taken_together():
                 for _ in range(count)
             ]
 
-    search_windows = [0.49] * (auto_search.CHECK_WINDOWS + auto_search.CONFIRM_WINDOWS)
+    search_windows = [0.49] * (auto_checks.CHECK_WINDOWS + auto_checks.CONFIRM_WINDOWS)
     entries = [
         {"budget": 0.4, "latency_ratio": 0.49, "latency_windows": list(search_windows)},
         {"budget": None, "int8": True, "latency_ratio": 0.62, "latency_windows": [0.62] * 3},
@@ -659,10 +667,10 @@ def test_plans_are_chosen_on_fresh_windows_taken_together():
     ]
     rounds = _as_rounds(entries, [f"model {i}" for i in range(4)])
     checker = Checker()
-    auto_search._retime(rounds, checker)
+    auto_search.retime(rounds, checker)
     assert checker.timed == ["0", "1", "2"]
     assert rounds[0]["latency_ratio"] == 0.56 and rounds[0]["latency_ratio_search"] == 0.49
-    assert rounds[0]["latency_windows"] == [0.56] * auto_search.RETIME_WINDOWS
+    assert rounds[0]["latency_windows"] == [0.56] * auto_checks.RETIME_WINDOWS
     assert rounds[0]["latency_windows_search"] == search_windows
     assert rounds[2]["latency_ratio"] == 0.9 and "latency_ratio" not in rounds[3]
 
@@ -763,8 +771,8 @@ def test_accuracy_drop_uses_labels_when_given():
     reference = np.array([[2.0, 1.0], [0.0, 3.0], [5.0, 1.0], [1.0, 0.0]])
     worse = np.array([[0.0, 1.0], [3.0, 0.0], [5.0, 1.0], [0.0, 1.0]])
     labels = np.array([0, 1, 0, 1])  # original right 3/4, the worse one 2/4
-    assert auto_search.accuracy_drop(reference, worse, labels) == pytest.approx(25.0)
-    assert auto_search.accuracy_drop(reference, worse, None) is None
+    assert auto_checks.accuracy_drop(reference, worse, labels) == pytest.approx(25.0)
+    assert auto_checks.accuracy_drop(reference, worse, None) is None
 
 
 def test_accuracy_tolerance_with_labels_backs_off(vgg_calibration):
@@ -818,14 +826,14 @@ def test_whole_model_timing_feeds_reach_the_pinned_batch_across_calibration_batc
     # the batch its layers were timed at, not at the first calibration batch's 4.
     calibration = _batches("input", [4, 3, 32, 32], seed=1, count=3)
     context = PassContext({"input": [8, 3, 32, 32]}, calibration, seed=0, threads=1)
-    feeds = auto_search.timing_feeds(vgg_style(), context)
+    feeds = auto_checks.timing_feeds(vgg_style(), context)
     want = np.concatenate([calibration[0]["input"], calibration[1]["input"]])
     np.testing.assert_array_equal(feeds["input"], want)
     one = PassContext({"input": [1, 3, 32, 32]}, calibration, seed=0, threads=1)
-    np.testing.assert_array_equal(auto_search.timing_feeds(vgg_style(), one)["input"], want[:1])
+    np.testing.assert_array_equal(auto_checks.timing_feeds(vgg_style(), one)["input"], want[:1])
     # Fewer calibration samples than the batch: random inputs of the pinned shape.
     short = PassContext({"input": [16, 3, 32, 32]}, calibration, seed=0, threads=1)
-    assert auto_search.timing_feeds(vgg_style(), short)["input"].shape == (16, 3, 32, 32)
+    assert auto_checks.timing_feeds(vgg_style(), short)["input"].shape == (16, 3, 32, 32)
 
 
 def _folded_resnet():
@@ -851,7 +859,7 @@ def _nodes_as_milliseconds(monkeypatch, original) -> None:
 
     monkeypatch.setattr(auto_plan.layer_timing, "compare_layer", layer_ms)
     monkeypatch.setattr(auto_plan.layer_timing, "call_overhead_ms", lambda *a, **k: 0.0)
-    monkeypatch.setattr(auto_search.benchmark, "benchmark_models", model_ms)
+    monkeypatch.setattr(benchmark, "benchmark_models", model_ms)
 
 
 @pytest.mark.parametrize(("blocks", "int8"), [(None, False), (None, True), (False, False)])
@@ -922,4 +930,4 @@ def _nodes_and_weights_as_milliseconds(monkeypatch, original, per_weight=1 / 500
 
     monkeypatch.setattr(auto_plan.layer_timing, "compare_layer", layer_ms)
     monkeypatch.setattr(auto_plan.layer_timing, "call_overhead_ms", lambda *a, **k: 0.0)
-    monkeypatch.setattr(auto_search.benchmark, "benchmark_models", model_ms)
+    monkeypatch.setattr(benchmark, "benchmark_models", model_ms)

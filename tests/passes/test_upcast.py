@@ -168,7 +168,7 @@ def test_bad_io_option_is_one_clear_error():
 
 
 def test_auto_searches_a_float16_model_on_its_upcast_with_the_target_scaled(monkeypatch):
-    monkeypatch.setattr("onnxcompress.auto.search.latency_ratio", lambda *args: 0.8)
+    monkeypatch.setattr("onnxcompress.auto.checks.latency_ratio", lambda *args: 0.8)
     half = half_precision(vgg_style())
     calibration = _images(np.float16) * 2
     spec = get_pass("auto")

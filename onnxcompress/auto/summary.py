@@ -1,0 +1,135 @@
+"""The `auto` section of the report: the kept plan per layer, every candidate, the allocator's
+curve and the rounds; the node records of the kept plan, and which layers run in int8."""
+
+from __future__ import annotations
+
+import onnx
+
+from onnxcompress import graph
+from onnxcompress.auto import plan as auto_plan
+from onnxcompress.auto.plan import LayerTable, Scored
+from onnxcompress.passkit import NodeRecord
+
+CURVE_POINTS = 12
+
+
+def auto_section(kind, target, tables, plan, rounds, kept, backed_off, refit, total, rest) -> dict:
+    layers = []
+    for table in tables:
+        chosen = plan[table.choice.name]
+        layers.append(
+            {
+                "node": table.choice.name,
+                "op": table.choice.op,
+                "method": chosen.method,
+                "config": chosen.config,
+                "macs_before": table.keep.macs,
+                "macs_after": chosen.macs,
+                "params_before": table.keep.params,
+                "params_after": chosen.params,
+                "latency_ms_before": round(table.keep.latency_ms, 4),
+                "latency_ms_after": round(chosen.latency_ms, 4),
+                "damage": chosen.damage,
+            }
+        )
+    candidates = [
+        {
+            "node": s.layer,
+            "method": s.method,
+            "config": s.config,
+            "latency_ms": round(s.latency_ms, 4),
+            "macs": s.macs,
+            "damage": s.damage,
+        }
+        for t in tables
+        for s in t.options
+    ]
+    return {
+        "budget": {"kind": kind, "target": target},
+        "layers": layers,
+        "candidates": candidates,
+        "curve": curve(tables, kind, plan, total, rest),
+        "backed_off": backed_off,
+        "rounds": list(rounds),  # the entries alone: what was built stays out of the report
+        "chosen_round": kept,
+        "model": rounds[kept],
+        "refit": refit,
+    }
+
+
+def curve(tables: list[LayerTable], kind, plan, total, rest) -> list[dict]:
+    """The allocator's best plans from the cheapest to the full cost (predicted cost ratio
+    and total damage), and the chosen plan marked."""
+    points = [
+        {"cost_ratio": round((rest + cost) / total, 4), "damage": damage, "chosen": False}
+        for cost, damage in auto_plan.curve(tables, kind, CURVE_POINTS)
+    ]
+    return points + [_point(plan, kind, total, rest, True)]
+
+
+def _point(plan: dict[str, Scored], kind, total, rest, chosen: bool) -> dict:
+    cost = rest + sum(s.cost(kind) for s in plan.values())
+    damage = sum(s.damage for s in plan.values())
+    return {"cost_ratio": round(cost / total, 4), "damage": damage, "chosen": chosen}
+
+
+def mark_precision(records: list[NodeRecord], summary: dict, quantized: onnx.ModelProto) -> None:
+    """When the kept model is int8, say per layer (records, and the summary's layer table)
+    whether it runs in int8 (read off the model: its weight comes from a DequantizeLinear; a
+    factorized layer's factors are quantized with the rest) or stayed in float, and why."""
+    int8_layers = graph.int8_layers(quantized)
+    slower = summary["int8"]["float_layers"]
+    layers = {layer["node"]: layer for layer in summary["layers"] if layer["method"] != "removed"}
+    for record in records:
+        if record.details.get("method") == "removed":
+            continue
+        in_int8 = record.status == "rewritten" or record.node in int8_layers
+        if record.node in layers:
+            layers[record.node]["int8"] = in_int8
+        if record.status == "rewritten":
+            record.details["int8"] = True
+        elif in_int8:
+            record.status, record.reason, record.details = "rewritten", "", {"int8": True}
+        else:
+            why = (
+                "its int8 kernel is slower" if record.node in slower
+                else "next to a float layer, or the quantizer's choice"
+            )  # fmt: skip
+            record.reason = "; ".join(filter(None, [record.reason, f"in float in int8: {why}"]))
+
+
+def node_records(tables: list[LayerTable], plan, backed_off: list[str]) -> list[NodeRecord]:
+    records = []
+    for table in tables:
+        name, chosen = table.choice.name, plan[table.choice.name]
+        base = dict(macs_before=table.keep.macs, params_before=table.keep.params)
+        if chosen.method == "keep":
+            why = (
+                "restored by the whole-model back-off" if name in backed_off
+                else "kept: the budget was met without it"
+            )  # fmt: skip
+            status = "reverted" if name in backed_off else "skipped"
+            records.append(NodeRecord(name, table.choice.op, status, why, **base))
+            continue
+        details = {
+            "method": chosen.method,
+            **chosen.config,
+            "damage": chosen.damage,
+            "timing": {
+                "original_ms": round(table.keep.latency_ms, 4),
+                "rewritten_ms": round(chosen.latency_ms, 4),
+            },
+        }
+        records.append(
+            NodeRecord(
+                name,
+                table.choice.op,
+                "rewritten",
+                "",
+                params_after=chosen.params,
+                macs_after=chosen.macs,
+                details=details,
+                **base,
+            )  # fmt: skip
+        )
+    return records
