@@ -3,6 +3,7 @@ a JSON file with every figure, and plots (score and latency against MACs).
 
     python benchmarks/run.py                        # every model, method and budget (long)
     python benchmarks/run.py --quick                # resnet20 + mnist, one budget (minutes)
+    python benchmarks/run.py --headline             # the README's results table (about an hour)
     python benchmarks/run.py --models resnet20 --passes fga,channels,prune,int8 \
         --budgets 0.7,0.5 --sparsities 0.5,0.8 --opt fga.align=16 --out /tmp/bench
     python benchmarks/run.py --models resnet20 --passes cp,auto --batch 8   # judged at batch 8
@@ -493,6 +494,11 @@ def check_options(todo: list[Variant]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "--headline" in argv:  # the README's table: its own few flags, see benchmarks/headline.py
+        from benchmarks import headline
+
+        print(headline.run(headline.parse(argv), run_suite, parse_args, builders()), end="")
+        return 0
     args = parse_args(argv)
     run_suite(args, builders())
     return 0
