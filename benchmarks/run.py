@@ -57,7 +57,7 @@ from benchmarks.suite import METHODS, BenchModel, Variant, parse_options, varian
 from onnxcompress import CompressError, graph, io  # noqa: E402
 from onnxcompress.analyse import analyse  # noqa: E402
 from onnxcompress.benchmark import DEFAULT_SPINNING, benchmark_models  # noqa: E402
-from onnxcompress.coding import onnxc as onnxc  # noqa: E402
+from onnxcompress.coding import onnxc_writer as onnxc_writer  # noqa: E402
 from onnxcompress.passkit import PassContext  # noqa: E402
 from onnxcompress.pipeline import run_passes  # noqa: E402
 from onnxcompress.report.files import write_json  # noqa: E402
@@ -273,7 +273,7 @@ def figures(bench: BenchModel, model, coded: list, coded_size: bool, int8_dynami
         "macs": stats.total_macs,
         "params": stats.total_params,
         "onnx_bytes": model.ByteSize(),
-        "onnxc_bytes": len(onnxc.encode_model(model, coded)) if coded_size else None,
+        "onnxc_bytes": len(onnxc_writer.encode_model(model, coded)) if coded_size else None,
     }
     out["stored_bytes"] = out["onnxc_bytes"] if coded_size else out["onnx_bytes"]
     return out

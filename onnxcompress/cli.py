@@ -146,7 +146,7 @@ def run_decode(args: argparse.Namespace, console: Console) -> int:
     from pathlib import Path
 
     from onnxcompress import io
-    from onnxcompress.coding import onnxc as onnxc
+    from onnxcompress.coding import onnxc_reader as onnxc_reader
 
     source = Path(args.model)
     if not source.is_file():
@@ -156,7 +156,7 @@ def run_decode(args: argparse.Namespace, console: Console) -> int:
     output = io.output_file(args.output) if args.output else io.free_path(preferred)
     if output.exists() and output.resolve() == source.resolve():
         raise CompressError(f"output {output} is the input file; choose another path with -o")
-    model = onnxc.load_onnxc(source)
+    model = onnxc_reader.load_onnxc(source)
     written = io.save_model(model, output, replace=args.output is not None)
     kept = ""
     if args.output is None and output != preferred:

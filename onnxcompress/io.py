@@ -51,9 +51,9 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if path.stat().st_size == 0:
         raise CompressError(f"{path}: file is empty, not an ONNX model")
     if _is_onnxc(path):  # a coded model file: decode it transparently
-        from onnxcompress.coding import onnxc as onnxc
+        from onnxcompress.coding import onnxc_reader as onnxc_reader
 
-        model = onnxc.load_onnxc(path)
+        model = onnxc_reader.load_onnxc(path)
         require_utf8_strings(model, path)
         return model
     try:
@@ -104,11 +104,11 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike, *, replace: bool = 
 
 
 def save_onnxc(model: onnx.ModelProto, path: str | os.PathLike, coded=()) -> int:
-    """Write the model as an entropy-coded `.onnxc` file atomically (bytes from coding.onnxc,
+    """Write the model as an entropy-coded `.onnxc` file atomically (bytes from onnxc_writer,
     `coded`: weights a pass coded already); returns the bytes written."""
-    from onnxcompress.coding import onnxc
+    from onnxcompress.coding import onnxc_writer
 
-    return write_bytes_atomic(onnxc.encode_model(model, coded), path)
+    return write_bytes_atomic(onnxc_writer.encode_model(model, coded), path)
 
 
 def output_file(path: str | os.PathLike) -> Path:

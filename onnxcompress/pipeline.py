@@ -264,13 +264,13 @@ def write_onnxc(
 ) -> tuple[int, dict[str, Any]]:
     """Write the `.onnxc` file; return its bytes and the reference sizes of plain files:
     the original and the result as `.onnx`, each also under gzip -9 and zstd -19."""
-    from onnxcompress.coding import onnxc as onnxc
+    from onnxcompress.coding import onnxc_writer as onnxc_writer
 
     written = io.save_onnxc(model, output, coded)
     sizes: dict[str, Any] = {"onnxc_bytes": written}
     for label, which in (("original", original), ("result", model)):
         if which.ByteSize() < io.EXTERNAL_DATA_THRESHOLD:
-            sizes[label] = onnxc.reference_sizes(which.SerializeToString())
+            sizes[label] = onnxc_writer.reference_sizes(which.SerializeToString())
     return written, sizes
 
 

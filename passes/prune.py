@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from onnxcompress import graph
-from onnxcompress.coding import onnxc as onnxc
+from onnxcompress.coding import onnxc_writer as onnxc_writer
 from onnxcompress.errors import CompressError
 from onnxcompress.maths.sparsity import SCOPES, magnitude_masks, nm_mask, quantize_uniform
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list, option
@@ -187,8 +187,8 @@ def _summary(
     dense = {layer.weight: constants[layer.weight] for layer, _ in kept}
     all_params = params + sum(v.size for v in dense.values())
     all_nonzero = nonzero + sum(int(np.count_nonzero(v)) for v in dense.values())
-    sizes = onnxc.reference_sizes(model.SerializeToString())
-    coded = onnxc.coded_size(model)
+    sizes = onnxc_writer.reference_sizes(model.SerializeToString())
+    coded = onnxc_writer.coded_size(model)
     return {
         "pruned_tensors": len(new_values),
         "params": params,

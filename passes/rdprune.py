@@ -15,9 +15,12 @@ import onnx
 from onnxcompress import graph
 from onnxcompress.coding import surp as surp
 from onnxcompress.coding.entropy import encode_categorical, encode_gaps, pack_sections
-from onnxcompress.coding.onnxc import CodedWeights, encode_sparse
+from onnxcompress.coding.onnxc import CodedWeights
+from onnxcompress.coding.sparse_codec import encode_sparse
+from onnxcompress.coding.surp_stream import encode_payload
 from onnxcompress.errors import CompressError
 from onnxcompress.maths.sparsity import magnitude_masks, quantize_uniform
+from onnxcompress.maths.successive_pruning import NORMALIZATIONS
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list, option
 from onnxcompress.prunable import label, prunable_layers, write_weights
 from onnxcompress.registry import register
@@ -66,8 +69,8 @@ class RdPruneOptions:
             raise CompressError(f"rdprune.target_bits_per_param={bits}: expected a number > 0")
         if self.beta is not None and not (math.isfinite(self.beta) and self.beta >= 1):
             raise CompressError(f"rdprune.beta={self.beta}: expected a number >= 1")
-        if self.normalize not in surp.NORMALIZATIONS:
-            choices = ", ".join(surp.NORMALIZATIONS)
+        if self.normalize not in NORMALIZATIONS:
+            choices = ", ".join(NORMALIZATIONS)
             raise CompressError(f"rdprune.normalize={self.normalize!r}: expected {choices}")
         parse_bits(self.baseline_bits)
 
@@ -94,7 +97,7 @@ def rdprune(model: onnx.ModelProto, options: RdPruneOptions, context: PassContex
         return PassResult(work, False, records, {"pruned_tensors": 0})
     pooled = {name: value.astype(np.float32) for name, value in weights.items()}
     result = _encode(pooled, options)
-    payload = surp.encode_payload(result.stream)
+    payload = encode_payload(result.stream)
     decoded = surp.decode_payload(payload)  # what the decoder will rebuild, written as is
     new_values = {name: decoded[name].astype(weights[name].dtype) for name in weights}
     changed = any(not np.array_equal(new_values[n], weights[n]) for n in weights)

@@ -39,7 +39,7 @@ from benchmarks.factorization import DATASETS, predict  # noqa: E402
 from onnxcompress import CompressError, graph  # noqa: E402
 from onnxcompress.analyse import analyse  # noqa: E402
 from onnxcompress.benchmark import benchmark_models  # noqa: E402
-from onnxcompress.coding import onnxc as onnxc  # noqa: E402
+from onnxcompress.coding import onnxc_writer as onnxc_writer  # noqa: E402
 from onnxcompress.passkit import PassContext  # noqa: E402
 from onnxcompress.pipeline import run_passes  # noqa: E402
 
@@ -79,8 +79,8 @@ def measure(model, coded, data, reference, threads) -> dict:
         "nonzero": nonzero,
         "weights": total,
         "onnx_bytes": len(plain),
-        "zstd_bytes": onnxc.reference_sizes(plain)["zstd19"],
-        "onnxc_bytes": len(onnxc.encode_model(model, coded)),
+        "zstd_bytes": onnxc_writer.reference_sizes(plain)["zstd19"],
+        "onnxc_bytes": len(onnxc_writer.encode_model(model, coded)),
         "accuracy": float(np.mean(outputs.argmax(1) == data.labels)),
         "agreement": float(np.mean(outputs.argmax(1) == reference.argmax(1))),
         "rel_l2": float(np.linalg.norm(outputs - reference) / np.linalg.norm(reference)),

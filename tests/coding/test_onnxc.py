@@ -19,7 +19,10 @@ from models.fixtures import resnet_style
 from onnxcompress import graph, io
 from onnxcompress.cli import main
 from onnxcompress.coding import onnxc as onnxc
+from onnxcompress.coding import onnxc_reader as onnxc_reader
+from onnxcompress.coding import onnxc_writer as onnxc_writer
 from onnxcompress.coding.onnxc import CodedWeights, OnnxcError
+from onnxcompress.coding.sparse_codec import decode_sparse, encode_sparse
 from onnxcompress.passkit import PassContext
 from tests.conftest import shared_model
 
@@ -44,7 +47,7 @@ def _initializers_equal(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
 @pytest.mark.parametrize("bits", [None, 4])
 def test_pruned_fixture_round_trip_is_exact(bits):
     model = _pruned(0.8, bits)
-    decoded = onnxc.decode_model(onnxc.encode_model(model))
+    decoded = onnxc_reader.decode_model(onnxc_writer.encode_model(model))
     _initializers_equal(model, decoded)
     assert decoded == model  # graph, metadata and every tensor field
 
@@ -52,17 +55,17 @@ def test_pruned_fixture_round_trip_is_exact(bits):
 def test_shared_real_model_round_trip_is_exact():
     # mnist_cntk stores its weights in float_data (not raw_data): restored in the same field.
     model = io.load_model(shared_model("mnist_cntk.onnx"))
-    data = onnxc.encode_model(model)
-    decoded = onnxc.decode_model(data)
+    data = onnxc_writer.encode_model(model)
+    decoded = onnxc_reader.decode_model(data)
     assert decoded == model
-    assert onnxc.coded_size(model)["coded_tensors"] >= 2
+    assert onnxc_writer.coded_size(model)["coded_tensors"] >= 2
 
 
 def test_pruned_model_is_much_smaller_than_plain_and_zstd():
     model = _pruned(0.8)
-    size = onnxc.coded_size(model)
-    plain = onnxc.reference_sizes(model.SerializeToString())
-    assert size["total_bytes"] == len(onnxc.encode_model(model))
+    size = onnxc_writer.coded_size(model)
+    plain = onnxc_writer.reference_sizes(model.SerializeToString())
+    assert size["total_bytes"] == len(onnxc_writer.encode_model(model))
     assert size["total_bytes"] < 0.5 * plain["bytes"]
     assert size["total_bytes"] < plain["zstd19"] and size["total_bytes"] < plain["gzip9"]
     assert size["graph_bytes"] + size["weight_bytes"] < size["total_bytes"]
@@ -70,15 +73,15 @@ def test_pruned_model_is_much_smaller_than_plain_and_zstd():
 
 def test_quantised_pruned_model_is_smaller_still():
     assert (
-        onnxc.coded_size(_pruned(0.8, 4))["total_bytes"]
-        < onnxc.coded_size(_pruned(0.8))["total_bytes"]
+        onnxc_writer.coded_size(_pruned(0.8, 4))["total_bytes"]
+        < onnxc_writer.coded_size(_pruned(0.8))["total_bytes"]
     )
 
 
 def test_encoding_is_deterministic_and_does_not_touch_the_model():
     model = _pruned(0.5)
     snapshot = model.SerializeToString()
-    assert onnxc.encode_model(model) == onnxc.encode_model(model)
+    assert onnxc_writer.encode_model(model) == onnxc_writer.encode_model(model)
     assert model.SerializeToString() == snapshot
 
 
@@ -88,7 +91,7 @@ def test_special_float_values_survive():
     )
     values[::7] = np.float32(np.nan)
     model = _single_initializer_model(values.reshape(8, 20))
-    decoded = onnxc.decode_model(onnxc.encode_model(model))
+    decoded = onnxc_reader.decode_model(onnxc_writer.encode_model(model))
     before = numpy_helper.to_array(model.graph.initializer[0]).view(np.uint32)
     after = numpy_helper.to_array(decoded.graph.initializer[0]).view(np.uint32)
     np.testing.assert_array_equal(before, after)
@@ -107,8 +110,8 @@ def test_float16_weights_are_coded_and_restored_in_their_field(field):
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, [16, 16])
     g = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g", [x], [y], [tensor])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    assert onnxc.coded_size(model)["coded_tensors"] == 1
-    assert onnxc.decode_model(onnxc.encode_model(model)) == model
+    assert onnxc_writer.coded_size(model)["coded_tensors"] == 1
+    assert onnxc_reader.decode_model(onnxc_writer.encode_model(model)) == model
 
 
 @st.composite
@@ -129,7 +132,7 @@ def sparse_tensors(draw):
 @settings(max_examples=60, deadline=None)
 def test_sparse_codec_round_trip(arrays):
     named = {f"t{i}": a for i, a in enumerate(arrays)}
-    decoded = onnxc.decode_sparse(onnxc.encode_sparse(named))
+    decoded = decode_sparse(encode_sparse(named))
     assert list(decoded) == list(named)
     for name, array in named.items():
         assert decoded[name].dtype == array.dtype and decoded[name].shape == array.shape
@@ -139,7 +142,7 @@ def test_sparse_codec_round_trip(arrays):
 def test_sparse_codec_uses_few_bits_for_codebook_values():
     rng = np.random.default_rng(0)
     array = np.where(rng.random((256, 256)) < 0.2, rng.choice([-0.5, 0.25, 1.0], (256, 256)), 0)
-    payload = onnxc.encode_sparse({"w": array.astype(np.float32)})
+    payload = encode_sparse({"w": array.astype(np.float32)})
     # 20 % density: ~0.72 bits/param of positions + ~1.5 bits per nonzero of values
     assert 8 * len(payload) < 256 * 256 * (0.75 + 0.2 * 1.6)
 
@@ -159,21 +162,21 @@ def test_matching_coded_block_is_used_as_given():
     model = _pruned(0.8, 4)
     name = model.graph.initializer[0].name
     array = numpy_helper.to_array(model.graph.initializer[0])
-    block = CodedWeights("sparse", [name], onnxc.encode_sparse({name: array}))
-    data = onnxc.encode_model(model, [block])
+    block = CodedWeights("sparse", [name], encode_sparse({name: array}))
+    data = onnxc_writer.encode_model(model, [block])
     assert block.payload in data
-    assert onnxc.decode_model(data) == model
+    assert onnxc_reader.decode_model(data) == model
 
 
 def test_stale_coded_block_falls_back_to_sparse(caplog):
     model = _pruned(0.8)
     name = model.graph.initializer[0].name
     stale = numpy_helper.to_array(model.graph.initializer[0]) + np.float32(1.0)
-    block = CodedWeights("sparse", [name], onnxc.encode_sparse({name: stale}))
+    block = CodedWeights("sparse", [name], encode_sparse({name: stale}))
     with caplog.at_level(logging.WARNING):
-        data = onnxc.encode_model(model, [block])
+        data = onnxc_writer.encode_model(model, [block])
     assert "changed after the pass" in caplog.text
-    assert onnxc.decode_model(data) == model
+    assert onnxc_reader.decode_model(data) == model
 
 
 def test_block_for_unknown_tensor_or_codec_falls_back(caplog):
@@ -183,45 +186,45 @@ def test_block_for_unknown_tensor_or_codec_falls_back(caplog):
         CodedWeights("mystery", [model.graph.initializer[0].name], b"xx"),
     ]
     with caplog.at_level(logging.WARNING):
-        data = onnxc.encode_model(model, blocks)
+        data = onnxc_writer.encode_model(model, blocks)
     assert "no longer a weight" in caplog.text and "mystery" in caplog.text
-    assert onnxc.decode_model(data) == model
+    assert onnxc_reader.decode_model(data) == model
 
 
 # ---------------------------------------------------------------- bad files
 
 
 def _file():
-    return onnxc.encode_model(_pruned(0.8))
+    return onnxc_writer.encode_model(_pruned(0.8))
 
 
 def test_corrupted_byte_is_a_checksum_error():
     data = bytearray(_file())
     data[len(data) // 2] ^= 0x40
     with pytest.raises(OnnxcError, match="checksum mismatch"):
-        onnxc.decode_model(bytes(data))
+        onnxc_reader.decode_model(bytes(data))
 
 
 @pytest.mark.parametrize("keep", [0, 3, 10, 18, 100, -1])
 def test_truncated_file(keep):
     data = _file()
     with pytest.raises(OnnxcError, match="truncated|not an .onnxc"):
-        onnxc.decode_model(data[:keep] if keep >= 0 else data[:-1])
+        onnxc_reader.decode_model(data[:keep] if keep >= 0 else data[:-1])
 
 
 def test_wrong_magic_future_version_and_trailing_bytes():
     data = _file()
     with pytest.raises(OnnxcError, match="not an .onnxc file"):
-        onnxc.decode_model(b"ONNXD" + data[5:])
+        onnxc_reader.decode_model(b"ONNXD" + data[5:])
     with pytest.raises(OnnxcError, match="not an .onnxc file"):
-        onnxc.decode_model(resnet_style().SerializeToString())
+        onnxc_reader.decode_model(resnet_style().SerializeToString())
     future = data[:5] + bytes([onnxc.FORMAT_VERSION + 1]) + data[6:]
     with pytest.raises(
         OnnxcError, match=f"unsupported .onnxc format version {onnxc.FORMAT_VERSION + 1}"
     ):
-        onnxc.decode_model(future)
+        onnxc_reader.decode_model(future)
     with pytest.raises(OnnxcError, match="stray bytes"):
-        onnxc.decode_model(data + b"\0")
+        onnxc_reader.decode_model(data + b"\0")
 
 
 def _reframe(body: bytes, version: int = onnxc.FORMAT_VERSION) -> bytes:
@@ -246,13 +249,13 @@ def test_unknown_codec_and_inconsistent_body_are_clean_errors():
     nope = _checked_block(b"nope", block[1], block[2][4:])
     renamed = pack_sections([*parts[:3], nope, *parts[4:]])
     with pytest.raises(OnnxcError, match="unknown codec 'nope'"):
-        onnxc.decode_model(_reframe(renamed))
+        onnxc_reader.decode_model(_reframe(renamed))
     missing = pack_sections(parts[:-1])  # a tensor's block dropped: its data is nowhere
     with pytest.raises(OnnxcError, match="no data for tensor"):
-        onnxc.decode_model(_reframe(missing))
+        onnxc_reader.decode_model(_reframe(missing))
     garbage = pack_sections([b"not zstd", *parts[1:]])
     with pytest.raises(OnnxcError, match="corrupted"):
-        onnxc.decode_model(_reframe(garbage))
+        onnxc_reader.decode_model(_reframe(garbage))
     assert issubclass(OnnxcError, onnxc.CompressError)
 
 
@@ -320,7 +323,7 @@ def test_pipeline_writes_onnxc_with_reference_sizes(tmp_path, capsys):
     for which in ("original", "result"):
         assert set(data["sizes"][which]) == {"bytes", "gzip9", "zstd19"}
     assert data["output_bytes"] < data["sizes"]["result"]["zstd19"]
-    decoded = onnxc.load_onnxc(out)
+    decoded = onnxc_reader.load_onnxc(out)
     graph.check_model(decoded)
     assert "zstd -19" in capsys.readouterr().out
     assert main(["analyse", str(out)]) == 0
@@ -332,7 +335,7 @@ def test_run_passes_collects_coded_weights():
 
     model = _pruned(0.8)
     name = model.graph.initializer[0].name
-    payload = onnxc.encode_sparse({name: numpy_helper.to_array(model.graph.initializer[0])})
+    payload = encode_sparse({name: numpy_helper.to_array(model.graph.initializer[0])})
     block = CodedWeights("sparse", [name], payload)
 
     def coding_pass(m, options, context):
@@ -348,4 +351,4 @@ def test_run_passes_collects_coded_weights():
         model, [spec], {"coder": NoOptions()}, PassContext({}), lambda _: None, coded=coded
     )
     assert coded == [block] and reports[0]["name"] == "coder"
-    assert block.payload in onnxc.encode_model(result, coded)
+    assert block.payload in onnxc_writer.encode_model(result, coded)

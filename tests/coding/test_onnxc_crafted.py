@@ -22,9 +22,11 @@ from models.fixtures import resnet_style
 from onnxcompress import graph
 from onnxcompress.cli import main
 from onnxcompress.coding import onnxc as onnxc
-from onnxcompress.coding import surp as surp
+from onnxcompress.coding import onnxc_reader as onnxc_reader
+from onnxcompress.coding import onnxc_writer as onnxc_writer
 from onnxcompress.coding.entropy import pack_ints, pack_sections, unpack_sections
 from onnxcompress.coding.onnxc import OnnxcError
+from onnxcompress.coding.surp_stream import VERSION as SURP_VERSION
 from onnxcompress.passkit import PassContext
 
 _START = len(onnxc.MAGIC) + 13  # magic, version u8, body length u64, CRC32 u32
@@ -91,7 +93,7 @@ def _one_symbol(count: int) -> bytes:
 
 def _sparse_tensor(count: int, dims: list[int]) -> bytes:
     """The first sparse tensor replaced by one of `dims`: all zero, or `count` equal values."""
-    parts = unpack_sections(onnxc.encode_model(_pruned())[_START:])
+    parts = unpack_sections(onnxc_writer.encode_model(_pruned())[_START:])
     index = _block_index(parts, b"sparse")
     codec, payload, check = unpack_sections(parts[index])
     name = unpack_sections(unpack_sections(payload)[0])[0]
@@ -107,7 +109,7 @@ def _sparse_tensor(count: int, dims: list[int]) -> bytes:
 def _surp_payload(edit) -> bytes:
     """The rdprune fixture's file with its SuRP sections edited by `edit(meta, sections)`."""
     model, coded = _rdpruned()
-    parts = unpack_sections(onnxc.encode_model(model, coded)[_START:])
+    parts = unpack_sections(onnxc_writer.encode_model(model, coded)[_START:])
     index = _block_index(parts, b"surp")
     codec, payload, check = unpack_sections(parts[index])
     sections = unpack_sections(payload[5:])
@@ -116,7 +118,7 @@ def _surp_payload(edit) -> bytes:
     if meta:
         sections[0] = zlib.compress(json.dumps(meta).encode())
     body = pack_sections(sections)
-    payload = bytes([surp.VERSION]) + struct.pack("<I", zlib.crc32(body)) + body
+    payload = bytes([SURP_VERSION]) + struct.pack("<I", zlib.crc32(body)) + body
     parts[index] = _block(codec, payload, check[4:])
     return _frame(parts)
 
@@ -135,7 +137,7 @@ def _huge_header(meta: dict, sections: list[bytes]) -> None:
 
 def _graph_bomb() -> bytes:
     """The graph section replaced by a zstd frame that unpacks to 128 MiB of zeros."""
-    parts = unpack_sections(onnxc.encode_model(_pruned())[_START:])
+    parts = unpack_sections(onnxc_writer.encode_model(_pruned())[_START:])
     size, chunk = 128 << 20, bytes(1 << 20)
     packer = zstandard.ZstdCompressor(level=1, write_checksum=True).compressobj(size=size)
     parts[0] = b"".join([*(packer.compress(chunk) for _ in range(size >> 20)), packer.flush()])
@@ -164,7 +166,7 @@ def test_crafted_counts_are_refused_fast_and_small(case, version):
     start = time.perf_counter()
     try:
         with pytest.raises(OnnxcError, match="corrupted .onnxc file"):
-            onnxc.decode_model(data)
+            onnxc_reader.decode_model(data)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -187,17 +189,17 @@ def test_cli_refuses_a_crafted_file_in_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("which", ["prune", "rdprune"])
 def test_writer_pads_a_file_that_decodes_more_than_its_size_allows(which, monkeypatch):
     model, coded = (_pruned(), []) if which == "prune" else _rdpruned()
-    unpadded = onnxc.encode_model(model, coded)
+    unpadded = onnxc_writer.encode_model(model, coded)
     monkeypatch.setattr(onnxc, "DECODE_FLOOR", 0)
     monkeypatch.setattr(onnxc, "VALUES_PER_BYTE", 1)  # far below what these files decode
-    padded = onnxc.encode_model(model, coded)
+    padded = onnxc_writer.encode_model(model, coded)
     assert len(padded) > len(unpadded)
-    assert onnxc.decode_model(padded) == model  # within the reader's bound: padded enough
+    assert onnxc_reader.decode_model(padded) == model  # within the reader's bound: padded enough
     parts = unpack_sections(padded[_START:])
     assert len(parts[2]) > 0 and not any(parts[2])  # zeros
     parts[2] = parts[2][: len(parts[2]) // 2]  # less padding: over the reader's bound
     with pytest.raises(OnnxcError, match="more than this reader decodes from a file of this size"):
-        onnxc.decode_model(_frame(parts))
+        onnxc_reader.decode_model(_frame(parts))
 
 
 # ---------------------------------------------------------------- per-block checks
@@ -217,12 +219,12 @@ def _edited_files(data: bytes, per_block: int):
 @pytest.mark.parametrize("which", ["prune", "rdprune"])
 def test_every_edited_block_is_rejected(which):
     model, coded = (_pruned(), []) if which == "prune" else _rdpruned()
-    data = onnxc.encode_model(model, coded)
+    data = onnxc_writer.encode_model(model, coded)
     edits = 0
     for index, payload, codec, check, parts in _edited_files(data, per_block=8):
         edited = [*parts[:index], pack_sections([codec, payload, check]), *parts[index + 1 :]]
         with pytest.raises(OnnxcError, match="checksum does not match"):
-            onnxc.decode_model(_frame(edited))
+            onnxc_reader.decode_model(_frame(edited))
         edits += 1
     assert edits >= 8 * (2 if which == "prune" else 1)
 
@@ -232,12 +234,12 @@ def test_edits_behind_a_redone_block_crc_are_caught_by_the_weights_digest(which)
     """An editor who also redoes the block's CRC: the digest of the decoded weights is left,
     so every edit is refused or, where the codec ignores the edited bits, decodes exactly."""
     model, coded = (_pruned(), []) if which == "prune" else _rdpruned()
-    data = onnxc.encode_model(model, coded)
+    data = onnxc_writer.encode_model(model, coded)
     refused = same = 0
     for index, payload, codec, check, parts in _edited_files(data, per_block=6):
         edited = [*parts[:index], _block(codec, payload, check[4:]), *parts[index + 1 :]]
         try:
-            decoded = onnxc.decode_model(_frame(edited))
+            decoded = onnxc_reader.decode_model(_frame(edited))
         except OnnxcError:
             refused += 1
             continue
@@ -248,7 +250,7 @@ def test_edits_behind_a_redone_block_crc_are_caught_by_the_weights_digest(which)
 
 def test_format_1_files_are_still_read():
     model, coded = _rdpruned()  # sparse and SuRP blocks
-    assert onnxc.decode_model(_as_format_1(onnxc.encode_model(model, coded))) == model
+    assert onnxc_reader.decode_model(_as_format_1(onnxc_writer.encode_model(model, coded))) == model
 
 
 @given(st.data())
@@ -262,7 +264,7 @@ def test_random_edits_with_redone_crc_never_decode_to_other_weights(data):
         body[data.draw(st.integers(0, len(body) - 1))] = data.draw(st.integers(0, 255))
     edited = onnxc.MAGIC + struct.pack("<BQI", 2, len(body), zlib.crc32(body)) + bytes(body)
     try:
-        decoded = onnxc.decode_model(edited)
+        decoded = onnxc_reader.decode_model(edited)
     except OnnxcError:
         return
     assert decoded == model
@@ -270,4 +272,4 @@ def test_random_edits_with_redone_crc_never_decode_to_other_weights(data):
 
 @functools.cache
 def _pruned_file() -> bytes:
-    return onnxc.encode_model(_pruned())
+    return onnxc_writer.encode_model(_pruned())

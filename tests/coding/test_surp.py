@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from onnxcompress.coding import surp as surp
 from onnxcompress.coding.entropy import CodingError, encode_gaps
+from onnxcompress.coding.surp_stream import VERSION, SurpStream, encode_payload, parse_payload
+from onnxcompress.maths.successive_pruning import NORMALIZATIONS, pool_weights, threshold_constants
 
 
 def laplacian(seed: int, *shapes: tuple[int, ...], scale: float = 0.05) -> dict[str, np.ndarray]:
@@ -38,14 +40,14 @@ shape = st.lists(st.integers(1, 12), min_size=1, max_size=3).map(tuple)
     shapes=st.lists(shape, min_size=1, max_size=3),
     sparsity=st.floats(0.0, 1.0),
     seed=st.integers(0, 2**16),
-    normalize=st.sampled_from(surp.NORMALIZATIONS),
+    normalize=st.sampled_from(NORMALIZATIONS),
 )
 def test_decode_of_payload_equals_encoder_reconstruction_bit_for_bit(
     shapes, sparsity, seed, normalize
 ):
     weights = laplacian(seed, *shapes)
     result = surp.surp_encode(weights, sparsity=sparsity, normalize=normalize)
-    decoded = surp.decode_payload(surp.encode_payload(result.stream))
+    decoded = surp.decode_payload(encode_payload(result.stream))
     assert bits_equal(decoded, result.weights)
     assert all(
         decoded[k].dtype == np.float32 and decoded[k].shape == weights[k].shape for k in weights
@@ -69,7 +71,7 @@ def test_sparsity_reached_within_one_step(sparsity):
     assert result.steps >= result.nonzeros
 
 
-def replayed_picks(stream: surp.SurpStream):
+def replayed_picks(stream: SurpStream):
     """(indices, τ per step) recomputed independently of surp.replay_magnitudes."""
     indices, taus = [], []
     lam, prev = stream.initial_lambda, -1
@@ -88,7 +90,7 @@ def replayed_picks(stream: surp.SurpStream):
 def test_every_step_picks_a_residual_above_the_threshold():
     weights = laplacian(2, (40, 50), (7, 9, 3))
     result = surp.surp_encode(weights, sparsity=0.6)
-    magnitudes, _, _ = surp.pool_weights(weights)
+    magnitudes, _, _ = pool_weights(weights)
     residual = magnitudes.copy()
     indices, taus = replayed_picks(result.stream)
     assert result.refreshes > 0
@@ -98,7 +100,7 @@ def test_every_step_picks_a_residual_above_the_threshold():
     # The decoder's reconstruction is what the encoder took off the residuals.
     np.testing.assert_allclose(surp.replay_magnitudes(result.stream) + residual, magnitudes)
     n = magnitudes.size
-    c, growth = surp.threshold_constants(n)
+    c, growth = threshold_constants(n)
     assert result.stream.c == c == pytest.approx(math.log(n / math.log(n)))
     assert result.stream.growth == growth == pytest.approx(n / (n - c))
 
@@ -116,7 +118,7 @@ def test_error_falls_as_sparsity_falls():
 def test_refresh_events_round_trip():
     weights = laplacian(4, (5000,))
     result = surp.surp_encode(weights, sparsity=0.7)
-    parsed = surp.parse_payload(surp.encode_payload(result.stream))
+    parsed = parse_payload(encode_payload(result.stream))
     assert result.refreshes > 5
     np.testing.assert_array_equal(parsed.refresh_steps, result.stream.refresh_steps)
     assert parsed.refresh_lambdas.tobytes() == result.stream.refresh_lambdas.tobytes()
@@ -137,13 +139,13 @@ def test_all_zero_and_tiny_tensors():
     }
     for sparsity in (0.0, 0.5, 1.0):
         result = surp.surp_encode(weights, sparsity=sparsity)
-        decoded = surp.decode_payload(surp.encode_payload(result.stream))
+        decoded = surp.decode_payload(encode_payload(result.stream))
         assert bits_equal(decoded, result.weights)
         assert not decoded["zeros"].any()
     # Only 3 weights are nonzero: sparsity 0 stops when all of them are picked.
     assert surp.surp_encode(weights, sparsity=0.0).nonzeros == 3
     empty = surp.surp_encode({}, sparsity=0.5)
-    assert surp.decode_payload(surp.encode_payload(empty.stream)) == {}
+    assert surp.decode_payload(encode_payload(empty.stream)) == {}
     only_zeros = surp.surp_encode({"z": np.zeros(5, np.float32)}, sparsity=0.0)
     assert only_zeros.steps == 0
 
@@ -184,7 +186,7 @@ def test_target_bits_stops_within_the_budget():
     for bits_per_param in (0.3, 1.0, 2.5):
         budget = int(bits_per_param * size)
         result = surp.surp_encode(weights, sparsity=None, target_bits=budget)
-        coded = 8 * len(surp.encode_payload(result.stream))
+        coded = 8 * len(encode_payload(result.stream))
         assert 0.9 * budget <= coded <= budget
     tiny = surp.surp_encode(weights, sparsity=None, target_bits=8)
     assert tiny.steps == 0
@@ -202,7 +204,7 @@ def test_larger_beta_gives_cheaper_steps():
 
 @pytest.fixture(scope="module")
 def payload() -> bytes:
-    return surp.encode_payload(surp.surp_encode(laplacian(9, (30, 40)), sparsity=0.7).stream)
+    return encode_payload(surp.surp_encode(laplacian(9, (30, 40)), sparsity=0.7).stream)
 
 
 def test_truncated_payload_is_refused(payload):
@@ -221,4 +223,4 @@ def test_corrupted_payload_is_refused(payload):
 
 def test_wrong_version_is_refused(payload):
     with pytest.raises(CodingError, match="version"):
-        surp.decode_payload(bytes([surp.VERSION + 1]) + payload[1:])
+        surp.decode_payload(bytes([VERSION + 1]) + payload[1:])

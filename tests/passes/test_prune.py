@@ -13,7 +13,8 @@ from onnxcompress.passes.prune import PruneOptions, prune
 
 from models.fixtures import mlp, resnet_style, transformer_block
 from onnxcompress import graph
-from onnxcompress.coding import onnxc as onnxc
+from onnxcompress.coding import onnxc_reader as onnxc_reader
+from onnxcompress.coding import onnxc_writer as onnxc_writer
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
 from onnxcompress.runtime import run_model
@@ -200,7 +201,7 @@ def test_weights_in_constant_nodes_are_pruned_in_place():
     np.testing.assert_array_equal(value[kept], weight[kept])
     graph.check_model(result.model)
     # the .onnxc writer codes Constant-node weights too, and restores them exactly
-    assert onnxc.decode_model(onnxc.encode_model(result.model)) == result.model
+    assert onnxc_reader.decode_model(onnxc_writer.encode_model(result.model)) == result.model
 
 
 def test_graph_input_initializer_is_pruned():
