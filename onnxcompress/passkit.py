@@ -138,12 +138,16 @@ PassFunction = Callable[[onnx.ModelProto, Any, PassContext], PassResult]
 
 @dataclass(frozen=True)
 class PassSpec:
-    """A registered pass: its entry function, its frozen options dataclass and one line of help."""
+    """A registered pass: its entry function, its frozen options dataclass and one line of help.
+    `idempotent`: a second run on its own output changes nothing (its contract; the tests run
+    every such pass twice). Other passes either compress further (their budget is of the model
+    they are given) or refuse in one line when nothing is left to do."""
 
     name: str
     run: PassFunction
     options: type
     help: str
+    idempotent: bool = False
 
     def option_fields(self) -> list[dataclasses.Field]:
         return list(dataclasses.fields(self.options))

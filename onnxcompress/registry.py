@@ -12,13 +12,14 @@ from onnxcompress.passkit import PassSpec
 _PASSES: dict[str, PassSpec] = {}
 
 
-def register(name: str, options: type, help: str):
-    """Decorator: register `fn(model, options, context) -> PassResult` under `name`."""
+def register(name: str, options: type, help: str, idempotent: bool = False):
+    """Decorator: register `fn(model, options, context) -> PassResult` under `name`;
+    `idempotent`: a second run on the pass's own output changes nothing."""
 
     def decorate(fn):
         if name in _PASSES:
             raise RuntimeError(f"pass {name} registered twice")
-        _PASSES[name] = PassSpec(name=name, run=fn, options=options, help=help)
+        _PASSES[name] = PassSpec(name, fn, options, help, idempotent)
         return fn
 
     return decorate

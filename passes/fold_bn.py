@@ -95,6 +95,7 @@ def fold_batchnorm(
     "fold_bn",
     FoldBnOptions,
     "fold BatchNormalization and constant Mul/Add into the preceding Conv/ConvTranspose/Gemm",
+    idempotent=True,
 )
 def fold_bn(model: onnx.ModelProto, options: FoldBnOptions, context: PassContext) -> PassResult:
     folded, records = fold_batchnorm(

@@ -15,6 +15,6 @@ class IdentityOptions:
     pass
 
 
-@register("identity", IdentityOptions, "no-op: returns the model unchanged")
+@register("identity", IdentityOptions, "no-op: returns the model unchanged", idempotent=True)
 def identity(model: onnx.ModelProto, options: IdentityOptions, context: PassContext) -> PassResult:
     return PassResult(model=model, changed=False)

@@ -53,9 +53,22 @@ class Int8Options:
     keep: str = option("", "comma-separated node names left in float (e.g. the first conv)")
 
 
+# Ops of a model quantized already (static QDQ, QOperator or dynamic): quantizing it again
+# is not defined (onnxruntime's pre-processing breaks on its names).
+QUANTIZED_OPS = {
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
+    "QLinearMatMul", "ConvInteger", "MatMulInteger",
+}  # fmt: skip
+
+
 @register("int8", Int8Options, "static int8 quantization (QDQ) calibrated on the data")
 def int8(model: onnx.ModelProto, options: Int8Options, context: PassContext) -> PassResult:
     _check(options, context)
+    quantized_ops = sorted({node.op_type for node in model.graph.node} & QUANTIZED_OPS)
+    if quantized_ops:
+        raise CompressError(
+            f"int8: the model is quantized already ({', '.join(quantized_ops)}): nothing to do"
+        )
     # Stale weights (left by an earlier pass until the core's cleanup) break onnxruntime's
     # pre-processing when an old exporter also lists them as graph inputs: drop them first.
     source, summary = _at_qdq_opset(graph.cleanup_and_sort(model))

@@ -79,7 +79,12 @@ def parse_pattern(text: str) -> tuple[int, int]:
     return n_value, m_value
 
 
-@register("prune", PruneOptions, "magnitude pruning of Conv/Gemm/MatMul weights (size once coded)")
+@register(
+    "prune",
+    PruneOptions,
+    "magnitude pruning of Conv/Gemm/MatMul weights (size once coded)",
+    idempotent=True,  # the sparsity is of all weights: the zeros already there are the smallest
+)
 def prune(model: onnx.ModelProto, options: PruneOptions, context: PassContext) -> PassResult:
     work = onnx.ModelProto()
     work.CopyFrom(model)

@@ -199,16 +199,61 @@ def test_run_passes_enforces_the_pass_contract(tmp_path, kind, words):
         run_passes(model, [spec], {"breaker": SpyOptions()}, PassContext({}), lambda _: None)
 
 
-@pytest.mark.parametrize("name", ["identity", "fold_bn"])
-def test_a_second_run_of_an_idempotent_pass_changes_nothing(name):
-    from models.fixtures import resnet_style
+# A second run of each pass on its own output: small settings (the contract, not the method,
+# is under test); upcast needs a float16 model, auto a quick one.
+TWICE_OPTIONS = {
+    "auto": {"target_macs": 0.6, "methods": "svd", "sensitivity_samples": 4},
+    "blocks": {"count": 1},
+}
+
+
+def _twice_model(name):
+    from models.fixtures import half_precision, mlp, resnet_style
+
+    if name == "upcast":
+        return half_precision(resnet_style()), {"input": [1, 3, 32, 32]}
+    if name == "auto":
+        return mlp(), {"input": [4, 64]}
+    return resnet_style(), {"input": [1, 3, 32, 32]}
+
+
+def _all_pass_names():
+    from onnxcompress.registry import all_passes
+
+    return sorted(all_passes())
+
+
+@pytest.mark.parametrize("name", _all_pass_names())
+def test_a_second_run_keeps_the_contract_and_an_idempotent_pass_changes_nothing(name):
+    """Run twice, every pass keeps the contract (`run_passes` checks it on both runs); an
+    idempotent pass changes nothing the second time; any other pass either writes a valid
+    model again (its budget is of the model it is given) or refuses in one line."""
+    from onnxcompress import graph
+    from onnxcompress.errors import CompressError
     from onnxcompress.passkit import PassContext
     from onnxcompress.pipeline import run_passes
     from onnxcompress.registry import get_pass
 
     spec = get_pass(name)
-    model, shapes = resnet_style(), {"input": [1, 3, 32, 32]}
-    args = ([spec], {name: spec.make_options({})}, PassContext(shapes), lambda _: None)
-    once, _ = run_passes(model, *args)
-    twice, reports = run_passes(once, *args)
-    assert reports[0]["changed"] is False and twice == once
+    model, shapes = _twice_model(name)
+    rng = np.random.default_rng(0)
+    calibration = [
+        {"input": rng.standard_normal([4, *shapes["input"][1:]]).astype(np.float32)}
+        for _ in range(2)
+    ]
+    if name == "upcast":
+        calibration = [{"input": b["input"].astype(np.float16)} for b in calibration]
+    context = PassContext(shapes, calibration, seed=0, threads=1)
+    args = ([spec], {name: spec.make_options(TWICE_OPTIONS.get(name, {}))}, context)
+    once, first = run_passes(model, *args, lambda _: None)
+    assert first[0]["changed"] is (name != "identity")
+    try:
+        twice, second = run_passes(once, *args, lambda _: None)
+    except CompressError as exc:
+        assert not spec.idempotent, f"{name} is idempotent but refused its own output: {exc}"
+        assert "\n" not in str(exc) and str(exc).startswith(f"{name}:")
+        return
+    if spec.idempotent:
+        assert second[0]["changed"] is False and twice == once
+    else:
+        graph.check_model(twice)
