@@ -1,6 +1,7 @@
 """The driver every factorization pass shares: find layers, choose a rank per layer (explicit,
-by energy, or under a global MACs budget), rewrite, time each layer and revert what is not
-faster, then refit the last factors on calibration data. A pass supplies a `Method`."""
+by energy, or under a global MACs budget: mac_budget), rewrite, time each layer and revert what
+is not faster (never_slower), then refit the last factors on calibration data. A pass supplies
+a `Method`."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
-from onnxcompress import activation_scale, graph, layer_refit
+from onnxcompress import activation_scale, layer_refit
 from onnxcompress.analyse import ModelAnalysis, analyse
-from onnxcompress.auto import layer_timing as layer_timing
 from onnxcompress.errors import CompressError
 from onnxcompress.input_checks import require_finite_weights
 from onnxcompress.layers import Namer, conv_layers, conv_node, named_copy, replace_node
-from onnxcompress.maths import allocation as allocation
-from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option, track
+from onnxcompress.mac_budget import LayerChoice, allocate
+from onnxcompress.never_slower import check_target_after_reverts, faster_only
+from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +64,7 @@ class Method(Protocol):
 DEFAULT_TARGET_MACS = 0.5
 
 
-# Options every factorization pass declares (each in its own dataclass, in its own order).
-def never_slower_option() -> Any:
-    return option(True, "time each rewritten layer; revert those not faster")
-
-
-def min_speedup_option() -> Any:
-    return option(1.05, "a rewritten layer must be this much faster to stay")
-
-
+# An option of the passes that can fit on whitened inputs (activation_scale).
 def activation_aware_option() -> Any:
     return option(
         False,
@@ -142,17 +135,6 @@ def pointwise_output(
 
 
 @dataclass
-class _Choice:
-    layer: Any
-    ladder: list[Candidate]
-    index: int = -1  # -1: keep the original layer
-
-    @property
-    def current(self) -> Candidate | None:
-        return self.ladder[self.index] if self.index >= 0 else None
-
-
-@dataclass
 class _Plan:
     chosen: list[tuple[Any, Candidate]] = field(default_factory=list)
     records: list[NodeRecord] = field(default_factory=list)
@@ -185,7 +167,10 @@ def run_factorization(
         return PassResult(model, False, plan.records, plan.summary)
     chosen, built, namer = plan.chosen, {}, Namer(model)
     if options.never_slower:
-        chosen = _faster_only(model, chosen, method, namer, built, options, context, plan)
+        chosen, reverted = faster_only(
+            model, chosen, method, namer, built, options.min_speedup, context
+        )
+        plan.records += reverted
         if not chosen:  # every layer would be slower: hand back the model as it came
             return _finish(model, model, {}, plan, options, context, analysis, pass_name)
     rewritten = onnx.ModelProto()
@@ -223,7 +208,7 @@ def _finish(model, rewritten, rewrites, plan, options, context, analysis, pass_n
     _record_rewrites(rewrites, plan)
     plan.summary["macs_after"] = analyse(rewritten, context.input_shapes).total_macs
     plan.summary["macs_ratio"] = plan.summary["macs_after"] / max(1, analysis.total_macs)
-    _check_target_after_reverts(plan, analysis.total_macs)
+    check_target_after_reverts(plan.summary, plan.records, analysis.total_macs)
     log.info("%s: %d layers rewritten", pass_name, len(rewrites))
     return PassResult(rewritten, bool(rewrites), plan.records, plan.summary)
 
@@ -260,12 +245,13 @@ def _plan(layers, method: Method, options: DriverOptions, analysis: ModelAnalysi
                 )
             )
             continue
-        choices.append(_Choice(layer, ladder))
+        choices.append(LayerChoice(layer, ladder))
     if options.target_macs is None:
         for choice in choices:  # explicit rank or energy: the cheapest allowed candidate
             choice.index = len(choice.ladder) - 1
     else:
-        _allocate(choices, options, analysis.total_macs, plan.summary)
+        allocate(choices, options, analysis.total_macs, plan.summary)
+        _warn_past_the_cliff(choices, plan.summary)
     for choice in choices:
         if choice.current is None:
             plan.records.append(
@@ -298,55 +284,12 @@ def _within_energy(ladder: list[Candidate], energy: float) -> list[Candidate]:
     return [c for c in ladder if c.error**2 <= 1 - energy + 1e-12]
 
 
-# Budget units for the knapsack: finer is closer to optimal, linear in time and memory.
-BUDGET_STEPS = 4000
-
-
-def _allocate(
-    choices: list[_Choice], options: DriverOptions, total_macs: int, summary: dict
-) -> None:
-    """Pick one rung per layer (or keep it) with the least total squared relative error (of
-    the weights, or on calibration data when the layers were whitened) such that the model's
-    MACs stay within `target_macs` × the original: a multiple-choice knapsack, solved by
-    dynamic programming over the MAC budget in `BUDGET_STEPS` units. Each option's MACs are
-    rounded *up* to whole units, so the plan always meets the budget it claims. A target the
-    user set that cannot be reached is refused; the passes' default target does what it can."""
-    target = options.target_macs
-    if not 0 < target <= 1:
-        raise CompressError(f"target_macs={target}: expected a fraction in (0, 1]")
-    fixed = total_macs - sum(choice.layer.macs for choice in choices)
-    budget = target * total_macs - fixed
-    cheapest = sum(choice.ladder[-1].macs for choice in choices)
-    summary["target_macs"] = target
-    if choices and budget < cheapest:
-        best = (fixed + cheapest) / max(1, total_macs)
-        if not options.default_target:
-            # Every layer at its smallest rank would still miss the target the user asked
-            # for, and would wreck the model on the way: refuse, and say how far we can go.
-            raise CompressError(
-                f"target_macs={target:g} is not reachable: with every layer it can rewrite "
-                f"at its smallest rank, this pass keeps {best:.3f} of the model's MACs "
-                f"({len(choices)} layers rewritable)"
-            )
-        # The pass's own default budget: do what it can, at a ratio the layers allow.
-        budget = cheapest + (sum(c.layer.macs for c in choices) - cheapest) / 2
-        summary["note"] = (
-            f"default target {target:g} not reachable by this pass ({best:.3f} at best); "
-            "halved the MACs it can remove instead — set target_macs to choose"
-        )
-    if choices:
-        _knapsack(choices, budget)
-    planned = fixed + sum(_macs(choice) for choice in choices)
-    summary["planned_macs_ratio"] = planned / max(1, total_macs)
-    _warn_past_the_cliff(choices, summary)
-
-
 # A layer kept with more relative error than this has lost over 3/4 of its (weight or data)
 # energy: such plans are far past the point where accuracy holds; the summary says so.
 CLIFF_ERROR = 0.5
 
 
-def _warn_past_the_cliff(choices: list[_Choice], summary: dict) -> None:
+def _warn_past_the_cliff(choices: list[LayerChoice], summary: dict) -> None:
     over = [c for c in choices if c.current is not None and c.current.error > CLIFF_ERROR]
     if over:
         worst = max(c.current.error for c in over)
@@ -355,75 +298,6 @@ def _warn_past_the_cliff(choices: list[_Choice], summary: dict) -> None:
             f"(worst {worst:.2f}) to meet the budget: expect a large accuracy drop — check the "
             "validation, or ask for fewer MACs removed"
         )
-
-
-def _macs(choice: _Choice) -> int:
-    return choice.current.macs if choice.current else choice.layer.macs
-
-
-def _knapsack(choices: list[_Choice], budget: float) -> None:
-    # Per layer: keep it (its own MACs, no error) or one rung of its ladder (error²).
-    groups = [
-        [allocation.Option(choice.layer.macs, 0.0)]
-        + [allocation.Option(c.macs, c.error**2) for c in choice.ladder]
-        for choice in choices
-    ]
-    for choice, index in zip(choices, allocation.choose(groups, budget, BUDGET_STEPS), strict=True):
-        choice.index = index - 1  # option 0 is "keep" (index -1)
-
-
-def _check_target_after_reverts(plan: _Plan, total_macs: int) -> None:
-    """Reverted (slower) layers give back MACs the plan had counted on: say if that misses."""
-    target = plan.summary.get("target_macs")
-    returned = sum(r.macs_before - r.macs_after for r in plan.records if r.status == "reverted")
-    if target is None or not returned:
-        return
-    ratio = plan.summary["planned_macs_ratio"] + returned / max(1, total_macs)
-    if ratio > target + 1e-9:
-        plan.summary["target_reached"] = False
-        plan.summary.setdefault(
-            "note",
-            f"target {target:.2f} missed: {ratio:.3f} of MACs after reverting layers "
-            "that were not faster",
-        )
-
-
-def _faster_only(model, chosen, method, namer, built, options, context, plan) -> list:
-    """The chosen (layer, candidate) pairs whose rewrite, timed alone against the original
-    layer, is at least `min_speedup` faster; a record for each one left out. Timing needs only
-    the rewrite's shapes, so a method with slow fits (cp) may `probe` with stand-in factors,
-    and a layer that stays original never pays for its fit; other methods' rewrites are built
-    here once and kept in `built`."""
-    constants = graph.constant_tensors(model)
-    probe = getattr(method, "probe", None)
-    kept = []
-    for layer, candidate in track(context.progress, "timing layers", chosen):
-        if probe is not None:
-            rewrite = probe(layer, candidate, namer)
-        else:
-            rewrite = built[layer.name] = method.build(layer, candidate, namer)
-        timing = layer_timing.compare_layer(constants, layer, rewrite, context.threads)
-        candidate.config["timing"] = timing
-        if timing["speedup"] >= options.min_speedup:
-            kept.append((layer, candidate))
-            continue
-        verdict = (
-            f"{1 / timing['speedup']:.2f}× slower"
-            if timing["speedup"] < 1
-            else f"only {timing['speedup']:.2f}× faster"
-        )
-        plan.records.append(
-            NodeRecord(
-                layer.name,
-                layer.node.op_type,
-                "reverted",
-                f"reverted: {verdict} (min_speedup {options.min_speedup})",
-                macs_before=layer.macs,
-                macs_after=candidate.macs,
-                details=dict(candidate.config),
-            )
-        )
-    return kept
 
 
 def _record_rewrites(rewrites: dict, plan: _Plan) -> None:

@@ -21,8 +21,6 @@ from onnxcompress.factorization import (
     DriverOptions,
     Rewrite,
     activation_aware_option,
-    min_speedup_option,
-    never_slower_option,
     pointwise_output,
     run_factorization,
 )
@@ -35,6 +33,7 @@ from onnxcompress.layers import (
     vertical_conv_node,
 )
 from onnxcompress.maths import factors as factorize
+from onnxcompress.never_slower import min_speedup_option, never_slower_option
 from onnxcompress.passkit import (
     MAX_SEED,
     PassContext,

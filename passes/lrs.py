@@ -1,9 +1,10 @@
 """`lrs`: each layer as a low-rank plus a sparse part, W ≈ L + S (methods.md §3).
 
-Graph: the Conv (dense, any kh×kw) becomes a kh×kw Conv (c → r, the layer's geometry) then a
-1×1 Conv (r → n, the bias), plus a sparse branch with the layer's geometry, summed by an
-`Add` that writes the layer's output; a right-side Gemm/MatMul (x @ W) becomes two products
-through width r plus the sparse product. The rest of the graph is unchanged.
+Graph (onnxcompress.lowrank_sparse_rewrite): the Conv (dense, any kh×kw) becomes a kh×kw Conv
+(c → r, the layer's geometry) then a 1×1 Conv (r → n, the bias), plus a sparse branch with the
+layer's geometry, summed by an `Add` that writes the layer's output; a right-side Gemm/MatMul
+(x @ W) becomes two products through width r plus the sparse product. The rest of the graph
+is unchanged.
 
 Sparse branch: `structured=true` (default) zeroes whole input channels (features) of S, so
 the branch reads only the kept ones, a `Gather` on the channel axis (constant indices) then
@@ -17,8 +18,9 @@ with calibration data and `solver=linear` the data fit of Yu et al. (CVPR 2017),
 min ‖(W − L − S)X‖ on the layer's input patches X (second moments of a sample of them),
 started from the weight-only split so it can only do better on the data. `solver=admm`
 then runs Ma et al.'s ReLU-aware ADMM (ICTAI 2019), min ½‖relu(WX) − relu((L+S)X)‖², from
-that split on layers whose output only feeds a Relu (on a sample of ADMM_ROWS input rows),
-and the budget weighs those layers by their ReLU-output error; others keep the linear fit.
+that split on layers whose output only feeds a Relu (on a sample of patch_moments.ADMM_ROWS
+input rows), and the budget weighs those layers by their ReLU-output error; others keep the
+linear fit.
 Budgets: `rank` and `sparsity` fix a layer's split; otherwise (rank, kept channels) pairs are
 searched and the factorization driver allocates them under `target_macs` by relative error
 (on the data when the data solver runs, else on the weights).
@@ -27,15 +29,12 @@ searched and the factorization driver allocates them under `target_macs` by rela
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
 from onnxcompress import graph
-from onnxcompress.activation_scale import activation_of
 from onnxcompress.analyse import analyse
 from onnxcompress.errors import CompressError
 from onnxcompress.factorization import (
@@ -43,27 +42,21 @@ from onnxcompress.factorization import (
     Candidate,
     DriverOptions,
     Rewrite,
-    min_speedup_option,
-    never_slower_option,
     run_factorization,
 )
-from onnxcompress.layer_refit import conv_patches
-from onnxcompress.layers import (
-    ConvLayer,
-    Namer,
-    conv_node,
-    named_copy,
-    replace_node,
-    spatial_conv_node,
-)
-from onnxcompress.linear_layers import (
-    LinearLayer,
-    conv_and_linear_layers,
-    first_gemm_c,
-    zero_c,
+from onnxcompress.layers import ConvLayer, Namer, named_copy, replace_node
+from onnxcompress.linear_layers import LinearLayer, conv_and_linear_layers
+from onnxcompress.lowrank_sparse_rewrite import (
+    Factors,
+    Shape,
+    conv_rewrite,
+    layer_shape,
+    linear_rewrite,
+    split_cost,
 )
 from onnxcompress.maths import lowrank_sparse as lowrank_sparse
 from onnxcompress.maths import ranks as ranks
+from onnxcompress.never_slower import min_speedup_option, never_slower_option
 from onnxcompress.passkit import (
     NodeRecord,
     PassContext,
@@ -72,15 +65,11 @@ from onnxcompress.passkit import (
     require_at_least_one,
     require_fraction,
 )
+from onnxcompress.patch_moments import input_moments
 from onnxcompress.registry import register
-from onnxcompress.runtime import capture
-from onnxcompress.token_rows import token_rows
 
 SOLVERS = ("linear", "admm", "weight")
 STARTS = ("svd", "rpca")
-# Patch rows sampled per layer for the input second moments (spread over the batches).
-MAX_ROWS = 16384
-ADMM_ROWS = 2048  # input rows a ReLU-fed layer keeps for the ADMM solver
 NO_REFIT = "none: the data solver already fits each layer on the calibration data"
 
 
@@ -129,36 +118,6 @@ class LrsOptions:
             raise ValueError(f"tolerance must be in [0, 1), got {self.tolerance}")
         if self.min_speedup <= 0:
             raise ValueError(f"min_speedup must be > 0, got {self.min_speedup}")
-
-
-@dataclass
-class Shape:
-    """A layer as the solver sees it: W (n × d) on input rows of d, in column groups."""
-
-    matrix: np.ndarray
-    groups: np.ndarray  # input channel (feature) of each column
-    channels: int
-    per_position: int  # MACs of one output position per output channel and input channel
-
-
-def layer_shape(layer: ConvLayer | LinearLayer) -> Shape:
-    if isinstance(layer, ConvLayer):
-        n, c, kh, kw = layer.weight.shape
-        groups = lowrank_sparse.column_groups(c, kh * kw)
-        return Shape(layer.weight.reshape(n, -1), groups, c, kh * kw)
-    k = layer.in_features
-    return Shape(layer.weight.T, np.arange(k), k, 1)
-
-
-@dataclass
-class Factors:
-    """A chosen split: L = left @ right; S's columns on the kept input channels (all of them
-    when `kept` is None: unstructured), in the layer's dtype."""
-
-    left: np.ndarray  # n × r
-    right: np.ndarray  # r × d
-    sparse: np.ndarray  # n × (kept channels · kernel volume)
-    kept: np.ndarray | None
 
 
 class LrsMethod:
@@ -285,7 +244,7 @@ class LrsMethod:
         affordable = [
             r for r in choices if split_cost(layer, shape, r, 0, True)["macs"] < layer.macs
         ]
-        return _spread(affordable or choices[:1], self.options.grid)
+        return ranks.spread(affordable or choices[:1], self.options.grid)
 
     def _keeps(self, shape: Shape) -> list[int]:
         """Kept channels (structured) or entries, most first (each split warm-starts the next)."""
@@ -293,160 +252,12 @@ class LrsMethod:
         if self.options.sparsity is not None:
             return [int(round((1 - self.options.sparsity) * size))]
         choices = [0, *ranks.aligned_ranks(self.options.align, shape.channels)]
-        return _spread(choices, self.options.grid)[::-1]
+        return ranks.spread(choices, self.options.grid)[::-1]
 
     def build(self, layer, candidate: Candidate, namer: Namer) -> Rewrite:
         if isinstance(layer, ConvLayer):
-            return _conv_rewrite(layer, candidate.factors, namer)
-        return _linear_rewrite(layer, candidate.factors, namer)
-
-
-def _spread(values: list[int], count: int) -> list[int]:
-    """At most `count` of the sorted `values`, evenly spread, first and last included."""
-    if len(values) <= count:
-        return list(values)
-    picks = np.linspace(0, len(values) - 1, count).round().astype(int)
-    return [values[i] for i in sorted(set(picks))]
-
-
-def split_cost(layer, shape: Shape, rank: int, keep: int, structured: bool) -> dict[str, int]:
-    """MACs (as `analyse` counts them: Gather 0, Add one per output element) and parameters
-    of the rewrite; `keep` is kept channels (structured) or kept entries."""
-    n, d = shape.matrix.shape
-    positions = layer.macs // (n * d)  # output positions (× batch) of the original layer
-    channels = keep if structured else shape.channels  # the sparse branch's input channels
-    sparse = positions * n * channels * shape.per_position
-    low = positions * rank * (d + n)
-    add = positions * n if channels else 0
-    params = rank * (d + n) + n * channels * shape.per_position
-    if isinstance(layer, ConvLayer):
-        params += n if layer.bias is not None else 0
-    else:
-        params += layer.c.size if layer.c is not None else 0
-        # A zero C on each C-less Gemm ("low", and "sparse" when S keeps channels).
-        params += (rank + (n if channels > 0 else 0)) if first_gemm_c(layer) else 0
-    return {
-        "macs": low + sparse + add,
-        "params": params,
-        "macs_low_rank": low,
-        "macs_sparse": sparse,
-    }
-
-
-def _conv_rewrite(layer: ConvLayer, fitted: Factors, namer: Namer) -> Rewrite:
-    n, c, kh, kw = layer.weight.shape
-    dtype, kept = layer.weight.dtype, fitted.kept
-    x, out, rank = layer.node.input[0], layer.node.output[0], fitted.right.shape[0]
-    sparse = fitted.sparse.reshape(n, fitted.sparse.shape[1] // (kh * kw), kh, kw)
-    has_sparse = sparse.shape[1] > 0
-    first, inits = spatial_conv_node(
-        namer,
-        layer,
-        f"{layer.name}.lrs_low",
-        x,
-        fitted.right.reshape(rank, c, kh, kw).astype(dtype),
-    )
-    bias = None if layer.bias is None else layer.bias.astype(dtype)
-    second, more = conv_node(
-        namer,
-        f"{layer.name}.lrs_mix",
-        first.output[0],
-        fitted.left.reshape(n, rank, 1, 1).astype(dtype),
-        out=None if has_sparse else out,
-        bias=bias,
-        kernel_shape=[1, 1],
-    )
-    nodes, inits = [first, second], inits + more
-    if has_sparse:
-        source = x
-        if kept is not None and len(kept) < c:
-            gather, index = _gather(namer, layer.name, x, kept, axis=1)
-            nodes.append(gather)
-            inits.append(index)
-            source = gather.output[0]
-        branch, more = spatial_conv_node(
-            namer, layer, f"{layer.name}.lrs_sparse", source, sparse.astype(dtype)
-        )
-        nodes += [branch, _add(namer, layer.name, second.output[0], branch.output[0], out)]
-        inits += more
-    return Rewrite(nodes, inits, None)
-
-
-def _linear_rewrite(layer: LinearLayer, fitted: Factors, namer: Namer) -> Rewrite:
-    """x @ Bᵀ @ Aᵀ (+ C on a Gemm's second product) + x[..., kept] @ S[:, kept]ᵀ."""
-    dtype, kept = layer.weight.dtype, fitted.kept
-    x, out = layer.activation, layer.node.output[0]
-    sparse = fitted.sparse
-    has_sparse = sparse.shape[1] > 0
-    inits: list[onnx.TensorProto] = []
-
-    def constant(label: str, value: np.ndarray) -> str:
-        name = namer(f"{layer.name}.lrs_{label}")
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(value, dtype), name))
-        return name
-
-    def product(label: str, inputs: list[str], result: str | None = None) -> onnx.NodeProto:
-        name = namer(f"{layer.name}.lrs_{label}")
-        return helper.make_node(layer.op, inputs, [result or f"{name}.out"], name=name)
-
-    low_c = zero_c(layer, constant, fitted.right.shape[0])
-    first = product("low", [x, constant("low_weight", fitted.right.T), *low_c])
-    second_inputs = [first.output[0], constant("mix_weight", fitted.left.T)]
-    if layer.c is not None:
-        second_inputs.append(constant("c", layer.c))
-    second = product("mix", second_inputs, None if has_sparse else out)
-    nodes = [first, second]
-    if has_sparse:
-        source = x
-        if kept is not None and len(kept) < layer.in_features:
-            gather, index = _gather(namer, layer.name, x, kept, axis=len(layer.input_shape) - 1)
-            nodes.append(gather)
-            inits.append(index)
-            source = gather.output[0]
-        weight = constant("sparse_weight", sparse.T)
-        branch = product("sparse", [source, weight, *zero_c(layer, constant, sparse.shape[0])])
-        nodes += [branch, _add(namer, layer.name, second.output[0], branch.output[0], out)]
-    return Rewrite(nodes, inits, None)
-
-
-def _gather(namer: Namer, base: str, x: str, kept: np.ndarray, axis: int):
-    index = numpy_helper.from_array(kept.astype(np.int64), namer(f"{base}.lrs_kept"))
-    name = namer(f"{base}.lrs_gather")
-    node = helper.make_node("Gather", [x, index.name], [f"{name}.out"], name=name, axis=axis)
-    return node, index
-
-
-def _add(namer: Namer, base: str, a: str, b: str, out: str) -> onnx.NodeProto:
-    return helper.make_node("Add", [a, b], [out], name=namer(f"{base}.lrs_add"))
-
-
-def input_moments(
-    model: onnx.ModelProto, layers: list, context: PassContext, keep_rows: list[str] = ()
-) -> tuple[dict, dict]:
-    """E[x xᵀ] of each layer's input rows (conv: kh×kw patches ordered as the weight's
-    (c, kh, kw); linear: features) on the calibration data, from at most MAX_ROWS rows a
-    layer sampled evenly over the batches (seeded), in one onnxruntime pass; and for the
-    layers named in `keep_rows`, up to ADMM_ROWS of those rows themselves (float32)."""
-    names = sorted({activation_of(layer) for layer in layers})
-    rng = np.random.default_rng(context.seed)
-    batches = context.calibration or []
-    per_batch = math.ceil(MAX_ROWS / max(1, len(batches)))
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    kept: dict[str, list[np.ndarray]] = {name: [] for name in keep_rows}
-    per_batch_kept = math.ceil(ADMM_ROWS / max(1, len(batches)))
-    for batch, values in capture(model, names, batches, context.threads):
-        for layer in layers:
-            rows = _input_rows(layer, values[activation_of(layer)], batch)
-            if len(rows) > per_batch:
-                rows = rows[rng.choice(len(rows), per_batch, replace=False)]
-            if layer.name in kept:
-                kept[layer.name].append(rows[:per_batch_kept].astype(np.float32))
-            rows = rows.astype(np.float64)
-            sums[layer.name] = sums.get(layer.name, 0) + rows.T @ rows
-            counts[layer.name] = counts.get(layer.name, 0) + len(rows)
-    moments = {name: total / max(1, counts[name]) for name, total in sums.items()}
-    return moments, {name: np.concatenate(parts) for name, parts in kept.items() if parts}
+            return conv_rewrite(layer, candidate.factors, namer)
+        return linear_rewrite(layer, candidate.factors, namer)
 
 
 def _relu_fed(model: onnx.ModelProto, layers: list) -> list[str]:
@@ -460,14 +271,6 @@ def _relu_fed(model: onnx.ModelProto, layers: list) -> list[str]:
         if len(readers) == 1 and readers[0].op_type == "Relu" and out not in outputs:
             names.append(layer.name)
     return names
-
-
-def _input_rows(layer: ConvLayer | LinearLayer, x: np.ndarray, batch: dict) -> np.ndarray:
-    if isinstance(layer, LinearLayer):  # x @ W only (lrs skips the others): features last
-        return token_rows(batch, x)  # without padding positions when the batch has a mask
-    geometry = {"strides": layer.strides, "pads": layer.pads, "dilations": layer.dilations}
-    patches = conv_patches(x, layer.kernel, geometry)
-    return np.moveaxis(patches, 1, -1).reshape(-1, patches.shape[1])
 
 
 def _run_unstructured(model, method: LrsMethod, context: PassContext) -> PassResult:

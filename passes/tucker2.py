@@ -16,8 +16,6 @@ from onnxcompress.factorization import (
     DriverOptions,
     Rewrite,
     activation_aware_option,
-    min_speedup_option,
-    never_slower_option,
     pointwise_output,
     run_factorization,
 )
@@ -30,6 +28,7 @@ from onnxcompress.layers import (
 )
 from onnxcompress.maths import factors as factorize
 from onnxcompress.maths import ranks as ranks
+from onnxcompress.never_slower import min_speedup_option, never_slower_option
 from onnxcompress.passkit import (
     PassContext,
     PassResult,

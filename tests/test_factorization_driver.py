@@ -16,12 +16,12 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxcompress.analyse import analyse
 from onnxcompress.errors import CompressError
 from onnxcompress.factorization import (
-    BUDGET_STEPS,
     Candidate,
     DriverOptions,
     Rewrite,
     run_factorization,
 )
+from onnxcompress.mac_budget import BUDGET_STEPS
 from onnxcompress.passkit import NodeRecord, PassContext
 
 # Three chained Convs with different costs: 4→4, 4→8, 8→4 channels, 3×3 on 8×8.

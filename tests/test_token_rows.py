@@ -10,13 +10,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxcompress.passes import get_pass
-from onnxcompress.passes.lrs import input_moments
 
 from onnxcompress.activation_scale import input_second_moments
 from onnxcompress.analyse import analyse
 from onnxcompress.layer_refit import RefitSite, refit_layers
 from onnxcompress.linear_layers import linear_layers
 from onnxcompress.passkit import PassContext
+from onnxcompress.patch_moments import input_moments
 from onnxcompress.runtime import run_model
 from onnxcompress.token_rows import MASK_INPUT, token_row_mask, token_rows
 

@@ -1,4 +1,5 @@
-"""Rank choice (alignment, retained energy, EVBMF) and the MAC cost of each factorized form.
+"""Rank choice (alignment, retained energy, EVBMF, a spread-out grid) and the MAC cost of each
+factorized form.
 
 Costs are multiply-accumulates per output pixel of a 2-D conv **at stride 1**: every factor
 then runs at the output resolution. With stride s, the leading 1×1 of Tucker-2/CP/BTD runs at
@@ -50,6 +51,15 @@ def aligned_ranks(align: int, maximum: int, include_maximum: bool = False) -> li
     step = layer_align(align, maximum)
     stop = maximum + step if include_maximum else maximum
     return sorted({align_rank(r, step, maximum) for r in range(step, stop, step)})
+
+
+def spread(values: list[int], count: int) -> list[int]:
+    """At most `count` of the sorted `values`, evenly spread, first and last included: the
+    grid a search tries when every value would cost too much."""
+    if len(values) <= count:
+        return list(values)
+    picks = np.linspace(0, len(values) - 1, count).round().astype(int)
+    return [values[i] for i in sorted(set(picks))]
 
 
 def rank_for_energy(singular_values: np.ndarray, energy: float) -> int:
