@@ -105,11 +105,9 @@ def search(
         if search_again(rounds, state, (floor, scale), max_error):
             retime(rounds, state.checker)
     chosen = best_round(rounds, on_latency, max_error)
-    tables, rest, scale = cost_tables[rounds[chosen].get("costs", "float")]
-    plan, compressed, refit, _, backed_off = rounds.built[chosen]
-    summary = auto_summary.auto_section(
-        kind, target, tables, plan, rounds, chosen, backed_off, refit, scale, rest
-    )
+    costs = cost_tables[rounds[chosen].get("costs", "float")]
+    plan, compressed, _, _, backed_off = rounds.built[chosen]
+    summary = auto_summary.auto_section(settings, costs, rounds, chosen)
     if kind == "latency":  # measured on the whole model, not predicted
         summary["target_reached"] = rounds[chosen]["latency_ratio"] <= target + LATENCY_SLACK
         summary["broken_over"] = max_error
@@ -132,7 +130,7 @@ def search(
             "original misses the target, plans chosen on int8 timings; each measured like "
             "every round; needs a latency target and calibration data",
         }
-    records = auto_summary.node_records(tables, plan, backed_off)
+    records = auto_summary.node_records(costs[0], plan, backed_off)
     removed = rounds[chosen].get("blocks", [])
     if blocks is not None:
         summary["blocks"] = {**blocks, "removed": removed}

@@ -8,12 +8,19 @@ import onnx
 from onnxcompress import graph
 from onnxcompress.auto import plan as auto_plan
 from onnxcompress.auto.plan import LayerTable, Scored
+from onnxcompress.auto.rounds import Rounds
+from onnxcompress.auto.settings import SearchSettings
 from onnxcompress.passkit import NodeRecord
 
 CURVE_POINTS = 12
 
 
-def auto_section(kind, target, tables, plan, rounds, kept, backed_off, refit, total, rest) -> dict:
+def auto_section(settings: SearchSettings, costs, rounds: Rounds, kept: int) -> dict:
+    """The report's `auto` section for the kept round; `costs`: the cost tables it was planned
+    on, with the rest of the model and the total their ratios are taken with."""
+    tables, rest, total = costs
+    plan, _, refit, _, backed_off = rounds.built[kept]
+    kind = settings.kind
     layers = []
     for table in tables:
         chosen = plan[table.choice.name]
@@ -45,7 +52,7 @@ def auto_section(kind, target, tables, plan, rounds, kept, backed_off, refit, to
         for s in t.options
     ]
     return {
-        "budget": {"kind": kind, "target": target},
+        "budget": {"kind": kind, "target": settings.target},
         "layers": layers,
         "candidates": candidates,
         "curve": curve(tables, kind, plan, total, rest),
