@@ -11,7 +11,6 @@ DequantizeLinear needs its `axis` attribute); the summary says so.
 
 from __future__ import annotations
 
-import copy
 import logging
 import tempfile
 from collections import Counter
@@ -144,12 +143,17 @@ def _quantize(model: onnx.ModelProto, options: Int8Options, batches, keep) -> on
     activation = QuantType.QUInt8 if options.activations == "uint8" else QuantType.QInt8
     # The quantizer reads and writes files; a private temp dir keeps that out of the user's way.
     with tempfile.TemporaryDirectory(prefix="onnxcompress-int8-") as tmp:
-        prepared, target = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
+        source, prepared = Path(tmp) / "source.onnx", Path(tmp) / "prepared.onnx"
+        target = Path(tmp) / "int8.onnx"
+        # A file, not the ModelProto: given a proto, the preparation hands its weights to the
+        # session as external initializers and writes a model pointing at a file it never
+        # writes ("foo.bin"), which then fails on large weights (MiniLM's embeddings).
+        onnx.save(model, source)
         logging.disable(logging.WARNING)  # the quantizer's advice goes to the root logger
         try:
             # onnxruntime's own preparation: shapes, and BatchNormalization folded into the
             # convs, which would otherwise stay float between two quantized layers.
-            quant_pre_process(copy.deepcopy(model), prepared, skip_symbolic_shape=True)
+            quant_pre_process(str(source), prepared, skip_symbolic_shape=True)
             quantize_static(
                 prepared, target, _Batches(batches),
                 quant_format=QuantFormat.QDQ, per_channel=options.per_channel,
