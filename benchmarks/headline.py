@@ -193,16 +193,14 @@ def _samples(count) -> str:
 def _cells(row: dict, metric: str, base: float) -> list[str]:
     latency = row["latency"]["1"]
     score = row["score"][metric]
-    delta = "" if row["method"] == "original" else f" ({score - base:+.2f})"
-    if metric == "cosine_mean":
-        delta = "" if row["method"] == "original" else f" ({score - base:+.4f})"
-        shown = f"{score:.4f}"
-    else:
-        shown = f"{score:.2f}"
+    digits = 4 if metric == "cosine_mean" else 2  # a cosine's changes sit in the 3rd decimal
+    shown = f"{score:.{digits}f}"
+    if row["method"] != "original":
+        shown += f" ({score - base:+.{digits}f})".replace("-", "−")
     return [
         label(row),
         f"{row['macs_ratio']:.3f}",
         f"{row['size_ratio']:.3f}",
         f"{latency['median_ms']:.3f} ({latency['speedup']:.2f}×)",
-        shown + delta.replace("-", "−"),
+        shown,
     ]

@@ -47,8 +47,7 @@ class Checker:
             if drop is not None:
                 check["accuracy_drop"] = round(drop, 4)
         if kind == "latency":
-            windows = self.windows({"compressed": compressed}, CHECK_WINDOWS)
-            add_windows(check, [window_ratio(w, "compressed") for w in windows])
+            windows = self._timed(check, compressed, CHECK_WINDOWS)
             ms = [w["compressed"]["median_ms"] for w in windows]
             check["latency_ms"] = round(float(np.median(ms)), 4)
         return check
@@ -79,9 +78,14 @@ class Checker:
         it, so a few lucky windows must not decide (see
         docs/decisions.md#confirm_band-confirm_windows)."""
         if abs(check["latency_ratio"] - target) <= CONFIRM_BAND:
-            windows = self.windows({"compressed": model}, CONFIRM_WINDOWS)
-            add_windows(check, [window_ratio(w, "compressed") for w in windows])
+            self._timed(check, model, CONFIRM_WINDOWS)
         return check["latency_ratio"]
+
+    def _timed(self, check: dict, model, count: int) -> list[dict]:
+        """`count` more windows of `model` beside the original, recorded in `check`."""
+        windows = self.windows({"compressed": model}, count)
+        add_windows(check, [window_ratio(w, "compressed") for w in windows])
+        return windows
 
 
 def accuracy_drop(reference: np.ndarray, outputs: np.ndarray, labels) -> float | None:

@@ -32,13 +32,9 @@ class SearchSettings:
             raise ValueError(f"kind must be latency, macs or bytes, got {self.kind!r}")
 
     @property
-    def on_latency(self) -> bool:
-        return self.kind == "latency"
-
-    @property
     def latency_target(self) -> float | None:
         """The target when it is a latency, else None (rounds are then chosen on error)."""
-        return self.target if self.on_latency else None
+        return self.target if self.kind == "latency" else None
 
     def usable_error(self, cliff: float) -> float | None:
         """The output error over which a plan counts as broken: none when the user set a
