@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxcompress.low_rank_refit import FirstFactor, fit_both_factors
 from onnxcompress.maths.least_squares import LeastSquaresAccumulator
 from onnxcompress.passkit import PassContext, sample_count, track
 from onnxcompress.token_rows import token_row_mask
@@ -39,6 +40,7 @@ class RefitSite:
     kind: str
     result: dict[str, Any] | None = None
     conv: dict[str, list[int]] | None = None  # kind "conv": strides, pads, dilations
+    first: FirstFactor | None = None  # set: both factors are fitted (low_rank_refit)
 
 
 def refit_layers(
@@ -59,6 +61,12 @@ def refit_layers(
     improved = 0
     ordered = sorted(sites, key=lambda s: order.get(s.output, 0))
     for site in track(context.progress, "refitting layers", ordered):
+        if site.first is not None:
+            site.result, batch_bytes = fit_both_factors(source, rewritten, site, context)
+            improved += site.result["fit"] != "as built"
+            k, n = site.first.prior.shape[1], site.first.prior.shape[0]
+            peak = max(peak, batch_bytes + 16 * (k * k + k * n))  # two accumulators
+            continue
         equations, batch_bytes = _accumulate(source, rewritten, site, context)
         sums_bytes = 8 * (equations.k**2 + equations.k * equations.n + equations.k + equations.n)
         peak = max(peak, batch_bytes + sums_bytes)

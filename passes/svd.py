@@ -48,6 +48,7 @@ from onnxcompress.linear_layers import (
     first_gemm_c,
     low_rank_nodes,
 )
+from onnxcompress.low_rank_refit import FirstFactor
 from onnxcompress.maths import factors as factorize
 from onnxcompress.maths import ranks as ranks
 from onnxcompress.never_slower import min_speedup_option, never_slower_option
@@ -78,6 +79,11 @@ class SvdOptions:
     never_slower: bool = never_slower_option()
     min_speedup: float = min_speedup_option()
     refit: bool = option(True, "refit the last factor and bias on calibration data")
+    refit_both: bool = option(
+        True,
+        "with refit, also fit the first factor where it is a plain linear map (x @ A, 1×1 conv):"
+        " both factors by reduced-rank regression on the data, chosen on held-out samples",
+    )
     activation_aware: bool = activation_aware_option()
 
     def __post_init__(self) -> None:
@@ -178,9 +184,18 @@ class SvdMethod:
         if isinstance(layer, LinearLayer):
             a, b = factorize.matrix_factors(layer.weight, rank)
             nodes, inits, site = low_rank_nodes(layer, a, b, namer, "svd", self._extra_add(layer))
+            if site and self.options.refit_both and not (layer.op == "Gemm" and layer.trans):
+                prior = layer.weight.T.astype(np.float64)
+                site.first = FirstFactor(layer.activation, nodes[0].input[1], "matmul", prior)
             return Rewrite(nodes, inits, site)
         if candidate.config["form"] == "pointwise":
-            return _pointwise_rewrite(layer, rank, namer)
+            rewrite = _pointwise_rewrite(layer, rank, namer)
+            if self.options.refit_both and _plain_pointwise(layer):
+                n, c = layer.weight.shape[:2]
+                prior = layer.weight.reshape(n, c).astype(np.float64)
+                first = rewrite.nodes[0]
+                rewrite.refit.first = FirstFactor(first.input[0], first.input[1], "conv1x1", prior)
+            return rewrite
         return _spatial_rewrite(layer, rank, namer)
 
 
@@ -188,6 +203,11 @@ def _form(layer: ConvLayer | LinearLayer) -> str:
     if isinstance(layer, LinearLayer):
         return f"{layer.op.lower()}_{layer.side}"
     return "pointwise" if layer.kernel == (1, 1) else "spatial"
+
+
+def _plain_pointwise(layer: ConvLayer) -> bool:
+    """A 1×1 conv that is a matrix product at every pixel (its input rows are its inputs)."""
+    return all(s == 1 for s in layer.strides) and not any(layer.pads)
 
 
 def _matrix(layer: ConvLayer | LinearLayer) -> np.ndarray:

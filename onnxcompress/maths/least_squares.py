@@ -8,6 +8,7 @@ activation at once.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -66,20 +67,44 @@ class LeastSquaresAccumulator:
         A relative ridge behaves the same whatever the activation scale; it only matters when
         Z has (nearly) dependent columns, e.g. a rank larger than the data supports.
         """
-        if self.count == 0:
-            raise ValueError("no samples were added")
         if ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {ridge}")
+        mean_z, mean_y, gram, cross = self.centred()
+        scale = np.trace(gram) / self.k
+        lam = ridge * scale if scale > 0 else ridge
+        projection_t = solve_symmetric(gram + lam * np.eye(self.k), cross)
+        projection = projection_t.T
+        bias = mean_y - projection @ mean_z
+        return projection.astype(self._dtype), bias.astype(self._dtype)
+
+    def centred(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(mean of Z, mean of Y, Σ (z − z̄)(z − z̄)ᵀ, Σ (z − z̄)(y − ȳ)ᵀ) over every added sample."""
+        if self.count == 0:
+            raise ValueError("no samples were added")
         mean_z = self._sum_z / self.count
         mean_y = self._sum_y / self.count
         gram = self._zz - self.count * np.outer(mean_z, mean_z)
         cross = self._zy - self.count * np.outer(mean_z, mean_y)
-        scale = np.trace(gram) / self.k
-        lam = ridge * scale if scale > 0 else ridge
-        projection_t = _solve_symmetric(gram + lam * np.eye(self.k), cross)
-        projection = projection_t.T
-        bias = (mean_y + self._shift_y) - projection @ (mean_z + self._shift_z)
-        return projection.astype(self._dtype), bias.astype(self._dtype)
+        return mean_z + self._shift_z, mean_y + self._shift_y, gram, cross
+
+    def merge(self, other: LeastSquaresAccumulator) -> None:
+        """Add another accumulator's samples to this one (their sums moved to this shift)."""
+        if (other.k, other.n) != (self.k, self.n):
+            raise ValueError(f"cannot merge a {other.k}×{other.n} fit into a {self.k}×{self.n}")
+        if other.count == 0:
+            return
+        if self.count == 0:
+            self.__dict__.update(copy.deepcopy(other.__dict__))
+            return
+        dz, dy, m = other._shift_z - self._shift_z, other._shift_y - self._shift_y, other.count
+        self._zz += other._zz + np.outer(dz, other._sum_z) + np.outer(other._sum_z, dz)
+        self._zz += m * np.outer(dz, dz)
+        self._zy += other._zy + np.outer(dz, other._sum_y) + np.outer(other._sum_z, dy)
+        self._zy += m * np.outer(dz, dy)
+        self._yy += other._yy + 2.0 * float(dy @ other._sum_y) + m * float(dy @ dy)
+        self._sum_z += other._sum_z + m * dz
+        self._sum_y += other._sum_y + m * dy
+        self.count += m
 
     def residual_sum_of_squares(self, projection: np.ndarray, bias: np.ndarray) -> float:
         """Σ‖y − P z − b‖² over every added sample, from the sums alone.
@@ -114,7 +139,7 @@ def refit_least_squares(
     return accumulator.solve(ridge)
 
 
-def _solve_symmetric(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+def solve_symmetric(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     """Solve a symmetric positive (semi)definite system; least squares when it is singular."""
     try:
         with warnings.catch_warnings():

@@ -237,6 +237,62 @@ def test_matmul_bias_add_is_refit_through_the_existing_add():
     _assert_sound(model, result, shapes)
 
 
+def _subspace_batches(rng, shape, width, count, axis=-1):
+    """Batches whose features (on `axis`) span only a `width`-dimensional subspace."""
+    k = shape[axis]
+    basis = rng.standard_normal((width, k))
+    batches = []
+    for _ in range(count):
+        coefficients = rng.standard_normal((*shape[:axis], *shape[axis:][1:], width))
+        x = np.moveaxis(coefficients @ basis, -1, axis) if axis != -1 else coefficients @ basis
+        batches.append({"x": x.astype(np.float32)})
+    return batches
+
+
+def test_both_factors_beat_the_last_one_on_inputs_in_a_narrow_subspace():
+    rng = np.random.default_rng(21)
+    model, shapes, _ = _matmul_model(rng, [2, 8, 48], rank=32, add_bias=True)  # W full rank
+    batches = _subspace_batches(rng, [2, 8, 48], width=12, count=21)
+    calibration, unseen = batches[:20], batches[20]
+    (want,) = _outputs(model, unseen)
+    errors = {}
+    for refit, both in ((False, False), (True, False), (True, True)):
+        result = _run_svd(model, shapes, calibration, rank=6, refit=refit, refit_both=both)
+        (got,) = _outputs(result.model, unseen)
+        errors[refit, both] = np.linalg.norm(got - want) / np.linalg.norm(want)
+        _assert_sound(model, result, shapes)
+    refit = next(r for r in result.records if r.status == "rewritten").details["refit"]
+    assert refit["fit"].startswith("both factors")
+    assert refit["held_out_rows"] == 4 * 2 * 8  # every 5th sample of 20 batches of 2
+    assert refit["held_out_rel_error_after"] < refit["held_out_rel_error_before"]
+    # rank 6 < the data's 12 dimensions: the data-optimal pair beats refitting one factor.
+    assert errors[True, True] < 0.9 * errors[True, False]
+    assert errors[True, False] < errors[False, False]
+
+
+@pytest.mark.parametrize("strides, both", [([1, 1], True), ([2, 2], False)])
+def test_pointwise_conv_fits_both_factors_when_it_is_a_product_per_pixel(strides, both):
+    rng = np.random.default_rng(22)
+    n, c = 24, 32
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", strides=strides)
+    x_shape = [2, c, 6, 6]
+    model = _model(
+        [node],
+        [_float("x", x_shape)],
+        [_float("y", OUT4)],
+        [_const("w", rng.standard_normal((n, c, 1, 1)))],
+    )
+    batches = _subspace_batches(rng, x_shape, width=3, count=11, axis=1)
+    result = _run_svd(model, {"x": x_shape}, batches[:10], rank=4, refit=True)
+    refit = next(r for r in result.records if r.status == "rewritten").details["refit"]
+    assert ("fit" in refit) == both
+    (want,), (got,) = _outputs(model, batches[10]), _outputs(result.model, batches[10])
+    error = np.linalg.norm(got - want) / np.linalg.norm(want)
+    if both:
+        assert error < 1e-3
+    _assert_sound(model, result, {"x": x_shape})
+
+
 @pytest.mark.parametrize("x_shape", [[2, 48, 7], [48, 7]])
 def test_matmul_left_exact_at_true_rank(x_shape):
     rng = np.random.default_rng(8)

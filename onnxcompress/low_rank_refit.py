@@ -1,0 +1,176 @@
+"""Data-aware fit of both factors of a low-rank layer (x → first → last), in graph order.
+
+The calibration refit (layer_refit) fits the last factor only, the first one staying the
+weight-space truncation. Where the first factor is itself a plain linear map of the layer's
+input (x @ A, or a 1×1 conv of stride 1 and no pads), both are fitted at once by reduced-rank
+regression (maths.reduced_rank) to the original layer's outputs from the compressed model's
+inputs, the penalty λ‖P − P₀‖² keeping the directions the data does not excite at the original
+weight P₀. Every 5th calibration sample is held out: the fit kept (as built, last factor
+only, or both at one λ of a grid) is the one with the least output error on those samples, so
+a fit that over-fits the calibration rows is not chosen; it is then refitted on every sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxcompress.maths.least_squares import LeastSquaresAccumulator, solve_symmetric
+from onnxcompress.maths.reduced_rank import reduced_rank_fit
+from onnxcompress.passkit import PassContext
+from onnxcompress.token_rows import token_row_mask
+
+# One calibration sample in this many is held out to choose the fit: enough held-out rows to
+# rank a handful of fits, most rows left to fit them.
+CHECK_EVERY = 5
+# λ of the penalty towards the original weight, in units of trace(Σ x xᵀ)/k (the data's
+# weight per input direction): from "the data decides" to "stay near the weights".
+STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+# The last-factor-only fit's ridge, as layer_refit's least-squares solve uses.
+LAST_RIDGE = 1e-6
+
+
+@dataclass
+class FirstFactor:
+    """The first factor of a two-factor rewrite, when it is a plain linear map of the input."""
+
+    input: str  # the layer's input tensor (same name in the original and the rewrite)
+    weight: str  # its initializer
+    kind: str  # "matmul": (k, r) read as x @ A; "conv1x1": (r, k, 1, 1), stride 1, no pads
+    prior: np.ndarray  # the original layer's weight P₀ as n × k (y = P₀ x)
+
+
+@dataclass
+class _Fit:
+    label: str
+    projection: np.ndarray  # n × k
+    bias: np.ndarray
+    factors: tuple[np.ndarray, np.ndarray] | None = None  # (first r × k, last n × r)
+
+
+def fit_both_factors(source, rewritten: onnx.ModelProto, site, context: PassContext):
+    """Refit `site` (a layer_refit.RefitSite with `first`) in place; returns (result, bytes)."""
+    from onnxcompress.runtime import expose_outputs, make_session
+
+    first = site.first
+    target = make_session(
+        expose_outputs(rewritten, [first.input]), threads=context.threads, optimize=True
+    )
+    held_out, fitted, batch_bytes = _accumulate(source, target, site, context)
+    current = _current(rewritten, site)
+    judge = held_out if held_out.count else fitted
+    candidates = [current, *_fits(fitted, current, first.prior)]
+    errors = [judge.residual_sum_of_squares(f.projection, f.bias) for f in candidates]
+    best = candidates[int(np.argmin(errors))]
+    energy = judge.residual_sum_of_squares(np.zeros_like(current.projection), current.bias * 0)
+    fitted.merge(held_out)  # the chosen fit is made again on every sample
+    if best is not current:
+        best = _refitted(best, fitted, current, first.prior)
+        _write(rewritten, site, best)
+    everything = fitted.residual_sum_of_squares(np.zeros_like(current.projection), 0 * current.bias)
+    result = {
+        "fit": best.label,
+        "calibration_rel_error_before": _relative(
+            fitted.residual_sum_of_squares(current.projection, current.bias), everything
+        ),
+        "calibration_rel_error_after": _relative(
+            fitted.residual_sum_of_squares(best.projection, best.bias), everything
+        ),
+        "held_out_rel_error_before": _relative(errors[0], energy),
+        "held_out_rel_error_after": _relative(min(errors), energy),
+        "held_out_rows": held_out.count,
+        "rows": fitted.count,
+    }
+    return result, batch_bytes
+
+
+def _accumulate(source, target, site, context):
+    from onnxcompress.runtime import run_session
+
+    k, n = site.first.prior.shape[1], site.first.prior.shape[0]
+    held_out, fitted = LeastSquaresAccumulator(k, n), LeastSquaresAccumulator(k, n)
+    seen, batch_bytes = 0, 0
+    for batch in context.calibration or []:
+        (y,) = run_session(source, batch, [site.output])
+        (x,) = run_session(target, batch, [site.first.input])
+        batch_bytes = max(batch_bytes, x.nbytes + y.nbytes)
+        inputs, targets, samples = _rows(x, site.first.kind), _rows(y, site.first.kind), len(x)
+        sample_of_row = seen + np.repeat(np.arange(samples), len(inputs) // max(samples, 1))
+        seen += samples
+        mask = token_row_mask(batch, x) if site.first.kind == "matmul" else None
+        if mask is not None:
+            inputs, targets, sample_of_row = inputs[mask], targets[mask], sample_of_row[mask]
+        check = sample_of_row % CHECK_EVERY == CHECK_EVERY - 1
+        held_out.add(inputs[check], targets[check])
+        fitted.add(inputs[~check], targets[~check])
+    return held_out, fitted, batch_bytes
+
+
+def _rows(tensor: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "conv1x1":
+        return np.moveaxis(tensor, 1, -1).reshape(-1, tensor.shape[1])
+    return tensor.reshape(-1, tensor.shape[-1])
+
+
+def _fits(equations: LeastSquaresAccumulator, current: _Fit, prior: np.ndarray) -> list[_Fit]:
+    """The last factor refitted under the current first one, and both at every strength."""
+    if equations.count == 0:
+        return []
+    mean_x, mean_y, gram, cross = equations.centred()
+    fits = [_last_only(current, mean_x, mean_y, gram, cross)]
+    unit = max(float(np.trace(gram)) / len(gram), 1e-30)
+    rank = current.factors[0].shape[0]
+    for strength in STRENGTHS:
+        low = reduced_rank_fit(gram, cross, rank, prior, strength * unit)
+        fits.append(
+            _with_bias(f"both factors, λ={strength:g}", low.first, low.last, mean_x, mean_y)
+        )
+    return fits
+
+
+def _last_only(current: _Fit, mean_x, mean_y, gram, cross) -> _Fit:
+    first = current.factors[0]
+    gram_z, cross_z = first @ gram @ first.T, first @ cross
+    ridge = LAST_RIDGE * max(float(np.trace(gram_z)) / len(gram_z), 1e-30)
+    last = solve_symmetric(gram_z + ridge * np.eye(len(gram_z)), cross_z).T
+    return _with_bias("last factor", first, last, mean_x, mean_y)
+
+
+def _with_bias(label, first, last, mean_x, mean_y) -> _Fit:
+    projection = last @ first
+    return _Fit(label, projection, mean_y - projection @ mean_x, (first, last))
+
+
+def _refitted(best: _Fit, equations, current: _Fit, prior) -> _Fit:
+    return next(fit for fit in _fits(equations, current, prior) if fit.label == best.label)
+
+
+def _relative(squared: float, energy: float) -> float:
+    return round(float(np.sqrt(squared / max(energy, 1e-30))), 6)
+
+
+def _current(model: onnx.ModelProto, site) -> _Fit:
+    inits = {init.name: init for init in model.graph.initializer}
+    first = numpy_helper.to_array(inits[site.first.weight]).astype(np.float64)
+    last = numpy_helper.to_array(inits[site.weight]).astype(np.float64)
+    bias = numpy_helper.to_array(inits[site.bias]).astype(np.float64).reshape(-1)
+    if site.first.kind == "matmul":
+        first, last = first.T, last.T  # x @ A @ B: P = Bᵀ Aᵀ
+    else:
+        first, last = first.reshape(first.shape[0], -1), last.reshape(last.shape[0], -1)
+    return _Fit("as built", last @ first, bias, (first, last))
+
+
+def _write(model: onnx.ModelProto, site, fit: _Fit) -> None:
+    first, last = fit.factors
+    if site.first.kind == "matmul":
+        first, last = first.T, last.T
+    inits = {init.name: init for init in model.graph.initializer}
+    for name, value in ((site.first.weight, first), (site.weight, last), (site.bias, fit.bias)):
+        old = numpy_helper.to_array(inits[name])
+        inits[name].CopyFrom(
+            numpy_helper.from_array(value.reshape(old.shape).astype(old.dtype), name)
+        )
