@@ -57,7 +57,12 @@ def list_passes(console: Console) -> None:
 
 def run_compress(args: argparse.Namespace, console: Console) -> int:
     from onnxcompress.pipeline import CompressOptions, compress, default_output
-    from onnxcompress.report.terminal import fidelity_table, pass_lines, summary_table
+    from onnxcompress.report.terminal import (
+        fidelity_table,
+        pass_lines,
+        summary_table,
+        verdict_line,
+    )
 
     if args.list_passes:
         list_passes(Console())
@@ -106,17 +111,29 @@ def run_compress(args: argparse.Namespace, console: Console) -> int:
     if args.report:
         written += f", report {_report_files(args.report)}"
     out.print(written, soft_wrap=True)
+    out.print(verdict_line(result.report), soft_wrap=True, markup=False)
     if not result.passed:
-        validation = result.report["validation"]
-        why = (
-            f"relative L2 error {validation['worst_rel_l2']:.4g} exceeds --max-rel-l2 "
-            f"{args.max_rel_l2:g}"
-            if validation["validated"]
-            else f"--max-rel-l2 {args.max_rel_l2:g} cannot pass: {validation['status']} "
-            f"({validation['detail']})"
-        )
+        why = _failure(result.report, args.max_rel_l2)
         sys.stderr.write(f"error: {why}; the model and report were written anyway\n")
     return result.exit_code
+
+
+def _failure(report: dict, max_rel_l2: float | None) -> str:
+    """Why the run exits 1: over the user's tolerance, not validated under it, or broken."""
+    validation = report["validation"]
+    if max_rel_l2 is None:
+        return (
+            f"the result is {report['verdict']['text']} (--max-rel-l2 X judges by your own "
+            "tolerance instead)"
+        )
+    if validation["validated"]:
+        return (
+            f"relative L2 error {validation['worst_rel_l2']:.4g} exceeds --max-rel-l2 "
+            f"{max_rel_l2:g}"
+        )
+    return (
+        f"--max-rel-l2 {max_rel_l2:g} cannot pass: {validation['status']} ({validation['detail']})"
+    )
 
 
 def _report_files(raw: str) -> str:

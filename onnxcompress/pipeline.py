@@ -18,6 +18,7 @@ from onnxcompress.errors import CompressError
 from onnxcompress.holdout import ReadWatch, split_holdout, validation_entry
 from onnxcompress.input_checks import require_sized_tensors
 from onnxcompress.passkit import PassContext, PassSpec, Progress, no_progress
+from onnxcompress.verdict import BROKEN, judge
 
 StepCallback = Callable[[str], None]
 
@@ -56,7 +57,9 @@ class CompressResult:
     report: dict[str, Any]
     model: onnx.ModelProto
     output: Path
-    passed: bool  # False when over the --max-rel-l2 tolerance, or not validated under one
+    # False when over the --max-rel-l2 tolerance or not validated under one; without that
+    # tolerance, False when the verdict is broken.
+    passed: bool
 
     @property
     def exit_code(self) -> int:
@@ -194,6 +197,7 @@ def compress(
         counted = dataclasses.replace(calibration, batches=_CountedBatches(calibration, task))
         fidelity = validate.compare_models(original, model, counted, threads=options.threads)
     fidelity = validation_entry(fidelity, fit, calibration, bool(user_data and user_data.read))
+    verdict = judge(fidelity)
 
     latency = None
     if options.bench:
@@ -217,9 +221,10 @@ def compress(
     if input_hash is not None and io.file_sha256(model_path) != input_hash:
         raise CompressError(f"{model_path}: input file changed during the run (not by this tool?)")
 
-    passed = options.max_rel_l2 is None or (
-        fidelity["validated"] and fidelity["worst_rel_l2"] <= options.max_rel_l2
-    )
+    if options.max_rel_l2 is not None:  # the user's own tolerance decides alone
+        passed = fidelity["validated"] and fidelity["worst_rel_l2"] <= options.max_rel_l2
+    else:
+        passed = verdict["kind"] != BROKEN
     report = {
         "input": str(model_path),
         "output": str(output),
@@ -236,6 +241,7 @@ def compress(
         "validation": fidelity,
         "max_rel_l2": options.max_rel_l2,
         "passed": passed,
+        "verdict": verdict,
         "benchmark": latency,
     }
     if report_path is not None:

@@ -14,6 +14,7 @@ from onnxcompress.report.terminal import (
     pass_notes,
     pass_outcome,
     summary_rows,
+    verdict_line,
 )
 
 
@@ -23,6 +24,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     parts = [
         "# onnxcompress report",
         f"`{_code(report['input'])}` → `{_code(report['output'])}`",
+        f"**{_cell(verdict_line(report))}**" if verdict_line(report) else "",
         "## Summary",
         table(SUMMARY_COLUMNS, summary_rows(report)),
         f"## {_cell(fidelity_title(report))}",

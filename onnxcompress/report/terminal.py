@@ -153,3 +153,9 @@ def pass_notes(entry: dict[str, Any]) -> list[str]:
     if isinstance(summary.get("refit"), str):
         lines.append(f"refit: {summary['refit']}")
     return lines
+
+
+def verdict_line(report: dict[str, Any]) -> str:
+    """The run's verdict in one line ("" for reports made before verdicts)."""
+    verdict = report.get("verdict")
+    return f"verdict: {verdict['text']}" if verdict else ""
