@@ -60,6 +60,7 @@ def run_compress(args: argparse.Namespace, console: Console) -> int:
     from onnxcompress.report.terminal import (
         fidelity_table,
         pass_lines,
+        run_line,
         summary_table,
         verdict_line,
     )
@@ -111,6 +112,7 @@ def run_compress(args: argparse.Namespace, console: Console) -> int:
     if args.report:
         written += f", report {_report_files(args.report)}"
     out.print(written, soft_wrap=True)
+    out.print(run_line(result.report), soft_wrap=True, markup=False)
     out.print(verdict_line(result.report), soft_wrap=True, markup=False)
     if not result.passed:
         why = _failure(result.report, args.max_rel_l2)

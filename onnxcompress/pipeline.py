@@ -18,6 +18,7 @@ from onnxcompress.errors import CompressError
 from onnxcompress.holdout import ReadWatch, split_holdout, validation_entry
 from onnxcompress.input_checks import require_sized_tensors
 from onnxcompress.passkit import PassContext, PassSpec, Progress, no_progress
+from onnxcompress.resources import run_resources
 from onnxcompress.verdict import BROKEN, judge
 
 StepCallback = Callable[[str], None]
@@ -141,6 +142,7 @@ def compress(
     from onnxcompress import benchmark, runtime, validate
     from onnxcompress.report.files import report_target
 
+    started = time.perf_counter()
     step = on_step or (lambda _name: None)
     progress = progress or no_progress
     model_path = Path(model_path)
@@ -243,6 +245,7 @@ def compress(
         "passed": passed,
         "verdict": verdict,
         "benchmark": latency,
+        "resources": run_resources(started),
     }
     if report_path is not None:
         from onnxcompress.report.files import write_report

@@ -17,6 +17,7 @@ from onnxcompress.report.terminal import (
     fidelity_title,
     pass_notes,
     pass_outcome,
+    run_line,
     summary_rows,
     verdict_line,
 )
@@ -56,6 +57,8 @@ def render_html(report: dict[str, Any]) -> str:
             f'<p class="verdict {kind}"><strong>{escape(verdict_line(report))}</strong></p>'
         )
     body += ["<h2>Summary</h2>", table(SUMMARY_COLUMNS, summary_rows(report))]
+    if run_line(report):
+        body.append(f"<p>{escape(run_line(report))}</p>")
     body.append(f"<h2>{escape(fidelity_title(report))}</h2>")
     if fidelity_note(report):
         body.append(f'<p class="warning">{escape(fidelity_note(report))}</p>')

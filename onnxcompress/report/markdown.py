@@ -13,6 +13,7 @@ from onnxcompress.report.terminal import (
     fidelity_title,
     pass_notes,
     pass_outcome,
+    run_line,
     summary_rows,
     verdict_line,
 )
@@ -27,6 +28,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"**{_cell(verdict_line(report))}**" if verdict_line(report) else "",
         "## Summary",
         table(SUMMARY_COLUMNS, summary_rows(report)),
+        _cell(run_line(report)),
         f"## {_cell(fidelity_title(report))}",
         _cell(fidelity_note(report)),
         table(FIDELITY_COLUMNS, fidelity_rows(report)) if fidelity_rows(report) else "",

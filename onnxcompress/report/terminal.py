@@ -159,3 +159,14 @@ def verdict_line(report: dict[str, Any]) -> str:
     """The run's verdict in one line ("" for reports made before verdicts)."""
     verdict = report.get("verdict")
     return f"verdict: {verdict['text']}" if verdict else ""
+
+
+def run_line(report: dict[str, Any]) -> str:
+    """The tool's own wall time and peak memory ("" for reports made before they were kept)."""
+    resources = report.get("resources")
+    if not resources:
+        return ""
+    line = f"this run: {resources['wall_seconds']:.1f} s wall time"
+    if resources.get("peak_memory_bytes") is not None:
+        line += f", peak memory {human(resources['peak_memory_bytes'])}B"
+    return line
