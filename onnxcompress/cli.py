@@ -63,6 +63,7 @@ def run_compress(args: argparse.Namespace, console: Console) -> int:
         run_line,
         summary_table,
         verdict_line,
+        warning_lines,
     )
 
     if args.list_passes:
@@ -113,6 +114,8 @@ def run_compress(args: argparse.Namespace, console: Console) -> int:
         written += f", report {_report_files(args.report)}"
     out.print(written, soft_wrap=True)
     out.print(run_line(result.report), soft_wrap=True, markup=False)
+    for line in warning_lines(result.report):
+        sys.stderr.write(line + "\n")  # shown without -v: the figures rest on made-up inputs
     out.print(verdict_line(result.report), soft_wrap=True, markup=False)
     if not result.passed:
         why = _failure(result.report, args.max_rel_l2)

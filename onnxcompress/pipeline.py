@@ -19,7 +19,7 @@ from onnxcompress.holdout import ReadWatch, split_holdout, validation_entry
 from onnxcompress.input_checks import require_sized_tensors
 from onnxcompress.passkit import PassContext, PassSpec, Progress, no_progress
 from onnxcompress.resources import run_resources
-from onnxcompress.verdict import BROKEN, judge
+from onnxcompress.verdict import BROKEN, judge, weight_only_warning
 
 StepCallback = Callable[[str], None]
 
@@ -200,6 +200,11 @@ def compress(
         fidelity = validate.compare_models(original, model, counted, threads=options.threads)
     fidelity = validation_entry(fidelity, fit, calibration, bool(user_data and user_data.read))
     verdict = judge(fidelity)
+    weight_only = [
+        entry["name"] for spec, entry in zip(specs, pass_reports, strict=True)
+        if spec.lossy and entry["changed"]
+    ]  # fmt: skip
+    warnings = [weight_only_warning(weight_only)] if weight_only and user_data is None else []
 
     latency = None
     if options.bench:
@@ -244,6 +249,7 @@ def compress(
         "max_rel_l2": options.max_rel_l2,
         "passed": passed,
         "verdict": verdict,
+        "warnings": warnings,
         "benchmark": latency,
         "resources": run_resources(started),
     }

@@ -12,14 +12,15 @@ from onnxcompress.passkit import PassSpec
 _PASSES: dict[str, PassSpec] = {}
 
 
-def register(name: str, options: type, help: str, idempotent: bool = False):
+def register(name: str, options: type, help: str, idempotent: bool = False, lossy: bool = False):
     """Decorator: register `fn(model, options, context) -> PassResult` under `name`;
-    `idempotent`: a second run on the pass's own output changes nothing."""
+    `idempotent`: a second run on the pass's own output changes nothing; `lossy`: the pass
+    changes what the model computes (see `PassSpec`)."""
 
     def decorate(fn):
         if name in _PASSES:
             raise RuntimeError(f"pass {name} registered twice")
-        _PASSES[name] = PassSpec(name, fn, options, help, idempotent)
+        _PASSES[name] = PassSpec(name, fn, options, help, idempotent, lossy)
         return fn
 
     return decorate

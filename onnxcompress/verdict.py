@@ -1,6 +1,6 @@
 """The run's verdict, one line a user can act on: deployable, lossy, broken or not validated,
-judged from the validation figures. The thresholds are chosen, not measured: see
-docs/decisions.md#the-verdict-chosen-not-measured."""
+judged from the validation figures; and the warning when the figures rest on made-up inputs.
+The thresholds are chosen, not measured: see docs/decisions.md#the-verdict-chosen-not-measured."""
 
 from __future__ import annotations
 
@@ -163,3 +163,13 @@ def _samples_word(validation: dict[str, Any]) -> str:
     if validation.get("source", "").startswith("random"):
         return "random inputs, not your data"
     return "held-out samples" if "held-out" in validation.get("source", "") else "samples"
+
+
+def weight_only_warning(passes: list[str]) -> str:
+    """What a run without the user's data cannot promise, and how to give the data."""
+    return (
+        f"no calibration data: {', '.join(passes)} changed the weights from the weights alone "
+        "(nothing refit on real inputs), and the result was validated only on made-up random "
+        "inputs; give your data with --data FILE.npz (one array per input name) or "
+        "--images DIR --preprocess SPEC"
+    )

@@ -182,7 +182,12 @@ def _options(kind: type, align: int) -> Any:
     return kind(**{"align": align} if "align" in {f.name for f in dataclasses.fields(kind)} else {})
 
 
-@register("auto", AutoOptions, "per layer: keep, svd, cp, tucker2, fga or lrs, by measured cost")
+@register(
+    "auto",
+    AutoOptions,
+    "per layer: keep, svd, cp, tucker2, fga or lrs, by measured cost",
+    lossy=True,
+)
 def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> PassResult:
     model = named_copy(model)
     upcast = None

@@ -60,7 +60,7 @@ QUANTIZED_OPS = {
 }  # fmt: skip
 
 
-@register("int8", Int8Options, "static int8 quantization (QDQ) calibrated on the data")
+@register("int8", Int8Options, "static int8 quantization (QDQ) calibrated on the data", lossy=True)
 def int8(model: onnx.ModelProto, options: Int8Options, context: PassContext) -> PassResult:
     _check(options, context)
     quantized_ops = sorted({node.op_type for node in model.graph.node} & QUANTIZED_OPS)

@@ -1,11 +1,17 @@
-"""What the report says about the run itself: its wall time and peak memory."""
+"""What the report says about the run itself: its wall time and peak memory, and the warning
+that a lossy pass without the user's data was judged on made-up inputs only."""
 
 import json
 import time
 from pathlib import Path
 
+import numpy as np
+import pytest
+
+from onnxcompress import passes, registry
 from onnxcompress.cli import main
-from tests.test_verdict import _linear_model
+from onnxcompress.passkit import PassSpec
+from tests.test_verdict import ScaleOptions, _linear_model, _scale_pass
 
 MEGABYTE = 2**20
 # Python, numpy and onnxruntime alone take more than this: a smaller peak is a wrong unit.
@@ -40,3 +46,39 @@ def test_wall_time_and_peak_memory_are_reported(tmp_path, capsys):
     assert shown in capsys.readouterr().out
     for name in ("report.md", "report.html"):
         assert shown in (folder / name).read_text(), name
+
+
+@pytest.fixture
+def lossy_scale(monkeypatch):
+    spec = PassSpec("scale", _scale_pass, ScaleOptions, "test-only: scales weights", lossy=True)
+    monkeypatch.setitem(passes.all_passes(), "scale", spec)
+
+
+def test_lossy_pass_without_data_warns_loudly(tmp_path, lossy_scale, capsys):
+    model = _linear_model(tmp_path, classes=5)
+    factor = ["--passes", "scale", "--opt", "scale.factor=1.01"]
+    code, report, folder = _run(tmp_path, model, *factor)
+    assert code == 0
+    (warning,) = report["warnings"]
+    assert warning.startswith("no calibration data: scale changed the weights")
+    assert "--data FILE.npz" in warning and "--images DIR --preprocess" in warning
+    assert f"warning: {warning}" in capsys.readouterr().err.splitlines()  # without -v
+    assert f"warning: {warning}" in (folder / "report.md").read_text()
+    assert f"warning: {warning}" in (folder / "report.html").read_text()
+
+
+def test_no_warning_with_data_or_without_a_change(tmp_path, lossy_scale, capsys):
+    model = _linear_model(tmp_path, classes=5)
+    data = tmp_path / "x.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32))
+    scaled = ["--passes", "scale", "--opt", "scale.factor=1.01"]
+    assert _run(tmp_path, model, *scaled, "--data", data)[1]["warnings"] == []
+    assert _run(tmp_path, model, "--passes", "identity")[1]["warnings"] == []
+    assert "warning: no calibration data" not in capsys.readouterr().err
+
+
+def test_factorization_and_pruning_passes_are_lossy_and_exact_ones_not():
+    lossy = {name for name, spec in registry.all_passes().items() if spec.lossy}
+    compressing = {"svd", "cp", "tucker2", "fga", "lrs", "prune", "rdprune", "channels", "blocks"}
+    assert compressing | {"auto", "int8"} <= lossy
+    assert not lossy & {"identity", "fold_bn", "upcast"}

@@ -20,6 +20,7 @@ from onnxcompress.report.terminal import (
     run_line,
     summary_rows,
     verdict_line,
+    warning_lines,
 )
 
 STYLE = """
@@ -56,6 +57,7 @@ def render_html(report: dict[str, Any]) -> str:
         body.append(
             f'<p class="verdict {kind}"><strong>{escape(verdict_line(report))}</strong></p>'
         )
+    body += [f'<p class="warning">{escape(line)}</p>' for line in warning_lines(report)]
     body += ["<h2>Summary</h2>", table(SUMMARY_COLUMNS, summary_rows(report))]
     if run_line(report):
         body.append(f"<p>{escape(run_line(report))}</p>")

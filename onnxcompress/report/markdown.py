@@ -16,6 +16,7 @@ from onnxcompress.report.terminal import (
     run_line,
     summary_rows,
     verdict_line,
+    warning_lines,
 )
 
 
@@ -26,6 +27,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "# onnxcompress report",
         f"`{_code(report['input'])}` → `{_code(report['output'])}`",
         f"**{_cell(verdict_line(report))}**" if verdict_line(report) else "",
+        "\n".join(f"- **{_cell(line)}**" for line in warning_lines(report)),
         "## Summary",
         table(SUMMARY_COLUMNS, summary_rows(report)),
         _cell(run_line(report)),

@@ -170,3 +170,8 @@ def run_line(report: dict[str, Any]) -> str:
     if resources.get("peak_memory_bytes") is not None:
         line += f", peak memory {human(resources['peak_memory_bytes'])}B"
     return line
+
+
+def warning_lines(report: dict[str, Any]) -> list[str]:
+    """The run's warnings, each prefixed `warning: `."""
+    return [f"warning: {text}" for text in report.get("warnings") or []]
