@@ -111,7 +111,10 @@ def compress_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="folder of images used as calibration/validation inputs")
     p.add_argument(
         "--preprocess",
-        help="image preprocessing spec, e.g. 'resize=224,mean=104;117;123,bgr' (lists split by ;)",
+        help="how --images pixels become input (required with --images), e.g. for ImageNet "
+        "'resize=256,crop=224,scale=1/255,mean=0.485,0.456,0.406,std=0.229,0.224,0.225'; "
+        "keys resize, crop, mean, std, scale, layout, bgr, grayscale, dtype; list values split "
+        "by commas, spaces, ; or /",
     )
     p.add_argument("--labels", help="labels for --images: '<file>, <int>' lines or one int a line")
     p.add_argument("--calib-count", type=at_least_one, help="use at most this many samples")
