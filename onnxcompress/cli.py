@@ -4,7 +4,7 @@ python -m onnxcompress model.onnx --passes fold_bn -o out.onnx
 python -m onnxcompress model.onnx --passes prune -o out.onnxc   (entropy-coded model file)
 python -m onnxcompress decode out.onnxc [-o model.onnx]
 python -m onnxcompress analyse model.onnx [--json table.json]
-python -m onnxcompress --list-passes
+python -m onnxcompress --list-passes [PASS]
 """
 
 from __future__ import annotations
@@ -34,25 +34,12 @@ from onnxcompress.report.progress import TerminalProgress
 EXIT_OK, EXIT_VALIDATION, EXIT_BAD_INPUT = 0, 1, 2
 
 
-def list_passes(console: Console) -> None:
-    from rich.table import Table
+def list_passes(name: str) -> None:
+    """Every pass in a line, or one pass (`name`) with its options; plain print, so that
+    nothing is wrapped or read as markup."""
+    from onnxcompress.pass_help import pass_details, pass_list
 
-    from onnxcompress import registry
-    from onnxcompress.passkit import option_help
-
-    for name in sorted(registry.all_passes()):
-        spec = registry.all_passes()[name]
-        console.print(f"[bold]{name}[/bold] — {spec.help}")
-        fields = spec.option_fields()
-        if not fields:
-            console.print("  (no options)")
-            continue
-        table = Table(show_header=True, box=None, padding=(0, 2))
-        for column in ("option", "default", "help"):
-            table.add_column(column)
-        for f in fields:
-            table.add_row(f"{name}.{f.name}", repr(f.default), option_help(f))
-        console.print(table)
+    print("\n".join(pass_details(name) if name else pass_list()))
 
 
 def run_compress(args: argparse.Namespace, console: Console) -> int:
@@ -66,8 +53,8 @@ def run_compress(args: argparse.Namespace, console: Console) -> int:
         warning_lines,
     )
 
-    if args.list_passes:
-        list_passes(Console())
+    if args.list_passes is not None:
+        list_passes(args.list_passes)
         return EXIT_OK
     if not args.model:
         raise CompressError("no model given: python -m onnxcompress MODEL.onnx --passes NAMES")

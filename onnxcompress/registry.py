@@ -37,3 +37,12 @@ def get_pass(name: str) -> PassSpec:
     if name not in passes:
         raise CompressError(f"unknown pass '{name}'; passes are: {', '.join(sorted(passes))}")
     return passes[name]
+
+
+def guide() -> list[tuple[PassSpec, str]]:
+    """Every pass with when to use it, in the order the passes package's GUIDE advises
+    trying them; passes it says nothing of come last, by name, with no advice."""
+    passes = all_passes()
+    advice = getattr(importlib.import_module("onnxcompress.passes"), "GUIDE", {})
+    order = [name for name in advice if name in passes] + sorted(set(passes) - set(advice))
+    return [(passes[name], advice.get(name, "")) for name in order]
