@@ -107,33 +107,41 @@ def judge(validation: dict[str, Any]) -> dict[str, Any]:
         text = f"not validated: {validation.get('detail') or validation['status']}"
         return {"kind": NOT_VALIDATED, "text": text, "samples": 0}
     figures = _Figures.of(validation)
-    kind = figures.kind()
     entry: dict[str, Any] = {
-        "kind": kind,
+        "kind": figures.kind(),
         "samples": figures.samples,
         "worst_rel_l2": figures.worst_rel_l2,
-        "uncertain": figures.samples < UNCERTAIN_BELOW,
         "confidence": CONFIDENCE,
     }
-    parts = []
     if figures.accuracy_result is not None:
         entry.update(
             accuracy_original=figures.accuracy_original,
             accuracy_result=figures.accuracy_result,
             accuracy_result_interval=_interval(figures.accuracy_result, figures.samples),
         )
-        parts.append(_accuracy_text(entry))
     if figures.agreement is not None:
         entry["top1_agreement"] = figures.agreement
         entry["top1_agreement_interval"] = _interval(figures.agreement, figures.samples)
+    # Only proportions get intervals; a relative L2 is a measured figure, not an estimate.
+    proportions = figures.agreement is not None or figures.accuracy_result is not None
+    entry["uncertain"] = proportions and figures.samples < UNCERTAIN_BELOW
+    entry["text"] = _text(entry, validation)
+    return entry
+
+
+def _text(entry: dict[str, Any], validation: dict[str, Any]) -> str:
+    """The verdict's line: kind, the figures with their intervals, what they were measured on."""
+    parts = []
+    if "accuracy_result" in entry:
+        parts.append(_accuracy_text(entry))
+    if "top1_agreement" in entry:
         parts.append(f"top-1 agreement {_share(entry, 'top1_agreement')}")
-    parts.append(f"worst relative L2 {figures.worst_rel_l2:.3g}")
-    basis = f"on {figures.samples} {_samples_word(validation)}"
+    parts.append(f"worst relative L2 {entry['worst_rel_l2']:.3g}")
+    basis = f"on {entry['samples']} {_samples_word(validation)}"
     if entry["uncertain"]:
         basis += f" (under {UNCERTAIN_BELOW}: uncertain figures)"
-    far = "outputs far from the original's: " if kind == BROKEN else ""
-    entry["text"] = f"{kind}: {far}{', '.join(parts)} {basis}"
-    return entry
+    far = "outputs far from the original's: " if entry["kind"] == BROKEN else ""
+    return f"{entry['kind']}: {far}{', '.join(parts)} {basis}"
 
 
 def _interval(share: float, samples: int) -> list[float] | None:

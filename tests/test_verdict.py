@@ -95,6 +95,14 @@ def test_collapsed_agreement_or_accuracy_is_broken_only_with_evidence():
     assert judge(_validation(agreement=0.9, accuracy=halved))["kind"] == "broken"
 
 
+def test_only_proportions_under_the_sample_floor_are_called_uncertain():
+    few = verdict.UNCERTAIN_BELOW - 1
+    assert judge(_validation(samples=few, agreement=1.0))["uncertain"] is True
+    assert judge(_validation(samples=verdict.UNCERTAIN_BELOW, agreement=1.0))["uncertain"] is False
+    signal = judge(_validation(samples=few, rel_l2=0.0))
+    assert signal["uncertain"] is False and "uncertain" not in signal["text"]
+
+
 def test_not_validated_says_so():
     entry = judge({"validated": False, "status": "not validated: x", "detail": "no held-out"})
     assert entry["kind"] == "not validated" and entry["text"] == "not validated: no held-out"
