@@ -15,7 +15,7 @@ from onnx import helper
 from onnxcompress.batch_layout import BatchLayout, batch_axes, batch_layout
 from onnxcompress.errors import CompressError
 from onnxcompress.graph import dim_values, runtime_inputs
-from onnxcompress.images import Preprocess, load_images, parse_preprocess
+from onnxcompress.images import Preprocess, load_images, preprocess_for
 from onnxcompress.input_checks import (
     made_up_bytes,
     non_finite_count,
@@ -389,11 +389,7 @@ def _image_calibration(model, input_shapes, folder, preprocess, labels_path, cou
             "give the inputs with --data FILE.npz"
         )
     ((name, dtype),) = inputs.items()
-    if preprocess is None:
-        log.info("no preprocessing given: images go in as 0..255 RGB values")
-        preprocess = Preprocess()
-    elif isinstance(preprocess, str):
-        preprocess = parse_preprocess(preprocess)
+    preprocess = preprocess_for(preprocess, input_shapes[name])
     if preprocess.dtype and np.dtype(preprocess.dtype) != dtype:
         raise CompressError(
             f"preprocess dtype={preprocess.dtype}, but input '{name}' takes {dtype}"

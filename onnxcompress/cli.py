@@ -4,7 +4,7 @@ python -m onnxcompress model.onnx --passes fold_bn -o out.onnx
 python -m onnxcompress model.onnx --passes prune -o out.onnxc   (entropy-coded model file)
 python -m onnxcompress decode out.onnxc [-o model.onnx]
 python -m onnxcompress analyse model.onnx [--json table.json]
-python -m onnxcompress --list-passes
+python -m onnxcompress --list-passes [PASS]
 """
 
 from __future__ import annotations
@@ -34,33 +34,27 @@ from onnxcompress.report.progress import TerminalProgress
 EXIT_OK, EXIT_VALIDATION, EXIT_BAD_INPUT = 0, 1, 2
 
 
-def list_passes(console: Console) -> None:
-    from rich.table import Table
+def list_passes(name: str) -> None:
+    """Every pass in a line, or one pass (`name`) with its options; plain print, so that
+    nothing is wrapped or read as markup."""
+    from onnxcompress.pass_help import pass_details, pass_list
 
-    from onnxcompress import registry
-    from onnxcompress.passkit import option_help
-
-    for name in sorted(registry.all_passes()):
-        spec = registry.all_passes()[name]
-        console.print(f"[bold]{name}[/bold] — {spec.help}")
-        fields = spec.option_fields()
-        if not fields:
-            console.print("  (no options)")
-            continue
-        table = Table(show_header=True, box=None, padding=(0, 2))
-        for column in ("option", "default", "help"):
-            table.add_column(column)
-        for f in fields:
-            table.add_row(f"{name}.{f.name}", repr(f.default), option_help(f))
-        console.print(table)
+    print("\n".join(pass_details(name) if name else pass_list()))
 
 
 def run_compress(args: argparse.Namespace, console: Console) -> int:
     from onnxcompress.pipeline import CompressOptions, compress, default_output
-    from onnxcompress.report.terminal import fidelity_table, pass_lines, summary_table
+    from onnxcompress.report.terminal import (
+        fidelity_table,
+        pass_lines,
+        run_line,
+        summary_table,
+        verdict_line,
+        warning_lines,
+    )
 
-    if args.list_passes:
-        list_passes(Console())
+    if args.list_passes is not None:
+        list_passes(args.list_passes)
         return EXIT_OK
     if not args.model:
         raise CompressError("no model given: python -m onnxcompress MODEL.onnx --passes NAMES")
@@ -106,17 +100,32 @@ def run_compress(args: argparse.Namespace, console: Console) -> int:
     if args.report:
         written += f", report {_report_files(args.report)}"
     out.print(written, soft_wrap=True)
+    out.print(run_line(result.report), soft_wrap=True, markup=False)
+    for line in warning_lines(result.report):
+        sys.stderr.write(line + "\n")  # shown without -v: the figures rest on made-up inputs
+    out.print(verdict_line(result.report), soft_wrap=True, markup=False)
     if not result.passed:
-        validation = result.report["validation"]
-        why = (
-            f"relative L2 error {validation['worst_rel_l2']:.4g} exceeds --max-rel-l2 "
-            f"{args.max_rel_l2:g}"
-            if validation["validated"]
-            else f"--max-rel-l2 {args.max_rel_l2:g} cannot pass: {validation['status']} "
-            f"({validation['detail']})"
-        )
+        why = _failure(result.report, args.max_rel_l2)
         sys.stderr.write(f"error: {why}; the model and report were written anyway\n")
     return result.exit_code
+
+
+def _failure(report: dict, max_rel_l2: float | None) -> str:
+    """Why the run exits 1: over the user's tolerance, not validated under it, or broken."""
+    validation = report["validation"]
+    if max_rel_l2 is None:
+        return (
+            f"the result is {report['verdict']['text']} (--max-rel-l2 X judges by your own "
+            "tolerance instead)"
+        )
+    if validation["validated"]:
+        return (
+            f"relative L2 error {validation['worst_rel_l2']:.4g} exceeds --max-rel-l2 "
+            f"{max_rel_l2:g}"
+        )
+    return (
+        f"--max-rel-l2 {max_rel_l2:g} cannot pass: {validation['status']} ({validation['detail']})"
+    )
 
 
 def _report_files(raw: str) -> str:

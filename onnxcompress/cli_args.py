@@ -64,6 +64,18 @@ def non_negative_number(text: str) -> float:
     return value
 
 
+COMMANDS = """commands:
+  python -m onnxcompress MODEL.onnx --passes P1,P2 [options]  compress (the options above)
+  python -m onnxcompress analyse MODEL.onnx [--json F] [--top N]  MACs and parameters per layer
+  python -m onnxcompress decode MODEL.onnxc [-o MODEL.onnx]  a .onnxc file back to .onnx
+  (analyse --help and decode --help give their options)
+
+where to start:
+  python -m onnxcompress --list-passes  what each pass is for, in the order to try them
+  python -m onnxcompress MODEL.onnx --passes int8 --data inputs.npz
+  then read the verdict, the run's last line: deployable, lossy or broken"""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line and exit code 2."""
 
@@ -88,6 +100,8 @@ def compress_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m onnxcompress",
         description="Compress an ONNX model; validate and time it with onnxruntime.",
+        epilog=COMMANDS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", nargs="?", help="input .onnx file (never modified)")
     p.add_argument("--passes", help="comma-separated passes to run in order, e.g. fold_bn")
@@ -106,12 +120,21 @@ def compress_parser() -> argparse.ArgumentParser:
         help="a pass option, e.g. --opt fga.groups=4 (repeatable)",
     )
     p.add_argument("--config", help="TOML file: optional `passes = [...]`, one table per pass")
-    p.add_argument("--list-passes", action="store_true", help="list passes and their options")
+    p.add_argument(
+        "--list-passes",
+        nargs="?",
+        const="",
+        metavar="PASS",
+        help="what each pass is for and when to use it; with a PASS, its options and defaults",
+    )
     p.add_argument("--data", help=".npz with one array per input name (+ optional 'labels')")
     p.add_argument("--images", help="folder of images used as calibration/validation inputs")
     p.add_argument(
         "--preprocess",
-        help="image preprocessing spec, e.g. 'resize=224,mean=104;117;123,bgr' (lists split by ;)",
+        help="how --images pixels become input (required with --images), e.g. for ImageNet "
+        "'resize=256,crop=224,scale=1/255,mean=0.485,0.456,0.406,std=0.229,0.224,0.225'; "
+        "keys resize, crop, mean, std, scale, layout, bgr, grayscale, dtype; list values split "
+        "by commas, spaces, ; or /",
     )
     p.add_argument("--labels", help="labels for --images: '<file>, <int>' lines or one int a line")
     p.add_argument("--calib-count", type=at_least_one, help="use at most this many samples")

@@ -37,11 +37,16 @@ class Preprocess:
 
 
 PREPROCESS_HELP = (
-    "comma-separated key=value, lists split by ';', numbers may be fractions: "
-    "resize=224 (shorter side) or H;W, crop=224 or H;W, mean=104;117;123, std=58.4;57.1;57.4, "
-    "scale=1/255, layout=NCHW|NHWC, bgr, grayscale, dtype=float16"
+    "key=value items, e.g. 'resize=256,crop=224,scale=1/255,mean=0.485,0.456,0.406,"
+    "std=0.229,0.224,0.225': resize=224 (shorter side) or H,W, crop=224 or H,W, mean, std "
+    "(one value or one per channel), scale, layout=NCHW|NHWC, bgr, grayscale, dtype=float16; "
+    "items and list values split by commas, semicolons or spaces, list values also by "
+    "slashes (a single a/b is a fraction, e.g. scale=1/255)"
 )
 _FLAGS = {"bgr", "grayscale"}
+_LIST_KEYS = {"resize", "crop", "mean", "std"}
+# What users type between items and between list values: "mean=1,2,3", "mean=1;2;3", "1 2 3".
+_SEPARATORS = re.compile(r"[,;\s]+")
 # Larger than any model's image input; Pillow would allocate H*W*3 bytes, 30 GB at 100000.
 MAX_IMAGE_SIDE = 8192
 # No classifier has more classes; a larger "label" is another column (an id) read by mistake.
@@ -49,12 +54,11 @@ MAX_CLASS_INDEX = 2**31 - 1
 
 
 def parse_preprocess(spec: str) -> Preprocess:
-    """Parse e.g. "resize=224,mean=104;117;123,bgr" (see PREPROCESS_HELP)."""
+    """Parse e.g. "resize=224,mean=104,117,123,bgr" (see PREPROCESS_HELP)."""
     fields: dict = {}
     valid = [f.name for f in dataclasses.fields(Preprocess)]
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        key, has_value, value = (s.strip() for s in item.partition("="))
-        key = key.lower()
+    for key, value in _items(spec, valid):
+        has_value = value is not None
         if key not in valid:
             raise CompressError(f"preprocess: unknown key '{key}'; valid keys: {', '.join(valid)}")
         if key in fields:
@@ -64,6 +68,34 @@ def parse_preprocess(spec: str) -> Preprocess:
         except ValueError as exc:
             raise CompressError(f"preprocess: bad value for '{key}': {exc}") from exc
     return Preprocess(**fields)
+
+
+def _items(spec: str, keys: list[str]) -> list[tuple[str, str | None]]:
+    """(key, value) pairs, a list's values joined by ';': a token that names no key and
+    follows a list key ("mean=1,2,3" → mean=1, 2, 3) is that list's next value."""
+    items: list[tuple[str, str | None]] = []
+    for token in filter(None, _SEPARATORS.split(re.sub(r"\s*=\s*", "=", spec.strip()))):
+        key, has_value, value = token.partition("=")
+        after_value = bool(items) and items[-1][1] is not None
+        if not has_value and after_value and key.lower() not in keys:
+            if items[-1][0] not in _LIST_KEYS:
+                raise CompressError(
+                    f"preprocess: '{token}' follows '{items[-1][0]}', which takes one value"
+                )
+            items[-1] = (items[-1][0], ";".join(filter(None, (items[-1][1], token))))
+        else:
+            items.append((key.lower(), value if has_value else None))
+    return items
+
+
+def _list_values(value: str, fractions: bool) -> list[str]:
+    """A list's values split by ';', then by '/' (for numbers that may be fractions, only a
+    part with two or more slashes: "1/255" is one value, "0.4/0.5/0.6" three)."""
+    parts = []
+    for part in value.split(";"):
+        split = not fractions or part.count("/") > 1
+        parts.extend(re.split(r"[/xX]" if not fractions else "/", part) if split else [part])
+    return parts
 
 
 def _parse_value(key: str, value: str | None):
@@ -78,7 +110,7 @@ def _parse_value(key: str, value: str | None):
     if key in ("resize", "crop"):
         return _sizes(value)
     if key in ("mean", "std"):
-        numbers = tuple(_number(part) for part in value.split(";"))
+        numbers = tuple(_number(part) for part in _list_values(value, fractions=True))
         if key == "std" and min(numbers) <= 0:
             raise ValueError(f"'{value}': std must be > 0")
         return numbers
@@ -98,9 +130,9 @@ def _parse_value(key: str, value: str | None):
 
 
 def _sizes(value: str) -> int | tuple[int, int]:
-    """SIZE or HEIGHT;WIDTH, each from 1 to MAX_IMAGE_SIDE."""
+    """SIZE or HEIGHT;WIDTH (or HEIGHTxWIDTH, HEIGHT/WIDTH), each from 1 to MAX_IMAGE_SIDE."""
     try:
-        sizes = [int(part) for part in value.split(";")]
+        sizes = [int(part) for part in _list_values(value, fractions=False)]
     except ValueError:
         sizes = []
     if not 1 <= len(sizes) <= 2 or min(sizes) < 1:
@@ -121,6 +153,33 @@ def _number(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"'{text}' is not a finite number")
     return value
+
+
+# torchvision's ImageNet recipe: the shorter side to 256/224 of the crop, then the centre crop.
+_IMAGENET_RESIZE = 256 / 224
+_IMAGENET_NORMALISE = "scale=1/255,mean=0.485,0.456,0.406,std=0.229,0.224,0.225"
+
+
+def suggested_preprocess(shape: list[int]) -> str:
+    """The --preprocess of an ImageNet-style (torchvision) model with this input shape."""
+    nhwc = shape[-1] in (1, 3) and shape[1] not in (1, 3)
+    height, width = (shape[1], shape[2]) if nhwc else (shape[-2], shape[-1])
+    crop = f"{height}" if height == width else f"{height},{width}"
+    resize = round(min(height, width) * _IMAGENET_RESIZE)
+    layout = ",layout=NHWC" if nhwc else ""
+    return f"resize={resize},crop={crop},{_IMAGENET_NORMALISE}{layout}"
+
+
+def preprocess_for(spec: Preprocess | str | None, shape: list[int]) -> Preprocess:
+    """The preprocessing of images for an input of `shape`; none given is refused, with the
+    option to add: pixels fed the wrong way would make every figure of the run wrong, quietly."""
+    if spec is None:
+        raise CompressError(
+            "--images needs --preprocess to say how pixels become the model's input; for an "
+            f"ImageNet-style model: --preprocess '{suggested_preprocess(shape)}' "
+            "(caffe-style: 'mean=104,117,123,bgr'; raw 0..255 RGB: 'scale=1')"
+        )
+    return parse_preprocess(spec) if isinstance(spec, str) else spec
 
 
 def load_images(

@@ -141,13 +141,16 @@ class PassSpec:
     """A registered pass: its entry function, its frozen options dataclass and one line of help.
     `idempotent`: a second run on its own output changes nothing (its contract; the tests run
     every such pass twice). Other passes either compress further (their budget is of the model
-    they are given) or refuse in one line when nothing is left to do."""
+    they are given) or refuse in one line when nothing is left to do. `lossy`: it changes
+    what the model computes (not an exact rewrite), so without the user's data the run warns
+    that the result was judged on made-up inputs only."""
 
     name: str
     run: PassFunction
     options: type
     help: str
     idempotent: bool = False
+    lossy: bool = False
 
     def option_fields(self) -> list[dataclasses.Field]:
         return list(dataclasses.fields(self.options))

@@ -18,6 +18,8 @@ from onnxcompress.errors import CompressError
 from onnxcompress.holdout import ReadWatch, split_holdout, validation_entry
 from onnxcompress.input_checks import require_sized_tensors
 from onnxcompress.passkit import PassContext, PassSpec, Progress, no_progress
+from onnxcompress.resources import run_resources
+from onnxcompress.verdict import BROKEN, judge, weight_only_warning
 
 StepCallback = Callable[[str], None]
 
@@ -56,7 +58,9 @@ class CompressResult:
     report: dict[str, Any]
     model: onnx.ModelProto
     output: Path
-    passed: bool  # False when over the --max-rel-l2 tolerance, or not validated under one
+    # False when over the --max-rel-l2 tolerance or not validated under one; without that
+    # tolerance, False when the verdict is broken.
+    passed: bool
 
     @property
     def exit_code(self) -> int:
@@ -138,6 +142,7 @@ def compress(
     from onnxcompress import benchmark, runtime, validate
     from onnxcompress.report.files import report_target
 
+    started = time.perf_counter()
     step = on_step or (lambda _name: None)
     progress = progress or no_progress
     model_path = Path(model_path)
@@ -194,6 +199,12 @@ def compress(
         counted = dataclasses.replace(calibration, batches=_CountedBatches(calibration, task))
         fidelity = validate.compare_models(original, model, counted, threads=options.threads)
     fidelity = validation_entry(fidelity, fit, calibration, bool(user_data and user_data.read))
+    verdict = judge(fidelity)
+    weight_only = [
+        entry["name"] for spec, entry in zip(specs, pass_reports, strict=True)
+        if spec.lossy and entry["changed"]
+    ]  # fmt: skip
+    warnings = [weight_only_warning(weight_only)] if weight_only and user_data is None else []
 
     latency = None
     if options.bench:
@@ -217,9 +228,10 @@ def compress(
     if input_hash is not None and io.file_sha256(model_path) != input_hash:
         raise CompressError(f"{model_path}: input file changed during the run (not by this tool?)")
 
-    passed = options.max_rel_l2 is None or (
-        fidelity["validated"] and fidelity["worst_rel_l2"] <= options.max_rel_l2
-    )
+    if options.max_rel_l2 is not None:  # the user's own tolerance decides alone
+        passed = fidelity["validated"] and fidelity["worst_rel_l2"] <= options.max_rel_l2
+    else:
+        passed = verdict["kind"] != BROKEN
     report = {
         "input": str(model_path),
         "output": str(output),
@@ -236,7 +248,10 @@ def compress(
         "validation": fidelity,
         "max_rel_l2": options.max_rel_l2,
         "passed": passed,
+        "verdict": verdict,
+        "warnings": warnings,
         "benchmark": latency,
+        "resources": run_resources(started),
     }
     if report_path is not None:
         from onnxcompress.report.files import write_report

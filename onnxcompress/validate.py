@@ -14,14 +14,12 @@ import onnxruntime as ort
 from onnxcompress import graph
 from onnxcompress.calibration import (
     Calibration,
-    Preprocess,
     calibration_inputs,
-    load_images,
     load_npz_inputs,
-    parse_preprocess,
     random_inputs,
 )
 from onnxcompress.errors import CompressError
+from onnxcompress.images import Preprocess, load_images, parse_preprocess
 from onnxcompress.input_checks import non_finite_count
 from onnxcompress.runtime import make_session, run_session
 

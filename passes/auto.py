@@ -182,7 +182,12 @@ def _options(kind: type, align: int) -> Any:
     return kind(**{"align": align} if "align" in {f.name for f in dataclasses.fields(kind)} else {})
 
 
-@register("auto", AutoOptions, "per layer: keep, svd, cp, tucker2, fga or lrs, by measured cost")
+@register(
+    "auto",
+    AutoOptions,
+    "per layer: keep, svd, cp, tucker2, fga or lrs, by measured cost",
+    lossy=True,
+)
 def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> PassResult:
     model = named_copy(model)
     upcast = None
@@ -205,10 +210,13 @@ def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> 
     if options.wants_int8(context):
         from onnxcompress.passes import int8
 
+        # upcast=false asks for the float16 model as given: int8 must not upcast it either.
+        int8_upcast = options.upcast is not False
+
         def quantize(source: onnx.ModelProto, keep: list[str] = ()) -> onnx.ModelProto:
             # `keep`: nodes left in float (layers whose int8 kernel is slower, and the ops
             # up to the next layers: `graph.float_region`).
-            options = int8.Int8Options(keep=",".join(keep))
+            options = int8.Int8Options(keep=",".join(keep), upcast=int8_upcast)
             return int8.int8(source, options, context).model
 
         def quantize_layer(source: onnx.ModelProto, feeds: dict) -> onnx.ModelProto:
@@ -217,7 +225,7 @@ def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> 
             shapes = {name: list(value.shape) for name, value in feeds.items()}
             alone = PassContext(shapes, calibration=[feeds], threads=context.threads)
             try:
-                return int8.int8(source, int8.Int8Options(), alone).model
+                return int8.int8(source, int8.Int8Options(upcast=int8_upcast), alone).model
             except CompressError as exc:
                 log.debug("auto: int8 timing of a layer in float: %s", exc)
                 return source

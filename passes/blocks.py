@@ -46,7 +46,12 @@ class BlocksOptions:
             raise ValueError(f"ranking_samples must be >= 1, got {self.ranking_samples}")
 
 
-@register("blocks", BlocksOptions, "remove identity residual blocks, least damaging first; refit")
+@register(
+    "blocks",
+    BlocksOptions,
+    "remove identity residual blocks, least damaging first; refit",
+    lossy=True,
+)
 def blocks(model: onnx.ModelProto, options: BlocksOptions, context: PassContext) -> PassResult:
     model = named_copy(model)  # blocks and the layers refit after them are found by node name
     found = residual_blocks.identity_blocks(model)

@@ -94,6 +94,7 @@ class ChannelsOptions:
     "channels",
     ChannelsOptions,
     "structured channel pruning across coupled layers (residuals, depthwise, Concat, Flatten)",
+    lossy=True,
 )
 def channels(model: onnx.ModelProto, options: ChannelsOptions, context: PassContext) -> PassResult:
     importance = _importance(options, context)

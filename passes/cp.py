@@ -283,7 +283,7 @@ def _solve(gram: np.ndarray, mttkrp: np.ndarray) -> np.ndarray:
     return scipy.linalg.solve(regular, mttkrp.T, assume_a="pos").T
 
 
-@register("cp", CpOptions, "CP: k×k Conv → 1×1 → depthwise kh×1 → depthwise 1×kw → 1×1")
+@register("cp", CpOptions, "CP: k×k Conv → 1×1 → depthwise kh×1 → depthwise 1×kw → 1×1", lossy=True)
 def cp(model: onnx.ModelProto, options: CpOptions, context: PassContext) -> PassResult:
     driver = DriverOptions.for_pass(options, explicit=options.rank is not None)
     return run_factorization(model, CpMethod(options), driver, context, "cp")

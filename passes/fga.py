@@ -212,7 +212,7 @@ def _tail_energy(weight: np.ndarray, groups: int, inner: int | None = None) -> n
     return tails
 
 
-@register("fga", FgaOptions, "filter group approximation: k×k Conv → grouped k×k → 1×1")
+@register("fga", FgaOptions, "filter group approximation: k×k Conv → grouped k×k → 1×1", lossy=True)
 def fga(model: onnx.ModelProto, options: FgaOptions, context: PassContext) -> PassResult:
     driver = DriverOptions.for_pass(options, explicit=options.rank is not None)
     return run_factorization(model, FgaMethod(options), driver, context, "fga")

@@ -309,7 +309,9 @@ def _run_unstructured(model, method: LrsMethod, context: PassContext) -> PassRes
     return PassResult(rewritten if changed else model, changed, records, summary)
 
 
-@register("lrs", LrsOptions, "low-rank + sparse: W ≈ L + S, two branches summed (Yu 2017)")
+@register(
+    "lrs", LrsOptions, "low-rank + sparse: W ≈ L + S, two branches summed (Yu 2017)", lossy=True
+)
 def lrs(model: onnx.ModelProto, options: LrsOptions, context: PassContext) -> PassResult:
     explicit = options.rank is not None and options.sparsity is not None
     method = LrsMethod(options, context)

@@ -84,6 +84,7 @@ def parse_pattern(text: str) -> tuple[int, int]:
     PruneOptions,
     "magnitude pruning of Conv/Gemm/MatMul weights (size once coded)",
     idempotent=True,  # the sparsity is of all weights: the zeros already there are the smallest
+    lossy=True,
 )
 def prune(model: onnx.ModelProto, options: PruneOptions, context: PassContext) -> PassResult:
     work = onnx.ModelProto()

@@ -86,7 +86,9 @@ def parse_bits(text: str) -> list[int]:
     return widths
 
 
-@register("rdprune", RdPruneOptions, "SuRP rate-distortion pruning, entropy-coded (.onnxc)")
+@register(
+    "rdprune", RdPruneOptions, "SuRP rate-distortion pruning, entropy-coded (.onnxc)", lossy=True
+)
 def rdprune(model: onnx.ModelProto, options: RdPruneOptions, context: PassContext) -> PassResult:
     work = onnx.ModelProto()
     work.CopyFrom(model)

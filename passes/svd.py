@@ -261,7 +261,12 @@ def _spatial_rewrite(layer: ConvLayer, rank: int, namer: Namer) -> Rewrite:
     return Rewrite([first, last], first_inits + last_inits, site)
 
 
-@register("svd", SvdOptions, "truncated SVD: Gemm/MatMul → two through rank r; k×k Conv → k×1, 1×k")
+@register(
+    "svd",
+    SvdOptions,
+    "truncated SVD: Gemm/MatMul → two through rank r; k×k Conv → k×1, 1×k",
+    lossy=True,
+)
 def svd(model: onnx.ModelProto, options: SvdOptions, context: PassContext) -> PassResult:
     driver = DriverOptions.for_pass(options, explicit=options.rank is not None)
     method = SvdMethod(options, refit_data=bool(options.refit and context.calibration))

@@ -181,7 +181,7 @@ def _hosvd_kept_energy(weight: np.ndarray) -> np.ndarray:
     return kept
 
 
-@register("tucker2", Tucker2Options, "Tucker-2: k×k Conv → 1×1 → k×k core → 1×1")
+@register("tucker2", Tucker2Options, "Tucker-2: k×k Conv → 1×1 → k×k core → 1×1", lossy=True)
 def tucker2(model: onnx.ModelProto, options: Tucker2Options, context: PassContext) -> PassResult:
     driver = DriverOptions.for_pass(
         options,

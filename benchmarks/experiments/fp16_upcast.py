@@ -41,7 +41,7 @@ def build(model, context: PassContext) -> dict:
     return {
         "float16 (as shipped)": model,
         "upcast": upcast,
-        "int8": run_pass("int8", model, context),
+        "int8": run_pass("int8", model, context, upcast=False),  # the file as given
         "upcast,int8": run_pass("int8", upcast, context),
         f"upcast,int8, in float: {', '.join(region)}": run_pass(
             "int8", upcast, context, keep=",".join(region)

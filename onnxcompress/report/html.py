@@ -17,7 +17,10 @@ from onnxcompress.report.terminal import (
     fidelity_title,
     pass_notes,
     pass_outcome,
+    run_line,
     summary_rows,
+    verdict_line,
+    warning_lines,
 )
 
 STYLE = """
@@ -30,6 +33,8 @@ th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
 td.text { text-align: left; }
 tr.skipped td { color: #777; } tr.reverted td { background: #fff6e5; }
 .warning { color: #a40; } .note { color: #555; }
+.verdict { font-size: 1.15em; } .broken { color: #b00; } .lossy { color: #a40; }
+.deployable { color: #070; }
 img { max-width: 100%; display: block; margin: .5em 0; }
 code { background: #f4f4f4; padding: 0 .3em; }
 """
@@ -46,10 +51,17 @@ def render_html(report: dict[str, Any]) -> str:
         "<h1>onnxcompress report</h1>",
         f"<p><code>{escape(str(report['input']))}</code> → "
         f"<code>{escape(str(report['output']))}</code></p>",
-        "<h2>Summary</h2>",
-        table(SUMMARY_COLUMNS, summary_rows(report)),
-        f"<h2>{escape(fidelity_title(report))}</h2>",
     ]
+    if verdict_line(report):
+        kind = escape(report["verdict"]["kind"].replace(" ", "-"))
+        body.append(
+            f'<p class="verdict {kind}"><strong>{escape(verdict_line(report))}</strong></p>'
+        )
+    body += [f'<p class="warning">{escape(line)}</p>' for line in warning_lines(report)]
+    body += ["<h2>Summary</h2>", table(SUMMARY_COLUMNS, summary_rows(report))]
+    if run_line(report):
+        body.append(f"<p>{escape(run_line(report))}</p>")
+    body.append(f"<h2>{escape(fidelity_title(report))}</h2>")
     if fidelity_note(report):
         body.append(f'<p class="warning">{escape(fidelity_note(report))}</p>')
     if fidelity_rows(report):

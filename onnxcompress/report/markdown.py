@@ -13,7 +13,10 @@ from onnxcompress.report.terminal import (
     fidelity_title,
     pass_notes,
     pass_outcome,
+    run_line,
     summary_rows,
+    verdict_line,
+    warning_lines,
 )
 
 
@@ -23,8 +26,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     parts = [
         "# onnxcompress report",
         f"`{_code(report['input'])}` → `{_code(report['output'])}`",
+        f"**{_cell(verdict_line(report))}**" if verdict_line(report) else "",
+        "\n".join(f"- **{_cell(line)}**" for line in warning_lines(report)),
         "## Summary",
         table(SUMMARY_COLUMNS, summary_rows(report)),
+        _cell(run_line(report)),
         f"## {_cell(fidelity_title(report))}",
         _cell(fidelity_note(report)),
         table(FIDELITY_COLUMNS, fidelity_rows(report)) if fidelity_rows(report) else "",

@@ -153,3 +153,25 @@ def pass_notes(entry: dict[str, Any]) -> list[str]:
     if isinstance(summary.get("refit"), str):
         lines.append(f"refit: {summary['refit']}")
     return lines
+
+
+def verdict_line(report: dict[str, Any]) -> str:
+    """The run's verdict in one line ("" for reports made before verdicts)."""
+    verdict = report.get("verdict")
+    return f"verdict: {verdict['text']}" if verdict else ""
+
+
+def run_line(report: dict[str, Any]) -> str:
+    """The tool's own wall time and peak memory ("" for reports made before they were kept)."""
+    resources = report.get("resources")
+    if not resources:
+        return ""
+    line = f"this run: {resources['wall_seconds']:.1f} s wall time"
+    if resources.get("peak_memory_bytes") is not None:
+        line += f", peak memory {human(resources['peak_memory_bytes'])}B"
+    return line
+
+
+def warning_lines(report: dict[str, Any]) -> list[str]:
+    """The run's warnings, each prefixed `warning: `."""
+    return [f"warning: {text}" for text in report.get("warnings") or []]

@@ -481,7 +481,8 @@ def test_cli_prunes_resnet_style(tmp_path: Path):
         text=True,
         timeout=300,
     )
-    assert done.returncode == 0, done.stderr
+    # Random weights, no data: the verdict may well be broken, which exits 1 (model written).
+    assert done.returncode == (1 if "verdict: broken" in done.stdout else 0), done.stderr
     pruned = onnx.load(out)
     graph.check_model(pruned)
     assert out_channels(pruned)["stage3.block0.conv1"] == 32

@@ -5,6 +5,7 @@ top-1 kept on ResNet-20, and clean errors for what it cannot do."""
 from __future__ import annotations
 
 import io as stdio
+import json
 
 import numpy as np
 import onnx
@@ -237,3 +238,46 @@ def test_svd_gemm_with_bias_then_int8():
         run_model(result.model, data)["logits"],
     )
     assert rel_l2(before, after) < 0.1
+
+
+# -- a float16 model: upcast first, as `--passes upcast,int8` ------------------------------
+
+
+def _float16_run(model, **options):
+    shapes = graph.resolve_input_shapes(model, {"input": [4, 3, 32, 32]})
+    context = PassContext(input_shapes=shapes, calibration=random_inputs(model, shapes, count=4))
+    return SPEC.run(model, SPEC.make_options(options), context), context
+
+
+def test_float16_model_is_upcast_first_exactly_as_upcast_then_int8(resnet_style):
+    half = fixtures.half_precision(resnet_style)
+    result, context = _float16_run(half)
+    upcast = get_pass("upcast")
+    by_hand = SPEC.run(upcast.run(half, upcast.make_options({}), context).model,
+                       SPEC.make_options({}), context)  # fmt: skip
+    assert result.model == by_hand.model
+    assert "upcast to float32 first" in result.summary["notes"]
+    assert result.summary["upcast"]["boundary casts"] == 2
+    assert not any(t.data_type == TensorProto.FLOAT16 for t in result.model.graph.initializer)
+    assert result.model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    # What the upcast avoids: int8 of the float16 file as given is larger than the file itself.
+    as_given, _ = _float16_run(half, upcast="false")
+    assert "upcast" not in as_given.summary
+    assert result.model.ByteSize() < half.ByteSize() < as_given.model.ByteSize()
+
+
+def test_cli_int8_of_a_float16_model_says_it_upcast(tmp_path, resnet_style):
+    from onnxcompress.cli import main
+
+    half, model = fixtures.half_precision(resnet_style), tmp_path / "half.onnx"
+    onnx.save(half, model)
+    data, report = tmp_path / "x.npz", tmp_path / "r.json"
+    shapes = graph.resolve_input_shapes(half, {"input": [8, 3, 32, 32]})
+    np.savez(data, input=random_inputs(half, shapes, count=1)[0]["input"])
+    args = ["--passes", "int8", "--data", data, "-o", tmp_path / "o.onnx", "--report", report]
+    code = main([str(a) for a in [model, *args, "--no-bench", "-q"]])
+    stated = json.loads(report.read_text())
+    assert code == (1 if stated["verdict"]["kind"] == "broken" else 0)
+    entry = stated["passes"][0]
+    assert entry["summary"]["upcast"]["to"] == "float32"
+    assert (tmp_path / "o.onnx").stat().st_size < model.stat().st_size
