@@ -87,8 +87,11 @@ class _Figures:
     def broken(self) -> bool:
         """Far from the original. A proportion counts only when even its interval's upper end
         is under the limit: exit 1 needs evidence, not one unlucky sample of three."""
-        # not (x < limit): a NaN or infinite error counts as broken.
-        if not self.worst_rel_l2 < BROKEN_REL_L2:
+        if not math.isfinite(self.worst_rel_l2):
+            return True
+        # Class scores are judged by the predictions: logits can move far (a rescaled or
+        # flattened softmax) while top-1 holds. not (x < limit): NaN counts as broken.
+        if self.signal_rel_l2 is not None and not self.signal_rel_l2 < BROKEN_REL_L2:
             return True
         if self.agreement is not None and self._upper(self.agreement) < BROKEN_AGREEMENT:
             return True

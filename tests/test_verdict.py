@@ -82,6 +82,13 @@ def test_signal_outputs_decide_by_relative_l2():
         assert judge(_validation(rel_l2=bad))["kind"] == "broken"
 
 
+def test_class_scores_far_in_l2_but_agreeing_are_judged_by_their_predictions():
+    # A flattened softmax: far from the original's scores, the same top-1 almost everywhere.
+    far = judge(_validation(rel_l2=2 * verdict.BROKEN_REL_L2, agreement=0.97))
+    assert far["kind"] == "lossy"
+    assert judge(_validation(rel_l2=math.nan, agreement=1.0))["kind"] == "broken"
+
+
 def test_collapsed_agreement_or_accuracy_is_broken_only_with_evidence():
     collapsed = verdict.BROKEN_AGREEMENT / 2
     assert judge(_validation(agreement=collapsed))["kind"] == "broken"
