@@ -24,6 +24,7 @@ class LayerChoice:
     layer: Any
     ladder: list[Candidate]
     index: int = -1  # -1: keep the original layer
+    scale: float = 1.0  # output damage per unit of error² (output_sensitivity), 1: unmeasured
 
     @property
     def current(self) -> Candidate | None:
@@ -58,7 +59,7 @@ def allocate(
             raise CompressError(
                 f"target_macs={target:g} is not reachable: with every layer it can rewrite "
                 f"at its smallest rank, this pass keeps {best:.3f} of the model's MACs "
-                f"({len(choices)} layers rewritable)"
+                f"({len(choices)} layers rewritable{_kept_note(summary)})"
             )
         # The pass's own default budget: do what it can, at a ratio the layers allow.
         budget = cheapest + (sum(c.layer.macs for c in choices) - cheapest) / 2
@@ -72,11 +73,16 @@ def allocate(
     summary["planned_macs_ratio"] = planned / max(1, total_macs)
 
 
+def _kept_note(summary: dict) -> str:
+    kept = summary.get("kept_collapsing") or []
+    return f"; kept because they collapse the outputs alone: {', '.join(kept)}" if kept else ""
+
+
 def _knapsack(choices: list[LayerChoice], budget: float) -> None:
     # Per layer: keep it (its own MACs, no error) or one rung of its ladder (error²).
     groups = [
         [allocation.Option(choice.layer.macs, 0.0)]
-        + [allocation.Option(c.macs, c.error**2) for c in choice.ladder]
+        + [allocation.Option(c.macs, choice.scale * c.error**2) for c in choice.ladder]
         for choice in choices
     ]
     for choice, index in zip(choices, allocation.choose(groups, budget, BUDGET_STEPS), strict=True):

@@ -21,6 +21,8 @@ from onnxcompress.factorization import (
     DriverOptions,
     Rewrite,
     activation_aware_option,
+    allocation_option,
+    keep_collapsing_option,
     pointwise_output,
     run_factorization,
 )
@@ -71,6 +73,8 @@ class CpOptions:
     )
     refit: bool = option(True, "refit the last 1×1 factor and bias on calibration data")
     activation_aware: bool = activation_aware_option()
+    allocation: str = allocation_option()
+    keep_collapsing: bool = keep_collapsing_option()
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("rank", "align", "n_iter_max"))

@@ -17,6 +17,8 @@ from onnxcompress.factorization import (
     DriverOptions,
     Rewrite,
     activation_aware_option,
+    allocation_option,
+    keep_collapsing_option,
     pointwise_output,
     run_factorization,
 )
@@ -68,6 +70,8 @@ class FgaOptions:
     min_speedup: float = min_speedup_option()
     refit: bool = option(True, "refit the 1×1 factor and bias on calibration data")
     activation_aware: bool = activation_aware_option()
+    allocation: str = allocation_option()
+    keep_collapsing: bool = keep_collapsing_option()
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("groups", "rank", "align", "inner_channels"))

@@ -31,6 +31,8 @@ from onnxcompress.factorization import (
     DriverOptions,
     Rewrite,
     activation_aware_option,
+    allocation_option,
+    keep_collapsing_option,
     pointwise_output,
     run_factorization,
 )
@@ -85,6 +87,8 @@ class SvdOptions:
         " both factors by reduced-rank regression on the data, chosen on held-out samples",
     )
     activation_aware: bool = activation_aware_option()
+    allocation: str = allocation_option()
+    keep_collapsing: bool = keep_collapsing_option()
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("rank", "align"))

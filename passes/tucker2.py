@@ -16,6 +16,8 @@ from onnxcompress.factorization import (
     DriverOptions,
     Rewrite,
     activation_aware_option,
+    allocation_option,
+    keep_collapsing_option,
     pointwise_output,
     run_factorization,
 )
@@ -63,6 +65,8 @@ class Tucker2Options:
     min_speedup: float = min_speedup_option()
     refit: bool = option(True, "refit the last 1×1 factor and bias on calibration data")
     activation_aware: bool = activation_aware_option()
+    allocation: str = allocation_option()
+    keep_collapsing: bool = keep_collapsing_option()
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("rank_in", "rank_out", "align"))

@@ -345,4 +345,29 @@ def test_reverted_layers_that_miss_the_target_are_said(monkeypatch):
     reverted = [r for r in result.records if r.status == "reverted"]
     assert reverted and all("1.07× slower" in r.reason for r in reverted)
     assert result.summary["target_reached"] is False
-    assert "after reverting" in result.summary["note"]
+    # Each solve picks another layer and each is put back: all three, target missed.
+    assert {r.node for r in reverted} == set(LAYERS)
+    assert "3 layers were put back as not faster" in result.summary["note"]
+
+
+def test_the_budget_is_solved_again_among_the_layers_that_stay_fast(monkeypatch):
+    import onnxcompress.auto.layer_timing as layer_timing
+
+    def timing(constants, layer, rewrite, threads):
+        speedup = 0.9 if layer.name == "conv1" else 2.0  # conv1's rewrite is slower
+        return {"original_ms": 1.0, "rewritten_ms": 1 / speedup, "speedup": speedup}
+
+    monkeypatch.setattr(layer_timing, "compare_layer", timing)
+    # conv1 is the cheapest to cut (least error per MAC): the first solve takes it alone.
+    tables = {"conv0": [(0.5, 0.2)], "conv1": [(0.5, 0.01)], "conv2": [(0.5, 0.2)]}
+    target = 1 - LAYER_MACS["conv1"] / 2 / TOTAL + 0.01  # the knapsack rounds costs up
+    driver = DriverOptions(never_slower=True, refit=False, target_macs=target)
+    result = run_factorization(
+        MODEL, FakeMethod(tables), driver, PassContext(ANALYSIS.input_shapes), "fake"
+    )
+    status = {r.node: r.status for r in result.records}
+    assert status["conv1"] == "reverted"
+    assert "rewritten" in (status["conv0"], status["conv2"])
+    # The fake's rewrites are copies of the layers: the plan's MACs are the ones to check.
+    assert result.summary["planned_macs_ratio"] <= target
+    assert result.summary["budget_solves"] == 2
