@@ -90,10 +90,10 @@ def refit_layers(
 
 
 def _accumulate(source, rewritten, site: RefitSite, context: PassContext):
-    from onnxcompress.runtime import expose_outputs, make_session, run_session
+    from onnxcompress.runtime import expose_only, make_session, run_session
 
     target = make_session(
-        expose_outputs(rewritten, [site.input]), threads=context.threads, optimize=True
+        expose_only(rewritten, [site.input]), threads=context.threads, optimize=True
     )
     weight = _initializer(rewritten, site.weight)
     if site.kind == "matmul":

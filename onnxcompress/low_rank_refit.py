@@ -31,6 +31,7 @@ CHECK_EVERY = 5
 STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 # The last-factor-only fit's ridge, as layer_refit's least-squares solve uses.
 LAST_RIDGE = 1e-6
+LAST_ONLY = "last factor"
 
 
 @dataclass
@@ -53,11 +54,11 @@ class _Fit:
 
 def fit_both_factors(source, rewritten: onnx.ModelProto, site, context: PassContext):
     """Refit `site` (a layer_refit.RefitSite with `first`) in place; returns (result, bytes)."""
-    from onnxcompress.runtime import expose_outputs, make_session
+    from onnxcompress.runtime import expose_only, make_session
 
     first = site.first
     target = make_session(
-        expose_outputs(rewritten, [first.input]), threads=context.threads, optimize=True
+        expose_only(rewritten, [first.input]), threads=context.threads, optimize=True
     )
     held_out, fitted, batch_bytes = _accumulate(source, target, site, context)
     current = _current(rewritten, site)
@@ -115,19 +116,24 @@ def _rows(tensor: np.ndarray, kind: str) -> np.ndarray:
     return tensor.reshape(-1, tensor.shape[-1])
 
 
-def _fits(equations: LeastSquaresAccumulator, current: _Fit, prior: np.ndarray) -> list[_Fit]:
-    """The last factor refitted under the current first one, and both at every strength."""
+def _fits(
+    equations: LeastSquaresAccumulator, current: _Fit, prior: np.ndarray, only: str | None = None
+) -> list[_Fit]:
+    """The last factor refitted under the current first one, and both at every strength
+    (`only`: just the fit of that label)."""
     if equations.count == 0:
         return []
     mean_x, mean_y, gram, cross = equations.centred()
-    fits = [_last_only(current, mean_x, mean_y, gram, cross)]
+    fits = []
+    if only in (None, LAST_ONLY):
+        fits.append(_last_only(current, mean_x, mean_y, gram, cross))
     unit = max(float(np.trace(gram)) / len(gram), 1e-30)
     rank = current.factors[0].shape[0]
     for strength in STRENGTHS:
-        low = reduced_rank_fit(gram, cross, rank, prior, strength * unit)
-        fits.append(
-            _with_bias(f"both factors, λ={strength:g}", low.first, low.last, mean_x, mean_y)
-        )
+        label = f"both factors, λ={strength:g}"
+        if only in (None, label):
+            low = reduced_rank_fit(gram, cross, rank, prior, strength * unit)
+            fits.append(_with_bias(label, low.first, low.last, mean_x, mean_y))
     return fits
 
 
@@ -136,7 +142,7 @@ def _last_only(current: _Fit, mean_x, mean_y, gram, cross) -> _Fit:
     gram_z, cross_z = first @ gram @ first.T, first @ cross
     ridge = LAST_RIDGE * max(float(np.trace(gram_z)) / len(gram_z), 1e-30)
     last = solve_symmetric(gram_z + ridge * np.eye(len(gram_z)), cross_z).T
-    return _with_bias("last factor", first, last, mean_x, mean_y)
+    return _with_bias(LAST_ONLY, first, last, mean_x, mean_y)
 
 
 def _with_bias(label, first, last, mean_x, mean_y) -> _Fit:
@@ -145,7 +151,7 @@ def _with_bias(label, first, last, mean_x, mean_y) -> _Fit:
 
 
 def _refitted(best: _Fit, equations, current: _Fit, prior) -> _Fit:
-    return next(fit for fit in _fits(equations, current, prior) if fit.label == best.label)
+    return _fits(equations, current, prior, only=best.label)[0]
 
 
 def _relative(squared: float, energy: float) -> float:

@@ -83,9 +83,9 @@ def check_target_after_reverts(summary: dict, records: list[NodeRecord]) -> None
     summary["target_reached"] = ratio <= target + 1e-9
     if not summary["target_reached"]:
         solves = summary.get("budget_solves", 1)
-        summary.setdefault(
-            "note",
+        missed = (
             f"target {target:.2f} missed: {ratio:.3f} of MACs; {reverted} layers were put back "
             f"as not faster, and the budget solved {solves} times among the others could not "
-            "make up for them",
+            "make up for them"
         )
+        summary["note"] = f"{missed}; {summary['note']}" if summary.get("note") else missed

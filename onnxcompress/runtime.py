@@ -59,6 +59,42 @@ def expose_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return exposed
 
 
+def expose_only(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy whose only outputs are `names`, cut down to the nodes they depend on:
+    onnxruntime runs every node of a graph whatever outputs are asked for, so a refit that
+    reads an early tensor would otherwise pay for the whole model. Graphs with subgraphs
+    (If, Loop, Scan) are only exposed, not cut: their bodies may read any outer tensor."""
+    nodes = model.graph.node
+    if any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for node in nodes
+        for a in node.attribute
+    ):
+        exposed = expose_outputs(model, names)
+        del exposed.graph.output[:]
+        exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+        return exposed
+    needed, keep = set(names), []
+    for node in reversed(nodes):
+        if needed.intersection(node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    graph = cut.graph
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    initializers = [init for init in graph.initializer if init.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    inputs = [value for value in graph.input if value.name in needed]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    del graph.output[:]
+    graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    return cut
+
+
 def run_session(
     session: ort.InferenceSession, batch: dict[str, np.ndarray], output_names=None
 ) -> list[np.ndarray]:

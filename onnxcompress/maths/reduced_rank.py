@@ -25,6 +25,14 @@ import scipy.linalg
 JITTER = 1e-9
 
 
+def _svd(matrix: np.ndarray):
+    """gesdd (fast); gesvd when it does not converge, as it can on ill-conditioned input."""
+    try:
+        return scipy.linalg.svd(matrix, full_matrices=False)
+    except np.linalg.LinAlgError:
+        return scipy.linalg.svd(matrix, full_matrices=False, lapack_driver="gesvd")
+
+
 @dataclass
 class LowRankFit:
     """P ≈ last @ first; `dropped`: the objective the truncation added (Σ of the tail s²)."""
@@ -64,7 +72,7 @@ def reduced_rank_fit(
     target = h + lam * np.asarray(prior, dtype=np.float64).T if prior is not None else h
     lower = np.linalg.cholesky(g + lam * np.eye(k))
     whitened = scipy.linalg.solve_triangular(lower, target, lower=True)
-    u, s, vt = scipy.linalg.svd(whitened, full_matrices=False, lapack_driver="gesvd")
+    u, s, vt = _svd(whitened)
     root = np.sqrt(s[:rank])
     # first = √s Uᵣᵀ L⁻¹, i.e. the rows of L⁻ᵀ Uᵣ √s.
     first = scipy.linalg.solve_triangular(lower, u[:, :rank] * root, lower=True, trans="T").T
