@@ -16,6 +16,7 @@ from onnxcompress import activation_scale, layer_refit, output_sensitivity
 from onnxcompress.analyse import ModelAnalysis, analyse
 from onnxcompress.errors import CompressError
 from onnxcompress.input_checks import require_finite_weights
+from onnxcompress.keep_rule import kept_layers
 from onnxcompress.layer_plan import (  # noqa: F401  (CLIFF_ERROR, pareto_ladder re-exported)
     CLIFF_ERROR,
     COLLAPSE_REL_L2,
@@ -94,6 +95,14 @@ def allocation_option() -> Any:
     )
 
 
+def keep_option() -> Any:
+    return option(
+        None,
+        "layers left as they are, comma-separated: first, last (the pass's layers in graph "
+        "order) and fnmatch patterns on node names, e.g. 'first,*classifier*'",
+    )
+
+
 def keep_collapsing_option() -> Any:
     return option(
         True,
@@ -125,6 +134,7 @@ class DriverOptions:
     activation_aware: bool = False
     allocation: str = "layer"
     keep_collapsing: bool = True
+    keep: str | None = None
     default_target: bool = False  # target_macs is the pass's default, not the user's
 
     @classmethod
@@ -146,6 +156,7 @@ class DriverOptions:
             activation_aware=getattr(options, "activation_aware", False),
             allocation=allocation,
             keep_collapsing=getattr(options, "keep_collapsing", True),
+            keep=getattr(options, "keep", None),
             default_target=options.target_macs is None and target is not None,
         )
 
@@ -181,6 +192,8 @@ def run_factorization(
     model = named_copy(model)
     analysis = analyse(model, context.input_shapes)
     layers, skipped = method.layers(model, analysis)
+    layers, kept = _split_kept(layers, options.keep, f"{pass_name}.keep")
+    skipped += kept
     require_finite_weights(decomposed_weights(layers, method), pass_name)
     transforms = _input_transforms(model, layers, method, options, context)
     layers = [
@@ -260,6 +273,24 @@ def _fast_plan(model, plan: Plan, method, namer, built: dict, options: DriverOpt
     names = {r.node for r in slow}
     plan.settle(names)
     return [(layer, c) for layer, c in plan.chosen() if layer.name not in names], slow
+
+
+def _split_kept(layers: list, keep: str | None, option_name: str) -> tuple[list, list]:
+    """(layers the pass may rewrite, a skip record for each one `keep` names)."""
+    if keep is None:
+        return layers, []
+    kept = kept_layers([layer.name for layer in layers], keep, option_name)
+    records = [
+        NodeRecord(
+            layers[i].name,
+            layers[i].node.op_type,
+            "skipped",
+            f"kept: {why}",
+            macs_before=layers[i].macs,
+        )
+        for i, why in sorted(kept.items())
+    ]
+    return [layer for i, layer in enumerate(layers) if i not in kept], records
 
 
 def decomposed_weights(layers: list, method: Method):

@@ -23,6 +23,7 @@ from onnxcompress.factorization import (
     activation_aware_option,
     allocation_option,
     keep_collapsing_option,
+    keep_option,
     pointwise_output,
     run_factorization,
 )
@@ -75,6 +76,7 @@ class CpOptions:
     activation_aware: bool = activation_aware_option()
     allocation: str = allocation_option()
     keep_collapsing: bool = keep_collapsing_option()
+    keep: str | None = keep_option()
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("rank", "align", "n_iter_max"))

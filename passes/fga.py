@@ -19,6 +19,7 @@ from onnxcompress.factorization import (
     activation_aware_option,
     allocation_option,
     keep_collapsing_option,
+    keep_option,
     pointwise_output,
     run_factorization,
 )
@@ -72,6 +73,7 @@ class FgaOptions:
     activation_aware: bool = activation_aware_option()
     allocation: str = allocation_option()
     keep_collapsing: bool = keep_collapsing_option()
+    keep: str | None = keep_option()
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("groups", "rank", "align", "inner_channels"))

@@ -4,7 +4,6 @@ nothing at run time or on disk as plain `.onnx`; the summary gives the size once
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from dataclasses import dataclass
 
@@ -14,6 +13,7 @@ import onnx
 from onnxcompress import graph
 from onnxcompress.coding import onnxc_writer as onnxc_writer
 from onnxcompress.errors import CompressError
+from onnxcompress.keep_rule import kept_layers
 from onnxcompress.maths.sparsity import SCOPES, magnitude_masks, nm_mask, quantize_uniform
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list, option
 from onnxcompress.prunable import PrunableLayer, label, prunable_layers, write_weights
@@ -127,18 +127,8 @@ def _split_kept(
 ) -> tuple[list[PrunableLayer], list[tuple[PrunableLayer, str]]]:
     """(layers to prune, [(layer, why kept dense)]); a shared weight is kept if any user is.
     `keep` None (the option value "none") keeps nothing."""
-    tokens = comma_list(keep)
-    kept: dict[int, str] = {}
-    if tokens != ["none"]:
-        for token in tokens:
-            if token == "first" and layers:
-                kept.setdefault(0, "kept dense: first prunable layer (prune.keep)")
-            elif token == "last" and layers:
-                kept.setdefault(len(layers) - 1, "kept dense: last prunable layer (prune.keep)")
-            else:
-                for index, layer in enumerate(layers):
-                    if fnmatch.fnmatchcase(label(layer.node), token):
-                        kept.setdefault(index, f"kept dense: name matches '{token}' (prune.keep)")
+    names = [label(layer.node) for layer in layers]
+    kept = {i: f"kept dense: {why}" for i, why in kept_layers(names, keep, "prune.keep").items()}
     dense_weights = {layers[i].weight for i in kept}
     pruned, dense = [], []
     for index, layer in enumerate(layers):

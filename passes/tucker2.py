@@ -18,6 +18,7 @@ from onnxcompress.factorization import (
     activation_aware_option,
     allocation_option,
     keep_collapsing_option,
+    keep_option,
     pointwise_output,
     run_factorization,
 )
@@ -67,6 +68,7 @@ class Tucker2Options:
     activation_aware: bool = activation_aware_option()
     allocation: str = allocation_option()
     keep_collapsing: bool = keep_collapsing_option()
+    keep: str | None = keep_option()
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("rank_in", "rank_out", "align"))

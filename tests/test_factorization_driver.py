@@ -371,3 +371,30 @@ def test_the_budget_is_solved_again_among_the_layers_that_stay_fast(monkeypatch)
     # The fake's rewrites are copies of the layers: the plan's MACs are the ones to check.
     assert result.summary["planned_macs_ratio"] <= target
     assert result.summary["budget_solves"] == 2
+
+
+@pytest.mark.parametrize(
+    "keep, kept",
+    [("conv1", {"conv1"}), ("first,last", {"conv0", "conv2"}), ("conv[02]", {"conv0", "conv2"})],
+)
+def test_keep_leaves_the_named_layers_as_they_are(keep, kept):
+    tables = {name: [(0.5, 0.01)] for name in LAYERS}
+    driver = DriverOptions(never_slower=False, refit=False, target_macs=0.9, keep=keep)
+    result = run_factorization(
+        MODEL, FakeMethod(tables), driver, PassContext(ANALYSIS.input_shapes), "fake"
+    )
+    reasons = {r.node: r.reason for r in result.records if r.reason.startswith("kept: ")}
+    assert {name for name, why in reasons.items() if "(fake.keep)" in why} == kept
+    assert not kept & {r.node for r in result.records if r.status == "rewritten"}
+
+
+def test_an_empty_keep_is_refused():
+    driver = DriverOptions(never_slower=False, refit=False, target_macs=0.9, keep=" , ")
+    with pytest.raises(CompressError, match="fake.keep is empty"):
+        run_factorization(
+            MODEL,
+            FakeMethod({"conv0": [(0.5, 0.01)]}),
+            driver,
+            PassContext(ANALYSIS.input_shapes),
+            "fake",
+        )
