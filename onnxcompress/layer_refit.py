@@ -50,17 +50,18 @@ def refit_layers(
     context: PassContext,
 ) -> dict[str, Any]:
     """Refit every site in place in `rewritten`; returns a summary for the pass record."""
-    from onnxcompress.runtime import expose_outputs, make_session
+    from onnxcompress.runtime import expose_only, make_session
 
     order = {out: i for i, node in enumerate(rewritten.graph.node) for out in node.output}
-    # The original never changes: one session exposes every layer output refit needs.
-    source = make_session(
-        expose_outputs(original, [s.output for s in sites]), threads=context.threads, optimize=True
-    )
     peak = 0
     improved = 0
     ordered = sorted(sites, key=lambda s: order.get(s.output, 0))
     for site in track(context.progress, "refitting layers", ordered):
+        # The original cut to what this layer's output needs: a refit of an early layer does
+        # not pay for the whole model on every batch.
+        source = make_session(
+            expose_only(original, [site.output]), threads=context.threads, optimize=True
+        )
         if site.first is not None:
             site.result, batch_bytes = fit_both_factors(source, rewritten, site, context)
             improved += site.result["fit"] != "as built"

@@ -1,6 +1,7 @@
-"""Per-layer view of one factorization pass on a benchmark model: which layers were rewritten,
-at which rank, the weight error the allocation saw, what the calibration refit chose and its
-error on held-out calibration samples, then the model's score on the evaluation data.
+"""Per-layer view of one factorization pass on a benchmark model: which layers were rewritten
+(or kept as collapsing the outputs), at which rank, the weight error the allocation saw, the
+output error of the layer rewritten alone (the probe), what the calibration refit chose and
+its error on held-out calibration samples, then the model's score on the evaluation data.
 
     python benchmarks/experiments/layer_fits.py --model minilm --pass svd --opt target_macs=0.7
     python benchmarks/experiments/layer_fits.py --model resnet20 --pass svd --opt align=8 \\
@@ -48,10 +49,12 @@ def main() -> None:
     start = time.perf_counter()
     result = spec.run(bench.model, spec.make_options(raw), context)
     seconds = time.perf_counter() - start
-    print("| layer | rank | weight error | fit | held-out error before → after | rows |")
-    print("|---|---|---|---|---|---|")
+    print("| layer | rank | weight error | alone: output rel L2 | fit | held-out error | rows |")
+    print("|---|---|---|---|---|---|---|")
     for record in result.records:
         if record.status != "rewritten":
+            if record.reason.startswith("kept: rewritten alone"):
+                print(f"| {record.node} | kept | | | {record.reason} | | |")
             continue
         details, refit = record.details, record.details.get("refit") or {}
         held = (
@@ -62,7 +65,8 @@ def main() -> None:
         )
         print(
             f"| {record.node} | {details.get('rank', details.get('ranks', '—'))} | "
-            f"{details['weight_rel_error']:.3f} | {refit.get('fit', 'last factor')} | {held} | "
+            f"{details['weight_rel_error']:.3f} | {details.get('probe_output_rel_l2', '—')} | "
+            f"{refit.get('fit', 'last factor')} | {held} | "
             f"{refit.get('rows', '—')} |"
         )
     print(f"\nsummary: macs ratio {result.summary.get('macs_ratio'):.3f}; pass {seconds:.1f} s")
