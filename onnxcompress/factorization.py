@@ -16,7 +16,7 @@ from onnxcompress import activation_scale, layer_refit, output_sensitivity
 from onnxcompress.analyse import ModelAnalysis, analyse
 from onnxcompress.errors import CompressError
 from onnxcompress.input_checks import require_finite_weights
-from onnxcompress.keep_rule import kept_layers
+from onnxcompress.keep_rule import kept_layers, last_weighted_layer
 from onnxcompress.layer_plan import (  # noqa: F401  (CLIFF_ERROR, pareto_ladder re-exported)
     CLIFF_ERROR,
     COLLAPSE_REL_L2,
@@ -98,8 +98,9 @@ def allocation_option() -> Any:
 def keep_option() -> Any:
     return option(
         None,
-        "layers left as they are, comma-separated: first, last (the pass's layers in graph "
-        "order) and fnmatch patterns on node names, e.g. 'first,*classifier*'",
+        "layers left as they are, comma-separated: classifier (the model's last weighted "
+        "layer), first, last (the pass's layers in graph order), fnmatch patterns on node "
+        "names; default none",
     )
 
 
@@ -192,7 +193,7 @@ def run_factorization(
     model = named_copy(model)
     analysis = analyse(model, context.input_shapes)
     layers, skipped = method.layers(model, analysis)
-    layers, kept = _split_kept(layers, options.keep, f"{pass_name}.keep")
+    layers, kept = _split_kept(model, layers, options.keep, f"{pass_name}.keep")
     skipped += kept
     require_finite_weights(decomposed_weights(layers, method), pass_name)
     transforms = _input_transforms(model, layers, method, options, context)
@@ -275,11 +276,12 @@ def _fast_plan(model, plan: Plan, method, namer, built: dict, options: DriverOpt
     return [(layer, c) for layer, c in plan.chosen() if layer.name not in names], slow
 
 
-def _split_kept(layers: list, keep: str | None, option_name: str) -> tuple[list, list]:
+def _split_kept(model, layers: list, keep: str | None, option_name: str) -> tuple[list, list]:
     """(layers the pass may rewrite, a skip record for each one `keep` names)."""
     if keep is None:
         return layers, []
-    kept = kept_layers([layer.name for layer in layers], keep, option_name)
+    names = [layer.name for layer in layers]
+    kept = kept_layers(names, keep, option_name, last_weighted_layer(model))
     records = [
         NodeRecord(
             layers[i].name,

@@ -1,17 +1,36 @@
 """The `keep=` rule of the passes that rewrite layers: which layers a user leaves as they are.
-Comma-separated tokens: `first` and `last` (the pass's layers in graph order) and fnmatch
-patterns on node names (case-sensitive); `none` keeps nothing."""
+Comma-separated tokens: `first` and `last` (the pass's layers in graph order), `classifier`
+(the model's last layer with a weight, when the pass can take it) and fnmatch patterns on node
+names (case-sensitive); `none` keeps nothing."""
 
 from __future__ import annotations
 
 import fnmatch
 
+import onnx
+
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import comma_list
 
+LAYER_OPS = ("Conv", "Gemm", "MatMul")
 
-def kept_layers(names: list[str], keep: str | None, option: str) -> dict[int, str]:
-    """Index of each kept layer among `names` (graph order) → why, naming `option`."""
+
+def last_weighted_layer(model: onnx.ModelProto) -> str | None:
+    """The name of the model's last Conv/Gemm/MatMul (graph order) reading a fixed weight: a
+    classifier, or an embedding model's output projection."""
+    fixed = {init.name for init in model.graph.initializer}
+    fixed |= {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
+    for node in reversed(model.graph.node):
+        if node.op_type in LAYER_OPS and fixed.intersection(node.input[:2]):
+            return node.name
+    return None
+
+
+def kept_layers(
+    names: list[str], keep: str | None, option: str, classifier: str | None = None
+) -> dict[int, str]:
+    """Index of each kept layer among `names` (graph order) → why, naming `option`;
+    `classifier`: the name the token `classifier` stands for."""
     tokens = comma_list(keep)
     if keep is not None and not tokens:
         raise CompressError(f"{option} is empty: give first,last, patterns, or none")
@@ -23,6 +42,10 @@ def kept_layers(names: list[str], keep: str | None, option: str) -> dict[int, st
             kept.setdefault(0, f"first layer ({option})")
         elif token == "last" and names:
             kept.setdefault(len(names) - 1, f"last layer ({option})")
+        elif token == "classifier":
+            if classifier in names:
+                why = f"the model's last weighted layer, its classifier or output ({option})"
+                kept.setdefault(names.index(classifier), why)
         else:
             for index, name in enumerate(names):
                 if fnmatch.fnmatchcase(name, token):

@@ -375,7 +375,12 @@ def test_the_budget_is_solved_again_among_the_layers_that_stay_fast(monkeypatch)
 
 @pytest.mark.parametrize(
     "keep, kept",
-    [("conv1", {"conv1"}), ("first,last", {"conv0", "conv2"}), ("conv[02]", {"conv0", "conv2"})],
+    [
+        ("conv1", {"conv1"}),
+        ("first,last", {"conv0", "conv2"}),
+        ("conv[02]", {"conv0", "conv2"}),
+        ("classifier", {"conv2"}),  # the model's last layer with a weight
+    ],
 )
 def test_keep_leaves_the_named_layers_as_they_are(keep, kept):
     tables = {name: [(0.5, 0.01)] for name in LAYERS}
