@@ -97,10 +97,10 @@ def allocation_option() -> Any:
 
 def keep_option() -> Any:
     return option(
-        None,
+        "classifier",
         "layers left as they are, comma-separated: classifier (the model's last weighted "
-        "layer), first, last (the pass's layers in graph order), fnmatch patterns on node "
-        "names; default none",
+        "layer, unless it is the only one the pass can take), first, last (the pass's layers "
+        "in graph order), fnmatch patterns on node names; none keeps nothing",
     )
 
 

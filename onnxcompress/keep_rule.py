@@ -1,7 +1,7 @@
 """The `keep=` rule of the passes that rewrite layers: which layers a user leaves as they are.
 Comma-separated tokens: `first` and `last` (the pass's layers in graph order), `classifier`
-(the model's last layer with a weight, when the pass can take it) and fnmatch patterns on node
-names (case-sensitive); `none` keeps nothing."""
+(the model's last layer with a weight, when the pass can take it and others) and fnmatch
+patterns on node names (case-sensitive); `none` keeps nothing."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def kept_layers(
         elif token == "last" and names:
             kept.setdefault(len(names) - 1, f"last layer ({option})")
         elif token == "classifier":
-            if classifier in names:
+            # A model the pass can cut in one layer only: that layer is what the user asked for.
+            if classifier in names and len(names) > 1:
                 why = f"the model's last weighted layer, its classifier or output ({option})"
                 kept.setdefault(names.index(classifier), why)
         else:

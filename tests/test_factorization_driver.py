@@ -403,3 +403,15 @@ def test_an_empty_keep_is_refused():
             PassContext(ANALYSIS.input_shapes),
             "fake",
         )
+
+
+def test_the_classifier_is_cut_when_it_is_the_only_layer_the_pass_can_take():
+    driver = DriverOptions(never_slower=False, refit=False, target_macs=0.9, keep="classifier")
+    result = run_factorization(
+        MODEL,
+        FakeMethod({"conv2": [(0.5, 0.01)]}),
+        driver,
+        PassContext(ANALYSIS.input_shapes),
+        "fake",
+    )
+    assert [r.node for r in result.records if r.status == "rewritten"] == ["conv2"]

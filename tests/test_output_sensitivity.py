@@ -51,7 +51,13 @@ def _two_branches(rng, decay: float | None = None) -> onnx.ModelProto:
 
 def _compress(model, calibration, allocation, target=0.75):
     options = SVD.make_options(
-        {"target_macs": target, "align": 4, "never_slower": False, "allocation": allocation}
+        {
+            "target_macs": target,
+            "align": 4,
+            "never_slower": False,
+            "allocation": allocation,
+            "keep": "none",
+        }
     )
     return SVD.run(model, options, PassContext({"x": [16, K]}, calibration=calibration))
 

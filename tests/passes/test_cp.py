@@ -236,7 +236,7 @@ def test_error_falls_as_rank_rises():
 
 def test_record_macs_equal_analyse_of_written_model():
     model = two_conv_model()
-    result = run_cp(model, target_macs=0.3, align=8, n_iter_max=30)
+    result = run_cp(model, target_macs=0.3, align=8, n_iter_max=30, keep="none")
     stats = analyse(result.model, {"x": [1, 16, 12, 12]})
     rewritten = [r for r in result.records if r.status == "rewritten"]
     assert {r.node for r in rewritten} == {"conv1", "conv2"}  # conv2 has stride 2
@@ -259,8 +259,8 @@ def test_refit_lowers_calibration_error():
     model = two_conv_model()
     rng = np.random.default_rng(6)
     batches = [{"x": rng.standard_normal([1, 16, 12, 12]).astype(np.float32)} for _ in range(8)]
-    plain = run_cp(model, rank=8, refit=False)
-    refitted = run_cp(model, rank=8, calibration=batches)
+    plain = run_cp(model, rank=8, refit=False, keep="none")
+    refitted = run_cp(model, rank=8, calibration=batches, keep="none")
     for record in [r for r in refitted.records if r.status == "rewritten"]:
         refit = record.details["refit"]
         assert refit["calibration_rel_error_after"] < refit["calibration_rel_error_before"]
