@@ -1,10 +1,12 @@
 """How long the tool itself takes, as a user runs it: `python -m onnxcompress MODEL --passes P
 --data calib.npz` for every pass on every model, in a fresh process each, with the suite's
 calibration data; the wall time the user waits (process start to exit), the run's own wall
-time and peak memory from its report, the pass's own seconds, and the exit code.
+time and peak memory from its report, the pass's own seconds, the exit code and verdict, and
+the written model's score on the suite's evaluation data, which the run never saw.
 
     python benchmarks/tool_speed.py                                    # resnet20, squeezenet
     python benchmarks/tool_speed.py --models resnet20 --passes svd,cp --out /tmp/speed
+    python benchmarks/tool_speed.py --models squeezenet --passes fga+prune  # one run, two passes
 
 Issue 25's goals: every pass with data ≤ 60 s on a model up to ~500 M MACs, `auto` ≤ 5
 minutes, on a quiet 2-core machine; the load average at the start and end of each run is
@@ -44,9 +46,15 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for name in args.models.split(","):
-            model_path, data_path = _write_inputs(name, args, Path(work))
+            bench, model_path, data_path = _write_inputs(name, args, Path(work))
+            original = bench.score(bench.model, args.threads)[bench.metric]
             for pass_name in args.passes.split(","):
-                rows.append(_run(name, model_path, data_path, pass_name, Path(work)))
+                row = _run(name, model_path, data_path, pass_name, Path(work))
+                written = Path(work) / f"{name}_{pass_name}.onnx"
+                if written.exists():
+                    after = bench.score(onnx.load(str(written)), args.threads)[bench.metric]
+                    row[f"{bench.metric} original → written"] = f"{original:.4g} → {after:.4g}"
+                rows.append(row)
                 print(_line(rows[-1]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -55,7 +63,7 @@ def main() -> None:
     print(f"results in {out}")
 
 
-def _write_inputs(name: str, args, work: Path) -> tuple[Path, Path]:
+def _write_inputs(name: str, args, work: Path):
     """The suite's model (as the suite prepares it) and its calibration samples as one .npz."""
     bench = builders()[name](args)
     model_path = work / f"{name}.onnx"
@@ -66,13 +74,13 @@ def _write_inputs(name: str, args, work: Path) -> tuple[Path, Path]:
     }
     data_path = work / f"{name}_calib.npz"
     np.savez(data_path, **arrays)
-    return model_path, data_path
+    return bench, model_path, data_path
 
 
 def _run(name: str, model: Path, data: Path, pass_name: str, work: Path) -> dict:
     report = work / f"{name}_{pass_name}.json"
     command = [
-        sys.executable, "-m", "onnxcompress", str(model), "--passes", pass_name,
+        sys.executable, "-m", "onnxcompress", str(model), "--passes", pass_name.replace("+", ","),
         "--data", str(data), "-q", "-o", str(work / f"{name}_{pass_name}.onnx"),
         "--report", str(report),
     ]  # fmt: skip
@@ -102,6 +110,7 @@ def _run(name: str, model: Path, data: Path, pass_name: str, work: Path) -> dict
 
 def _line(row: dict) -> str:
     outcome = row.get("verdict") or row.get("error", "")
+    outcome += "".join(f"; {k} {v}" for k, v in row.items() if "→ written" in k)
     return (
         f"{row['model']} {row['pass']}: exit {row['exit']}, waited {row['waited_seconds']} s "
         f"(pass {row.get('pass_seconds', '—')} s, peak {row.get('peak_mib', '—')} MiB, "
@@ -115,14 +124,17 @@ def _markdown(rows: list[dict]) -> str:
         "",
         f"`{_command()}`",
         "",
-        "| model | pass | exit | waited s | pass s | peak MiB | load before → after | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | pass | exit | waited s | pass s | peak MiB | load before → after | verdict "
+        "| score on unseen data, original → written |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        score = next((f"{k.split()[0]} {v}" for k, v in r.items() if "→ written" in k), "—")
         lines.append(
             f"| {r['model']} | {r['pass']} | {r['exit']} | {r['waited_seconds']} | "
             f"{r.get('pass_seconds', '—')} | {r.get('peak_mib', '—')} | "
-            f"{r['load_before']} → {r['load_after']} | {r.get('verdict') or r.get('error', '')} |"
+            f"{r['load_before']} → {r['load_after']} | {r.get('verdict') or r.get('error', '')} "
+            f"| {score} |"
         )
     return "\n".join(lines) + "\n"
 
