@@ -82,3 +82,18 @@ def test_factorization_and_pruning_passes_are_lossy_and_exact_ones_not():
     compressing = {"svd", "cp", "tucker2", "fga", "lrs", "prune", "rdprune", "channels", "blocks"}
     assert compressing | {"auto", "int8"} <= lossy
     assert not lossy & {"identity", "fold_bn", "upcast"}
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_the_peak_is_the_run_s_own_not_its_parent_s():
+    # ru_maxrss survives exec: a child of a process holding 300 MB would report 300 MB.
+    import subprocess
+    import sys
+
+    held = np.ones(300 * 2**20 // 8)  # the parent holds 300 MiB while the child runs
+    code = (
+        "from onnxcompress.resources import run_resources; "
+        "print(run_resources(0.0)['peak_memory_bytes'])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(done.stdout) < 200 * 2**20 and held.nbytes == 300 * 2**20
