@@ -40,9 +40,10 @@ def main() -> None:
     parser.add_argument("--models", default="resnet20,squeezenet")
     parser.add_argument("--passes", default=DEFAULT_PASSES)
     parser.add_argument("--calib-count", type=int, default=256)
+    parser.add_argument("--eval-count", type=int, default=100, help="unseen samples scored")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tool_speed"))
     args = parser.parse_args()
-    args.seed, args.eval_count, args.quick, args.threads = 0, 100, False, 2
+    args.seed, args.quick, args.threads = 0, False, 2
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for name in args.models.split(","):
