@@ -202,14 +202,17 @@ def run_factorization(
         for x in layers
     ]
 
-    def build(layer, candidate, namer):
-        rewrite = method.build(layer, candidate, namer)
+    def restored(layer, rewrite):
+        """The rewrite reading the real input again when the layer was fitted whitened."""
         if transforms:
             x = activation_scale.activation_of(layer)
             activation_scale.restore_inputs(
                 rewrite.nodes, rewrite.initializers, x, transforms[layer.name]
             )
         return rewrite
+
+    def build(layer, candidate, namer):
+        return restored(layer, method.build(layer, candidate, namer))
 
     def probe(choices):
         if not context.calibration or not choices:
@@ -239,14 +242,8 @@ def run_factorization(
     rewritten.CopyFrom(model)
     rewrites = {}
     for layer, candidate in chosen:
-        rewrite = built.get(layer.name)
-        if rewrite is None:
-            rewrite = build(layer, candidate, namer)
-        elif transforms:  # faster_only built it with the method alone
-            x = activation_scale.activation_of(layer)
-            activation_scale.restore_inputs(
-                rewrite.nodes, rewrite.initializers, x, transforms[layer.name]
-            )
+        rewrite = built.get(layer.name)  # faster_only built it with the method alone
+        rewrite = build(layer, candidate, namer) if rewrite is None else restored(layer, rewrite)
         replace_node(rewritten, layer.name, rewrite.nodes, rewrite.initializers)
         rewrites[layer.name] = (layer, candidate, rewrite)
     return _finish(model, rewritten, rewrites, plan, options, context, analysis, pass_name)
