@@ -65,9 +65,21 @@ def layer_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
 
 
 def option_rows(entry: dict[str, Any]) -> list[tuple[str, str]]:
-    """(option, value) for one pass of the report."""
+    """(option, value) for one pass of the report; an option left unset that the pass's
+    summary gives a value (e.g. the default MAC budget) shows that value as the pass's own."""
     options = entry.get("options") or {}
-    return [(str(name), "None" if v is None else _value(v)) for name, v in options.items()]
+    summary = entry.get("summary") or {}
+    rows = []
+    for name, value in options.items():
+        if value is None and _is_value(summary.get(name)):
+            rows.append((str(name), f"{_value(summary[name])} (the pass's default)"))
+        else:
+            rows.append((str(name), "None" if value is None else _value(value)))
+    return rows
+
+
+def _is_value(value: Any) -> bool:
+    return isinstance(value, (int, float, str)) and not isinstance(value, bool)
 
 
 def auto_sections(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
