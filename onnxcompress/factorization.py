@@ -24,6 +24,7 @@ from onnxcompress.layer_plan import (  # noqa: F401  (CLIFF_ERROR, pareto_ladder
     Plan,
     pareto_ladder,
     plan_layers,
+    skip_record,
     solve_again,
 )
 from onnxcompress.layers import Namer, conv_layers, conv_node, named_copy, replace_node
@@ -243,7 +244,7 @@ def run_factorization(
     rewritten.CopyFrom(model)
     rewrites = {}
     for layer, candidate in chosen:
-        rewrite = built.get(layer.name)  # faster_only built it with the method alone
+        rewrite = built.get(id(candidate))  # faster_only built it with the method alone
         rewrite = build(layer, candidate, namer) if rewrite is None else restored(layer, rewrite)
         replace_node(rewritten, layer.name, rewrite.nodes, rewrite.initializers)
         rewrites[layer.name] = (layer, candidate, rewrite)
@@ -255,19 +256,17 @@ def _fast_plan(model, plan: Plan, method, namer, built: dict, options: DriverOpt
     layer put back; with a MAC budget, solved again among the layers that stay fast."""
     slow: list[NodeRecord] = []
     chosen = plan.chosen()
-    for _ in range(RESOLVE_ROUNDS + 1):
+    for round_ in range(RESOLVE_ROUNDS + 1):
         untimed = [(layer, c) for layer, c in chosen if "timing" not in c.config]
         _, reverted = faster_only(
             model, untimed, method, namer, built, options.min_speedup, context
         )
         slow += reverted
-        if not reverted or options.target_macs is None:
+        last = round_ == RESOLVE_ROUNDS  # a solve now would leave its new rungs untimed
+        if not reverted or options.target_macs is None or last:
             break
         if not solve_again(plan, {r.node for r in slow}, options):
             break
-        for layer, candidate in plan.chosen():  # a rung built for timing may have changed
-            if ("timing" not in candidate.config) and layer.name in built:
-                del built[layer.name]
         chosen = plan.chosen()
     names = {r.node for r in slow}
     plan.settle(names)
@@ -280,16 +279,7 @@ def _split_kept(model, layers: list, keep: str | None, option_name: str) -> tupl
         return layers, []
     names = [layer.name for layer in layers]
     kept = kept_layers(names, keep, option_name, last_weighted_layer(model))
-    records = [
-        NodeRecord(
-            layers[i].name,
-            layers[i].node.op_type,
-            "skipped",
-            f"kept: {why}",
-            macs_before=layers[i].macs,
-        )
-        for i, why in sorted(kept.items())
-    ]
+    records = [skip_record(layers[i], f"kept: {why}") for i, why in sorted(kept.items())]
     return [layer for i, layer in enumerate(layers) if i not in kept], records
 
 

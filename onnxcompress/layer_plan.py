@@ -35,7 +35,9 @@ class Plan:
         """Record the layers the budget left original (not those `reverted` as slower)."""
         for choice in self.choices:
             if choice.current is None and choice.layer.name not in reverted:
-                self.records.append(_skip(choice.layer, "kept: the budget was met without it"))
+                self.records.append(
+                    skip_record(choice.layer, "kept: the budget was met without it")
+                )
 
 
 def plan_layers(
@@ -52,7 +54,7 @@ def plan_layers(
             ladder = _within_energy(ladder, options.energy)
             reason = "" if ladder else f"every rank that saves MACs keeps < {options.energy} energy"
         if reason:
-            plan.records.append(_skip(layer, reason))
+            plan.records.append(skip_record(layer, reason))
             continue
         choices.append(LayerChoice(layer, ladder))
     if options.target_macs is None:
@@ -102,7 +104,7 @@ def _measured(choices: list[LayerChoice], probes: dict, options: DriverOptions, 
                 f"kept: rewritten alone at {options.target_macs:g} of its MACs it moves the "
                 f"model's outputs by relative L2 {probe.output_rel_l2:.2f} (≥ {COLLAPSE_REL_L2})"
             )
-            plan.records.append(_skip(choice.layer, reason))
+            plan.records.append(skip_record(choice.layer, reason))
             plan.summary.setdefault("kept_collapsing", []).append(choice.layer.name)
             continue
         if probe is not None and options.allocation == "output":
@@ -116,7 +118,8 @@ def _measured(choices: list[LayerChoice], probes: dict, options: DriverOptions, 
     return kept
 
 
-def _skip(layer, reason: str) -> NodeRecord:
+def skip_record(layer, reason: str) -> NodeRecord:
+    """A layer left as it is, and why."""
     return NodeRecord(layer.name, layer.node.op_type, "skipped", reason, macs_before=layer.macs)
 
 

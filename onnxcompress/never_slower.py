@@ -39,7 +39,8 @@ def faster_only(
     layer, is at least `min_speedup` faster, and a `reverted` record for each one left out.
     Timing needs only the rewrite's shapes, so a method with slow fits (cp) may `probe` with
     stand-in factors, and a layer that stays original never pays for its fit; other methods'
-    rewrites are built here once and kept in `built`."""
+    rewrites are built here once and kept in `built`, by the candidate's id (a layer's rung may
+    change when the budget is solved again)."""
     constants = graph.constant_tensors(model)
     probe = getattr(method, "probe", None)
     kept, reverted = [], []
@@ -47,7 +48,7 @@ def faster_only(
         if probe is not None:
             rewrite = probe(layer, candidate, namer)
         else:
-            rewrite = built[layer.name] = method.build(layer, candidate, namer)
+            rewrite = built[id(candidate)] = method.build(layer, candidate, namer)
         timing = layer_timing.compare_layer(constants, layer, rewrite, context.threads)
         candidate.config["timing"] = timing
         if timing["speedup"] >= min_speedup:

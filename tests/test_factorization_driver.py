@@ -415,3 +415,26 @@ def test_the_classifier_is_cut_when_it_is_the_only_layer_the_pass_can_take():
         "fake",
     )
     assert [r.node for r in result.records if r.status == "rewritten"] == ["conv2"]
+
+
+def test_no_rung_is_kept_untimed_after_the_last_solve(monkeypatch):
+    import onnxcompress.auto.layer_timing as layer_timing
+    import onnxcompress.factorization as factorization
+
+    def timing(constants, layer, rewrite, threads):
+        speedup = 2.0 if layer.name == "conv0" else 0.9  # conv1 and conv2 are slower
+        return {"original_ms": 1.0, "rewritten_ms": 1 / speedup, "speedup": speedup}
+
+    monkeypatch.setattr(layer_timing, "compare_layer", timing)
+    monkeypatch.setattr(factorization, "RESOLVE_ROUNDS", 1)
+    # Cheapest to cut first: conv1, then conv2, then conv0; each solve takes the next.
+    tables = {"conv0": [(0.5, 0.3)], "conv1": [(0.5, 0.01)], "conv2": [(0.5, 0.1)]}
+    target = 1 - LAYER_MACS["conv0"] / 2 / TOTAL + 0.01  # any one layer's cut meets it
+    driver = DriverOptions(never_slower=True, refit=False, target_macs=target)
+    result = run_factorization(
+        MODEL, FakeMethod(tables), driver, PassContext(ANALYSIS.input_shapes), "fake"
+    )
+    status = {r.node: r.status for r in result.records}
+    assert status == {"conv0": "skipped", "conv1": "reverted", "conv2": "reverted"}
+    assert result.summary["budget_solves"] == 2  # one solve again: its rung (conv2) was timed
+    assert all("timing" in r.details for r in result.records if r.status != "skipped")
