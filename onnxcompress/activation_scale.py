@@ -40,27 +40,19 @@ def feature_axis(layer: ConvLayer | LinearLayer) -> int:
 
 
 def input_second_moments(
-    model: onnx.ModelProto, layers: list, context: PassContext, centred: bool = False
+    model: onnx.ModelProto, layers: list, context: PassContext
 ) -> dict[str, np.ndarray]:
     """E[x xᵀ] over the input channels of each layer on the calibration batches (original
-    model), one pass over the data for all layers; `centred`: the covariance E[(x − x̄)(x − x̄)ᵀ]
-    instead (the mean's share of the output is the bias's to carry, not a rank's)."""
+    model), one pass over the data for all layers."""
     names = sorted({activation_of(layer) for layer in layers})
     sums: dict[str, np.ndarray] = {}
-    firsts: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for batch, values in capture(model, names, context.calibration or [], context.threads):
         for layer in layers:
             x = _channel_columns(batch, values[activation_of(layer)], feature_axis(layer))
             sums[layer.name] = sums.get(layer.name, 0) + x @ x.T
-            firsts[layer.name] = firsts.get(layer.name, 0) + x.sum(axis=1)
             counts[layer.name] = counts.get(layer.name, 0) + x.shape[1]
-    moments = {}
-    for name, total in sums.items():
-        count = max(1, counts[name])
-        mean = firsts[name] / count
-        moments[name] = total / count - (np.outer(mean, mean) if centred else 0)
-    return moments
+    return {name: total / max(1, counts[name]) for name, total in sums.items()}
 
 
 def _channel_columns(batch: dict[str, np.ndarray], value: np.ndarray, axis: int) -> np.ndarray:

@@ -50,25 +50,18 @@ def refit_layers(
     context: PassContext,
 ) -> dict[str, Any]:
     """Refit every site in place in `rewritten`; returns a summary for the pass record."""
-    from onnxcompress.runtime import expose_only, make_session
-
     order = {out: i for i, node in enumerate(rewritten.graph.node) for out in node.output}
     peak = 0
     improved = 0
     ordered = sorted(sites, key=lambda s: order.get(s.output, 0))
     for site in track(context.progress, "refitting layers", ordered):
-        # The original cut to what this layer's output needs: a refit of an early layer does
-        # not pay for the whole model on every batch.
-        source = make_session(
-            expose_only(original, [site.output]), threads=context.threads, optimize=True
-        )
         if site.first is not None:
-            site.result, batch_bytes = fit_both_factors(source, rewritten, site, context)
+            site.result, batch_bytes = fit_both_factors(original, rewritten, site, context)
             improved += site.result["fit"] != "as built"
             k, n = site.first.prior.shape[1], site.first.prior.shape[0]
             peak = max(peak, batch_bytes + 16 * (k * k + k * n))  # two accumulators
             continue
-        equations, batch_bytes = _accumulate(source, rewritten, site, context)
+        equations, batch_bytes = _accumulate(original, rewritten, site, context)
         sums_bytes = 8 * (equations.k**2 + equations.k * equations.n + equations.k + equations.n)
         peak = max(peak, batch_bytes + sums_bytes)
         weight, bias = _current_factor(rewritten, site)
@@ -90,12 +83,9 @@ def refit_layers(
     return {"layers": len(sites), "improved": improved, "samples": samples, "peak_bytes": int(peak)}
 
 
-def _accumulate(source, rewritten, site: RefitSite, context: PassContext):
-    from onnxcompress.runtime import expose_only, make_session, run_session
+def _accumulate(original, rewritten, site: RefitSite, context: PassContext):
+    from onnxcompress.runtime import paired_outputs
 
-    target = make_session(
-        expose_only(rewritten, [site.input]), threads=context.threads, optimize=True
-    )
     weight = _initializer(rewritten, site.weight)
     if site.kind == "matmul":
         k, n = weight.shape
@@ -103,9 +93,10 @@ def _accumulate(source, rewritten, site: RefitSite, context: PassContext):
         k, n = int(np.prod(weight.shape[1:])), weight.shape[0]
     equations = LeastSquaresAccumulator(k, n)
     batch_bytes = 0
-    for batch in context.calibration or []:
-        (y,) = run_session(source, batch, [site.output])
-        (z,) = run_session(target, batch, [site.input])
+    calibration, threads = context.calibration or [], context.threads
+    for batch, y, z in paired_outputs(
+        original, site.output, rewritten, site.input, calibration, threads
+    ):
         batch_bytes = max(batch_bytes, y.nbytes + z.nbytes)
         inputs = conv_patches(z, weight.shape[2:], site.conv) if site.kind == "conv" else z
         inputs, targets = _rows(inputs, site.kind), _rows(y, site.kind)

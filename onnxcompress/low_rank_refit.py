@@ -52,26 +52,21 @@ class _Fit:
     factors: tuple[np.ndarray, np.ndarray] | None = None  # (first r × k, last n × r)
 
 
-def fit_both_factors(source, rewritten: onnx.ModelProto, site, context: PassContext):
+def fit_both_factors(original, rewritten: onnx.ModelProto, site, context: PassContext):
     """Refit `site` (a layer_refit.RefitSite with `first`) in place; returns (result, bytes)."""
-    from onnxcompress.runtime import expose_only, make_session
-
     first = site.first
-    target = make_session(
-        expose_only(rewritten, [first.input]), threads=context.threads, optimize=True
-    )
-    held_out, fitted, batch_bytes = _accumulate(source, target, site, context)
+    held_out, fitted, batch_bytes = _accumulate(original, rewritten, site, context)
     current = _current(rewritten, site)
     judge = held_out if held_out.count else fitted
     candidates = [current, *_fits(fitted, current, first.prior)]
     errors = [judge.residual_sum_of_squares(f.projection, f.bias) for f in candidates]
     best = candidates[int(np.argmin(errors))]
-    energy = judge.residual_sum_of_squares(np.zeros_like(current.projection), current.bias * 0)
+    energy = _energy(judge, current)
     fitted.merge(held_out)  # the chosen fit is made again on every sample
     if best is not current:
         best = _refitted(best, fitted, current, first.prior)
         _write(rewritten, site, best)
-    everything = fitted.residual_sum_of_squares(np.zeros_like(current.projection), 0 * current.bias)
+    everything = _energy(fitted, current)
     result = {
         "fit": best.label,
         "calibration_rel_error_before": _relative(
@@ -88,15 +83,15 @@ def fit_both_factors(source, rewritten: onnx.ModelProto, site, context: PassCont
     return result, batch_bytes
 
 
-def _accumulate(source, target, site, context):
-    from onnxcompress.runtime import run_session
+def _accumulate(original, rewritten, site, context):
+    from onnxcompress.runtime import paired_outputs
 
     k, n = site.first.prior.shape[1], site.first.prior.shape[0]
     held_out, fitted = LeastSquaresAccumulator(k, n), LeastSquaresAccumulator(k, n)
     seen, batch_bytes = 0, 0
-    for batch in context.calibration or []:
-        (y,) = run_session(source, batch, [site.output])
-        (x,) = run_session(target, batch, [site.first.input])
+    calibration, threads = context.calibration or [], context.threads
+    pairs = paired_outputs(original, site.output, rewritten, site.first.input, calibration, threads)
+    for batch, y, x in pairs:
         batch_bytes = max(batch_bytes, x.nbytes + y.nbytes)
         inputs, targets, samples = _rows(x, site.first.kind), _rows(y, site.first.kind), len(x)
         sample_of_row = seen + np.repeat(np.arange(samples), len(inputs) // max(samples, 1))
@@ -152,6 +147,11 @@ def _with_bias(label, first, last, mean_x, mean_y) -> _Fit:
 
 def _refitted(best: _Fit, equations, current: _Fit, prior) -> _Fit:
     return _fits(equations, current, prior, only=best.label)[0]
+
+
+def _energy(equations: LeastSquaresAccumulator, fit: _Fit) -> float:
+    """Σ‖y‖² over the samples: what a relative error is relative to."""
+    return equations.residual_sum_of_squares(np.zeros_like(fit.projection), np.zeros_like(fit.bias))
 
 
 def _relative(squared: float, energy: float) -> float:

@@ -64,35 +64,49 @@ def expose_only(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     onnxruntime runs every node of a graph whatever outputs are asked for, so a refit that
     reads an early tensor would otherwise pay for the whole model. Graphs with subgraphs
     (If, Loop, Scan) are only exposed, not cut: their bodies may read any outer tensor."""
-    nodes = model.graph.node
-    if any(
-        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-        for node in nodes
-        for a in node.attribute
-    ):
-        exposed = expose_outputs(model, names)
-        del exposed.graph.output[:]
-        exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
-        return exposed
-    needed, keep = set(names), []
-    for node in reversed(nodes):
-        if needed.intersection(node.output):
-            keep.append(node)
-            needed.update(i for i in node.input if i)
     cut = onnx.ModelProto()
     cut.CopyFrom(model)
     graph = cut.graph
-    del graph.node[:]
-    graph.node.extend(reversed(keep))
-    initializers = [init for init in graph.initializer if init.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
-    inputs = [value for value in graph.input if value.name in needed]
-    del graph.input[:]
-    graph.input.extend(inputs)
     del graph.output[:]
     graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    subgraphs = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    if any(a.type in subgraphs for node in graph.node for a in node.attribute):
+        return cut
+    needed, keep = set(names), []
+    for node in reversed(graph.node):
+        if needed.intersection(node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    initializers = [init for init in graph.initializer if init.name in needed]
+    inputs = [value for value in graph.input if value.name in needed]
+    for field, items in (
+        (graph.node, keep[::-1]),
+        (graph.initializer, initializers),
+        (graph.input, inputs),
+    ):
+        del field[:]
+        field.extend(items)
     return cut
+
+
+def paired_outputs(
+    original: onnx.ModelProto,
+    source: str,
+    rewritten: onnx.ModelProto,
+    target: str,
+    batches: list[Batch],
+    threads: int,
+) -> Iterator[tuple[Batch, np.ndarray, np.ndarray]]:
+    """(batch, tensor `source` of the original, tensor `target` of the rewritten model) for
+    every batch: what a calibration refit reads. Each model is cut to what its tensor needs."""
+    sessions = [
+        make_session(expose_only(model, [name]), threads=threads, optimize=True)
+        for model, name in ((original, source), (rewritten, target))
+    ]
+    for batch in batches:
+        (value,) = run_session(sessions[0], batch, [source])
+        (other,) = run_session(sessions[1], batch, [target])
+        yield batch, value, other
 
 
 def run_session(
