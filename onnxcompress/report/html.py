@@ -52,15 +52,14 @@ def render_html(report: dict[str, Any]) -> str:
         f"<p><code>{escape(str(report['input']))}</code> → "
         f"<code>{escape(str(report['output']))}</code></p>",
     ]
-    if verdict_line(report):
+    verdict, run = verdict_line(report), run_line(report)
+    if verdict:
         kind = escape(report["verdict"]["kind"].replace(" ", "-"))
-        body.append(
-            f'<p class="verdict {kind}"><strong>{escape(verdict_line(report))}</strong></p>'
-        )
+        body.append(f'<p class="verdict {kind}"><strong>{escape(verdict)}</strong></p>')
     body += [f'<p class="warning">{escape(line)}</p>' for line in warning_lines(report)]
     body += ["<h2>Summary</h2>", table(SUMMARY_COLUMNS, summary_rows(report))]
-    if run_line(report):
-        body.append(f"<p>{escape(run_line(report))}</p>")
+    if run:
+        body.append(f"<p>{escape(run)}</p>")
     body.append(f"<h2>{escape(fidelity_title(report))}</h2>")
     if fidelity_note(report):
         body.append(f'<p class="warning">{escape(fidelity_note(report))}</p>')
