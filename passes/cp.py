@@ -1,17 +1,16 @@
 """`cp`: CP decomposition of a k×k Conv (Lebedev et al., ICLR 2015). The Conv becomes
 1×1 (c → R) → depthwise kh×1 (vertical stride/dilation/pads) → depthwise 1×kw (horizontal
-ones) → 1×1 (R → n) that carries the bias; the factors come from tensorly's CP-ALS."""
+ones) → 1×1 (R → n) that carries the bias; the factors come from CP-ALS
+(`maths.cp_als`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import scipy.linalg
 
 from onnxcompress.auto import fit_cache as fit_cache
 from onnxcompress.factorization import (
@@ -35,6 +34,7 @@ from onnxcompress.layers import (
     horizontal_conv_node,
     vertical_conv_node,
 )
+from onnxcompress.maths import cp_als
 from onnxcompress.maths import factors as factorize
 from onnxcompress.never_slower import min_speedup_option, never_slower_option
 from onnxcompress.passkit import (
@@ -132,11 +132,7 @@ class CpMethod(ConvMethod):
         }
 
         def fit() -> dict[str, np.ndarray]:
-            with warnings.catch_warnings():
-                # tensorly warns each time R exceeds a mode's size in its SVD initialisation.
-                warnings.filterwarnings("ignore", "Trying to compute SVD", UserWarning)
-                found = factorize.cp_factors(layer.weight, **settings)
-            return dataclasses.asdict(found)
+            return dataclasses.asdict(factorize.cp_factors(layer.weight, **settings))
 
         # auto fits a layer at a rank in its sensitivity runs, each plan and the next run.
         arrays = fit_cache.cached_fit("cp", layer.weight, settings, fit)
@@ -211,10 +207,10 @@ def estimate_errors(
 ) -> dict[int, float]:
     """Relative CP error ‖W − W_R‖/‖W‖ for every rank in `ranks`, estimated cheaply.
 
-    Fitting CP at every rung is too slow (tensorly's ALS forms explicit Khatri–Rao products;
-    see docs/decisions.md#estimate_sweeps-max_anchors). Instead a few anchor ranks (the
+    Fitting CP to convergence at every rung is too slow (see
+    docs/decisions.md#estimate_sweeps-max_anchors). Instead a few anchor ranks (the
     largest R_max, then ¾, ½, ¼, … of it, and the smallest; see `_anchor_ranks`) get
-    `sweeps` sweeps of a lean numpy ALS, each started from the previous anchor's factors plus
+    `sweeps` ALS sweeps, each started from the previous anchor's factors plus
     seeded random columns; log(error) is interpolated linearly in R between anchors, and a
     running minimum keeps it non-increasing (the best rank-R error cannot rise with R). Few
     sweeps overstate the error of large ranks a little; `build` records the real error.
@@ -247,46 +243,15 @@ def _anchor_ranks(ranks: list[int]) -> list[int]:
 
 
 def _als(w: np.ndarray, rank: int, sweeps: int, rng: np.random.Generator, start=None):
-    """`sweeps` ALS sweeps for W[n, c, kh, kw] ≈ Σ_r a_r ∘ b_r ∘ v_r ∘ h_r; returns the factors
-    (a, b, v, h) and the relative error. `start` (factors of a lower rank) is padded with
-    random columns (`a` needs none: each sweep solves it first). W is contracted with one
-    channel factor at a time, so no Khatri–Rao product is formed and the largest temporary
-    is (n + c)·kh·kw × R, not tensorly's n·c·kw × R."""
-    n, c, kh, kw = w.shape
+    """`sweeps` ALS sweeps at `rank`, from `start` (factors of a lower rank) padded with random
+    columns, or from random factors; returns the factors and the relative error."""
     if start is None:
-        b, v, h = (rng.standard_normal((size, rank)) for size in (c, kh, kw))
+        begin = tuple(rng.standard_normal((size, rank)) for size in w.shape)
     else:
         extra = rank - start[0].shape[1]
-        b, v, h = (np.hstack([f, rng.standard_normal((f.shape[0], extra))]) for f in start[1:])
-    by_out = w.transpose(0, 2, 3, 1).reshape(n * kh * kw, c)  # rows (n, i, j)
-    by_in = w.transpose(1, 2, 3, 0).reshape(c * kh * kw, n)  # rows (c, i, j)
-    norm_sq = float(np.sum(w * w)) or 1.0
-    error = 1.0
-    for _ in range(max(1, sweeps)):
-        spatial = (v[:, None, :] * h[None, :, :]).reshape(kh * kw, rank)
-        gram_vh = (v.T @ v) * (h.T @ h)
-        with_b = (by_out @ b).reshape(n, kh * kw, rank)
-        a = _solve(gram_vh * (b.T @ b), np.einsum("nsr,sr->nr", with_b, spatial))
-        with_a = (by_in @ a).reshape(c, kh * kw, rank)
-        b = _solve(gram_vh * (a.T @ a), np.einsum("csr,sr->cr", with_a, spatial))
-        rest = np.einsum("csr,cr->sr", with_a, b).reshape(kh, kw, rank)  # W ×₀ a ×₁ b
-        gram_ab = (a.T @ a) * (b.T @ b)
-        v = _solve(gram_ab * (h.T @ h), np.einsum("ijr,jr->ir", rest, h))
-        mttkrp_h = np.einsum("ijr,ir->jr", rest, v)
-        gram = gram_ab * (v.T @ v)
-        h = _solve(gram, mttkrp_h)
-        # ‖W − Ŵ‖² = ‖W‖² − 2⟨W, Ŵ⟩ + ‖Ŵ‖², all from quantities at hand.
-        residual = norm_sq - 2 * np.sum(mttkrp_h * h) + np.sum(gram * (h.T @ h))
-        error = float(np.sqrt(max(residual, 0.0) / norm_sq))
-    return (a, b, v, h), error
-
-
-def _solve(gram: np.ndarray, mttkrp: np.ndarray) -> np.ndarray:
-    """The factor F minimising the ALS objective: F · gram = mttkrp, with a tiny ridge so that
-    rank-deficient Gram matrices (R above a mode's size) stay solvable."""
-    ridge = 1e-10 * max(float(np.trace(gram)) / len(gram), 1e-30)
-    regular = gram + ridge * np.eye(len(gram))
-    return scipy.linalg.solve(regular, mttkrp.T, assume_a="pos").T
+        begin = tuple(np.hstack([f, rng.standard_normal((f.shape[0], extra))]) for f in start)
+    factors, errors = cp_als.als(w, begin, sweeps)
+    return factors, errors[-1]
 
 
 @register("cp", CpOptions, "CP: k×k Conv → 1×1 → depthwise kh×1 → depthwise 1×kw → 1×1", lossy=True)

@@ -12,14 +12,14 @@ FGA in `maths.btd`.
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
 import tensorly as tl
-from tensorly.decomposition import parafac, partial_tucker
+from tensorly.decomposition import partial_tucker
 
+from onnxcompress.maths import cp_als
 from onnxcompress.maths.least_squares import (  # noqa: F401  (re-exported)
     LeastSquaresAccumulator,
     refit_least_squares,
@@ -211,13 +211,13 @@ def cp_factors(
     tol: float = 1e-7,
     l2_reg: float = 0.0,
 ) -> CPFactors:
-    """Rank-R CP of a 2-D conv weight [n, c, kh, kw] by tensorly's ALS (`parafac`).
+    """Rank-R CP of a 2-D conv weight [n, c, kh, kw] by ALS (`maths.cp_als`: tensorly's
+    `parafac` algorithm without its Khatri–Rao products).
 
-    ALS starts from an SVD initialisation (tensorly pads it with seeded random columns when
-    R exceeds a mode's size) and falls back to a seeded random one if that fails. ALS stops
-    when the relative error changes by less than `tol` between sweeps; `converged` says
-    whether that happened within `n_iter_max` sweeps. A sweep costs about 4·R·|W| MACs plus
-    tensorly's overhead, so large layers may want a smaller `n_iter_max`.
+    ALS starts from an SVD initialisation (padded with seeded random columns when R exceeds a
+    mode's size; a seeded random one where the SVD has too few vectors) and stops when the relative error changes by less than `tol` between sweeps;
+    `converged` says whether that happened within `n_iter_max` sweeps. A sweep costs about
+    2·R·|W| MACs.
 
     `l2_reg` > 0 adds a ridge term of l2_reg·‖W‖²/R to every ALS solve. Unregularized CP
     often ends with large components that cancel each other; the fit is as good, but any
@@ -228,27 +228,20 @@ def cp_factors(
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     ridge = l2_reg * float(np.sum(w * w)) / rank
-    options = dict(
-        n_iter_max=n_iter_max, tol=tol, random_state=seed, return_errors=True, l2_reg=ridge
-    )
-    with warnings.catch_warnings():
-        # Expected when R exceeds a mode's size: tensorly pads the SVD init with random columns.
-        warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
-        try:
-            cp, errors = parafac(tl.tensor(w), rank, init="svd", **options)
-        except (ValueError, np.linalg.LinAlgError) as error:
-            log.debug("parafac SVD init failed (%s); using a random init", error)
-            cp, errors = parafac(tl.tensor(w), rank, init="random", **options)
-    weights, factors = cp
-    out_f, in_f, vert_f, horiz_f = (np.asarray(f, dtype=np.float64) for f in factors)
-    scale = np.ones(rank) if weights is None else np.asarray(weights, dtype=np.float64)
+    try:
+        start = cp_als.svd_start(w, rank, np.random.RandomState(seed))
+    except (ValueError, np.linalg.LinAlgError) as error:
+        log.debug("CP's SVD start failed (%s); using a random one", error)
+        start = cp_als.random_start(w.shape, rank, seed)
+    (out_f, in_f, vert_f, horiz_f), errors = cp_als.als(w, start, n_iter_max, tol, ridge)
+    scale = np.ones(rank)
     for factor in (in_f, vert_f, horiz_f):
         norms = np.linalg.norm(factor, axis=0)
         norms[norms == 0] = 1.0
         factor /= norms
         scale = scale * norms
     out_f = out_f * scale
-    # tensorly breaks on |Δerror| < tol, so the last two recorded errors say whether it did.
+    # ALS breaks on |Δerror| < tol, so the last two recorded errors say whether it did.
     converged = bool(tol and len(errors) >= 2 and abs(errors[-2] - errors[-1]) < tol)
     kh, kw = w.shape[2:]
     dtype = _output_dtype(weight)
@@ -256,7 +249,7 @@ def cp_factors(
     vertical = vert_f.T.reshape(rank, 1, kh, 1).astype(dtype)
     horizontal = horiz_f.T.reshape(rank, 1, 1, kw).astype(dtype)
     last = out_f.reshape(-1, rank, 1, 1).astype(dtype)
-    # Measured on the returned factors, not tensorly's running estimate, which loses accuracy
+    # Measured on the returned factors, not ALS's running estimate, which loses accuracy
     # near zero (it is a square root of a difference of squares).
     residual = np.linalg.norm(w - compose_cp(first, vertical, horizontal, last))
     relative = float(residual / max(np.linalg.norm(w), np.finfo(float).tiny))
