@@ -89,6 +89,57 @@ def expose_only(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return cut
 
 
+def downstream_cut(model: onnx.ModelProto, node_name: str) -> tuple[onnx.ModelProto, list[str]]:
+    """The part of `model` that node `node_name` can change: that node and every node after
+    it that reads what it writes, as a model whose inputs are the tensors they read from the
+    rest (the frontier, returned too: compute them from the whole model, then `type_inputs`)
+    and whose outputs
+    are the graph outputs among what they write. Graphs with subgraphs are not cut
+    (ValueError): their bodies may read any outer tensor."""
+    graph = model.graph
+    subgraphs = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    if any(a.type in subgraphs for node in graph.node for a in node.attribute):
+        raise ValueError("graphs with subgraphs are not cut")
+    names = [node.name for node in graph.node]
+    if node_name not in names:
+        raise ValueError(f"no node {node_name!r}")
+    keep, written = [], set()
+    for node in graph.node[names.index(node_name) :]:
+        if node.name == node_name or written.intersection(node.input):
+            keep.append(node)
+            written.update(node.output)
+    constants = {init.name for init in graph.initializer}
+    read = [i for node in keep for i in node.input if i]
+    frontier = list(dict.fromkeys(i for i in read if i not in written and i not in constants))
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    inputs = [onnx.ValueInfoProto(name=name) for name in frontier]  # typed by the caller
+    initializers = [init for init in graph.initializer if init.name in set(read)]
+    # IR < 4 lists initializers among the inputs too; they stay listed.
+    kept = {init.name for init in initializers}
+    inputs += [value for value in graph.input if value.name in kept]
+    outputs = [out for out in graph.output if out.name in written]
+    for field, items in (
+        (cut.graph.node, keep),
+        (cut.graph.input, inputs),
+        (cut.graph.output, outputs),
+        (cut.graph.initializer, initializers),
+    ):
+        del field[:]
+        field.extend(items)
+    return cut, frontier
+
+
+def type_inputs(model: onnx.ModelProto, batch: Batch) -> None:
+    """Give `model`'s untyped graph inputs the element types of `batch`'s arrays (shapes left
+    free)."""
+    for value in model.graph.input:
+        if value.HasField("type"):
+            continue
+        elem = onnx.helper.np_dtype_to_tensor_dtype(batch[value.name].dtype)
+        value.type.CopyFrom(onnx.helper.make_tensor_type_proto(elem, None))
+
+
 def paired_outputs(
     original: onnx.ModelProto,
     source: str,

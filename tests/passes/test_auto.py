@@ -6,6 +6,7 @@ run times nothing."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from onnxcompress.passes import get_pass
 
@@ -931,3 +932,35 @@ def _nodes_and_weights_as_milliseconds(monkeypatch, original, per_weight=1 / 500
     monkeypatch.setattr(auto_plan.layer_timing, "compare_layer", layer_ms)
     monkeypatch.setattr(auto_plan.layer_timing, "call_overhead_ms", lambda *a, **k: 0.0)
     monkeypatch.setattr(benchmark, "benchmark_models", model_ms)
+
+
+def test_sensitivity_runs_only_the_layers_part_with_the_same_damage(monkeypatch, tmp_path):
+    """Each candidate is refit and run on the part of the model its layer reaches, fed the
+    upstream tensors once: the damages are the whole model's (residual adds and the
+    projection shortcut make the upstream tensors several)."""
+    model = layers.named_copy(resnet_style())
+    shapes = {"input": [1, 3, 32, 32]}
+    model_path, data_path = str(tmp_path / "m.onnx"), str(tmp_path / "d.npz")
+    onnx.save(model, model_path)
+    sensitivity.save_batches(_batches("input", [1, 3, 32, 32], seed=4, count=6), data_path)
+    factory = "onnxcompress.passes.auto:make_methods"
+    names = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    found = {}
+    for how in ("part", "whole"):
+        if how == "whole":
+            monkeypatch.setattr(sensitivity, "_downstream", lambda state, layer: None)
+        sensitivity._STATE.clear()
+        found[how] = [
+            sensitivity._measure_layer(
+                sensitivity.SensitivityJob(
+                    model_path, data_path, factory, {"methods": ["svd", "tucker2"], "align": 4},
+                    name, shapes, 1, 0,
+                )  # fmt: skip
+            )
+            for name in names
+        ]
+    part = [(m.key, m.damage) for layer in found["part"] for m in layer]
+    whole = [(m.key, m.damage) for layer in found["whole"] for m in layer]
+    assert len(part) > 10 and [k for k, _ in part] == [k for k, _ in whole]
+    for (_, got), (_, want) in zip(part, whole, strict=True):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-9)
