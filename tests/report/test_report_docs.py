@@ -4,6 +4,7 @@ x.json stays one file."""
 import json
 import re
 import sys
+from html import escape
 
 import pytest
 
@@ -12,7 +13,7 @@ from onnxcompress.errors import CompressError
 from onnxcompress.report.files import report_target, write_report
 from onnxcompress.report.html import render_html
 from onnxcompress.report.markdown import render_markdown
-from onnxcompress.report.plots import INSTALL_HINT, damage_cost_curve
+from onnxcompress.report.plots import INSTALL_HINT, PLOT_REQUIREMENT, damage_cost_curve
 from tests.conftest import REPO
 
 FIXTURE = REPO / "models" / "resnet_style.onnx"
@@ -193,8 +194,22 @@ def test_without_matplotlib_html_says_so_and_keeps_tables(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     page = render_html(_report())
     assert DATA_URI not in page
-    assert INSTALL_HINT.replace("`", "&#x60;") in page or INSTALL_HINT in page
+    assert escape(INSTALL_HINT) in page
     assert page.count('<tr class="') == 4
+
+
+def test_install_hint_works_from_a_checkout():
+    """The package is not on PyPI: the hint names matplotlib itself, as the `plot` extra
+    requires it, and the editable install of the checkout."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert extras["optional-dependencies"]["plot"] == [PLOT_REQUIREMENT]
+    assert f'pip install "{PLOT_REQUIREMENT}"' in INSTALL_HINT
+    assert 'pip install -e ".[plot]"' in INSTALL_HINT
+    assert "onnxcompress[plot]" not in INSTALL_HINT and "\n" not in INSTALL_HINT
 
 
 def test_cli_report_json_stays_one_file(tmp_path):
