@@ -17,6 +17,7 @@ from onnxcompress.analyse import analyse
 from onnxcompress.errors import CompressError
 from onnxcompress.holdout import ReadWatch, split_holdout, validation_entry
 from onnxcompress.input_checks import require_sized_tensors
+from onnxcompress.layer_roles import layer_roles
 from onnxcompress.passkit import PassContext, PassSpec, Progress, no_progress
 from onnxcompress.resources import run_resources
 from onnxcompress.verdict import BROKEN, judge, weight_only_warning
@@ -303,6 +304,7 @@ def run_passes(
     `coded` when a list is given; the `.onnxc` writer checks they still match the model.
     """
     reports = []
+    roles = layer_roles(model)  # of the model given: the layers a user knows by their place
     for spec in specs:
         step(f"pass {spec.name}")
         started = time.perf_counter()
@@ -320,10 +322,16 @@ def run_passes(
                 "changed": result.changed,
                 "seconds": round(time.perf_counter() - started, 3),
                 "summary": result.summary,
-                "records": [record.to_dict() for record in result.records],
+                "records": [_with_role(record.to_dict(), roles) for record in result.records],
             }
         )
     return model, reports
+
+
+def _with_role(record: dict[str, Any], roles: dict[str, str]) -> dict[str, Any]:
+    if record["node"] in roles:
+        record["role"] = roles[record["node"]]
+    return record
 
 
 STATUSES = ("rewritten", "skipped", "reverted")

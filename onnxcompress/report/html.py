@@ -40,8 +40,8 @@ code { background: #f4f4f4; padding: 0 .3em; }
 """
 # Columns of text (left-aligned) in the per-layer tables.
 _TEXT_COLUMNS = {
-    "pass", "node", "op", "status", "method / config", "method", "config", "reason", "built as",
-    "outcome",
+    "pass", "node", "role", "op", "status", "method / config", "method", "config", "reason",
+    "built as", "outcome",
 }  # fmt: skip
 
 

@@ -10,6 +10,7 @@ from onnxcompress.report.tables import human
 LAYER_COLUMNS = (
     "pass",
     "node",
+    "role",
     "op",
     "status",
     "method / config",
@@ -52,6 +53,7 @@ def layer_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
                 (
                     entry["name"],
                     str(record["node"]),
+                    record.get("role", ""),  # first layer, classifier: see layer_roles
                     str(record["op"]),
                     str(record["status"]),
                     config_text(details),
