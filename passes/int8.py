@@ -199,19 +199,43 @@ def _quantize(model: onnx.ModelProto, options: Int8Options, batches, keep) -> on
 
 def _records(quantized: onnx.ModelProto, keep) -> list[NodeRecord]:
     """One record per Conv/Gemm/MatMul of the written model: quantized when its weight comes
-    from a DequantizeLinear, else skipped with why. (Read off the result, not the source:
-    the quantizer's pre-processing folds nodes, and many models leave node names empty.)"""
+    from a DequantizeLinear, else skipped with why; each says its precision and its weight's
+    bytes. (Read off the result, not the source: the quantizer's pre-processing folds nodes,
+    and many models leave node names empty.)"""
     in_int8 = graph.int8_layers(quantized)
+    makers = graph.producers(quantized)
+    tensors = graph.constant_tensors(quantized)
     records = []
     for node in quantized.graph.node:
         if node.op_type not in graph.LAYER_OPS:  # other quantized ops are only counted
             continue
         name = node.name or node.output[0]
+        details = {"int8": name in in_int8, **_weight_bytes(node, makers, tensors)}
         if node.name and node.name in keep:
-            records.append(NodeRecord(name, node.op_type, "skipped", "kept in float (keep)"))
+            records.append(
+                NodeRecord(name, node.op_type, "skipped", "kept in float (keep)", details=details)
+            )
         elif name in in_int8:
-            records.append(NodeRecord(name, node.op_type, "rewritten", details={"int8": True}))
+            records.append(NodeRecord(name, node.op_type, "rewritten", details=details))
         else:
             reason = "left in float by onnxruntime's quantizer (op type or inputs not supported)"
-            records.append(NodeRecord(name, node.op_type, "skipped", reason))
+            records.append(NodeRecord(name, node.op_type, "skipped", reason, details=details))
     return records
+
+
+def _weight_bytes(node: onnx.NodeProto, makers: dict, tensors: dict) -> dict[str, int]:
+    """The layer's weight in bytes, in float (before) and as written (int8 values with their
+    scales and zero points); {} when the weight is not a stored tensor."""
+    weight = node.input[1] if len(node.input) > 1 else ""
+    dequantize = makers.get(weight)
+    if dequantize is None or dequantize.op_type != "DequantizeLinear":
+        size = tensors[weight].nbytes if weight in tensors else None
+        return {} if size is None else {"weight_bytes_before": size, "weight_bytes_after": size}
+    parts = [tensors[name] for name in dequantize.input if name in tensors]
+    if len(parts) < 2:
+        return {}
+    values, scale = parts[0], parts[1]  # the dequantized weight has the scale's float type
+    return {
+        "weight_bytes_before": values.size * scale.itemsize,
+        "weight_bytes_after": sum(part.nbytes for part in parts),
+    }

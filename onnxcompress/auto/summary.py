@@ -103,6 +103,7 @@ def mark_precision(records: list[NodeRecord], summary: dict, quantized: onnx.Mod
                 else "next to a float layer, or the quantizer's choice"
             )  # fmt: skip
             record.reason = "; ".join(filter(None, [record.reason, f"in float in int8: {why}"]))
+            record.details["int8"] = False
 
 
 def node_records(tables: list[LayerTable], plan, backed_off: list[str]) -> list[NodeRecord]:

@@ -40,8 +40,8 @@ code { background: #f4f4f4; padding: 0 .3em; }
 """
 # Columns of text (left-aligned) in the per-layer tables.
 _TEXT_COLUMNS = {
-    "pass", "node", "role", "op", "status", "method / config", "method", "config", "reason",
-    "built as", "outcome",
+    "pass", "node", "role", "op", "status", "precision", "method / config", "method", "config",
+    "reason", "built as", "outcome",
 }  # fmt: skip
 
 
@@ -97,19 +97,19 @@ def _layers(report: dict[str, Any]) -> list[str]:
         return ["<h2>Layers</h2>", "<p>No node records.</p>"]
     status = rows.LAYER_COLUMNS.index("status")
     parts = ["<h2>Layers</h2>", table(rows.LAYER_COLUMNS, layer_rows, row_class=status)]
-    parts.append(
-        image(
-            plots.before_after_bars(rows.rewritten_macs(report), "MACs per rewritten layer", "MACs")
-        )
-    )
-    parts.append(
-        image(
-            plots.before_after_bars(
-                rows.record_latencies(report), "latency per timed layer", "ms (median)"
-            )
-        )
-    )
+    for figures, title, unit in LAYER_CHARTS:
+        parts.append(image(plots.before_after_bars(figures(report), title, unit), title))
     return parts
+
+
+# The per-layer charts: what a pass changes, each drawn when some record gives its figures.
+LAYER_CHARTS = (
+    (rows.rewritten_macs, "MACs per rewritten layer", "MACs"),
+    (rows.record_latencies, "latency per timed layer", "ms (median)"),
+    (rows.nonzero_weights, "nonzero weights per pruned layer", "weights"),
+    (rows.channel_counts, "channels per pruned channel group", "channels"),
+    (rows.weight_bytes, "weight bytes per layer of the int8 model (float → as written)", "bytes"),
+)
 
 
 def _auto(name: str, auto: dict[str, Any]) -> list[str]:
@@ -120,10 +120,10 @@ def _auto(name: str, auto: dict[str, Any]) -> list[str]:
     if backed_off:
         names = ", ".join(escape(str(n)) for n in backed_off)
         parts.append(f"<p>Backed off (kept original): {names}</p>")
-    parts.append(
-        image(plots.before_after_bars(rows.auto_latencies(auto), "latency per layer", "ms"))
-    )
-    parts.append(image(plots.damage_cost_curve(auto.get("curve") or [], "damage against cost")))
+    title = "latency per layer"
+    parts.append(image(plots.before_after_bars(rows.auto_latencies(auto), title, "ms"), title))
+    title = "damage against cost"
+    parts.append(image(plots.damage_cost_curve(auto.get("curve") or [], title), title))
     plans = rows.round_rows(auto)
     if plans:
         parts.append(f"<h3>Plans built and measured ({len(plans)})</h3>")
@@ -155,8 +155,10 @@ def table(
     return "\n".join(lines)
 
 
-def image(png: bytes | None) -> str:
-    """An <img> with the PNG inline, or nothing (no data, or no matplotlib)."""
+def image(png: bytes | None, title: str) -> str:
+    """An <img> with the PNG inline and its title as the text, or nothing (no data, or no
+    matplotlib)."""
     if png is None:
         return ""
-    return f'<img alt="chart" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+    data = base64.b64encode(png).decode()
+    return f'<img alt="{escape(title)}" src="data:image/png;base64,{data}">'

@@ -13,6 +13,7 @@ LAYER_COLUMNS = (
     "role",
     "op",
     "status",
+    "precision",
     "method / config",
     "MACs before → after",
     "params before → after",
@@ -56,6 +57,7 @@ def layer_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
                     record.get("role", ""),  # first layer, classifier: see layer_roles
                     str(record["op"]),
                     str(record["status"]),
+                    precision_text(details),
                     config_text(details),
                     change(record.get("macs_before"), record.get("macs_after")),
                     change(record.get("params_before"), record.get("params_after")),
@@ -64,6 +66,13 @@ def layer_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
                 )
             )
     return rows
+
+
+def precision_text(details: dict[str, Any]) -> str:
+    """int8 or float, for the layers of an int8 model ("" where precision was not at stake)."""
+    if "int8" not in details:
+        return ""
+    return "int8" if details["int8"] else "float"
 
 
 def option_rows(entry: dict[str, Any]) -> list[tuple[str, str]]:
@@ -151,14 +160,41 @@ def candidate_rows(auto: dict[str, Any]) -> list[tuple[str, ...]]:
 
 def rewritten_macs(report: dict[str, Any]) -> list[tuple[str, float, float]]:
     """(node, MACs before, MACs after) of every rewritten record, for the MACs chart."""
-    return [
-        (str(r["node"]), r["macs_before"], r["macs_after"])
-        for entry in report.get("passes", [])
-        for r in entry.get("records", [])
-        if r.get("status") == "rewritten"
-        and r.get("macs_before") is not None
-        and r.get("macs_after") is not None
-    ]
+    return figure_pairs(report, "macs_before", "macs_after", status="rewritten")
+
+
+def nonzero_weights(report: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """(node, weights, nonzero weights) of every pruned layer (its record gives a sparsity)."""
+    return figure_pairs(report, "params_before", "params_after", marked_by="sparsity")
+
+
+def channel_counts(report: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """(group, channels before, channels kept) of every channel group pruned."""
+    return figure_pairs(report, "channels_before", "channels_after")
+
+
+def weight_bytes(report: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """(node, weight bytes in float, as written) of every layer of an int8 model."""
+    return figure_pairs(report, "weight_bytes_before", "weight_bytes_after")
+
+
+def figure_pairs(
+    report: dict[str, Any], before: str, after: str, status: str = "", marked_by: str = ""
+) -> list[tuple[str, float, float]]:
+    """(node, before, after) of every record giving both figures (on the record or in its
+    details), for a chart; only records of `status`, or whose details have `marked_by`."""
+    pairs = []
+    for entry in report.get("passes", []):
+        for record in entry.get("records", []):
+            details = record.get("details") or {}
+            figures = {**details, **record}
+            if (status and record.get("status") != status) or (
+                marked_by and marked_by not in details
+            ):
+                continue
+            if figures.get(before) is not None and figures.get(after) is not None:
+                pairs.append((str(record["node"]), figures[before], figures[after]))
+    return pairs
 
 
 def record_latencies(report: dict[str, Any]) -> list[tuple[str, float, float]]:
@@ -235,8 +271,12 @@ def config_text(config: Any) -> str:
     return ", ".join(
         f"{key}={_value(value)}"
         for key, value in config.items()
-        if not isinstance(value, dict | list) and key != "timing"
+        if not isinstance(value, dict | list) and key not in _OWN_COLUMNS
     )
+
+
+# Details with a column or chart of their own, left out of the settings text.
+_OWN_COLUMNS = {"timing", "int8", "weight_bytes_before", "weight_bytes_after"}
 
 
 def change(before: Any, after: Any, ms: bool = False) -> str:

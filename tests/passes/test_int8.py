@@ -18,6 +18,7 @@ from onnxcompress import graph, io
 from onnxcompress.analyse import analyse
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
+from onnxcompress.report import rows as report_rows
 from onnxcompress.runtime import run_model
 from onnxcompress.validate import random_inputs
 from tests.conftest import SHARED, shared_model
@@ -106,6 +107,22 @@ def test_keep_leaves_named_layers_in_float(resnet_style):
     dequantized = {n.output[0] for n in result.model.graph.node if n.op_type == "DequantizeLinear"}
     assert by_name["stem.conv"].input[1] not in dequantized
     assert by_name["stage1.block0.conv1"].input[1] in dequantized
+
+
+def test_records_and_layer_table_give_each_layer_its_precision_and_weight_bytes(resnet_style):
+    result = quantize(resnet_style, batches(resnet_style), keep="stem.conv")
+    report = {"passes": [{"name": "int8", "records": [r.to_dict() for r in result.records]}]}
+    column = report_rows.LAYER_COLUMNS.index("precision")
+    precision = {row[1]: row[column] for row in report_rows.layer_rows(report)}
+    assert precision["stem.conv"] == "float" and precision["head.fc"] == "int8"
+    assert set(precision.values()) == {"int8", "float"} and len(precision) == 10
+    weights = {r.node: r.details for r in result.records}
+    float_conv, int8_conv = weights["stem.conv"], weights["stage1.block0.conv1"]
+    assert float_conv["weight_bytes_after"] == float_conv["weight_bytes_before"]
+    # 1 byte a weight instead of 4, plus a scale and zero point per output channel.
+    assert 0.25 < int8_conv["weight_bytes_after"] / int8_conv["weight_bytes_before"] < 0.3
+    charted = {node for node, _, _ in report_rows.weight_bytes(report)}
+    assert charted == set(precision)
 
 
 def test_opset_11_model_is_converted_to_13_and_runs(resnet_style):

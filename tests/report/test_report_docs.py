@@ -190,6 +190,44 @@ def test_plots_embedded_when_matplotlib_present():
     assert png.startswith(b"\x89PNG")
 
 
+def _changing_passes_report():
+    """A run of prune, channels and int8, one record each of what it changed."""
+    prune = {"node": "conv_a", "op": "Conv", "status": "rewritten"}
+    prune |= {"params_before": 900, "params_after": 300, "details": {"sparsity": 0.667}}
+    channels = {"node": "group_0", "op": "Conv", "status": "rewritten"}
+    channels["details"] = {"channels_before": 16, "channels_after": 8}
+    int8 = {"node": "conv_a", "op": "Conv", "status": "rewritten"}
+    int8["details"] = {"int8": True, "weight_bytes_before": 3600, "weight_bytes_after": 964}
+    report = _report()
+    report["passes"] = [
+        {"name": name, "options": {}, "changed": True, "seconds": 0.1, "records": [record]}
+        for name, record in (("prune", prune), ("channels", channels), ("int8", int8))
+    ]
+    return report
+
+
+CHANGE_CHARTS = (
+    "nonzero weights per pruned layer",
+    "channels per pruned channel group",
+    "weight bytes per layer of the int8 model",
+)
+
+
+def test_every_pass_that_changes_the_model_gets_its_chart():
+    pytest.importorskip("matplotlib", reason="the `plot` extra is not installed")
+    page = render_html(_changing_passes_report())
+    charts = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,', page)
+    for title in CHANGE_CHARTS:
+        assert any(chart.startswith(title) for chart in charts), title
+
+
+def test_without_matplotlib_the_change_charts_give_way_to_the_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    page = render_html(_changing_passes_report())
+    assert DATA_URI not in page and escape(INSTALL_HINT) in page
+    assert not any(title in page for title in CHANGE_CHARTS)
+
+
 def test_without_matplotlib_html_says_so_and_keeps_tables(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     page = render_html(_report())
