@@ -13,10 +13,15 @@ FIRST, LAST, CLASSIFIER = "first layer", "last layer", "classifier"
 
 
 def weighted_layers(model: onnx.ModelProto) -> list[tuple[int, onnx.NodeProto]]:
-    """(index, node) of the model's Conv/Gemm/MatMul nodes reading a fixed weight, in graph
-    order (topological: the first one is reached from the inputs before any other)."""
+    """(index, node) of the model's Conv/Gemm/MatMul nodes reading a fixed weight (stored, or
+    an int8 model's stored weight dequantized), in graph order (topological: the first one is
+    reached from the inputs before any other)."""
     fixed = {init.name for init in model.graph.initializer}
-    fixed |= {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
+    for node in model.graph.node:
+        if node.op_type == "Constant" or (
+            node.op_type == "DequantizeLinear" and node.input[0] in fixed
+        ):
+            fixed.update(node.output)
     return [
         (index, node)
         for index, node in enumerate(model.graph.node)

@@ -304,7 +304,6 @@ def run_passes(
     `coded` when a list is given; the `.onnxc` writer checks they still match the model.
     """
     reports = []
-    roles = layer_roles(model)  # of the model given: the layers a user knows by their place
     for spec in specs:
         step(f"pass {spec.name}")
         started = time.perf_counter()
@@ -313,14 +312,18 @@ def run_passes(
         check_contract(spec.name, model, before, result)
         if coded is not None:
             coded.extend(result.artifacts.get("coded_weights", []))
+        given = model
         if result.changed:
             model = graph.cleanup_and_sort(result.model)
+        seconds = round(time.perf_counter() - started, 3)
+        # Records name the nodes of the model given or of the result (int8's): roles of both.
+        roles = layer_roles(model) | layer_roles(given)
         reports.append(
             {
                 "name": spec.name,
                 "options": dataclasses.asdict(typed[spec.name]),
                 "changed": result.changed,
-                "seconds": round(time.perf_counter() - started, 3),
+                "seconds": seconds,
                 "summary": result.summary,
                 "records": [_with_role(record.to_dict(), roles) for record in result.records],
             }

@@ -216,7 +216,8 @@ def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> 
         def quantize(source: onnx.ModelProto, keep: list[str] = ()) -> onnx.ModelProto:
             # `keep`: nodes left in float (layers whose int8 kernel is slower, and the ops
             # up to the next layers: `graph.float_region`).
-            options = int8.Int8Options(keep=",".join(keep), upcast=int8_upcast)
+            # Its own rounds time the whole model: no per-layer timing for the report here.
+            options = int8.Int8Options(keep=",".join(keep), upcast=int8_upcast, time_layers=False)
             return int8.int8(source, options, context).model
 
         def quantize_layer(source: onnx.ModelProto, feeds: dict) -> onnx.ModelProto:
@@ -225,7 +226,8 @@ def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> 
             shapes = {name: list(value.shape) for name, value in feeds.items()}
             alone = PassContext(shapes, calibration=[feeds], threads=context.threads)
             try:
-                return int8.int8(source, int8.Int8Options(upcast=int8_upcast), alone).model
+                options = int8.Int8Options(upcast=int8_upcast, time_layers=False)
+                return int8.int8(source, options, alone).model
             except CompressError as exc:
                 log.debug("auto: int8 timing of a layer in float: %s", exc)
                 return source

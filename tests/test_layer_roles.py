@@ -89,3 +89,15 @@ def test_records_carry_the_roles_into_the_layer_table():
     column = rows.LAYER_COLUMNS.index("role")
     table = {row[1]: row[column] for row in rows.layer_rows({"passes": reports})}
     assert table == {"conv_in": FIRST, "conv_mid": "", "fc": CLASSIFIER}
+
+
+def test_an_int8_model_s_layers_keep_their_roles():
+    """int8 records name the nodes of the quantized model, whose weights are dequantized."""
+    model = _model(["batch", 10])
+    specs = lookup_passes(["int8"])
+    typed = build_options(specs, {"int8": {"time_layers": False}})
+    x = np.random.default_rng(1).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    context = PassContext({"x": [4, 3, 8, 8]}, calibration=[{"x": x}])
+    _, reports = run_passes(model, specs, typed, context, lambda _: None)
+    roles = {r["node"]: r.get("role") for r in reports[0]["records"]}
+    assert roles == {"conv_in": FIRST, "conv_mid": None, "fc": CLASSIFIER}
