@@ -22,7 +22,14 @@ from onnxcompress.auto.checks import (
     timing_feeds,
     window_ratio,
 )
-from onnxcompress.auto.choice import LATENCY_SLACK, best_round, breaks, broken_faster, failed_whole
+from onnxcompress.auto.choice import (
+    LATENCY_SLACK,
+    best_round,
+    best_round_and_why,
+    breaks,
+    broken_faster,
+    failed_whole,
+)
 from onnxcompress.auto.int8_rounds import int8_rounds, int8_table_rounds, mixed_on_target
 from onnxcompress.auto.rounds import LATENCY_ROUNDS, Rounds, Search
 from onnxcompress.auto.settings import SearchSettings
@@ -104,10 +111,11 @@ def search(
         retime(rounds, state.checker)
         if search_again(rounds, state, (floor, scale), max_error):
             retime(rounds, state.checker)
-    chosen = best_round(rounds, on_latency, max_error)
+    chosen, why = best_round_and_why(rounds, on_latency, max_error)
     costs = cost_tables[rounds[chosen].get("costs", "float")]
     plan, compressed, _, _, backed_off = rounds.built[chosen]
     summary = auto_summary.auto_section(settings, costs, rounds, chosen)
+    summary["kept_because"] = why
     if kind == "latency":  # measured on the whole model, not predicted
         summary["target_reached"] = rounds[chosen]["latency_ratio"] <= target + LATENCY_SLACK
         summary["broken_over"] = max_error

@@ -114,6 +114,8 @@ LAYER_CHARTS = (
 
 def _auto(name: str, auto: dict[str, Any]) -> list[str]:
     parts = [f"<h2>Auto choices ({escape(name)}): {escape(rows.budget_text(auto))}</h2>"]
+    if rows.kept_text(auto):
+        parts.append(f'<p class="kept"><strong>{escape(rows.kept_text(auto))}</strong></p>')
     layer_rows = rows.auto_layer_rows(auto)
     parts.append(table(rows.AUTO_COLUMNS, layer_rows) if layer_rows else "<p>No layer chosen.</p>")
     backed_off = auto.get("backed_off") or []

@@ -64,6 +64,7 @@ def _verdict(report: dict[str, Any]) -> str:
 
 def _auto(name: str, auto: dict[str, Any]) -> list[str]:
     parts = [f"## Auto choices ({_cell(name)}): {_cell(rows.budget_text(auto))}"]
+    parts.append(f"**{_cell(rows.kept_text(auto))}**" if rows.kept_text(auto) else "")
     layer_rows = rows.auto_layer_rows(auto)
     parts.append(table(rows.AUTO_COLUMNS, layer_rows) if layer_rows else "No layer chosen.")
     backed_off = auto.get("backed_off") or []

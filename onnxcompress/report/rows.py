@@ -117,6 +117,16 @@ def budget_text(auto: dict[str, Any]) -> str:
     return text
 
 
+def kept_text(auto: dict[str, Any]) -> str:
+    """Which plan the auto search kept and why, in one sentence ("" when it built none)."""
+    rounds, kept = auto.get("rounds") or [], auto.get("chosen_round")
+    if kept is None or not rounds:
+        return ""
+    text = f"kept plan {kept} of the {len(rounds)} built and measured"
+    because = auto.get("kept_because")  # reports made before it was recorded lack it
+    return f"{text}: {because}" if because else text
+
+
 def auto_layer_rows(auto: dict[str, Any]) -> list[tuple[str, ...]]:
     """The auto pass's chosen layers, in the order of AUTO_COLUMNS."""
     return [

@@ -185,6 +185,11 @@ def test_latency_search_bisects_and_keeps_the_best_plan_on_target(vgg_calibratio
     assert found["chosen_round"] == best and found["model"] == found["rounds"][best]
     assert found["target_reached"] is True
     assert result.summary["auto"]["model"]["rel_l2"] <= found["rounds"][1]["rel_l2"]
+    # The report's head of the auto section: which plan, and why that one.
+    assert report_rows.kept_text(found).startswith(
+        f"kept plan {best} of the 4 built and measured: the least output error of the 3 plans "
+        "on the latency target 0.7 (latency "
+    )
 
 
 def test_a_round_timed_on_target_by_luck_is_timed_again_before_the_search_stops(
@@ -569,6 +574,33 @@ def test_best_round_prefers_on_target_then_least_error():
     assert auto_choice.best_round([*rounds, failed_int8], 0.5) == 2  # int8 out: it failed
     no_data = [{"budget": 0.3, "latency_ratio": 0.4}, {"budget": 0.4, "latency_ratio": 0.5}]
     assert auto_choice.best_round(no_data, 0.5) == 1  # the larger budget: less given up
+
+
+def test_why_the_round_kept_is_the_one_in_words():
+    why = auto_choice.best_round_and_why
+    rounds = [
+        {"budget": 0.5, "latency_ratio": 0.8, "rel_l2": 0.01},
+        {"budget": 0.3, "latency_ratio": 0.4, "rel_l2": 0.30},
+        {"budget": 0.4, "latency_ratio": 0.5, "rel_l2": 0.20},
+    ]
+    assert why(rounds, 0.5) == (
+        2,
+        "the least output error of the 2 plans on the latency target 0.5 (latency 0.500 of "
+        "the original's, relative L2 0.2)",
+    )
+    assert why(rounds, 0.2)[1].startswith(
+        "the only plan within 0.05 of the fastest (0.400), as none met the latency target 0.2"
+    )
+    no_data = [{"budget": 0.3, "latency_ratio": 0.4}, {"budget": 0.4, "latency_ratio": 0.5}]
+    assert why(no_data, 0.5)[1].startswith("the largest budget (no error measured) of the 2")
+    failed = {"budget": None, "int8": True, "latency_ratio": 0.3, "tolerance_failed": "x"}
+    broken = {"budget": 0.2, "latency_ratio": 0.35, "rel_l2": 0.9}
+    assert why([*rounds, failed, broken], 0.5, 0.5)[1].endswith(
+        "; 1 plan failed the tolerance; 1 plan breaking the outputs passed over"
+    )
+    assert why([broken], 0.5, 0.5)[1].endswith(
+        "; every plan breaks the outputs (relative L2 > 0.5)"
+    )
 
 
 def test_best_round_passes_over_plans_that_break_the_outputs():

@@ -71,6 +71,7 @@ def _auto():
             {"budget": 0.7, "int8": True, "costs": "int8", "tolerance_failed": "int8 failed: x"},
         ],
         "chosen_round": 1,
+        "kept_because": "the only plan on the latency target 0.6 (latency 0.620 of the original's)",
         "broken_over": 0.5,
     }
 
@@ -162,6 +163,15 @@ def test_html_is_self_contained_and_escaped():
     assert "latency budget, target 0.6" in page and "0.012" in page and "conv_b" in page
     assert "3 candidates" in page
     assert "Plans built and measured (3)" in page and "int8 of the original" in page
+    kept = "kept plan 1 of the 3 built and measured: the only plan on the latency target 0.6"
+    assert f'<p class="kept"><strong>{kept} (latency 0.620 of the original&#x27;s)' in page
+
+
+def test_auto_section_of_an_older_report_names_the_kept_plan_without_a_reason():
+    report = _report()
+    del report["passes"][0]["summary"]["auto"]["kept_because"]
+    assert "<strong>kept plan 1 of the 3 built and measured</strong>" in render_html(report)
+    assert "**kept plan 1 of the 3 built and measured**" in render_markdown(report)
 
 
 def test_markdown_tables():
