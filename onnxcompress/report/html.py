@@ -9,6 +9,7 @@ from typing import Any
 
 from onnxcompress.report import plots as plots
 from onnxcompress.report import rows as rows
+from onnxcompress.report.headline import HEADLINE_COLUMNS, headline_rows
 from onnxcompress.report.terminal import (
     FIDELITY_COLUMNS,
     SUMMARY_COLUMNS,
@@ -35,6 +36,7 @@ tr.skipped td { color: #777; } tr.reverted td { background: #fff6e5; }
 .warning { color: #a40; } .note { color: #555; }
 .verdict { font-size: 1.15em; } .broken { color: #b00; } .lossy { color: #a40; }
 .deployable { color: #070; }
+table.headline { font-size: 15px; } table.headline td:first-child { font-weight: 600; }
 img { max-width: 100%; display: block; margin: .5em 0; }
 code { background: #f4f4f4; padding: 0 .3em; }
 """
@@ -56,6 +58,7 @@ def render_html(report: dict[str, Any]) -> str:
     if verdict:
         kind = escape(report["verdict"]["kind"].replace(" ", "-"))
         body.append(f'<p class="verdict {kind}"><strong>{escape(verdict)}</strong></p>')
+    body.append(table(HEADLINE_COLUMNS, headline_rows(report), css="headline"))
     body += [f'<p class="warning">{escape(line)}</p>' for line in warning_lines(report)]
     body += ["<h2>Summary</h2>", table(SUMMARY_COLUMNS, summary_rows(report))]
     if run:
@@ -139,13 +142,16 @@ def _auto(name: str, auto: dict[str, Any]) -> list[str]:
 
 
 def table(
-    columns: tuple[str, ...], body: list[tuple[str, ...]], row_class: int | None = None
+    columns: tuple[str, ...],
+    body: list[tuple[str, ...]],
+    row_class: int | None = None,
+    css: str = "",
 ) -> str:
-    """An escaped HTML table; `row_class` names the column whose value becomes the row's
-    CSS class (status: skipped rows grey, reverted rows tinted)."""
+    """An escaped HTML table of CSS class `css`; `row_class` names the column whose value
+    becomes the row's CSS class (status: skipped rows grey, reverted rows tinted)."""
     text = [i for i, c in enumerate(columns) if c in _TEXT_COLUMNS]
     head = "".join(f"<th>{escape(c)}</th>" for c in columns)
-    lines = ["<table>", f"<tr>{head}</tr>"]
+    lines = [f'<table class="{escape(css)}">' if css else "<table>", f"<tr>{head}</tr>"]
     for row in body:
         cells = "".join(
             f'<td class="text">{escape(v)}</td>' if i in text else f"<td>{escape(v)}</td>"

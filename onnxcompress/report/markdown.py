@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from onnxcompress.report import rows as rows
+from onnxcompress.report.headline import HEADLINE_COLUMNS, headline_rows
 from onnxcompress.report.terminal import (
     FIDELITY_COLUMNS,
     SUMMARY_COLUMNS,
@@ -27,6 +28,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "# onnxcompress report",
         f"`{_code(report['input'])}` → `{_code(report['output'])}`",
         f"**{_cell(verdict_line(report))}**" if verdict_line(report) else "",
+        table(HEADLINE_COLUMNS, headline_rows(report)),
         "\n".join(f"- **{_cell(line)}**" for line in warning_lines(report)),
         "## Summary",
         table(SUMMARY_COLUMNS, summary_rows(report)),

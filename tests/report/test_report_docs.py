@@ -14,6 +14,7 @@ from onnxcompress.report.files import report_target, write_report
 from onnxcompress.report.html import render_html
 from onnxcompress.report.markdown import render_markdown
 from onnxcompress.report.plots import INSTALL_HINT, PLOT_REQUIREMENT, damage_cost_curve
+from onnxcompress.verdict import judge
 from tests.conftest import REPO
 
 FIXTURE = REPO / "models" / "resnet_style.onnx"
@@ -172,6 +173,47 @@ def test_auto_section_of_an_older_report_names_the_kept_plan_without_a_reason():
     del report["passes"][0]["summary"]["auto"]["kept_because"]
     assert "<strong>kept plan 1 of the 3 built and measured</strong>" in render_html(report)
     assert "**kept plan 1 of the 3 built and measured**" in render_markdown(report)
+
+
+def _validated_report():
+    """A run with labels, timed: the headline has every figure it can have."""
+    report = _report()
+    stats = {"max_abs": 0.1, "rel_l2": 0.01, "cosine": 0.999, "top1_agreement": 0.98}
+    stats |= {"accuracy_original": 0.86, "accuracy_result": 0.85}
+    report["validation"] = {"outputs": {"logits": stats}, "samples": 250, "worst_rel_l2": 0.01}
+    report["verdict"] = judge(report["validation"] | {"source": "d.npz (held-out)"})
+    original, result = ({"median_ms": ms, "threads": 2} for ms in (2.0, 0.8))
+    report["benchmark"] = {"original": original, "result": result, "speedup": 2.5}
+    return report
+
+
+def test_headline_under_the_verdict_gives_what_the_user_decides_on():
+    page = render_html(_validated_report())
+    head = page[page.index('<p class="verdict') : page.index("<h2>Summary</h2>")]
+    rows = re.findall(r"<tr><td[^>]*>([^<]*)</td>((?:<td[^>]*>[^<]*</td>)*)</tr>", head)
+    cells = {label: re.findall(r">([^<]*)</td>", rest) for label, rest in rows}
+    assert list(cells) == [
+        "latency (median, 2 threads)", "file size", "MACs", "parameters", "top-1 accuracy",
+        "top-1 agreement with the original",
+    ]  # fmt: skip
+    assert cells["latency (median, 2 threads)"] == [
+        "2.000 ms",
+        "0.800 ms",
+        "0.400× (speedup 2.50×)",
+    ]
+    assert cells["file size"] == ["4.0KB", "2.0KB", "0.500×"]
+    accuracy = cells["top-1 accuracy"]
+    assert accuracy[0] == "86.0%" and accuracy[2] == "-1.0 points"
+    assert accuracy[1] == "85.0% (95% CI 79.8–88.7%)"  # Wilson, 250 samples
+    assert cells["top-1 agreement with the original"][1].startswith("98.0% (95% CI ")
+    assert "| top-1 accuracy | 86.0% | 85.0% (95% CI" in render_markdown(_validated_report())
+
+
+def test_headline_of_a_run_not_validated_nor_timed_keeps_the_counts():
+    page = render_html(_report())  # no verdict, no benchmark
+    head = page[page.index("</code></p>") : page.index("<h2>Summary</h2>")]
+    assert "not measured (--no-bench)" in head and "parameters" in head
+    assert "accuracy" not in head and "agreement" not in head
 
 
 def test_markdown_tables():
