@@ -31,7 +31,7 @@ h1 { font-size: 1.5em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; 
 table { border-collapse: collapse; margin: .6em 0 1em; font-size: 13px; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; vertical-align: top; }
 th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
-td.text { text-align: left; }
+td.text, th.text { text-align: left; }
 tr.skipped td { color: #777; } tr.reverted td { background: #fff6e5; }
 .warning { color: #a40; } .note { color: #555; }
 .verdict { font-size: 1.15em; } .broken { color: #b00; } .lossy { color: #a40; }
@@ -95,11 +95,11 @@ def _passes(report: dict[str, Any]) -> list[str]:
 
 
 def _layers(report: dict[str, Any]) -> list[str]:
-    layer_rows = rows.layer_rows(report)
+    columns, layer_rows = rows.filled_columns(rows.LAYER_COLUMNS, rows.layer_rows(report))
     if not layer_rows:
         return ["<h2>Layers</h2>", "<p>No node records.</p>"]
-    status = rows.LAYER_COLUMNS.index("status")
-    parts = ["<h2>Layers</h2>", table(rows.LAYER_COLUMNS, layer_rows, row_class=status)]
+    status = columns.index("status")
+    parts = ["<h2>Layers</h2>", table(columns, layer_rows, row_class=status)]
     for figures, title, unit in LAYER_CHARTS:
         parts.append(image(plots.before_after_bars(figures(report), title, unit), title))
     return parts
@@ -150,7 +150,10 @@ def table(
     """An escaped HTML table of CSS class `css`; `row_class` names the column whose value
     becomes the row's CSS class (status: skipped rows grey, reverted rows tinted)."""
     text = [i for i, c in enumerate(columns) if c in _TEXT_COLUMNS]
-    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
+    head = "".join(
+        f'<th class="text">{escape(c)}</th>' if i in text else f"<th>{escape(c)}</th>"
+        for i, c in enumerate(columns)
+    )
     lines = [f'<table class="{escape(css)}">' if css else "<table>", f"<tr>{head}</tr>"]
     for row in body:
         cells = "".join(

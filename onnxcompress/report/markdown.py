@@ -45,9 +45,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         options = rows.option_rows(entry)
         if options:
             parts.append(table(("option", "value"), options))
-    layer_rows = rows.layer_rows(report)
+    columns, layer_rows = rows.filled_columns(rows.LAYER_COLUMNS, rows.layer_rows(report))
     parts.append("## Layers")
-    parts.append(table(rows.LAYER_COLUMNS, layer_rows) if layer_rows else "No node records.")
+    parts.append(table(columns, layer_rows) if layer_rows else "No node records.")
     for name, auto in rows.auto_sections(report):
         parts.extend(_auto(name, auto))
     return "\n\n".join(part for part in parts if part) + "\n"

@@ -68,6 +68,15 @@ def layer_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+def filled_columns(
+    columns: tuple[str, ...], body: list[tuple[str, ...]]
+) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """The columns some row fills, and the rows cut to them (precision in a float run, roles
+    in a model without named layers: columns that would only be empty are left out)."""
+    kept = [i for i in range(len(columns)) if any(row[i] for row in body)]
+    return tuple(columns[i] for i in kept), [tuple(row[i] for i in kept) for row in body]
+
+
 def precision_text(details: dict[str, Any]) -> str:
     """int8 or float, for the layers of an int8 model ("" where precision was not at stake)."""
     if "int8" not in details:
@@ -77,7 +86,8 @@ def precision_text(details: dict[str, Any]) -> str:
 
 def option_rows(entry: dict[str, Any]) -> list[tuple[str, str]]:
     """(option, value) for one pass of the report; an option left unset that the pass's
-    summary gives a value (e.g. the default MAC budget) shows that value as the pass's own."""
+    summary gives a value (e.g. the default MAC budget) shows that value as the pass's own,
+    any other unset one says so (the option's help says what unset means)."""
     options = entry.get("options") or {}
     summary = entry.get("summary") or {}
     rows = []
@@ -85,7 +95,7 @@ def option_rows(entry: dict[str, Any]) -> list[tuple[str, str]]:
         if value is None and _is_value(summary.get(name)):
             rows.append((str(name), f"{_value(summary[name])} (the pass's default)"))
         else:
-            rows.append((str(name), "None" if value is None else _value(value)))
+            rows.append((str(name), "not set" if value is None else _value(value)))
     return rows
 
 
