@@ -151,6 +151,18 @@ class AutoOptions:
             return False
         return self.upcast or self.budget()[0] == "latency"
 
+    def effective(self, model: onnx.ModelProto, context: PassContext) -> dict[str, Any]:
+        """The options left unset that this run gave a value, as it resolved them (the
+        report lists them with the options)."""
+        kind, target = self.budget()
+        return {
+            f"target_{kind}": target,
+            "jobs": self.jobs or context.jobs,
+            "int8": self.wants_int8(context),
+            "blocks": self.wants_blocks(context),
+            "upcast": self.wants_upcast(model),
+        }
+
     def budget(self) -> tuple[str, float]:
         if self.target_macs is not None:
             return "macs", self.target_macs
@@ -190,6 +202,7 @@ def _options(kind: type, align: int) -> Any:
 )
 def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> PassResult:
     model = named_copy(model)
+    effective = options.effective(model, context)  # before the upcast rescales the target
     upcast = None
     if options.wants_upcast(model):
         model, options, upcast = _upcast_first(model, options, context)
@@ -246,7 +259,7 @@ def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> 
     records += found.records
     if found.summary.get("int8", {}).get("quantized"):
         auto_summary.mark_precision(records, found.summary, found.model)
-    summary = {"auto": found.summary}
+    summary = {"auto": found.summary, "effective_options": effective}
     if upcast:
         found.summary["upcast"] = upcast
         summary["notes"] = [upcast["note"]]

@@ -85,22 +85,29 @@ def precision_text(details: dict[str, Any]) -> str:
 
 
 def option_rows(entry: dict[str, Any]) -> list[tuple[str, str]]:
-    """(option, value) for one pass of the report; an option left unset that the pass's
-    summary gives a value (e.g. the default MAC budget) shows that value as the pass's own,
-    any other unset one says so (the option's help says what unset means)."""
+    """(option, value) for one pass of the report; an option left unset that the pass gave a
+    value (e.g. the default MAC budget) shows that value as the pass's own, any other unset
+    one says so (the option's help says what unset means)."""
     options = entry.get("options") or {}
     summary = entry.get("summary") or {}
     rows = []
     for name, value in options.items():
-        if value is None and _is_value(summary.get(name)):
-            rows.append((str(name), f"{_value(summary[name])} (the pass's default)"))
+        default = None if value is not None else _pass_default(name, summary)
+        if default is not None:
+            rows.append((str(name), f"{_value(default)} (the pass's default)"))
         else:
             rows.append((str(name), "not set" if value is None else _value(value)))
     return rows
 
 
-def _is_value(value: Any) -> bool:
-    return isinstance(value, (int, float, str)) and not isinstance(value, bool)
+def _pass_default(name: str, summary: dict[str, Any]) -> Any:
+    """What a pass made of an option left unset: its `effective_options` entry, else a figure
+    of the summary by that name (a flag there may mean something else: not taken)."""
+    effective = summary.get("effective_options") or {}
+    if name in effective:
+        return effective[name]
+    value = summary.get(name)
+    return value if isinstance(value, int | float | str) and not isinstance(value, bool) else None
 
 
 def auto_sections(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

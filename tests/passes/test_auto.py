@@ -344,6 +344,23 @@ def test_int8_is_tried_by_default_where_it_can_be_measured(options, calibration,
     )
 
 
+def test_the_options_left_unset_are_reported_as_the_run_resolved_them():
+    data = [{"input": np.zeros(VGG_SHAPES["input"], np.float32)}]
+    context = PassContext(VGG_SHAPES, data, jobs=3)
+    effective = get_pass("auto").make_options({}).effective(vgg_style(), context)
+    assert effective == {
+        "target_latency": 0.5, "jobs": 3, "int8": True, "blocks": True, "upcast": False,
+    }  # fmt: skip
+    entry = {"options": {"target_latency": None, "max_rel_l2": None, "jobs": None}}
+    entry["summary"] = {"effective_options": effective}
+    rows = dict(report_rows.option_rows(entry))
+    assert rows == {
+        "target_latency": "0.5 (the pass's default)",
+        "max_rel_l2": "not set",  # no tolerance: nothing to resolve
+        "jobs": "3 (the pass's default)",
+    }
+
+
 def test_int8_plans_are_chosen_on_int8_layer_timings(vgg_calibration, monkeypatch):
     """Scripted timers: int8 runs everything at 0.6 of its float cost. The int8 original
     (0.6) misses the 0.45 target and int8 of the best float plan lands far under it, so plans
