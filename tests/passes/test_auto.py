@@ -383,15 +383,25 @@ def test_int8_plans_are_chosen_on_int8_layer_timings(vgg_calibration, monkeypatc
     assert chosen["rel_l2"] < min(r["rel_l2"] for r in floats)
     assert any(n.op_type == "DequantizeLinear" for n in result.model.graph.node)
     rewritten = [layer for layer in found["layers"] if layer["method"] != "keep"]
-    # The report's costs are the int8 tables' (0.6 of the weights; float would be all of them).
-    assert all(layer["latency_ms_before"] < 0.7 * layer["params_before"] for layer in rewritten)
     assert rewritten
+    # The report times a layer in float before, and after as it runs: in int8, 0.6 of its
+    # rewrite's weights (its record says the same), whatever costs the plan was chosen on.
+    records = {r.node: r.details.get("timing") for r in result.records}
+    for layer in rewritten:
+        assert layer["int8"] and layer["latency_ms_after"] == layer["latency_ms_in_int8"]
+        assert 0.8 * layer["params_before"] <= layer["latency_ms_before"] <= layer["params_before"]
+        assert layer["latency_ms_after"] < 0.7 * layer["params_after"]
+        assert records[layer["node"]] == {
+            "original_ms": layer["latency_ms_before"], "rewritten_ms": layer["latency_ms_after"],
+        }  # fmt: skip
     # Its point on the curve is a ratio of the float original: the int8 original's latency
     # (measured) less its tabled layers' int8 costs, plus the plan's.
     original = _weight_count(vgg_style())
     int8_original = next(r for r in found["rounds"] if r.get("int8") and r["budget"] is None)
-    before = sum(layer["latency_ms_before"] for layer in found["layers"])
-    after = sum(layer["latency_ms_after"] for layer in found["layers"])
+    weights = {i.name: int(np.prod(i.dims)) for i in vgg_style().graph.initializer}
+    layer_weights = {n.name: weights.get(n.input[1]) for n in vgg_style().graph.node if n.input[1:]}
+    before = sum(0.6 * layer_weights[layer["node"]] for layer in found["layers"])
+    after = sum(layer["latency_ms_in_int8"] for layer in found["layers"])
     point = next(p for p in found["curve"] if p["chosen"])
     expected = (int8_original["latency_ratio"] * original - before + after) / original
     assert point["cost_ratio"] == pytest.approx(expected, abs=2e-4)
@@ -463,9 +473,18 @@ def test_a_layer_slower_in_int8_is_tried_in_float(vgg_calibration, monkeypatch):
     assert records["stage2.conv0"].status == "skipped"
     int8_layers = {name for name, r in records.items() if r.status == "rewritten"}
     assert int8_layers == set(weights) - in_float
-    assert all(records[name].details == {"int8": True} for name in int8_layers)
+    assert all(records[name].details["int8"] is True for name in int8_layers)
+    assert records[SLOW_IN_INT8].details == {"int8": False}  # unchanged: not timed again
     methods = {row[0]: row[2] for row in report_rows.auto_layer_rows(found)}
     assert methods[SLOW_IN_INT8] == "keep (float)" and methods["stage3.conv0"] == "int8"
+    # Each layer as it runs: a kept layer in int8 at its int8 timing (0.6 of its weights),
+    # the one left in float at its float one.
+    layers = {layer["node"]: layer for layer in found["layers"]}
+    conv = layers["stage3.conv0"]
+    assert conv["latency_ms_after"] == pytest.approx(0.6 * conv["latency_ms_before"])
+    assert records["stage3.conv0"].details["timing"]["rewritten_ms"] == conv["latency_ms_after"]
+    slow = layers[SLOW_IN_INT8]
+    assert slow["latency_ms_after"] == slow["latency_ms_before"]
 
 
 def test_a_float_layer_that_slows_the_int8_model_is_left_in_int8(vgg_calibration, monkeypatch):
