@@ -9,8 +9,9 @@ from pathlib import Path
 
 from benchmarks.same_latency import judged_batch
 from onnxcompress import io
+from onnxcompress.report.plots import INSTALL_HINT
 
-MISSING = "matplotlib is not installed (pip install 'onnxcompress[plot]'): no plots written"
+MISSING = f"no plots written: {INSTALL_HINT}"
 
 
 def write_plots(results: dict, folder: Path) -> tuple[list[Path], str | None]:

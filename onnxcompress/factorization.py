@@ -16,7 +16,7 @@ from onnxcompress import activation_scale, layer_refit, output_sensitivity
 from onnxcompress.analyse import ModelAnalysis, analyse
 from onnxcompress.errors import CompressError
 from onnxcompress.input_checks import require_finite_weights
-from onnxcompress.keep_rule import kept_layers, last_weighted_layer
+from onnxcompress.keep_rule import kept_layers
 from onnxcompress.layer_plan import (  # noqa: F401  (CLIFF_ERROR, pareto_ladder re-exported)
     CLIFF_ERROR,
     COLLAPSE_REL_L2,
@@ -27,6 +27,7 @@ from onnxcompress.layer_plan import (  # noqa: F401  (CLIFF_ERROR, pareto_ladder
     skip_record,
     solve_again,
 )
+from onnxcompress.layer_roles import last_weighted_layer
 from onnxcompress.layers import Namer, conv_layers, conv_node, named_copy, replace_node
 from onnxcompress.never_slower import check_target_after_reverts, faster_only
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option

@@ -7,23 +7,8 @@ from __future__ import annotations
 
 import fnmatch
 
-import onnx
-
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import comma_list
-
-LAYER_OPS = ("Conv", "Gemm", "MatMul")
-
-
-def last_weighted_layer(model: onnx.ModelProto) -> str | None:
-    """The name of the model's last Conv/Gemm/MatMul (graph order) reading a fixed weight: a
-    classifier, or an embedding model's output projection."""
-    fixed = {init.name for init in model.graph.initializer}
-    fixed |= {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
-    for node in reversed(model.graph.node):
-        if node.op_type in LAYER_OPS and fixed.intersection(node.input[:2]):
-            return node.name
-    return None
 
 
 def kept_layers(

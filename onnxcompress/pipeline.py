@@ -17,6 +17,7 @@ from onnxcompress.analyse import analyse
 from onnxcompress.errors import CompressError
 from onnxcompress.holdout import ReadWatch, split_holdout, validation_entry
 from onnxcompress.input_checks import require_sized_tensors
+from onnxcompress.layer_roles import layer_roles
 from onnxcompress.passkit import PassContext, PassSpec, Progress, no_progress
 from onnxcompress.resources import run_resources
 from onnxcompress.verdict import BROKEN, judge, weight_only_warning
@@ -311,19 +312,29 @@ def run_passes(
         check_contract(spec.name, model, before, result)
         if coded is not None:
             coded.extend(result.artifacts.get("coded_weights", []))
+        given = model
         if result.changed:
             model = graph.cleanup_and_sort(result.model)
+        seconds = round(time.perf_counter() - started, 3)
+        # Records name the nodes of the model given or of the result (int8's): roles of both.
+        roles = layer_roles(model) | layer_roles(given)
         reports.append(
             {
                 "name": spec.name,
                 "options": dataclasses.asdict(typed[spec.name]),
                 "changed": result.changed,
-                "seconds": round(time.perf_counter() - started, 3),
+                "seconds": seconds,
                 "summary": result.summary,
-                "records": [record.to_dict() for record in result.records],
+                "records": [_with_role(record.to_dict(), roles) for record in result.records],
             }
         )
     return model, reports
+
+
+def _with_role(record: dict[str, Any], roles: dict[str, str]) -> dict[str, Any]:
+    if record["node"] in roles:
+        record["role"] = roles[record["node"]]
+    return record
 
 
 STATUSES = ("rewritten", "skipped", "reverted")

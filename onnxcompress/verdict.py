@@ -138,7 +138,7 @@ def _text(entry: dict[str, Any], validation: dict[str, Any]) -> str:
     if "accuracy_result" in entry:
         parts.append(_accuracy_text(entry))
     if "top1_agreement" in entry:
-        parts.append(f"top-1 agreement {_share(entry, 'top1_agreement')}")
+        parts.append(f"top-1 agreement {share_text(entry, 'top1_agreement')}")
     parts.append(f"worst relative L2 {entry['worst_rel_l2']:.3g}")
     basis = f"on {entry['samples']} {_samples_word(validation)}"
     if entry["uncertain"]:
@@ -153,7 +153,8 @@ def _interval(share: float, samples: int) -> list[float] | None:
     return list(wilson_interval(round(share * samples), samples))
 
 
-def _share(entry: dict[str, Any], key: str) -> str:
+def share_text(entry: dict[str, Any], key: str) -> str:
+    """A proportion of the verdict (`key`) in percent, with its interval when it has one."""
     interval = entry.get(f"{key}_interval")
     text = f"{100 * entry[key]:.1f}%"
     if interval is None:
@@ -163,11 +164,15 @@ def _share(entry: dict[str, Any], key: str) -> str:
 
 
 def _accuracy_text(entry: dict[str, Any]) -> str:
-    points = 100 * (entry["accuracy_result"] - entry["accuracy_original"])
     return (
         f"top-1 accuracy {100 * entry['accuracy_original']:.1f}% → "
-        f"{_share(entry, 'accuracy_result')} ({points:+.1f} points)"
+        f"{share_text(entry, 'accuracy_result')} ({accuracy_change(entry)})"
     )
+
+
+def accuracy_change(entry: dict[str, Any]) -> str:
+    """The verdict's accuracy change in top-1 points, signed."""
+    return f"{100 * (entry['accuracy_result'] - entry['accuracy_original']):+.1f} points"
 
 
 def _samples_word(validation: dict[str, Any]) -> str:

@@ -151,6 +151,18 @@ class AutoOptions:
             return False
         return self.upcast or self.budget()[0] == "latency"
 
+    def effective(self, model: onnx.ModelProto, context: PassContext) -> dict[str, Any]:
+        """The options left unset that this run gave a value, as it resolved them (the
+        report lists them with the options)."""
+        kind, target = self.budget()
+        return {
+            f"target_{kind}": target,
+            "jobs": self.jobs or context.jobs,
+            "int8": self.wants_int8(context),
+            "blocks": self.wants_blocks(context),
+            "upcast": self.wants_upcast(model),
+        }
+
     def budget(self) -> tuple[str, float]:
         if self.target_macs is not None:
             return "macs", self.target_macs
@@ -190,6 +202,7 @@ def _options(kind: type, align: int) -> Any:
 )
 def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> PassResult:
     model = named_copy(model)
+    effective = options.effective(model, context)  # before the upcast rescales the target
     upcast = None
     if options.wants_upcast(model):
         model, options, upcast = _upcast_first(model, options, context)
@@ -216,7 +229,8 @@ def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> 
         def quantize(source: onnx.ModelProto, keep: list[str] = ()) -> onnx.ModelProto:
             # `keep`: nodes left in float (layers whose int8 kernel is slower, and the ops
             # up to the next layers: `graph.float_region`).
-            options = int8.Int8Options(keep=",".join(keep), upcast=int8_upcast)
+            # Its own rounds time the whole model: no per-layer timing for the report here.
+            options = int8.Int8Options(keep=",".join(keep), upcast=int8_upcast, time_layers=False)
             return int8.int8(source, options, context).model
 
         def quantize_layer(source: onnx.ModelProto, feeds: dict) -> onnx.ModelProto:
@@ -225,7 +239,8 @@ def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> 
             shapes = {name: list(value.shape) for name, value in feeds.items()}
             alone = PassContext(shapes, calibration=[feeds], threads=context.threads)
             try:
-                return int8.int8(source, int8.Int8Options(upcast=int8_upcast), alone).model
+                options = int8.Int8Options(upcast=int8_upcast, time_layers=False)
+                return int8.int8(source, options, alone).model
             except CompressError as exc:
                 log.debug("auto: int8 timing of a layer in float: %s", exc)
                 return source
@@ -244,7 +259,7 @@ def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> 
     records += found.records
     if found.summary.get("int8", {}).get("quantized"):
         auto_summary.mark_precision(records, found.summary, found.model)
-    summary = {"auto": found.summary}
+    summary = {"auto": found.summary, "effective_options": effective}
     if upcast:
         found.summary["upcast"] = upcast
         summary["notes"] = [upcast["note"]]

@@ -12,6 +12,7 @@ DequantizeLinear needs its `axis` attribute), and a float16 model is upcast to f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from collections import Counter
@@ -23,6 +24,7 @@ from onnx import version_converter
 
 from onnxcompress import graph, io
 from onnxcompress.errors import CompressError
+from onnxcompress.layers import named_copy
 from onnxcompress.passkit import (
     NodeRecord,
     PassContext,
@@ -34,6 +36,8 @@ from onnxcompress.passkit import (
 )
 from onnxcompress.registry import register
 from onnxcompress.runtime import ort_message
+
+log = logging.getLogger(__name__)
 
 # The first opset whose DequantizeLinear takes `axis` (per-channel weights).
 QDQ_OPSET = 13
@@ -51,6 +55,12 @@ class Int8Options:
     samples: int = option(256, "at most this many calibration samples observe the ranges")
     ops: str = option("", "comma-separated op types to quantize (empty: all the quantizer knows)")
     keep: str = option("", "comma-separated node names left in float (e.g. the first conv)")
+    time_layers: bool = option(
+        True,
+        "time each quantized layer alone in float and in int8 (onnxruntime, the layer's input "
+        "shape; cached): the report's latency per layer (first runs: ResNet-20 +2 s, "
+        "SqueezeNet +5 s)",
+    )
     upcast: bool = option(
         True,
         "a float16 model is upcast to float32 first, inputs and outputs kept float16 (what "
@@ -79,6 +89,8 @@ def int8(model: onnx.ModelProto, options: Int8Options, context: PassContext) -> 
     # Stale weights (left by an earlier pass until the core's cleanup) break onnxruntime's
     # pre-processing when an old exporter also lists them as graph inputs: drop them first.
     source, summary = _at_qdq_opset(graph.cleanup_and_sort(model))
+    # Named nodes keep their names through the quantizer, so records, timings and roles agree.
+    source = named_copy(source)
     summary.update(upcast_summary)
     keep = comma_list(options.keep)
     unknown = sorted(set(keep) - {node.name for node in source.graph.node})
@@ -87,6 +99,10 @@ def int8(model: onnx.ModelProto, options: Int8Options, context: PassContext) -> 
     batches = first_samples(context.calibration, options.samples)
     quantized = _quantize(source, options, batches, keep)
     records = _records(quantized, keep)
+    if options.time_layers:
+        timed = _time_layers(source, records, options, context)
+        upcast_note = summary.get("notes")  # the one note so far, if any
+        summary["notes"] = [*([upcast_note] if upcast_note else []), _timing_note(timed)]
     summary.update(
         calibration_samples=sample_count(batches),
         quantized_layers=sum(r.status == "rewritten" for r in records),
@@ -99,6 +115,46 @@ def int8(model: onnx.ModelProto, options: Int8Options, context: PassContext) -> 
         ),
     )
     return PassResult(model=quantized, changed=True, records=records, summary=summary)
+
+
+def _time_layers(source, records: list[NodeRecord], options, context: PassContext) -> int:
+    """Time each layer quantized to int8 alone in float and in int8, into its record's
+    `timing` (as the factorization passes' records give theirs); the count timed."""
+    from onnxcompress.analyse import analyse
+    from onnxcompress.auto.layer_timing import float_and_int8
+    from onnxcompress.linear_layers import conv_and_linear_layers
+
+    layers, _ = conv_and_linear_layers(source, analyse(source, context.input_shapes))
+    in_int8 = {r.node: r for r in records if r.details.get("int8")}
+    layers = [layer for layer in layers if layer.name in in_int8]
+    constants = graph.constant_tensors(source)
+    alone = dataclasses.replace(options, keep="", time_layers=False, upcast=False)
+
+    def quantize(model: onnx.ModelProto, feeds: dict) -> onnx.ModelProto:
+        shapes = {name: list(value.shape) for name, value in feeds.items()}
+        return int8(model, alone, PassContext(shapes, [feeds], threads=context.threads)).model
+
+    timed = 0
+    with context.progress("timing layers in float and int8", len(layers)) as bar:
+        for layer in layers:
+            try:
+                timing = float_and_int8(constants, layer, quantize, context.threads)
+            except Exception as exc:  # noqa: BLE001 - a layer not timed must not fail the pass
+                log.debug("int8: %s not timed: %s", layer.name, exc)
+            else:
+                in_int8[layer.name].details["timing"] = timing
+                timed += 1
+            bar.advance()
+    return timed
+
+
+def _timing_note(timed: int) -> str:
+    return (
+        f"latency per layer: {timed} int8 layers each timed alone in float and in int8; "
+        "alone, an int8 layer also pays quantizing its input and dequantizing its output, "
+        "which inside the int8 model it mostly does not (the model's own latency is the "
+        "benchmark's)"
+    )
 
 
 def _check(options: Int8Options, context: PassContext) -> None:
@@ -199,19 +255,43 @@ def _quantize(model: onnx.ModelProto, options: Int8Options, batches, keep) -> on
 
 def _records(quantized: onnx.ModelProto, keep) -> list[NodeRecord]:
     """One record per Conv/Gemm/MatMul of the written model: quantized when its weight comes
-    from a DequantizeLinear, else skipped with why. (Read off the result, not the source:
-    the quantizer's pre-processing folds nodes, and many models leave node names empty.)"""
+    from a DequantizeLinear, else skipped with why; each says its precision and its weight's
+    bytes. (Read off the result, not the source: the quantizer's pre-processing folds nodes,
+    and many models leave node names empty.)"""
     in_int8 = graph.int8_layers(quantized)
+    makers = graph.producers(quantized)
+    tensors = graph.constant_tensors(quantized)
     records = []
     for node in quantized.graph.node:
         if node.op_type not in graph.LAYER_OPS:  # other quantized ops are only counted
             continue
         name = node.name or node.output[0]
+        details = {"int8": name in in_int8, **_weight_bytes(node, makers, tensors)}
         if node.name and node.name in keep:
-            records.append(NodeRecord(name, node.op_type, "skipped", "kept in float (keep)"))
+            records.append(
+                NodeRecord(name, node.op_type, "skipped", "kept in float (keep)", details=details)
+            )
         elif name in in_int8:
-            records.append(NodeRecord(name, node.op_type, "rewritten", details={"int8": True}))
+            records.append(NodeRecord(name, node.op_type, "rewritten", details=details))
         else:
             reason = "left in float by onnxruntime's quantizer (op type or inputs not supported)"
-            records.append(NodeRecord(name, node.op_type, "skipped", reason))
+            records.append(NodeRecord(name, node.op_type, "skipped", reason, details=details))
     return records
+
+
+def _weight_bytes(node: onnx.NodeProto, makers: dict, tensors: dict) -> dict[str, int]:
+    """The layer's weight in bytes, in float (before) and as written (int8 values with their
+    scales and zero points); {} when the weight is not a stored tensor."""
+    weight = node.input[1] if len(node.input) > 1 else ""
+    dequantize = makers.get(weight)
+    if dequantize is None or dequantize.op_type != "DequantizeLinear":
+        size = tensors[weight].nbytes if weight in tensors else None
+        return {} if size is None else {"weight_bytes_before": size, "weight_bytes_after": size}
+    parts = [tensors[name] for name in dequantize.input if name in tensors]
+    if len(parts) < 2:
+        return {}
+    values, scale = parts[0], parts[1]  # the dequantized weight has the scale's float type
+    return {
+        "weight_bytes_before": values.size * scale.itemsize,
+        "weight_bytes_after": sum(part.nbytes for part in parts),
+    }

@@ -18,21 +18,58 @@ def best_round(rounds: list[dict], target: float | None, max_error: float | None
     int8 round that failed the tolerance is out; so is one whose output error is over
     `max_error` while any other is left (a plan that breaks the outputs is not kept for speed
     while one that works is at hand)."""
+    return best_round_and_why(rounds, target, max_error)[0]
+
+
+def best_round_and_why(
+    rounds: list[dict], target: float | None, max_error: float | None = None
+) -> tuple[int, str]:
+    """`best_round`, and why it is the one, in words for the report."""
     rounds_left = [i for i, r in enumerate(rounds) if not failed_whole(r)]
     usable = [i for i in rounds_left if not breaks(rounds[i], max_error)]
+    passed_over = []
+    if len(rounds_left) < len(rounds):
+        passed_over.append(f"{_plans(len(rounds) - len(rounds_left))} failed the tolerance")
+    if usable and len(usable) < len(rounds_left):
+        broken = _plans(len(rounds_left) - len(usable))
+        passed_over.append(f"{broken} breaking the outputs passed over")
+    elif rounds_left and not usable:
+        passed_over.append(f"every plan breaks the outputs (relative L2 > {max_error:g})")
     rounds_left = usable or rounds_left
     candidates = [
         i for i in rounds_left
         if target is None or rounds[i]["latency_ratio"] <= target + LATENCY_SLACK
     ]  # fmt: skip
+    where = "" if target is None else f" on the latency target {target:g}"
     if not candidates:  # none on target
         fastest = min(rounds[i]["latency_ratio"] for i in rounds_left)
         candidates = [
             i for i in rounds_left if rounds[i]["latency_ratio"] <= fastest + MISSED_TIE
         ]  # fmt: skip
-    return min(
+        where = (
+            f" within {MISSED_TIE:g} of the fastest ({fastest:.3f}), as none met the latency "
+            f"target {target:g}"
+        )
+    chosen = min(
         candidates, key=lambda i: (rounds[i].get("rel_l2", 0.0), -(rounds[i]["budget"] or 0.0))
     )
+    measured = any("rel_l2" in rounds[i] for i in candidates)
+    best = "the least output error" if measured else "the largest budget (no error measured)"
+    which = f"{best} of the {len(candidates)} plans" if len(candidates) > 1 else "the only plan"
+    return chosen, "; ".join([f"{which}{where}{_figures(rounds[chosen])}", *passed_over])
+
+
+def _plans(count: int) -> str:
+    return f"{count} plan" if count == 1 else f"{count} plans"
+
+
+def _figures(round_: dict) -> str:
+    figures = []
+    if round_.get("latency_ratio") is not None:
+        figures.append(f"latency {round_['latency_ratio']:.3f} of the original's")
+    if round_.get("rel_l2") is not None:
+        figures.append(f"relative L2 {round_['rel_l2']:.3g}")
+    return f" ({', '.join(figures)})" if figures else ""
 
 
 def failed_whole(round_: dict) -> bool:

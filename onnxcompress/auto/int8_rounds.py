@@ -74,11 +74,13 @@ def int8_table_rounds(search: Search, measured, quantize, quantize_layer, origin
     return (tables8, rest, scale / original_int8), rounds
 
 
-def mixed_on_target(search: Search, measured, quantize, quantize_layer, rounds: Rounds) -> None:
+def mixed_on_target(
+    search: Search, measured, quantize, quantize_layer, rounds: Rounds
+) -> list[LayerTable]:
     """With the int8 original on target, one more round: it with the layers whose int8
     kernel is slower left in float, which quantizes less (less error) and may run faster (see
     docs/decisions.md#mixed-original-when-int8-is-on-target). Only the layers' own int8
-    timings are needed, not every candidate's."""
+    timings are needed, not every candidate's; their tables are returned (for the report)."""
     tables, context = search.tables, search.context
     with context.progress("timing layers in int8", len(tables)) as bar:
         keeps8 = auto_plan.int8_tables(
@@ -87,6 +89,7 @@ def mixed_on_target(search: Search, measured, quantize, quantize_layer, rounds: 
     in_float = int8_slower(tables, keeps8)
     if in_float:
         mixed_original(search, in_float, quantize, rounds)
+    return keeps8
 
 
 def int8_slower(tables: list[LayerTable], tables8: list[LayerTable]) -> list[str]:

@@ -33,18 +33,13 @@ def compare_layer(
     turns both into int8 models before they are timed (only when the cache lacks them: their
     timings are keyed by the float model and "int8").
     """
-    # The activation is input 0, except for a constant-on-the-left product (W @ x).
-    activation = getattr(layer, "activation", layer.node.input[0])
-    weight_names = [name for name in layer.node.input if name and name != activation]
-    dtype = constants[weight_names[0]].dtype
-    weights = [numpy_helper.from_array(constants[name], name) for name in weight_names]
-    before = _single_input_model([layer.node], weights, layer, activation, dtype)
-    after = _single_input_model(rewrite.nodes, rewrite.initializers, layer, activation, dtype)
-    x = np.random.default_rng(0).standard_normal(layer.input_shape).astype(dtype)
-    prepare = None if quantize is None else (lambda model: quantize(model, {activation: x}))
+    before, feeds = layer_alone(constants, layer)
+    ((activation, x),) = feeds.items()
+    after = _single_input_model(rewrite.nodes, rewrite.initializers, layer, activation, x.dtype)
+    prepare = None if quantize is None else (lambda model: quantize(model, feeds))
     medians = latency_cache.time_subgraphs(
         {"original": before, "rewritten": after},
-        {activation: x},
+        feeds,
         threads=threads,
         cache=cache,
         repeats=REPEATS,
@@ -52,10 +47,48 @@ def compare_layer(
         prepare=prepare,
         variant="" if quantize is None else "int8",
     )
+    return _timing(medians["original"], medians["rewritten"])
+
+
+def float_and_int8(
+    constants: dict[str, np.ndarray],
+    layer: Any,
+    quantize,
+    threads: int = 2,
+    cache: latency_cache.LatencyCache | None = None,
+) -> dict[str, float]:
+    """{"original_ms", "rewritten_ms", "speedup"} for `layer` alone in float against it alone
+    as `quantize(model, feeds)` makes it (int8; alone, it also pays quantizing its input and
+    dequantizing its output, which inside an int8 model it mostly does not), each net of one
+    onnxruntime call's fixed cost, as a layer inside the model does not pay it."""
+    model, feeds = layer_alone(constants, layer)
+    overhead = call_overhead_ms(layer, next(iter(feeds.values())).dtype, threads, cache)
+    medians = [
+        latency_cache.time_subgraphs(
+            {"layer": model}, feeds, threads, cache, REPEATS, MIN_SECONDS, prepare, variant
+        )["layer"]
+        for prepare, variant in ((None, ""), (lambda m: quantize(m, feeds), "int8"))
+    ]
+    return _timing(*(net_ms(ms, overhead) for ms in medians))
+
+
+def layer_alone(constants: dict[str, np.ndarray], layer: Any) -> tuple[onnx.ModelProto, dict]:
+    """The layer as a one-input model with its weights, and a seeded input of its shape."""
+    # The activation is input 0, except for a constant-on-the-left product (W @ x).
+    activation = getattr(layer, "activation", layer.node.input[0])
+    weight_names = [name for name in layer.node.input if name and name != activation]
+    dtype = constants[weight_names[0]].dtype
+    weights = [numpy_helper.from_array(constants[name], name) for name in weight_names]
+    model = _single_input_model([layer.node], weights, layer, activation, dtype)
+    x = np.random.default_rng(0).standard_normal(layer.input_shape).astype(dtype)
+    return model, {activation: x}
+
+
+def _timing(original_ms: float, rewritten_ms: float) -> dict[str, float]:
     return {
-        "original_ms": round(medians["original"], 4),
-        "rewritten_ms": round(medians["rewritten"], 4),
-        "speedup": round(medians["original"] / medians["rewritten"], 3),
+        "original_ms": round(original_ms, 4),
+        "rewritten_ms": round(rewritten_ms, 4),
+        "speedup": round(original_ms / rewritten_ms, 3),
     }
 
 
@@ -70,6 +103,16 @@ def call_overhead_ms(layer: Any, dtype, threads: int = 2, cache=None) -> float:
     return latency_cache.time_subgraphs(
         {"overhead": model}, feeds, threads, cache, REPEATS, MIN_SECONDS
     )["overhead"]
+
+
+# A layer's net latency is never counted below this (ms): timing noise can exceed it.
+MIN_NET_MS = 1e-4
+
+
+def net_ms(ms: float, overhead: float) -> float:
+    """A layer's time alone less one call's fixed cost (`call_overhead_ms`), at least
+    MIN_NET_MS."""
+    return max(ms - overhead, MIN_NET_MS)
 
 
 def _single_input_model(nodes, initializers, layer, activation, dtype) -> onnx.ModelProto:

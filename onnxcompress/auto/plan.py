@@ -100,8 +100,8 @@ def time_layers_alone(model, tables, measured, threads, progress=None, quantize=
                 constants, choice.layers[scored.method], _stand_in(by_key[scored.key]),
                 threads, quantize=quantize,
             )  # fmt: skip
-            table.keep.latency_ms = _net(timing["original_ms"], overhead)
-            scored.latency_ms = _net(timing["rewritten_ms"], overhead)
+            table.keep.latency_ms = layer_timing.net_ms(timing["original_ms"], overhead)
+            scored.latency_ms = layer_timing.net_ms(timing["rewritten_ms"], overhead)
             if progress is not None:
                 progress.advance()
 
@@ -162,13 +162,6 @@ def time_in_graph(
 # Whole-model timings per layer: enough runs that a layer's saving stands out of the noise.
 GRAPH_REPEATS = 40
 GRAPH_MIN_SECONDS = 0.2
-
-# A layer's net latency is never counted below this (ms): timing noise can exceed it.
-MIN_NET_MS = 1e-4
-
-
-def _net(ms: float, overhead: float) -> float:
-    return max(ms - overhead, MIN_NET_MS)
 
 
 def _scored(choice, method, key, config, macs, params, damage, agreement) -> Scored:

@@ -22,7 +22,14 @@ from onnxcompress.auto.checks import (
     timing_feeds,
     window_ratio,
 )
-from onnxcompress.auto.choice import LATENCY_SLACK, best_round, breaks, broken_faster, failed_whole
+from onnxcompress.auto.choice import (
+    LATENCY_SLACK,
+    best_round,
+    best_round_and_why,
+    breaks,
+    broken_faster,
+    failed_whole,
+)
 from onnxcompress.auto.int8_rounds import int8_rounds, int8_table_rounds, mixed_on_target
 from onnxcompress.auto.rounds import LATENCY_ROUNDS, Rounds, Search
 from onnxcompress.auto.settings import SearchSettings
@@ -85,6 +92,7 @@ def search(
     max_error = settings.usable_error(CLIFF_ERROR)
     # Per kind of cost: the tables, and the rest and total their ratios are taken with.
     cost_tables = {"float": (tables, rest, scale)}
+    int8_timed = None  # the layers (and candidates) timed in int8, for the report
     if quantize and on_latency and context.calibration:
         best = best_round(rounds, on_latency, max_error)
         original_int8 = int8_rounds(state, rounds.built[best], rounds, quantize)
@@ -93,8 +101,9 @@ def search(
                 state, measured, quantize, quantize_layer, original_int8, total
             )
             rounds.merge(more)
+            int8_timed = cost_tables["int8"][0]
         elif quantize_layer and original_int8:
-            mixed_on_target(state, measured, quantize, quantize_layer, rounds)
+            int8_timed = mixed_on_target(state, measured, quantize, quantize_layer, rounds)
     blocks = None
     if on_latency and settings.blocks:
         # Per-layer plans on the model with blocks removed never won (docs/decisions.md
@@ -104,10 +113,12 @@ def search(
         retime(rounds, state.checker)
         if search_again(rounds, state, (floor, scale), max_error):
             retime(rounds, state.checker)
-    chosen = best_round(rounds, on_latency, max_error)
+    chosen, why = best_round_and_why(rounds, on_latency, max_error)
     costs = cost_tables[rounds[chosen].get("costs", "float")]
     plan, compressed, _, _, backed_off = rounds.built[chosen]
-    summary = auto_summary.auto_section(settings, costs, rounds, chosen)
+    timed = (tables, int8_timed)
+    summary = auto_summary.auto_section(settings, costs, rounds, chosen, timed)
+    summary["kept_because"] = why
     if kind == "latency":  # measured on the whole model, not predicted
         summary["target_reached"] = rounds[chosen]["latency_ratio"] <= target + LATENCY_SLACK
         summary["broken_over"] = max_error

@@ -9,6 +9,7 @@ from typing import Any
 
 from onnxcompress.report import plots as plots
 from onnxcompress.report import rows as rows
+from onnxcompress.report.headline import HEADLINE_COLUMNS, headline_rows
 from onnxcompress.report.terminal import (
     FIDELITY_COLUMNS,
     SUMMARY_COLUMNS,
@@ -30,18 +31,19 @@ h1 { font-size: 1.5em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; 
 table { border-collapse: collapse; margin: .6em 0 1em; font-size: 13px; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; vertical-align: top; }
 th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
-td.text { text-align: left; }
+td.text, th.text { text-align: left; }
 tr.skipped td { color: #777; } tr.reverted td { background: #fff6e5; }
 .warning { color: #a40; } .note { color: #555; }
 .verdict { font-size: 1.15em; } .broken { color: #b00; } .lossy { color: #a40; }
 .deployable { color: #070; }
+table.headline { font-size: 15px; } table.headline td:first-child { font-weight: 600; }
 img { max-width: 100%; display: block; margin: .5em 0; }
 code { background: #f4f4f4; padding: 0 .3em; }
 """
 # Columns of text (left-aligned) in the per-layer tables.
 _TEXT_COLUMNS = {
-    "pass", "node", "op", "status", "method / config", "method", "config", "reason", "built as",
-    "outcome",
+    "pass", "node", "role", "op", "status", "precision", "method / config", "method", "config",
+    "reason", "built as", "outcome",
 }  # fmt: skip
 
 
@@ -56,6 +58,7 @@ def render_html(report: dict[str, Any]) -> str:
     if verdict:
         kind = escape(report["verdict"]["kind"].replace(" ", "-"))
         body.append(f'<p class="verdict {kind}"><strong>{escape(verdict)}</strong></p>')
+    body.append(table(HEADLINE_COLUMNS, headline_rows(report), css="headline"))
     body += [f'<p class="warning">{escape(line)}</p>' for line in warning_lines(report)]
     body += ["<h2>Summary</h2>", table(SUMMARY_COLUMNS, summary_rows(report))]
     if run:
@@ -92,38 +95,40 @@ def _passes(report: dict[str, Any]) -> list[str]:
 
 
 def _layers(report: dict[str, Any]) -> list[str]:
-    layer_rows = rows.layer_rows(report)
+    columns, layer_rows = rows.filled_columns(rows.LAYER_COLUMNS, rows.layer_rows(report))
     if not layer_rows:
         return ["<h2>Layers</h2>", "<p>No node records.</p>"]
-    status = rows.LAYER_COLUMNS.index("status")
-    parts = ["<h2>Layers</h2>", table(rows.LAYER_COLUMNS, layer_rows, row_class=status)]
-    parts.append(
-        image(
-            plots.before_after_bars(rows.rewritten_macs(report), "MACs per rewritten layer", "MACs")
-        )
-    )
-    parts.append(
-        image(
-            plots.before_after_bars(
-                rows.record_latencies(report), "latency per timed layer", "ms (median)"
-            )
-        )
-    )
+    status = columns.index("status")
+    parts = ["<h2>Layers</h2>", table(columns, layer_rows, row_class=status)]
+    for figures, title, unit in LAYER_CHARTS:
+        parts.append(image(plots.before_after_bars(figures(report), title, unit), title))
     return parts
+
+
+# The per-layer charts: what a pass changes, each drawn when some record gives its figures.
+LAYER_CHARTS = (
+    (rows.rewritten_macs, "MACs per rewritten layer", "MACs"),
+    (rows.record_latencies, "latency per timed layer", "ms (median)"),
+    (rows.nonzero_weights, "nonzero weights per pruned layer", "weights"),
+    (rows.channel_counts, "channels per pruned channel group", "channels"),
+    (rows.weight_bytes, "weight bytes per layer of the int8 model (float → as written)", "bytes"),
+)
 
 
 def _auto(name: str, auto: dict[str, Any]) -> list[str]:
     parts = [f"<h2>Auto choices ({escape(name)}): {escape(rows.budget_text(auto))}</h2>"]
+    if rows.kept_text(auto):
+        parts.append(f'<p class="kept"><strong>{escape(rows.kept_text(auto))}</strong></p>')
     layer_rows = rows.auto_layer_rows(auto)
     parts.append(table(rows.AUTO_COLUMNS, layer_rows) if layer_rows else "<p>No layer chosen.</p>")
     backed_off = auto.get("backed_off") or []
     if backed_off:
         names = ", ".join(escape(str(n)) for n in backed_off)
         parts.append(f"<p>Backed off (kept original): {names}</p>")
-    parts.append(
-        image(plots.before_after_bars(rows.auto_latencies(auto), "latency per layer", "ms"))
-    )
-    parts.append(image(plots.damage_cost_curve(auto.get("curve") or [], "damage against cost")))
+    title = "latency per layer"
+    parts.append(image(plots.before_after_bars(rows.auto_latencies(auto), title, "ms"), title))
+    title = "damage against cost"
+    parts.append(image(plots.damage_cost_curve(auto.get("curve") or [], title), title))
     plans = rows.round_rows(auto)
     if plans:
         parts.append(f"<h3>Plans built and measured ({len(plans)})</h3>")
@@ -137,13 +142,19 @@ def _auto(name: str, auto: dict[str, Any]) -> list[str]:
 
 
 def table(
-    columns: tuple[str, ...], body: list[tuple[str, ...]], row_class: int | None = None
+    columns: tuple[str, ...],
+    body: list[tuple[str, ...]],
+    row_class: int | None = None,
+    css: str = "",
 ) -> str:
-    """An escaped HTML table; `row_class` names the column whose value becomes the row's
-    CSS class (status: skipped rows grey, reverted rows tinted)."""
+    """An escaped HTML table of CSS class `css`; `row_class` names the column whose value
+    becomes the row's CSS class (status: skipped rows grey, reverted rows tinted)."""
     text = [i for i, c in enumerate(columns) if c in _TEXT_COLUMNS]
-    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
-    lines = ["<table>", f"<tr>{head}</tr>"]
+    head = "".join(
+        f'<th class="text">{escape(c)}</th>' if i in text else f"<th>{escape(c)}</th>"
+        for i, c in enumerate(columns)
+    )
+    lines = [f'<table class="{escape(css)}">' if css else "<table>", f"<tr>{head}</tr>"]
     for row in body:
         cells = "".join(
             f'<td class="text">{escape(v)}</td>' if i in text else f"<td>{escape(v)}</td>"
@@ -155,8 +166,10 @@ def table(
     return "\n".join(lines)
 
 
-def image(png: bytes | None) -> str:
-    """An <img> with the PNG inline, or nothing (no data, or no matplotlib)."""
+def image(png: bytes | None, title: str) -> str:
+    """An <img> with the PNG inline and its title as the text, or nothing (no data, or no
+    matplotlib)."""
     if png is None:
         return ""
-    return f'<img alt="chart" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+    data = base64.b64encode(png).decode()
+    return f'<img alt="{escape(title)}" src="data:image/png;base64,{data}">'

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from onnxcompress.report import rows as rows
+from onnxcompress.report.headline import HEADLINE_COLUMNS, headline_rows
 from onnxcompress.report.terminal import (
     FIDELITY_COLUMNS,
     SUMMARY_COLUMNS,
@@ -27,6 +28,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "# onnxcompress report",
         f"`{_code(report['input'])}` → `{_code(report['output'])}`",
         f"**{_cell(verdict_line(report))}**" if verdict_line(report) else "",
+        table(HEADLINE_COLUMNS, headline_rows(report)),
         "\n".join(f"- **{_cell(line)}**" for line in warning_lines(report)),
         "## Summary",
         table(SUMMARY_COLUMNS, summary_rows(report)),
@@ -43,9 +45,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         options = rows.option_rows(entry)
         if options:
             parts.append(table(("option", "value"), options))
-    layer_rows = rows.layer_rows(report)
+    columns, layer_rows = rows.filled_columns(rows.LAYER_COLUMNS, rows.layer_rows(report))
     parts.append("## Layers")
-    parts.append(table(rows.LAYER_COLUMNS, layer_rows) if layer_rows else "No node records.")
+    parts.append(table(columns, layer_rows) if layer_rows else "No node records.")
     for name, auto in rows.auto_sections(report):
         parts.extend(_auto(name, auto))
     return "\n\n".join(part for part in parts if part) + "\n"
@@ -64,6 +66,7 @@ def _verdict(report: dict[str, Any]) -> str:
 
 def _auto(name: str, auto: dict[str, Any]) -> list[str]:
     parts = [f"## Auto choices ({_cell(name)}): {_cell(rows.budget_text(auto))}"]
+    parts.append(f"**{_cell(rows.kept_text(auto))}**" if rows.kept_text(auto) else "")
     layer_rows = rows.auto_layer_rows(auto)
     parts.append(table(rows.AUTO_COLUMNS, layer_rows) if layer_rows else "No layer chosen.")
     backed_off = auto.get("backed_off") or []

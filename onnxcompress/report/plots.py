@@ -9,7 +9,12 @@ from typing import Any
 
 # Charts with more bars than this keep the largest ones and say so in the title.
 MAX_BARS = 40
-INSTALL_HINT = "plots need `pip install onnxcompress[plot]`"
+# The package is not on PyPI: `pip install onnxcompress[plot]` works nowhere; these do.
+PLOT_REQUIREMENT = "matplotlib>=3.7"  # pyproject.toml's `plot` extra
+INSTALL_HINT = (
+    f'charts need matplotlib: pip install "{PLOT_REQUIREMENT}" '
+    '(or, in the onnxcompress checkout: pip install -e ".[plot]")'
+)
 
 
 def plots_available() -> bool:

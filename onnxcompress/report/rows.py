@@ -10,8 +10,10 @@ from onnxcompress.report.tables import human
 LAYER_COLUMNS = (
     "pass",
     "node",
+    "role",
     "op",
     "status",
+    "precision",
     "method / config",
     "MACs before → after",
     "params before → after",
@@ -52,8 +54,10 @@ def layer_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
                 (
                     entry["name"],
                     str(record["node"]),
+                    record.get("role", ""),  # first layer, classifier: see layer_roles
                     str(record["op"]),
                     str(record["status"]),
+                    precision_text(details),
                     config_text(details),
                     change(record.get("macs_before"), record.get("macs_after")),
                     change(record.get("params_before"), record.get("params_after")),
@@ -64,22 +68,46 @@ def layer_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+def filled_columns(
+    columns: tuple[str, ...], body: list[tuple[str, ...]]
+) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """The columns some row fills, and the rows cut to them (precision in a float run, roles
+    in a model without named layers: columns that would only be empty are left out)."""
+    kept = [i for i in range(len(columns)) if any(row[i] for row in body)]
+    return tuple(columns[i] for i in kept), [tuple(row[i] for i in kept) for row in body]
+
+
+def precision_text(details: dict[str, Any]) -> str:
+    """int8 or float, for the layers of an int8 model ("" where precision was not at stake)."""
+    if "int8" not in details:
+        return ""
+    return "int8" if details["int8"] else "float"
+
+
 def option_rows(entry: dict[str, Any]) -> list[tuple[str, str]]:
-    """(option, value) for one pass of the report; an option left unset that the pass's
-    summary gives a value (e.g. the default MAC budget) shows that value as the pass's own."""
+    """(option, value) for one pass of the report; an option left unset that the pass gave a
+    value (e.g. the default MAC budget) shows that value as the pass's own, any other unset
+    one says so (the option's help says what unset means)."""
     options = entry.get("options") or {}
     summary = entry.get("summary") or {}
     rows = []
     for name, value in options.items():
-        if value is None and _is_value(summary.get(name)):
-            rows.append((str(name), f"{_value(summary[name])} (the pass's default)"))
+        default = None if value is not None else _pass_default(name, summary)
+        if default is not None:
+            rows.append((str(name), f"{_value(default)} (the pass's default)"))
         else:
-            rows.append((str(name), "None" if value is None else _value(value)))
+            rows.append((str(name), "not set" if value is None else _value(value)))
     return rows
 
 
-def _is_value(value: Any) -> bool:
-    return isinstance(value, (int, float, str)) and not isinstance(value, bool)
+def _pass_default(name: str, summary: dict[str, Any]) -> Any:
+    """What a pass made of an option left unset: its `effective_options` entry, else a figure
+    of the summary by that name (a flag there may mean something else: not taken)."""
+    effective = summary.get("effective_options") or {}
+    if name in effective:
+        return effective[name]
+    value = summary.get(name)
+    return value if isinstance(value, int | float | str) and not isinstance(value, bool) else None
 
 
 def auto_sections(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -104,6 +132,16 @@ def budget_text(auto: dict[str, Any]) -> str:
     if removed:
         text += f"; residual blocks removed: {', '.join(removed)}"
     return text
+
+
+def kept_text(auto: dict[str, Any]) -> str:
+    """Which plan the auto search kept and why, in one sentence ("" when it built none)."""
+    rounds, kept = auto.get("rounds") or [], auto.get("chosen_round")
+    if kept is None or not rounds:
+        return ""
+    text = f"kept plan {kept} of the {len(rounds)} built and measured"
+    because = auto.get("kept_because")  # reports made before it was recorded lack it
+    return f"{text}: {because}" if because else text
 
 
 def auto_layer_rows(auto: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -149,14 +187,41 @@ def candidate_rows(auto: dict[str, Any]) -> list[tuple[str, ...]]:
 
 def rewritten_macs(report: dict[str, Any]) -> list[tuple[str, float, float]]:
     """(node, MACs before, MACs after) of every rewritten record, for the MACs chart."""
-    return [
-        (str(r["node"]), r["macs_before"], r["macs_after"])
-        for entry in report.get("passes", [])
-        for r in entry.get("records", [])
-        if r.get("status") == "rewritten"
-        and r.get("macs_before") is not None
-        and r.get("macs_after") is not None
-    ]
+    return figure_pairs(report, "macs_before", "macs_after", status="rewritten")
+
+
+def nonzero_weights(report: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """(node, weights, nonzero weights) of every pruned layer (its record gives a sparsity)."""
+    return figure_pairs(report, "params_before", "params_after", marked_by="sparsity")
+
+
+def channel_counts(report: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """(group, channels before, channels kept) of every channel group pruned."""
+    return figure_pairs(report, "channels_before", "channels_after")
+
+
+def weight_bytes(report: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """(node, weight bytes in float, as written) of every layer of an int8 model."""
+    return figure_pairs(report, "weight_bytes_before", "weight_bytes_after")
+
+
+def figure_pairs(
+    report: dict[str, Any], before: str, after: str, status: str = "", marked_by: str = ""
+) -> list[tuple[str, float, float]]:
+    """(node, before, after) of every record giving both figures (on the record or in its
+    details), for a chart; only records of `status`, or whose details have `marked_by`."""
+    pairs = []
+    for entry in report.get("passes", []):
+        for record in entry.get("records", []):
+            details = record.get("details") or {}
+            figures = {**details, **record}
+            if (status and record.get("status") != status) or (
+                marked_by and marked_by not in details
+            ):
+                continue
+            if figures.get(before) is not None and figures.get(after) is not None:
+                pairs.append((str(record["node"]), figures[before], figures[after]))
+    return pairs
 
 
 def record_latencies(report: dict[str, Any]) -> list[tuple[str, float, float]]:
@@ -233,8 +298,12 @@ def config_text(config: Any) -> str:
     return ", ".join(
         f"{key}={_value(value)}"
         for key, value in config.items()
-        if not isinstance(value, dict | list) and key != "timing"
+        if not isinstance(value, dict | list) and key not in _OWN_COLUMNS
     )
+
+
+# Details with a column or chart of their own, left out of the settings text.
+_OWN_COLUMNS = {"timing", "int8", "weight_bytes_before", "weight_bytes_after"}
 
 
 def change(before: Any, after: Any, ms: bool = False) -> str:

@@ -39,10 +39,10 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(figure, before, after, after / before) as text, for every output format."""
     before, after = report["before"], report["after"]
     rows = [
-        ("MACs", before["total_macs"], after["total_macs"], ""),
-        ("parameters", before["total_params"], after["total_params"], ""),
-        ("weight bytes", before["weight_bytes"], after["weight_bytes"], "B"),
-        ("file bytes", report["input_bytes"], report["output_bytes"], "B"),
+        figure_row("MACs", before["total_macs"], after["total_macs"]),
+        figure_row("parameters", before["total_params"], after["total_params"]),
+        figure_row("weight bytes", before["weight_bytes"], after["weight_bytes"], "B"),
+        figure_row("file bytes", report["input_bytes"], report["output_bytes"], "B"),
     ]
     sizes = report.get("sizes") or {}
     if "original" in sizes and "result" in sizes:
@@ -51,24 +51,29 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             ("  gzip -9", "gzip9"),
             ("  zstd -19", "zstd19"),
         ):
-            rows.append((label, sizes["original"][key], sizes["result"][key], "B"))
-    table_rows = [
-        (label, _size(b, unit), _size(a, unit), _ratio(b, a)) for label, b, a, unit in rows
-    ]
+            rows.append(figure_row(label, sizes["original"][key], sizes["result"][key], "B"))
+    return [*rows, latency_row(report)]
+
+
+def figure_row(
+    label: str, before: float | None, after: float | None, unit: str = ""
+) -> tuple[str, str, str, str]:
+    """(figure, before, after, after / before) of one count, in human units."""
+    return (label, _size(before, unit), _size(after, unit), _ratio(before, after))
+
+
+def latency_row(report: dict[str, Any]) -> tuple[str, str, str, str]:
+    """The benchmark's median latency before → after, or why it was not measured."""
     bench = report.get("benchmark")
-    if bench:
-        b, a = bench["original"]["median_ms"], bench["result"]["median_ms"]
-        table_rows.append(
-            (
-                f"latency (median, {bench['original']['threads']} threads)",
-                f"{b:.3f} ms",
-                f"{a:.3f} ms",
-                f"{a / b:.3f}× (speedup {bench['speedup']:.2f}×)",
-            )
-        )
-    else:
-        table_rows.append(("latency", "not measured (--no-bench)", "", ""))
-    return table_rows
+    if not bench:
+        return ("latency", "not measured (--no-bench)", "", "")
+    b, a = bench["original"]["median_ms"], bench["result"]["median_ms"]
+    return (
+        f"latency (median, {bench['original']['threads']} threads)",
+        f"{b:.3f} ms",
+        f"{a:.3f} ms",
+        f"{a / b:.3f}× (speedup {bench['speedup']:.2f}×)",
+    )
 
 
 def fidelity_title(report: dict[str, Any]) -> str:

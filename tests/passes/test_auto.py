@@ -186,6 +186,11 @@ def test_latency_search_bisects_and_keeps_the_best_plan_on_target(vgg_calibratio
     assert found["chosen_round"] == best and found["model"] == found["rounds"][best]
     assert found["target_reached"] is True
     assert result.summary["auto"]["model"]["rel_l2"] <= found["rounds"][1]["rel_l2"]
+    # The report's head of the auto section: which plan, and why that one.
+    assert report_rows.kept_text(found).startswith(
+        f"kept plan {best} of the 4 built and measured: the least output error of the 3 plans "
+        "on the latency target 0.7 (latency "
+    )
 
 
 def test_a_round_timed_on_target_by_luck_is_timed_again_before_the_search_stops(
@@ -340,6 +345,23 @@ def test_int8_is_tried_by_default_where_it_can_be_measured(options, calibration,
     )
 
 
+def test_the_options_left_unset_are_reported_as_the_run_resolved_them():
+    data = [{"input": np.zeros(VGG_SHAPES["input"], np.float32)}]
+    context = PassContext(VGG_SHAPES, data, jobs=3)
+    effective = get_pass("auto").make_options({}).effective(vgg_style(), context)
+    assert effective == {
+        "target_latency": 0.5, "jobs": 3, "int8": True, "blocks": True, "upcast": False,
+    }  # fmt: skip
+    entry = {"options": {"target_latency": None, "max_rel_l2": None, "jobs": None}}
+    entry["summary"] = {"effective_options": effective}
+    rows = dict(report_rows.option_rows(entry))
+    assert rows == {
+        "target_latency": "0.5 (the pass's default)",
+        "max_rel_l2": "not set",  # no tolerance: nothing to resolve
+        "jobs": "3 (the pass's default)",
+    }
+
+
 def test_int8_plans_are_chosen_on_int8_layer_timings(vgg_calibration, monkeypatch):
     """Scripted timers: int8 runs everything at 0.6 of its float cost. The int8 original
     (0.6) misses the 0.45 target and int8 of the best float plan lands far under it, so plans
@@ -362,15 +384,25 @@ def test_int8_plans_are_chosen_on_int8_layer_timings(vgg_calibration, monkeypatc
     assert chosen["rel_l2"] < min(r["rel_l2"] for r in floats)
     assert any(n.op_type == "DequantizeLinear" for n in result.model.graph.node)
     rewritten = [layer for layer in found["layers"] if layer["method"] != "keep"]
-    # The report's costs are the int8 tables' (0.6 of the weights; float would be all of them).
-    assert all(layer["latency_ms_before"] < 0.7 * layer["params_before"] for layer in rewritten)
     assert rewritten
+    # The report times a layer in float before, and after as it runs: in int8, 0.6 of its
+    # rewrite's weights (its record says the same), whatever costs the plan was chosen on.
+    records = {r.node: r.details.get("timing") for r in result.records}
+    for layer in rewritten:
+        assert layer["int8"] and layer["latency_ms_after"] == layer["latency_ms_in_int8"]
+        assert 0.8 * layer["params_before"] <= layer["latency_ms_before"] <= layer["params_before"]
+        assert layer["latency_ms_after"] < 0.7 * layer["params_after"]
+        assert records[layer["node"]] == {
+            "original_ms": layer["latency_ms_before"], "rewritten_ms": layer["latency_ms_after"],
+        }  # fmt: skip
     # Its point on the curve is a ratio of the float original: the int8 original's latency
     # (measured) less its tabled layers' int8 costs, plus the plan's.
     original = _weight_count(vgg_style())
     int8_original = next(r for r in found["rounds"] if r.get("int8") and r["budget"] is None)
-    before = sum(layer["latency_ms_before"] for layer in found["layers"])
-    after = sum(layer["latency_ms_after"] for layer in found["layers"])
+    weights = {i.name: int(np.prod(i.dims)) for i in vgg_style().graph.initializer}
+    layer_weights = {n.name: weights.get(n.input[1]) for n in vgg_style().graph.node if n.input[1:]}
+    before = sum(0.6 * layer_weights[layer["node"]] for layer in found["layers"])
+    after = sum(layer["latency_ms_in_int8"] for layer in found["layers"])
     point = next(p for p in found["curve"] if p["chosen"])
     expected = (int8_original["latency_ratio"] * original - before + after) / original
     assert point["cost_ratio"] == pytest.approx(expected, abs=2e-4)
@@ -442,9 +474,18 @@ def test_a_layer_slower_in_int8_is_tried_in_float(vgg_calibration, monkeypatch):
     assert records["stage2.conv0"].status == "skipped"
     int8_layers = {name for name, r in records.items() if r.status == "rewritten"}
     assert int8_layers == set(weights) - in_float
-    assert all(records[name].details == {"int8": True} for name in int8_layers)
+    assert all(records[name].details["int8"] is True for name in int8_layers)
+    assert records[SLOW_IN_INT8].details == {"int8": False}  # unchanged: not timed again
     methods = {row[0]: row[2] for row in report_rows.auto_layer_rows(found)}
     assert methods[SLOW_IN_INT8] == "keep (float)" and methods["stage3.conv0"] == "int8"
+    # Each layer as it runs: a kept layer in int8 at its int8 timing (0.6 of its weights),
+    # the one left in float at its float one.
+    layers = {layer["node"]: layer for layer in found["layers"]}
+    conv = layers["stage3.conv0"]
+    assert conv["latency_ms_after"] == pytest.approx(0.6 * conv["latency_ms_before"])
+    assert records["stage3.conv0"].details["timing"]["rewritten_ms"] == conv["latency_ms_after"]
+    slow = layers[SLOW_IN_INT8]
+    assert slow["latency_ms_after"] == slow["latency_ms_before"]
 
 
 def test_a_float_layer_that_slows_the_int8_model_is_left_in_int8(vgg_calibration, monkeypatch):
@@ -570,6 +611,33 @@ def test_best_round_prefers_on_target_then_least_error():
     assert auto_choice.best_round([*rounds, failed_int8], 0.5) == 2  # int8 out: it failed
     no_data = [{"budget": 0.3, "latency_ratio": 0.4}, {"budget": 0.4, "latency_ratio": 0.5}]
     assert auto_choice.best_round(no_data, 0.5) == 1  # the larger budget: less given up
+
+
+def test_why_the_round_kept_is_the_one_in_words():
+    why = auto_choice.best_round_and_why
+    rounds = [
+        {"budget": 0.5, "latency_ratio": 0.8, "rel_l2": 0.01},
+        {"budget": 0.3, "latency_ratio": 0.4, "rel_l2": 0.30},
+        {"budget": 0.4, "latency_ratio": 0.5, "rel_l2": 0.20},
+    ]
+    assert why(rounds, 0.5) == (
+        2,
+        "the least output error of the 2 plans on the latency target 0.5 (latency 0.500 of "
+        "the original's, relative L2 0.2)",
+    )
+    assert why(rounds, 0.2)[1].startswith(
+        "the only plan within 0.05 of the fastest (0.400), as none met the latency target 0.2"
+    )
+    no_data = [{"budget": 0.3, "latency_ratio": 0.4}, {"budget": 0.4, "latency_ratio": 0.5}]
+    assert why(no_data, 0.5)[1].startswith("the largest budget (no error measured) of the 2")
+    failed = {"budget": None, "int8": True, "latency_ratio": 0.3, "tolerance_failed": "x"}
+    broken = {"budget": 0.2, "latency_ratio": 0.35, "rel_l2": 0.9}
+    assert why([*rounds, failed, broken], 0.5, 0.5)[1].endswith(
+        "; 1 plan failed the tolerance; 1 plan breaking the outputs passed over"
+    )
+    assert why([broken], 0.5, 0.5)[1].endswith(
+        "; every plan breaks the outputs (relative L2 > 0.5)"
+    )
 
 
 def test_best_round_passes_over_plans_that_break_the_outputs():

@@ -18,6 +18,7 @@ from onnxcompress import graph, io
 from onnxcompress.analyse import analyse
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
+from onnxcompress.report import rows as report_rows
 from onnxcompress.runtime import run_model
 from onnxcompress.validate import random_inputs
 from tests.conftest import SHARED, shared_model
@@ -80,7 +81,7 @@ def test_records_read_the_written_model_even_without_node_names(resnet_style):
     result = quantize(nameless, batches(nameless))
     assert [r.status for r in result.records] == ["rewritten"] * 10
     names = [r.node for r in result.records]
-    assert all(names) and len(set(names)) == 10  # named by their outputs instead
+    assert all(names) and len(set(names)) == 10  # named <op>_<index> as analyse names them
 
 
 def test_per_tensor_and_int8_activations_are_options(resnet_style):
@@ -106,6 +107,38 @@ def test_keep_leaves_named_layers_in_float(resnet_style):
     dequantized = {n.output[0] for n in result.model.graph.node if n.op_type == "DequantizeLinear"}
     assert by_name["stem.conv"].input[1] not in dequantized
     assert by_name["stage1.block0.conv1"].input[1] in dequantized
+
+
+def test_records_and_layer_table_give_each_layer_its_precision_and_weight_bytes(resnet_style):
+    result = quantize(resnet_style, batches(resnet_style), keep="stem.conv")
+    report = {"passes": [{"name": "int8", "records": [r.to_dict() for r in result.records]}]}
+    column = report_rows.LAYER_COLUMNS.index("precision")
+    precision = {row[1]: row[column] for row in report_rows.layer_rows(report)}
+    assert precision["stem.conv"] == "float" and precision["head.fc"] == "int8"
+    assert set(precision.values()) == {"int8", "float"} and len(precision) == 10
+    weights = {r.node: r.details for r in result.records}
+    float_conv, int8_conv = weights["stem.conv"], weights["stage1.block0.conv1"]
+    assert float_conv["weight_bytes_after"] == float_conv["weight_bytes_before"]
+    # 1 byte a weight instead of 4, plus a scale and zero point per output channel.
+    assert 0.25 < int8_conv["weight_bytes_after"] / int8_conv["weight_bytes_before"] < 0.3
+    charted = {node for node, _, _ in report_rows.weight_bytes(report)}
+    assert charted == set(precision)
+
+
+def test_each_int8_layer_is_timed_in_float_and_int8_for_the_report(resnet_style):
+    result = quantize(resnet_style, batches(resnet_style), keep="head.fc")
+    timed = {r.node: r.details["timing"] for r in result.records if "timing" in r.details}
+    in_int8 = {r.node for r in result.records if r.details["int8"]}
+    assert set(timed) == in_int8 and "head.fc" not in timed  # a float layer is not timed
+    assert all(t["original_ms"] > 0 and t["rewritten_ms"] > 0 for t in timed.values())
+    assert "each timed alone in float and in int8" in result.summary["notes"][-1]
+    report = {"passes": [{"name": "int8", "records": [r.to_dict() for r in result.records]}]}
+    column = report_rows.LAYER_COLUMNS.index("latency ms before → after")
+    latency = {row[1]: row[column] for row in report_rows.layer_rows(report)}
+    assert "→" in latency["stem.conv"] and latency["head.fc"] == ""
+    assert len(report_rows.record_latencies(report)) == len(in_int8)
+    untimed = quantize(resnet_style, batches(resnet_style), time_layers=False)
+    assert not any("timing" in r.details for r in untimed.records)
 
 
 def test_opset_11_model_is_converted_to_13_and_runs(resnet_style):
@@ -256,7 +289,7 @@ def test_float16_model_is_upcast_first_exactly_as_upcast_then_int8(resnet_style)
     by_hand = SPEC.run(upcast.run(half, upcast.make_options({}), context).model,
                        SPEC.make_options({}), context)  # fmt: skip
     assert result.model == by_hand.model
-    assert "upcast to float32 first" in result.summary["notes"]
+    assert "upcast to float32 first" in result.summary["notes"][0]  # then the timing's note
     assert result.summary["upcast"]["boundary casts"] == 2
     assert not any(t.data_type == TensorProto.FLOAT16 for t in result.model.graph.initializer)
     assert result.model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16

@@ -4,6 +4,7 @@ x.json stays one file."""
 import json
 import re
 import sys
+from html import escape
 
 import pytest
 
@@ -12,7 +13,8 @@ from onnxcompress.errors import CompressError
 from onnxcompress.report.files import report_target, write_report
 from onnxcompress.report.html import render_html
 from onnxcompress.report.markdown import render_markdown
-from onnxcompress.report.plots import INSTALL_HINT, damage_cost_curve
+from onnxcompress.report.plots import INSTALL_HINT, PLOT_REQUIREMENT, damage_cost_curve
+from onnxcompress.verdict import judge
 from tests.conftest import REPO
 
 FIXTURE = REPO / "models" / "resnet_style.onnx"
@@ -70,6 +72,7 @@ def _auto():
             {"budget": 0.7, "int8": True, "costs": "int8", "tolerance_failed": "int8 failed: x"},
         ],
         "chosen_round": 1,
+        "kept_because": "the only plan on the latency target 0.6 (latency 0.620 of the original's)",
         "broken_over": 0.5,
     }
 
@@ -161,6 +164,56 @@ def test_html_is_self_contained_and_escaped():
     assert "latency budget, target 0.6" in page and "0.012" in page and "conv_b" in page
     assert "3 candidates" in page
     assert "Plans built and measured (3)" in page and "int8 of the original" in page
+    kept = "kept plan 1 of the 3 built and measured: the only plan on the latency target 0.6"
+    assert f'<p class="kept"><strong>{kept} (latency 0.620 of the original&#x27;s)' in page
+
+
+def test_auto_section_of_an_older_report_names_the_kept_plan_without_a_reason():
+    report = _report()
+    del report["passes"][0]["summary"]["auto"]["kept_because"]
+    assert "<strong>kept plan 1 of the 3 built and measured</strong>" in render_html(report)
+    assert "**kept plan 1 of the 3 built and measured**" in render_markdown(report)
+
+
+def _validated_report():
+    """A run with labels, timed: the headline has every figure it can have."""
+    report = _report()
+    stats = {"max_abs": 0.1, "rel_l2": 0.01, "cosine": 0.999, "top1_agreement": 0.98}
+    stats |= {"accuracy_original": 0.86, "accuracy_result": 0.85}
+    report["validation"] = {"outputs": {"logits": stats}, "samples": 250, "worst_rel_l2": 0.01}
+    report["verdict"] = judge(report["validation"] | {"source": "d.npz (held-out)"})
+    original, result = ({"median_ms": ms, "threads": 2} for ms in (2.0, 0.8))
+    report["benchmark"] = {"original": original, "result": result, "speedup": 2.5}
+    return report
+
+
+def test_headline_under_the_verdict_gives_what_the_user_decides_on():
+    page = render_html(_validated_report())
+    head = page[page.index('<p class="verdict') : page.index("<h2>Summary</h2>")]
+    rows = re.findall(r"<tr><td[^>]*>([^<]*)</td>((?:<td[^>]*>[^<]*</td>)*)</tr>", head)
+    cells = {label: re.findall(r">([^<]*)</td>", rest) for label, rest in rows}
+    assert list(cells) == [
+        "latency (median, 2 threads)", "file size", "MACs", "parameters", "top-1 accuracy",
+        "top-1 agreement with the original",
+    ]  # fmt: skip
+    assert cells["latency (median, 2 threads)"] == [
+        "2.000 ms",
+        "0.800 ms",
+        "0.400× (speedup 2.50×)",
+    ]
+    assert cells["file size"] == ["4.0KB", "2.0KB", "0.500×"]
+    accuracy = cells["top-1 accuracy"]
+    assert accuracy[0] == "86.0%" and accuracy[2] == "-1.0 points"
+    assert accuracy[1] == "85.0% (95% CI 79.8–88.7%)"  # Wilson, 250 samples
+    assert cells["top-1 agreement with the original"][1].startswith("98.0% (95% CI ")
+    assert "| top-1 accuracy | 86.0% | 85.0% (95% CI" in render_markdown(_validated_report())
+
+
+def test_headline_of_a_run_not_validated_nor_timed_keeps_the_counts():
+    page = render_html(_report())  # no verdict, no benchmark
+    head = page[page.index("</code></p>") : page.index("<h2>Summary</h2>")]
+    assert "not measured (--no-bench)" in head and "parameters" in head
+    assert "accuracy" not in head and "agreement" not in head
 
 
 def test_markdown_tables():
@@ -189,12 +242,64 @@ def test_plots_embedded_when_matplotlib_present():
     assert png.startswith(b"\x89PNG")
 
 
+def _changing_passes_report():
+    """A run of prune, channels and int8, one record each of what it changed."""
+    prune = {"node": "conv_a", "op": "Conv", "status": "rewritten"}
+    prune |= {"params_before": 900, "params_after": 300, "details": {"sparsity": 0.667}}
+    channels = {"node": "group_0", "op": "Conv", "status": "rewritten"}
+    channels["details"] = {"channels_before": 16, "channels_after": 8}
+    int8 = {"node": "conv_a", "op": "Conv", "status": "rewritten"}
+    int8["details"] = {"int8": True, "weight_bytes_before": 3600, "weight_bytes_after": 964}
+    report = _report()
+    report["passes"] = [
+        {"name": name, "options": {}, "changed": True, "seconds": 0.1, "records": [record]}
+        for name, record in (("prune", prune), ("channels", channels), ("int8", int8))
+    ]
+    return report
+
+
+CHANGE_CHARTS = (
+    "nonzero weights per pruned layer",
+    "channels per pruned channel group",
+    "weight bytes per layer of the int8 model",
+)
+
+
+def test_every_pass_that_changes_the_model_gets_its_chart():
+    pytest.importorskip("matplotlib", reason="the `plot` extra is not installed")
+    page = render_html(_changing_passes_report())
+    charts = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,', page)
+    for title in CHANGE_CHARTS:
+        assert any(chart.startswith(title) for chart in charts), title
+
+
+def test_without_matplotlib_the_change_charts_give_way_to_the_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    page = render_html(_changing_passes_report())
+    assert DATA_URI not in page and escape(INSTALL_HINT) in page
+    assert not any(title in page for title in CHANGE_CHARTS)
+
+
 def test_without_matplotlib_html_says_so_and_keeps_tables(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     page = render_html(_report())
     assert DATA_URI not in page
-    assert INSTALL_HINT.replace("`", "&#x60;") in page or INSTALL_HINT in page
+    assert escape(INSTALL_HINT) in page
     assert page.count('<tr class="') == 4
+
+
+def test_install_hint_works_from_a_checkout():
+    """The package is not on PyPI: the hint names matplotlib itself, as the `plot` extra
+    requires it, and the editable install of the checkout."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert extras["optional-dependencies"]["plot"] == [PLOT_REQUIREMENT]
+    assert f'pip install "{PLOT_REQUIREMENT}"' in INSTALL_HINT
+    assert 'pip install -e ".[plot]"' in INSTALL_HINT
+    assert "onnxcompress[plot]" not in INSTALL_HINT and "\n" not in INSTALL_HINT
 
 
 def test_cli_report_json_stays_one_file(tmp_path):
