@@ -7,6 +7,7 @@ intermediate tensors as graph outputs, one batch at a time, so memory stays boun
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,10 +17,14 @@ from onnx import numpy_helper
 
 from onnxcompress.low_rank_refit import FirstFactor, fit_both_factors
 from onnxcompress.maths.least_squares import LeastSquaresAccumulator
+from onnxcompress.refit_stream import Exhausted, RefitStream
 from onnxcompress.passkit import PassContext, sample_count, track
 from onnxcompress.token_rows import token_row_mask
 
 log = logging.getLogger(__name__)
+
+# (tensor of the original, tensor of the rewritten model) -> (batch, original's, rewritten's)
+PairReader = Callable[[str, str], Iterator[tuple[dict, np.ndarray, np.ndarray]]]
 
 
 @dataclass
@@ -54,14 +59,15 @@ def refit_layers(
     peak = 0
     improved = 0
     ordered = sorted(sites, key=lambda s: order.get(s.output, 0))
+    pairs = pair_reader(original, rewritten, context)
     for site in track(context.progress, "refitting layers", ordered):
         if site.first is not None:
-            site.result, batch_bytes = fit_both_factors(original, rewritten, site, context)
+            site.result, batch_bytes = fit_both_factors(rewritten, site, pairs)
             improved += site.result["fit"] != "as built"
             k, n = site.first.prior.shape[1], site.first.prior.shape[0]
             peak = max(peak, batch_bytes + 16 * (k * k + k * n))  # two accumulators
             continue
-        equations, batch_bytes = _accumulate(original, rewritten, site, context)
+        equations, batch_bytes = _accumulate(rewritten, site, pairs)
         sums_bytes = 8 * (equations.k**2 + equations.k * equations.n + equations.k + equations.n)
         peak = max(peak, batch_bytes + sums_bytes)
         weight, bias = _current_factor(rewritten, site)
@@ -83,9 +89,35 @@ def refit_layers(
     return {"layers": len(sites), "improved": improved, "samples": samples, "peak_bytes": int(peak)}
 
 
-def _accumulate(original, rewritten, site: RefitSite, context: PassContext):
+def pair_reader(original, rewritten, context: PassContext) -> PairReader:
+    """How the sites' tensors are read, in graph order: streamed (each model run forward once,
+    `refit_stream`) where the live tensors fit in memory; a site where they do not is read
+    cut from the inputs (`runtime.paired_outputs`) and the next starts a new stream."""
     from onnxcompress.runtime import paired_outputs
 
+    batches, threads = context.calibration or [], context.threads
+    stream: RefitStream | None = None
+    streamable = True
+
+    def read(source: str, target: str):
+        nonlocal stream, streamable
+        try:
+            if streamable and stream is None:
+                stream = RefitStream(original, rewritten, batches, threads, (source, target))
+            if stream is not None:
+                return stream.pairs(source, target)
+        except Exhausted as exc:
+            log.debug("refit: %s read from the inputs (%s)", source, exc)
+            stream = None
+        except ValueError as exc:  # subgraphs, or a tensor the stream let go of
+            log.debug("refit: reading from the inputs from %s on (%s)", source, exc)
+            stream, streamable = None, False
+        return paired_outputs(original, source, rewritten, target, batches, threads)
+
+    return read
+
+
+def _accumulate(rewritten, site: RefitSite, pairs: PairReader):
     weight = _initializer(rewritten, site.weight)
     if site.kind == "matmul":
         k, n = weight.shape
@@ -93,10 +125,7 @@ def _accumulate(original, rewritten, site: RefitSite, context: PassContext):
         k, n = int(np.prod(weight.shape[1:])), weight.shape[0]
     equations = LeastSquaresAccumulator(k, n)
     batch_bytes = 0
-    calibration, threads = context.calibration or [], context.threads
-    for batch, y, z in paired_outputs(
-        original, site.output, rewritten, site.input, calibration, threads
-    ):
+    for batch, y, z in pairs(site.output, site.input):
         batch_bytes = max(batch_bytes, y.nbytes + z.nbytes)
         inputs = conv_patches(z, weight.shape[2:], site.conv) if site.kind == "conv" else z
         inputs, targets = _rows(inputs, site.kind), _rows(y, site.kind)

@@ -20,7 +20,6 @@ from onnx import numpy_helper
 
 from onnxcompress.maths.least_squares import LeastSquaresAccumulator, solve_symmetric
 from onnxcompress.maths.reduced_rank import reduced_rank_fit
-from onnxcompress.passkit import PassContext
 from onnxcompress.token_rows import token_row_mask
 
 # One calibration sample in this many is held out to choose the fit: enough held-out rows to
@@ -52,10 +51,11 @@ class _Fit:
     factors: tuple[np.ndarray, np.ndarray] | None = None  # (first r × k, last n × r)
 
 
-def fit_both_factors(original, rewritten: onnx.ModelProto, site, context: PassContext):
-    """Refit `site` (a layer_refit.RefitSite with `first`) in place; returns (result, bytes)."""
+def fit_both_factors(rewritten: onnx.ModelProto, site, pairs):
+    """Refit `site` (a layer_refit.RefitSite with `first`) in place, its tensors read by
+    `pairs` (a layer_refit.PairReader); returns (result, bytes)."""
     first = site.first
-    held_out, fitted, batch_bytes = _accumulate(original, rewritten, site, context)
+    held_out, fitted, batch_bytes = _accumulate(site, pairs)
     current = _current(rewritten, site)
     judge = held_out if held_out.count else fitted
     candidates = [current, *_fits(fitted, current, first.prior)]
@@ -83,15 +83,11 @@ def fit_both_factors(original, rewritten: onnx.ModelProto, site, context: PassCo
     return result, batch_bytes
 
 
-def _accumulate(original, rewritten, site, context):
-    from onnxcompress.runtime import paired_outputs
-
+def _accumulate(site, pairs):
     k, n = site.first.prior.shape[1], site.first.prior.shape[0]
     held_out, fitted = LeastSquaresAccumulator(k, n), LeastSquaresAccumulator(k, n)
     seen, batch_bytes = 0, 0
-    calibration, threads = context.calibration or [], context.threads
-    pairs = paired_outputs(original, site.output, rewritten, site.first.input, calibration, threads)
-    for batch, y, x in pairs:
+    for batch, y, x in pairs(site.output, site.first.input):
         batch_bytes = max(batch_bytes, x.nbytes + y.nbytes)
         inputs, targets, samples = _rows(x, site.first.kind), _rows(y, site.first.kind), len(x)
         sample_of_row = seen + np.repeat(np.arange(samples), len(inputs) // max(samples, 1))

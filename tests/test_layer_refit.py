@@ -37,3 +37,45 @@ def test_patches_times_weight_is_the_conv(kernel, geometry):
     patches = conv_patches(x.astype(np.float64), kernel, geometry)
     got = np.einsum("nf,bfhw->bnhw", w.reshape(5, -1).astype(np.float64), patches)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def _refit_svd(model, batches, monkeypatch, how: str):
+    """The svd pass at half the MACs with its refit reading tensors `how`."""
+    from onnxcompress import layer_refit, refit_stream
+    from onnxcompress.passes import get_pass
+    from onnxcompress.passkit import PassContext
+
+    with monkeypatch.context() as patch:
+        if how == "cut":
+            patch.setattr(layer_refit, "RefitStream", _no_stream)
+        if how == "restarted":  # every stream outgrows its budget: each site cut, then again
+            patch.setattr(refit_stream, "LIVE_BYTES", 1)
+        spec = get_pass("svd")
+        options = spec.make_options(
+            {"target_macs": 0.5, "never_slower": "false", "keep_collapsing": "false"}
+        )
+        context = PassContext({"input": [2, 3, 32, 32]}, batches, seed=0, threads=1)
+        return spec.run(model, options, context)
+
+
+def _no_stream(*args, **kwargs):
+    raise ValueError("not streamed")
+
+
+@pytest.mark.parametrize("how", ["streamed", "restarted"])
+def test_streamed_refit_reads_what_cutting_from_the_inputs_reads(how, monkeypatch):
+    """Residual adds and a projection shortcut keep several tensors live between layers."""
+    from models.fixtures import resnet_style
+
+    model = resnet_style()
+    rng = np.random.default_rng(5)
+    batches = [
+        {"input": rng.standard_normal((2, 3, 32, 32)).astype(np.float32)} for _ in range(4)
+    ]
+    reference = _refit_svd(model, batches, monkeypatch, "cut")
+    result = _refit_svd(model, batches, monkeypatch, how)
+    # Every layer refitted: a wrong tensor read would show in the outputs.
+    assert result.summary["refit"]["improved"] == result.summary["refit"]["layers"] >= 5
+    want, got = run_model(reference.model, batches), run_model(result.model, batches)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5)
