@@ -17,8 +17,8 @@ from onnx import numpy_helper
 
 from onnxcompress.low_rank_refit import FirstFactor, fit_both_factors
 from onnxcompress.maths.least_squares import LeastSquaresAccumulator
-from onnxcompress.refit_stream import Exhausted, RefitStream
 from onnxcompress.passkit import PassContext, sample_count, track
+from onnxcompress.refit_stream import Exhausted, RefitStream
 from onnxcompress.token_rows import token_row_mask
 
 log = logging.getLogger(__name__)

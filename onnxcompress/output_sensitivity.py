@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 
 from onnxcompress import layer_refit
+from onnxcompress.downstream import downstream
 from onnxcompress.layers import Namer, replace_node
 from onnxcompress.passkit import PassContext, first_samples, no_progress, track
 
@@ -66,13 +67,17 @@ def probe_layers(
     probes = {}
     for choice in track(context.progress, "measuring each layer's output damage", choices):
         candidate = _probe(choice.ladder, target * choice.layer.macs)
+        part = downstream(model, choice.layer.name, on_probes)
+        base, on_part = (part.model, part.context) if part else (model, on_probes)
         trial = onnx.ModelProto()
-        trial.CopyFrom(model)
-        rewrite = build(choice.layer, candidate, Namer(trial))
+        trial.CopyFrom(base)
+        rewrite = build(choice.layer, candidate, Namer(model))
         replace_node(trial, choice.layer.name, rewrite.nodes, rewrite.initializers)
         if refit and rewrite.refit is not None:
-            layer_refit.refit_layers(model, trial, [rewrite.refit], on_probes)
-        outputs = _outputs(make_session(trial, context.threads), batches)
+            layer_refit.refit_layers(base, trial, [rewrite.refit], on_part)
+        outputs = _outputs(make_session(trial, context.threads), on_part.calibration)
+        if part:
+            outputs = [part.whole(got, want) for got, want in zip(outputs, reference, strict=True)]
         squared = _relative_squared(outputs, reference)
         probes[choice.layer.name] = Probe(candidate.error, float(np.sqrt(squared)))
     return probes

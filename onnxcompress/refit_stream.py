@@ -152,5 +152,6 @@ class RefitStream:
     def pairs(self, source: str, target: str) -> Iterator[tuple[Batch, np.ndarray, np.ndarray]]:
         """(batch, `source` of the original, `target` of the rewritten model) per batch, as
         `runtime.paired_outputs` gives them; raises here, not while iterating."""
-        values = [stream.read(name) for stream, name in zip(self.streams, (source, target))]
+        pairs = zip(self.streams, (source, target), strict=True)
+        values = [stream.read(name) for stream, name in pairs]
         return zip(self.batches, *values, strict=True)

@@ -41,8 +41,9 @@ def test_patches_times_weight_is_the_conv(kernel, geometry):
 
 def _refit_svd(model, batches, monkeypatch, how: str):
     """The svd pass at half the MACs with its refit reading tensors `how`."""
-    from onnxcompress import layer_refit, refit_stream
     from onnxcompress.passes import get_pass
+
+    from onnxcompress import layer_refit, refit_stream
     from onnxcompress.passkit import PassContext
 
     with monkeypatch.context() as patch:
@@ -69,9 +70,7 @@ def test_streamed_refit_reads_what_cutting_from_the_inputs_reads(how, monkeypatc
 
     model = resnet_style()
     rng = np.random.default_rng(5)
-    batches = [
-        {"input": rng.standard_normal((2, 3, 32, 32)).astype(np.float32)} for _ in range(4)
-    ]
+    batches = [{"input": rng.standard_normal((2, 3, 32, 32)).astype(np.float32)} for _ in range(4)]
     reference = _refit_svd(model, batches, monkeypatch, "cut")
     result = _refit_svd(model, batches, monkeypatch, how)
     # Every layer refitted: a wrong tensor read would show in the outputs.

@@ -2,6 +2,7 @@
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxcompress.passes import get_pass
 
@@ -126,3 +127,29 @@ def test_a_target_out_of_reach_once_collapsing_layers_are_kept_names_them():
     calibration = [{"x": rng.standard_normal((16, K)).astype(np.float32)} for _ in range(4)]
     with pytest.raises(CompressError, match="collapse the outputs alone: loud_mm"):
         _compress(_two_branches(rng, decay=1.0), calibration, "layer", target=0.3)
+
+
+def test_each_layer_is_probed_on_its_downstream_part_with_the_whole_models_numbers(monkeypatch):
+    """The probe runs only what the layer reaches (residual adds keep several upstream tensors
+    live); each layer's output damage is the one the whole model gives."""
+    from models.fixtures import resnet_style
+    from onnxcompress import output_sensitivity
+
+    rng = np.random.default_rng(6)
+    batches = [{"input": rng.standard_normal((2, 3, 32, 32)).astype(np.float32)} for _ in range(3)]
+    context = PassContext({"input": [2, 3, 32, 32]}, batches, seed=0, threads=1)
+    spec = get_pass("svd")
+    options = spec.make_options({"target_macs": 0.5, "never_slower": "false"})
+    probes = {}
+    for how in ("part", "whole"):
+        if how == "whole":
+            monkeypatch.setattr(output_sensitivity, "downstream", lambda *args: None)
+        found = spec.run(resnet_style(), options, context)
+        probes[how] = {
+            r.node: r.details["probe_output_rel_l2"]
+            for r in found.records
+            if "probe_output_rel_l2" in r.details
+        }
+    assert len(probes["part"]) >= 5 and probes["part"].keys() == probes["whole"].keys()
+    for name, value in probes["part"].items():
+        assert value == pytest.approx(probes["whole"][name], abs=2e-4)  # records round to 1e-4

@@ -120,7 +120,11 @@ def _branching_model(ir_version: int = 8):
 @pytest.mark.parametrize("ir_version", [3, 8])
 def test_downstream_cut_runs_what_the_node_reaches_from_upstream_tensors(ir_version):
     from onnxcompress.runtime import (
-        downstream_cut, expose_outputs, make_session, run_session, type_inputs,
+        downstream_cut,
+        expose_outputs,
+        make_session,
+        run_session,
+        type_inputs,
     )  # fmt: skip
 
     model = _branching_model(ir_version)

@@ -36,6 +36,7 @@ from onnx import numpy_helper  # noqa: E402
 from tensorly.decomposition import parafac  # noqa: E402
 
 from benchmarks.run import builders  # noqa: E402
+from onnxcompress import downstream  # noqa: E402
 from onnxcompress.auto import sensitivity  # noqa: E402
 from onnxcompress.auto.candidates import layer_choices  # noqa: E402
 from onnxcompress.layers import Namer, named_copy  # noqa: E402
@@ -117,7 +118,7 @@ def sensitivity_runs(model: onnx.ModelProto, bench, args) -> None:
     }
     layers = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
     factory_options = {"methods": ["svd", "cp", "tucker2", "fga"], "align": 8}
-    whole_model = sensitivity._downstream
+    whole_model = downstream.downstream
     seconds, worst, count = {"whole model": 0.0, "downstream part": 0.0}, 0.0, 0
     for layer in layers[:: args.every]:
         job = sensitivity.SensitivityJob(
@@ -127,7 +128,7 @@ def sensitivity_runs(model: onnx.ModelProto, bench, args) -> None:
         _fit_untimed(job)
         found = {}
         for how in seconds:
-            sensitivity._downstream = whole_model if how == "downstream part" else _no_part
+            downstream.downstream = whole_model if how == "downstream part" else _no_part
             sensitivity._state(job)  # loads the model, data and reference once, untimed
             start = time.perf_counter()
             found[how] = sensitivity._measure_layer(job)
@@ -135,15 +136,16 @@ def sensitivity_runs(model: onnx.ModelProto, bench, args) -> None:
         for a, b in zip(found["whole model"], found["downstream part"], strict=True):
             worst = max(worst, abs(a.damage - b.damage) / max(a.damage, 1e-12))
         count += len(found["whole model"])
-    sensitivity._downstream = whole_model
+    downstream.downstream = whole_model
     print(
         f"sensitivity, {count} candidates of {len(layers[:: args.every])} layers, "
-        f"{args.samples} samples: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
+        f"{args.samples} samples: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
         + f"; largest relative damage difference {worst:.2g}"
     )
 
 
-def _no_part(state, layer):
+def _no_part(*args):
     return None
 
 

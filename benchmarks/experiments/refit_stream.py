@@ -24,10 +24,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
+from onnxcompress.passes import get_pass  # noqa: E402
 
 from benchmarks.run import builders  # noqa: E402
 from onnxcompress import layer_refit  # noqa: E402
-from onnxcompress.passes import get_pass  # noqa: E402
 from onnxcompress.passkit import PassContext  # noqa: E402
 from onnxcompress.runtime import run_model  # noqa: E402
 
@@ -58,8 +58,7 @@ def main() -> None:
     layer_refit.RefitStream = streamed
     a, b = (run_model(models[how], bench.calibration, args.threads) for how in seconds)
     apart = max(
-        float(np.linalg.norm(a[name] - b[name]) / max(np.linalg.norm(b[name]), 1e-30))
-        for name in b
+        float(np.linalg.norm(a[name] - b[name]) / max(np.linalg.norm(b[name]), 1e-30)) for name in b
     )
     for how, values in seconds.items():
         print(f"{how}: pass s {', '.join(f'{v:.1f}' for v in values)}")

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxcompress import layer_refit
+from onnxcompress import downstream, layer_refit
 from onnxcompress.analyse import analyse
 from onnxcompress.auto import latency_cache as latency_cache
 from onnxcompress.auto.candidates import RUNG_FRACTIONS, layer_choices, method_layers
@@ -113,48 +113,13 @@ def _measure_layer(job: SensitivityJob) -> list[Measured]:
     )
     if not found:
         return []
-    part = _downstream(state, job.layer) if state.reference is not None else None
+    part = None
+    if state.reference is not None:
+        part = downstream.downstream(state.model, job.layer, state.context)
     return [_measure(state, part, found[0], option) for option in found[0].candidates]
 
 
-@dataclass
-class _Downstream:
-    """The original model from one layer on (`runtime.downstream_cut`), with the tensors it
-    reads from upstream computed once: a candidate changes nothing upstream, so its refit and
-    its run need only this part (the same numbers as the whole model's, a fraction of the
-    work: most of the sensitivity runs' time went to running the unchanged upstream part)."""
-
-    model: onnx.ModelProto
-    context: PassContext  # batches: the calibration inputs and the upstream tensors
-    outputs: list[str]  # the graph outputs it computes; the others are the reference's
-
-
-def _downstream(state: _WorkerState, layer: str) -> _Downstream | None:
-    from onnxcompress.runtime import (
-        downstream_cut, expose_only, make_session, run_session, type_inputs,
-    )  # fmt: skip
-
-    try:
-        model, frontier = downstream_cut(state.model, layer)
-    except ValueError:
-        return None  # subgraphs: the whole model is run
-    context = state.context
-    inputs = {value.name for value in state.model.graph.input}
-    computed = [name for name in frontier if name not in inputs]
-    session = None
-    if computed:
-        upstream = expose_only(state.model, computed)
-        session = make_session(upstream, threads=context.threads, optimize=True)
-    batches = []
-    for batch in context.calibration or []:
-        values = dict(zip(computed, run_session(session, batch, computed))) if session else {}
-        batches.append({**batch, **values})
-    type_inputs(model, batches[0])
-    part = PassContext(context.input_shapes, batches, context.seed, context.threads)
-    return _Downstream(model, part, [out.name for out in model.graph.output])
-
-
-def _measure(state: _WorkerState, part: _Downstream | None, choice, option) -> Measured:
+def _measure(state: _WorkerState, part: downstream.Downstream | None, choice, option) -> Measured:
     layer = choice.layers[option.method]
     rewrite = state.methods[option.method].build(layer, option.candidate, Namer(state.model))
     shapes = [(init.name, list(init.dims), init.data_type) for init in rewrite.initializers]
@@ -169,10 +134,8 @@ def _measure(state: _WorkerState, part: _Downstream | None, choice, option) -> M
     if rewrite.refit is not None:
         layer_refit.refit_layers(base, trial, [rewrite.refit], context)
     outputs = run_outputs(trial, context)
-    if part:  # outputs the layer cannot reach are the original's
-        found = dict(zip(part.outputs, outputs, strict=True))
-        names = [out.name for out in state.model.graph.output]
-        outputs = [found.get(name, ref) for name, ref in zip(names, state.reference, strict=True)]
+    if part:
+        outputs = part.whole(outputs, state.reference)
     damage, agreement = output_damage(state.reference, outputs)
     return Measured(choice.name, option.key, damage, "outputs", agreement, nodes, shapes)
 

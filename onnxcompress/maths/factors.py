@@ -215,9 +215,9 @@ def cp_factors(
     `parafac` algorithm without its Khatri–Rao products).
 
     ALS starts from an SVD initialisation (padded with seeded random columns when R exceeds a
-    mode's size; a seeded random one where the SVD has too few vectors) and stops when the relative error changes by less than `tol` between sweeps;
-    `converged` says whether that happened within `n_iter_max` sweeps. A sweep costs about
-    2·R·|W| MACs.
+    mode's size; a seeded random one where the SVD has too few vectors) and stops when the
+    relative error changes by less than `tol` between sweeps; `converged` says whether that
+    happened within `n_iter_max` sweeps. A sweep costs about 2·R·|W| MACs.
 
     `l2_reg` > 0 adds a ridge term of l2_reg·‖W‖²/R to every ALS solve. Unregularized CP
     often ends with large components that cancel each other; the fit is as good, but any

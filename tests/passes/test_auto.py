@@ -1016,13 +1016,19 @@ def test_sensitivity_runs_only_the_layers_part_with_the_same_damage(monkeypatch,
     found = {}
     for how in ("part", "whole"):
         if how == "whole":
-            monkeypatch.setattr(sensitivity, "_downstream", lambda state, layer: None)
+            monkeypatch.setattr(sensitivity.downstream, "downstream", lambda *args: None)
         sensitivity._STATE.clear()
         found[how] = [
             sensitivity._measure_layer(
                 sensitivity.SensitivityJob(
-                    model_path, data_path, factory, {"methods": ["svd", "tucker2"], "align": 4},
-                    name, shapes, 1, 0,
+                    model_path,
+                    data_path,
+                    factory,
+                    {"methods": ["svd", "tucker2"], "align": 4},
+                    name,
+                    shapes,
+                    1,
+                    0,
                 )  # fmt: skip
             )
             for name in names
