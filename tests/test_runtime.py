@@ -72,10 +72,8 @@ def test_expose_only_cuts_the_graph_to_what_the_tensor_needs():
     assert len(model.graph.node) == 3  # the model handed in is untouched
 
 
-def test_expose_only_keeps_graphs_with_subgraphs_whole():
-    from onnxcompress.runtime import expose_only
-
-    model, _ = _two_input_model()
+def _add_if(model) -> None:
+    """An If node whose branches read the outer tensor r."""
     branch = helper.make_graph(
         [helper.make_node("Identity", ["r"], ["b"])],
         "branch",
@@ -85,6 +83,13 @@ def test_expose_only_keeps_graphs_with_subgraphs_whole():
     model.graph.node.append(
         helper.make_node("If", ["flag"], ["out"], then_branch=branch, else_branch=branch)
     )
+
+
+def test_expose_only_keeps_graphs_with_subgraphs_whole():
+    from onnxcompress.runtime import expose_only
+
+    model, _ = _two_input_model()
+    _add_if(model)
     cut = expose_only(model, ["h"])
     assert len(cut.graph.node) == 4 and [o.name for o in cut.graph.output] == ["h"]
 
@@ -146,14 +151,6 @@ def test_downstream_cut_refuses_graphs_with_subgraphs():
     from onnxcompress.runtime import downstream_cut
 
     model = _branching_model()
-    branch = helper.make_graph(
-        [helper.make_node("Identity", ["r"], ["b"])],
-        "branch",
-        [],
-        [helper.make_tensor_value_info("b", TensorProto.FLOAT, None)],
-    )
-    model.graph.node.append(
-        helper.make_node("If", ["flag"], ["out"], then_branch=branch, else_branch=branch)
-    )
+    _add_if(model)
     with pytest.raises(ValueError, match="subgraphs"):
         downstream_cut(model, "relu")
