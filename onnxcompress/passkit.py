@@ -32,6 +32,16 @@ T = TypeVar("T")
 Progress = Callable[[str, "int | None"], ProgressTask]
 
 
+# outline({loop description: share of the pass's time}): a long pass says once which of its
+# loops make up its time, so that the CLI can show one estimate of the time left.
+Outline = Callable[[dict[str, float]], None]
+
+
+def no_outline(shares: dict[str, float]) -> None:
+    """The default outline hook: nobody estimates anything."""
+    return None
+
+
 class _SilentTask:
     def __enter__(self) -> _SilentTask:
         return self
@@ -102,6 +112,8 @@ class PassContext:
     labels: np.ndarray | None = None
     # Worker processes a pass may use for independent jobs (--jobs).
     jobs: int = 1
+    # Where a long pass outlines its loops (the CLI estimates the time left); silent by default.
+    outline: Outline = no_outline
 
 
 @dataclass

@@ -18,7 +18,7 @@ from onnxcompress.errors import CompressError
 from onnxcompress.holdout import ReadWatch, split_holdout, validation_entry
 from onnxcompress.input_checks import require_sized_tensors
 from onnxcompress.layer_roles import layer_roles
-from onnxcompress.passkit import PassContext, PassSpec, Progress, no_progress
+from onnxcompress.passkit import PassContext, PassSpec, Progress, no_outline, no_progress
 from onnxcompress.resources import run_resources
 from onnxcompress.verdict import BROKEN, judge, weight_only_warning
 
@@ -186,6 +186,7 @@ def compress(
         progress=progress,
         labels=fit.labels if user_data is not None else None,
         jobs=options.jobs,
+        outline=getattr(progress, "outline", no_outline),
     )
 
     coded: list = []

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # Plans built and measured at most, the budget tightened after a miss and loosened after a
 # plan far under target (bisecting once both are known).
 LATENCY_ROUNDS = 5
+PLANS_LOOP = "plans built and measured"
 
 
 class Built(NamedTuple):
@@ -112,11 +113,18 @@ class Search:
         is (budget, floor, scale); `known`, the budgets that met and missed the target before;
         `count`, the rounds at most."""
         tables = self.tables if tables is None else tables
+        rounds = Rounds()
+        with self.context.progress(PLANS_LOOP, count) as bar:
+            self._bisect(tables, start, known, count, quantize, rounds, bar)
+        return rounds
+
+    def _bisect(self, tables, start, known, count, quantize, rounds: Rounds, bar) -> None:
+        """`latency_rounds`' plans, each counted on `bar` as it starts."""
         kind, target = self.settings.kind, self.settings.target
         budget, floor, scale = start
-        rounds = Rounds()
         met, missed = known  # the largest budget that met the target, the smallest that missed
         for _ in range(count):
+            bar.advance()
             plan = auto_plan.allocate(tables, kind, budget)
             built = self.build_and_check(plan, tables)
             if quantize is None:
@@ -145,4 +153,3 @@ class Search:
                 # The layers must give up what the whole model missed (never below the cheapest).
                 step = max(floor, budget - (ratio - target) * scale)
                 budget = (budget + met) / 2 if met else step
-        return rounds

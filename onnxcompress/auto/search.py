@@ -31,11 +31,20 @@ from onnxcompress.auto.choice import (
     failed_whole,
 )
 from onnxcompress.auto.int8_rounds import int8_rounds, int8_table_rounds, mixed_on_target
-from onnxcompress.auto.rounds import LATENCY_ROUNDS, Rounds, Search
+from onnxcompress.auto.rounds import LATENCY_ROUNDS, PLANS_LOOP, Rounds, Search
 from onnxcompress.auto.settings import SearchSettings
 from onnxcompress.errors import CompressError
 from onnxcompress.factorization import CLIFF_ERROR
 from onnxcompress.passkit import PassContext, PassResult, first_samples, sample_count
+
+SENSITIVITY_LOOP, TIMING_LOOP, RETIME_LOOP = (
+    "sensitivity per layer",
+    "timing candidates",
+    "timing the plans again",
+)
+# The search's share of time per loop, for the CLI's estimate of the time left; see
+# docs/decisions.md#outline
+OUTLINE = {SENSITIVITY_LOOP: 0.5, TIMING_LOOP: 0.05, PLANS_LOOP: 0.3, RETIME_LOOP: 0.15}
 
 
 def search(
@@ -54,10 +63,11 @@ def search(
     `quantize(model) -> model` (int8), when given, is tried on the original and the best plan;
     with `quantize_layer(model, feeds) -> model` too, plans are also chosen on int8 timings."""
     kind, target = settings.kind, settings.target
+    context.outline(OUTLINE)
     sample = first_samples(context.calibration, settings.sensitivity_samples)
     measured = run_sensitivity(model, choices, settings, context, sample, factory)
     in_graph = kind == "latency" and settings.latency_basis == "graph"
-    with context.progress("timing candidates", sum(len(c.candidates) for c in choices)) as bar:
+    with context.progress(TIMING_LOOP, sum(len(c.candidates) for c in choices)) as bar:
         tables = auto_plan.score_layers(
             model, choices, measured, context.threads, bar, time_alone=not in_graph
         )
@@ -162,7 +172,7 @@ def retime(rounds: Rounds, checker) -> None:
     if not timed:
         return
     windows = checker.windows(
-        {str(i): rounds.built[i].model for i in timed}, RETIME_WINDOWS, "timing the plans again"
+        {str(i): rounds.built[i].model for i in timed}, RETIME_WINDOWS, RETIME_LOOP
     )
     for i in timed:
         round_ = rounds[i]
@@ -232,7 +242,7 @@ def run_sensitivity(model, choices, settings, context, sample, factory) -> dict[
         ]
         found: dict[str, list] = {}
         with (
-            context.progress("sensitivity per layer", len(work)) as bar,
+            context.progress(SENSITIVITY_LOOP, len(work)) as bar,
             executor.make_executor(jobs) as pool,
         ):
             results = pool.map(sensitivity.measure_layer, work)

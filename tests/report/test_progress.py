@@ -123,3 +123,37 @@ def test_cli_without_quiet_runs_with_progress(tmp_path, capsys):
     assert main([str(FIXTURE), "--passes", "identity", "-o", str(out), "--no-bench"]) == 0
     assert out.exists()
     assert "rel L2" in capsys.readouterr().out  # the tables still go to stdout
+
+
+def test_an_outlined_pass_gets_one_estimate_of_its_time_left(monkeypatch):
+    """Shares 3:1 over two loops; half of the first done after 30 s: 3/8 of the pass is done,
+    so 50 s remain, said on the step line; a later step drops the estimate."""
+    from onnxcompress.report import progress as progress_module
+
+    clock = iter([0.0, 30.0, 30.0, 60.0, 60.0])
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: next(clock))
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=100)
+    with TerminalProgress(console) as shown:
+        shown.step("pass auto")
+        shown.outline({"first": 3.0, "second": 1.0})
+        with shown("first", 4) as task:
+            task.advance(2)
+            shown._progress.refresh()
+            assert "pass auto … about 0:50 left" in buffer.getvalue()
+            task.advance(2)  # first done: 3/4 after 30 s -> 10 s left
+            shown._progress.refresh()
+            assert "about 0:10 left" in buffer.getvalue()
+        with shown("inner, not outlined", 3) as task:
+            task.advance()  # says nothing new
+        shown.step("check")
+        shown._progress.refresh()
+    assert "check …" in buffer.getvalue()
+
+
+def test_auto_outlines_loops_it_opens():
+    """Each outlined loop is one the search opens by that name."""
+    from onnxcompress.auto import rounds, search
+
+    opened = {search.SENSITIVITY_LOOP, search.TIMING_LOOP, search.RETIME_LOOP, rounds.PLANS_LOOP}
+    assert set(search.OUTLINE) == opened and abs(sum(search.OUTLINE.values()) - 1) < 1e-9
