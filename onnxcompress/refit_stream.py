@@ -105,24 +105,22 @@ def _segment(model: onnx.ModelProto, nodes: list, known: Batch, outputs: list[st
     missing = [name for name in fed if name not in known]
     if missing:
         raise ValueError(f"{', '.join(missing)} not kept for this segment")
-    part = onnx.ModelProto()
-    part.CopyFrom(model)
-    graph = part.graph
     inputs = []
     for name in fed:
         elem = onnx.helper.np_dtype_to_tensor_dtype(known[name].dtype)
         inputs.append(onnx.helper.make_tensor_value_info(name, elem, None))
-    initializers = [init for init in model.graph.initializer if init.name in set(read)]
+    needed = set(read)
+    initializers = [init for init in model.graph.initializer if init.name in needed]
     listed = {init.name for init in initializers}  # IR < 4 lists initializers as inputs too
     inputs += [value for value in model.graph.input if value.name in listed]
-    for field, items in (
-        (graph.node, nodes),
-        (graph.input, inputs),
-        (graph.output, [onnx.ValueInfoProto(name=name) for name in outputs]),
-        (graph.initializer, initializers),
-    ):
-        del field[:]
-        field.extend(items)
+    # Built field by field: copying the whole model would copy every weight for each segment.
+    part = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import)
+    part.functions.extend(model.functions)
+    part.graph.name = model.graph.name
+    part.graph.node.extend(nodes)
+    part.graph.input.extend(inputs)
+    part.graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
+    part.graph.initializer.extend(initializers)
     return part
 
 
