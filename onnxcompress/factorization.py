@@ -14,6 +14,7 @@ import onnx
 
 from onnxcompress import activation_scale, layer_refit, output_sensitivity
 from onnxcompress.analyse import ModelAnalysis, analyse
+from onnxcompress.default_budget import DefaultBudget
 from onnxcompress.errors import CompressError
 from onnxcompress.input_checks import require_finite_weights
 from onnxcompress.keep_rule import kept_layers
@@ -71,8 +72,15 @@ class Method(Protocol):
         """Nodes and initializers for the chosen candidate."""
 
 
-# The budget a factorization pass uses when its options fix no rank and no energy.
+# The budget a factorization pass uses with calibration data when its options fix no rank and
+# no energy; without data each pass has its own, measured (default_budget).
 DEFAULT_TARGET_MACS = 0.5
+
+
+def default_target(weight_only: float | None) -> DefaultBudget:
+    """A factorization pass's default target_macs: DEFAULT_TARGET_MACS with calibration data,
+    `weight_only` without (None: no default, the pass refuses)."""
+    return DefaultBudget("target_macs", DEFAULT_TARGET_MACS, weight_only)
 
 
 # An option of the passes that can fit on whitened inputs (activation_scale).
@@ -140,17 +148,26 @@ class DriverOptions:
     keep_collapsing: bool = True
     keep: str | None = None
     default_target: bool = False  # target_macs is the pass's default, not the user's
+    default_note: str = ""  # which default, and why (with or without calibration data)
 
     @classmethod
-    def for_pass(cls, options: Any, explicit: bool) -> DriverOptions:
-        """From a pass's options; `explicit`: they already fix the ranks (no default budget)."""
+    def for_pass(
+        cls,
+        options: Any,
+        explicit: bool,
+        default: DefaultBudget,
+        context: PassContext,
+        pass_name: str,
+    ) -> DriverOptions:
+        """From a pass's options; `explicit`: they already fix the ranks (no default budget).
+        Otherwise `default` gives the target, by whether the run has calibration data."""
         energy = getattr(options, "energy", None)
         allocation = getattr(options, "allocation", "layer")
         if allocation not in ALLOCATIONS:
             raise CompressError(f"allocation={allocation!r}: expected one of {ALLOCATIONS}")
-        target = options.target_macs
+        target, note = options.target_macs, ""
         if target is None and not explicit and energy is None:
-            target = DEFAULT_TARGET_MACS
+            target, note = default.choose(bool(context.calibration), pass_name)
         return cls(
             target_macs=target,
             energy=energy,
@@ -162,6 +179,7 @@ class DriverOptions:
             keep_collapsing=getattr(options, "keep_collapsing", True),
             keep=getattr(options, "keep", None),
             default_target=options.target_macs is None and target is not None,
+            default_note=note,
         )
 
 
@@ -226,6 +244,8 @@ def run_factorization(
 
     plan = plan_layers(layers, method, options, analysis, probe)
     plan.records[:0] = skipped
+    if options.default_note:
+        plan.summary["notes"] = [options.default_note]
     plan.summary["error_basis"] = (
         f"calibration data ({_whitening_kind(method)} input whitening)" if transforms else "weights"
     )

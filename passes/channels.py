@@ -34,6 +34,7 @@ from onnxcompress.channels.scoring import (
     weight_scores,
 )
 from onnxcompress.channels.surgery import prune_channels
+from onnxcompress.default_budget import DefaultBudget
 from onnxcompress.errors import CompressError
 from onnxcompress.input_checks import require_finite_weights
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list, option
@@ -41,7 +42,9 @@ from onnxcompress.registry import register
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RATIO = 0.3
+# Without calibration data no default ratio: weight-only pruning lost over 5 top-1 points on a
+# shared model at every ratio measured (docs/decisions.md#weight-only-default-budgets).
+DEFAULT_BUDGET = DefaultBudget("ratio", 0.3, None)
 IMPORTANCE = ("auto", "l1", "l2", "data")
 ALLOCATION = ("uniform", "greedy")
 
@@ -49,7 +52,9 @@ ALLOCATION = ("uniform", "greedy")
 @dataclass(frozen=True)
 class ChannelsOptions:
     ratio: float | None = option(
-        None, f"fraction of each prunable group's channels removed (default {DEFAULT_RATIO})"
+        None,
+        "fraction of each prunable group's channels removed when target_macs is not given "
+        f"({DEFAULT_BUDGET.help()})",
     )
     target_macs: float | None = option(
         None, "keep at most this fraction of the model's MACs instead of a fixed ratio"
@@ -98,11 +103,13 @@ class ChannelsOptions:
 )
 def channels(model: onnx.ModelProto, options: ChannelsOptions, context: PassContext) -> PassResult:
     importance = _importance(options, context)
+    ratio, note = options.ratio, ""
+    if ratio is None and options.target_macs is None:
+        ratio, note = DEFAULT_BUDGET.choose(bool(context.calibration), "channels")
     channel_graph = build_channel_graph(model, context.input_shapes)
     candidates, skipped = _candidates(model, channel_graph, options)
     before = analyse(model, context.input_shapes)
     if options.target_macs is None:  # counts do not depend on scores: score only what shrinks
-        ratio = DEFAULT_RATIO if options.ratio is None else options.ratio
         counts = uniform_counts(channel_graph, candidates, ratio, options.round_to)
         budget = f"ratio {ratio} in every group"
         shrinking = [g for g in candidates if counts[g] < channel_graph.groups[g].channels]
@@ -113,7 +120,7 @@ def channels(model: onnx.ModelProto, options: ChannelsOptions, context: PassCont
     keep, skipped = _keep(channel_graph, scores, counts, options, skipped)
     if not keep:
         records = _records(channel_graph, model, {}, skipped, before, before)
-        summary = _summary(records, before, before, importance, budget)
+        summary = _summary(records, before, before, importance, budget, note=note)
         return PassResult(model=_copy(model), changed=False, records=records, summary=summary)
     pruned = prune_channels(model, channel_graph, keep)
     refits = {}
@@ -123,7 +130,7 @@ def channels(model: onnx.ModelProto, options: ChannelsOptions, context: PassCont
         )
     after = analyse(pruned, context.input_shapes)
     records = _records(channel_graph, model, keep, skipped, before, after, refits)
-    summary = _summary(records, before, after, importance, budget, refits)
+    summary = _summary(records, before, after, importance, budget, refits, note)
     return PassResult(
         model=graph.cleanup_and_sort(pruned), changed=True, records=records, summary=summary
     )
@@ -251,7 +258,7 @@ def _records(channel_graph, model, keep, skipped, before, after, refits=None) ->
     return records
 
 
-def _summary(records, before, after, importance, budget, refits=None) -> dict:
+def _summary(records, before, after, importance, budget, refits=None, note="") -> dict:
     refits = refits or {}
     pruned = sum(r.status == "rewritten" for r in records)
     summary = {
@@ -266,6 +273,8 @@ def _summary(records, before, after, importance, budget, refits=None) -> dict:
         "params_before": before.total_params,
         "params_after": after.total_params,
     }
+    if note:  # which default budget, and why
+        summary["notes"] = [note]
     if refits:
         modes = [r.get("mode", "") for r in refits.values()]
         summary["refit"] = {

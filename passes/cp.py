@@ -14,13 +14,13 @@ import onnx
 
 from onnxcompress.auto import fit_cache as fit_cache
 from onnxcompress.factorization import (
-    DEFAULT_TARGET_MACS,
     Candidate,
     ConvMethod,
     DriverOptions,
     Rewrite,
     activation_aware_option,
     allocation_option,
+    default_target,
     keep_collapsing_option,
     keep_option,
     pointwise_output,
@@ -54,12 +54,17 @@ ESTIMATE_SWEEPS = 20
 MAX_ANCHORS = 7
 
 
+# Without calibration data: the most MACs removed at which cp's weight-only fit kept every
+# shared model within 5 top-1 points (docs/decisions.md#weight-only-default-budgets).
+DEFAULT_TARGET = default_target(0.8)
+
+
 @dataclass(frozen=True)
 class CpOptions:
     rank: int | None = option(None, "CP rank R per layer (default: chosen by the MACs budget)")
     target_macs: float | None = option(
         None,
-        f"keep this fraction of the model's MACs (default {DEFAULT_TARGET_MACS} when no rank "
+        f"keep this fraction of the model's MACs ({DEFAULT_TARGET.help()}, when no rank "
         "is given); ranks chosen for least total estimated squared error (knapsack)",
     )
     align: int = option(16, "budget ranks are multiples of this (ORT CPU speed)")
@@ -256,5 +261,7 @@ def _als(w: np.ndarray, rank: int, sweeps: int, rng: np.random.Generator, start=
 
 @register("cp", CpOptions, "CP: k×k Conv → 1×1 → depthwise kh×1 → depthwise 1×kw → 1×1", lossy=True)
 def cp(model: onnx.ModelProto, options: CpOptions, context: PassContext) -> PassResult:
-    driver = DriverOptions.for_pass(options, explicit=options.rank is not None)
+    driver = DriverOptions.for_pass(
+        options, options.rank is not None, DEFAULT_TARGET, context, "cp"
+    )
     return run_factorization(model, CpMethod(options), driver, context, "cp")

@@ -11,13 +11,13 @@ import numpy as np
 import onnx
 
 from onnxcompress.factorization import (
-    DEFAULT_TARGET_MACS,
     Candidate,
     ConvMethod,
     DriverOptions,
     Rewrite,
     activation_aware_option,
     allocation_option,
+    default_target,
     keep_collapsing_option,
     keep_option,
     pointwise_output,
@@ -46,6 +46,11 @@ from onnxcompress.registry import register
 VARIANTS = ("plain", "btd")
 
 
+# Without calibration data: the most MACs removed at which fga's weight-only fit kept every
+# shared model within 5 top-1 points (docs/decisions.md#weight-only-default-budgets).
+DEFAULT_TARGET = default_target(0.95)
+
+
 @dataclass(frozen=True)
 class FgaOptions:
     groups: int | None = option(
@@ -54,7 +59,7 @@ class FgaOptions:
     rank: int | None = option(None, "filters per group (default: chosen by budget or energy)")
     target_macs: float | None = option(
         None,
-        f"keep this fraction of the model's MACs (default {DEFAULT_TARGET_MACS} when "
+        f"keep this fraction of the model's MACs ({DEFAULT_TARGET.help()}, when "
         "neither rank nor energy is given); ranks chosen for least total squared error (knapsack)",
     )
     energy: float | None = option(None, "per layer: smallest cost keeping this fraction of ‖W‖²")
@@ -220,5 +225,7 @@ def _tail_energy(weight: np.ndarray, groups: int, inner: int | None = None) -> n
 
 @register("fga", FgaOptions, "filter group approximation: k×k Conv → grouped k×k → 1×1", lossy=True)
 def fga(model: onnx.ModelProto, options: FgaOptions, context: PassContext) -> PassResult:
-    driver = DriverOptions.for_pass(options, explicit=options.rank is not None)
+    driver = DriverOptions.for_pass(
+        options, options.rank is not None, DEFAULT_TARGET, context, "fga"
+    )
     return run_factorization(model, FgaMethod(options), driver, context, "fga")

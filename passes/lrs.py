@@ -38,10 +38,10 @@ from onnxcompress import graph
 from onnxcompress.analyse import analyse
 from onnxcompress.errors import CompressError
 from onnxcompress.factorization import (
-    DEFAULT_TARGET_MACS,
     Candidate,
     DriverOptions,
     Rewrite,
+    default_target,
     run_factorization,
 )
 from onnxcompress.layers import ConvLayer, Namer, named_copy, replace_node
@@ -73,6 +73,11 @@ STARTS = ("svd", "rpca")
 NO_REFIT = "none: the data solver already fits each layer on the calibration data"
 
 
+# Without calibration data: the most MACs removed at which lrs's weight-only fit kept every
+# shared model within 5 top-1 points (docs/decisions.md#weight-only-default-budgets).
+DEFAULT_TARGET = default_target(0.95)
+
+
 @dataclass(frozen=True)
 class LrsOptions:
     rank: int | None = option(None, "rank of L in every layer (default: searched)")
@@ -82,7 +87,7 @@ class LrsOptions:
     )
     target_macs: float | None = option(
         None,
-        f"keep this fraction of the model's MACs (default {DEFAULT_TARGET_MACS} unless rank "
+        f"keep this fraction of the model's MACs ({DEFAULT_TARGET.help()}, unless rank "
         "and sparsity are both given); splits chosen for least total squared error (knapsack)",
     )
     structured: bool = option(
@@ -323,7 +328,7 @@ def lrs(model: onnx.ModelProto, options: LrsOptions, context: PassContext) -> Pa
             )
         result = _run_unstructured(model, method, context)
     else:
-        driver = DriverOptions.for_pass(options, explicit=explicit)
+        driver = DriverOptions.for_pass(options, explicit, DEFAULT_TARGET, context, "lrs")
         driver = dataclasses.replace(driver, refit=False)
         result = run_factorization(model, method, driver, context, "lrs")
     result.summary["refit"] = NO_REFIT if method.moments else "none (weight-only fit)"

@@ -26,12 +26,12 @@ import onnx
 import scipy.linalg
 
 from onnxcompress.factorization import (
-    DEFAULT_TARGET_MACS,
     Candidate,
     DriverOptions,
     Rewrite,
     activation_aware_option,
     allocation_option,
+    default_target,
     keep_collapsing_option,
     keep_option,
     pointwise_output,
@@ -68,13 +68,18 @@ NO_SITE_LEFT = "none: W @ x has its features on axis -2 (only x @ W factors are 
 NO_SITE_ROW_C = "none: C varies by row, so there is no [N] bias to refit"
 
 
+# Without calibration data: the most MACs removed at which svd's weight-only fit kept every
+# shared model within 5 top-1 points (docs/decisions.md#weight-only-default-budgets).
+DEFAULT_TARGET = default_target(0.9)
+
+
 @dataclass(frozen=True)
 class SvdOptions:
     rank: int | None = option(None, "rank of every factorization (default: by budget or energy)")
     energy: float | None = option(None, "per layer: smallest cost keeping this fraction of ‖W‖²")
     target_macs: float | None = option(
         None,
-        f"keep this fraction of the model's MACs (default {DEFAULT_TARGET_MACS} when "
+        f"keep this fraction of the model's MACs ({DEFAULT_TARGET.help()}, when "
         "neither rank nor energy is given); ranks chosen for least total squared error (knapsack)",
     )
     align: int = option(16, "round ranks to multiples of this (ORT CPU speed)")
@@ -274,6 +279,8 @@ def _spatial_rewrite(layer: ConvLayer, rank: int, namer: Namer) -> Rewrite:
     lossy=True,
 )
 def svd(model: onnx.ModelProto, options: SvdOptions, context: PassContext) -> PassResult:
-    driver = DriverOptions.for_pass(options, explicit=options.rank is not None)
+    driver = DriverOptions.for_pass(
+        options, options.rank is not None, DEFAULT_TARGET, context, "svd"
+    )
     method = SvdMethod(options, refit_data=bool(options.refit and context.calibration))
     return run_factorization(model, method, driver, context, "svd")

@@ -10,13 +10,13 @@ import numpy as np
 import onnx
 
 from onnxcompress.factorization import (
-    DEFAULT_TARGET_MACS,
     Candidate,
     ConvMethod,
     DriverOptions,
     Rewrite,
     activation_aware_option,
     allocation_option,
+    default_target,
     keep_collapsing_option,
     keep_option,
     pointwise_output,
@@ -41,6 +41,10 @@ from onnxcompress.passkit import (
 )
 from onnxcompress.registry import register
 
+# Without calibration data: the most MACs removed at which tucker2's weight-only fit kept every
+# shared model within 5 top-1 points (docs/decisions.md#weight-only-default-budgets).
+DEFAULT_TARGET = default_target(0.95)
+
 
 @dataclass(frozen=True)
 class Tucker2Options:
@@ -52,7 +56,7 @@ class Tucker2Options:
     )
     target_macs: float | None = option(
         None,
-        f"keep this fraction of the model's MACs (default {DEFAULT_TARGET_MACS} unless both "
+        f"keep this fraction of the model's MACs ({DEFAULT_TARGET.help()}, unless both "
         "ranks, energy or vbmf are given); ranks chosen for least total squared error (knapsack)",
     )
     energy: float | None = option(
@@ -189,8 +193,6 @@ def _hosvd_kept_energy(weight: np.ndarray) -> np.ndarray:
 
 @register("tucker2", Tucker2Options, "Tucker-2: k×k Conv → 1×1 → k×k core → 1×1", lossy=True)
 def tucker2(model: onnx.ModelProto, options: Tucker2Options, context: PassContext) -> PassResult:
-    driver = DriverOptions.for_pass(
-        options,
-        explicit=(options.rank_in is not None and options.rank_out is not None) or options.vbmf,
-    )
+    explicit = (options.rank_in is not None and options.rank_out is not None) or options.vbmf
+    driver = DriverOptions.for_pass(options, explicit, DEFAULT_TARGET, context, "tucker2")
     return run_factorization(model, Tucker2Method(options), driver, context, "tucker2")

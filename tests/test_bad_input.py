@@ -135,6 +135,15 @@ def test_huge_input_dims_refused_before_allocating(tmp_path, dims, pin, shape):
 
 # -- non-finite weights and data -----------------------------------------------------------
 
+# Without data channels has no default ratio (docs/decisions.md#weight-only-default-budgets).
+GIVEN_BUDGET = {"svd": {}, "channels": {"ratio": 0.3}}
+
+
+def _budget_args(pass_name: str) -> list[str]:
+    return [
+        a for k, v in GIVEN_BUDGET[pass_name].items() for a in ("--opt", f"{pass_name}.{k}={v}")
+    ]
+
 
 @pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("pass_name", ["svd", "channels"])
@@ -142,7 +151,10 @@ def test_huge_input_dims_refused_before_allocating(tmp_path, dims, pin, shape):
 def test_non_finite_weight_of_a_rewritten_layer_refused(tmp_path, capsys, kind, pass_name, value):
     model = tmp_path / "m.onnx"
     onnx.save(_two_layers(kind, bad="W1", value=value), model)
-    code = run_cli(model, "--passes", pass_name, "-o", tmp_path / "o.onnx", "--no-bench", "-q")
+    budget = _budget_args(pass_name)
+    code = run_cli(
+        model, "--passes", pass_name, *budget, "-o", tmp_path / "o.onnx", "--no-bench", "-q"
+    )
     line = one_error_line(capsys)
     layer = "fc1" if kind == "gemm" else "conv1"
     assert code == 2 and "'W1'" in line and f"'{layer}'" in line
@@ -160,7 +172,7 @@ def test_the_pass_itself_refuses_a_non_finite_weight(kind, pass_name):
     shapes = {"x": [4, 16] if kind == "gemm" else [1, 8, 8, 8]}
     layer = "fc1" if kind == "gemm" else "conv1"
     with pytest.raises(CompressError, match=f"{pass_name}: weight 'W1' of node '{layer}'"):
-        spec.run(model, spec.make_options({}), PassContext(shapes))
+        spec.run(model, spec.make_options(GIVEN_BUDGET[pass_name]), PassContext(shapes))
 
 
 @pytest.mark.parametrize("pass_name", ["svd", "channels"])
@@ -168,7 +180,8 @@ def test_minus_inf_constant_no_pass_reads_is_accepted(tmp_path, pass_name):
     model = tmp_path / "m.onnx"
     onnx.save(_two_layers("gemm"), model)
     out = tmp_path / "o.onnx"
-    assert run_cli(model, "--passes", pass_name, "-o", out, "--no-bench", "-q") == 0
+    budget = _budget_args(pass_name)
+    assert run_cli(model, "--passes", pass_name, *budget, "-o", out, "--no-bench", "-q") == 0
 
 
 @pytest.mark.parametrize("pass_name", ["svd", "channels"])
