@@ -1,8 +1,10 @@
 """Calibration refit (methods.md, top): after a layer is factorized, refit its last linear
 factor and bias by least squares so the layer's outputs match the original layer's outputs
 on calibration data. Layers go in graph order, each fed the *compressed* model's own
-activations so errors do not pile up. Activations are captured with onnxruntime by exposing
-intermediate tensors as graph outputs, one batch at a time, so memory stays bounded."""
+activations so errors do not pile up. Activations come from onnxruntime: both models run
+forward once, segment by segment, keeping every batch's live tensors up to
+`refit_stream.LIVE_BYTES`; past it, a layer's tensors are exposed as graph outputs of each
+model cut from its inputs, one batch at a time (`pair_reader`)."""
 
 from __future__ import annotations
 
