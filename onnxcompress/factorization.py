@@ -27,6 +27,7 @@ from onnxcompress.layer_plan import (  # noqa: F401  (CLIFF_ERROR, pareto_ladder
     plan_layers,
     skip_record,
     solve_again,
+    warn_past_the_cliff,
 )
 from onnxcompress.layer_roles import last_weighted_layer
 from onnxcompress.layers import Namer, conv_layers, conv_node, named_copy, replace_node
@@ -324,6 +325,9 @@ def _finish(model, rewritten, rewrites, plan, options, context, analysis, pass_n
     _record_rewrites(rewrites, plan)
     plan.summary["macs_after"] = analyse(rewritten, context.input_shapes).total_macs
     plan.summary["macs_ratio"] = plan.summary["macs_after"] / max(1, analysis.total_macs)
+    if options.target_macs is not None:
+        errors = [candidate.error for _, candidate, _ in rewrites.values()]
+        warn_past_the_cliff(errors, len(plan.choices), plan.summary)
     check_target_after_reverts(plan.summary, plan.records)
     log.info("%s: %d layers rewritten", pass_name, len(rewrites))
     return PassResult(rewritten, bool(rewrites), plan.records, plan.summary)

@@ -63,7 +63,6 @@ def plan_layers(
     else:
         choices = _measured(choices, probe(choices), options, plan)
         allocate(choices, options, analysis.total_macs, plan.summary)
-        _warn_past_the_cliff(choices, plan.summary)
     plan.choices = choices
     return plan
 
@@ -144,12 +143,14 @@ def _within_energy(ladder: list[Candidate], energy: float) -> list[Candidate]:
 CLIFF_ERROR = 0.5
 
 
-def _warn_past_the_cliff(choices: list[LayerChoice], summary: dict) -> None:
-    over = [c for c in choices if c.current is not None and c.current.error > CLIFF_ERROR]
+def warn_past_the_cliff(errors: list[float], count: int, summary: dict) -> None:
+    """Add to the summary's note when rewritten layers (their `errors`, of `count` the budget
+    weighed) keep errors past CLIFF_ERROR; called on the plan as written, after any re-solve."""
+    over = [error for error in errors if error > CLIFF_ERROR]
     if over:
-        worst = max(c.current.error for c in over)
-        summary["note"] = (
-            f"{len(over)} of {len(choices)} layers keep a relative error above {CLIFF_ERROR} "
-            f"(worst {worst:.2f}) to meet the budget: expect a large accuracy drop — check the "
-            "validation, or ask for fewer MACs removed"
+        warning = (
+            f"{len(over)} of {count} layers keep a relative error above {CLIFF_ERROR} "
+            f"(worst {max(over):.2f}) to meet the budget: expect a large accuracy drop — check "
+            "the validation, or ask for fewer MACs removed"
         )
+        summary["note"] = f"{summary['note']}; {warning}" if summary.get("note") else warning

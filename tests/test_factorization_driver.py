@@ -373,6 +373,27 @@ def test_the_budget_is_solved_again_among_the_layers_that_stay_fast(monkeypatch)
     assert result.summary["budget_solves"] == 2
 
 
+def test_the_cliff_warning_speaks_of_the_plan_written_after_a_re_solve(monkeypatch):
+    """conv1 (error 0.1) is put back as slower; solved again, the budget takes conv2 at error
+    0.7: the warning must speak of conv2, which the first plan did not have."""
+    import onnxcompress.auto.layer_timing as layer_timing
+
+    def timing(constants, layer, rewrite, threads):
+        speedup = 0.9 if layer.name == "conv1" else 2.0
+        return {"original_ms": 1.0, "rewritten_ms": 1 / speedup, "speedup": speedup}
+
+    monkeypatch.setattr(layer_timing, "compare_layer", timing)
+    tables = {"conv0": [(0.5, 0.9)], "conv1": [(0.5, 0.01)], "conv2": [(0.5, 0.49)]}
+    target = 1 - LAYER_MACS["conv1"] / 2 / TOTAL + 0.01
+    driver = DriverOptions(never_slower=True, refit=False, target_macs=target)
+    result = run_factorization(
+        MODEL, FakeMethod(tables), driver, PassContext(ANALYSIS.input_shapes), "fake"
+    )
+    status = {r.node: r.status for r in result.records}
+    assert status == {"conv0": "skipped", "conv1": "reverted", "conv2": "rewritten"}
+    assert "1 of 3 layers keep a relative error above 0.5 (worst 0.70)" in result.summary["note"]
+
+
 @pytest.mark.parametrize(
     "keep, kept",
     [
