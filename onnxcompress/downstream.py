@@ -12,7 +12,16 @@ from typing import TypeVar
 
 import onnx
 
+from onnxcompress import layer_refit
+from onnxcompress.layers import replace_node
 from onnxcompress.passkit import PassContext
+from onnxcompress.runtime import (
+    downstream_cut,
+    expose_only,
+    make_session,
+    run_session,
+    type_inputs,
+)
 
 T = TypeVar("T")
 
@@ -36,14 +45,6 @@ class Downstream:
 def downstream(model: onnx.ModelProto, layer: str, context: PassContext) -> Downstream | None:
     """Layer `layer`'s part of `model` on `context`'s calibration batches; None for graphs
     with subgraphs (run the whole model)."""
-    from onnxcompress.runtime import (
-        downstream_cut,
-        expose_only,
-        make_session,
-        run_session,
-        type_inputs,
-    )  # fmt: skip
-
     try:
         part, frontier = downstream_cut(model, layer)
     except ValueError:
@@ -62,3 +63,23 @@ def downstream(model: onnx.ModelProto, layer: str, context: PassContext) -> Down
     names = [out.name for out in part.graph.output]
     on_part = dataclasses.replace(context, calibration=batches)
     return Downstream(part, on_part, names, [out.name for out in model.graph.output])
+
+
+def rewritten_alone(
+    model: onnx.ModelProto,
+    part: Downstream | None,
+    layer: str,
+    rewrite,
+    context: PassContext,
+    refit: bool = True,
+) -> tuple[onnx.ModelProto, PassContext]:
+    """`model`, or its `part` for `layer` when there is one, with `layer` replaced by `rewrite`
+    (nodes, initializers, refit site) and, with `refit`, refit as a pass would; and the context
+    whose batches it runs on."""
+    base, on = (part.model, part.context) if part else (model, context)
+    trial = onnx.ModelProto()
+    trial.CopyFrom(base)
+    replace_node(trial, layer, rewrite.nodes, rewrite.initializers)
+    if refit and rewrite.refit is not None:
+        layer_refit.refit_layers(base, trial, [rewrite.refit], on)
+    return trial, on

@@ -24,9 +24,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxcompress import layer_refit
-from onnxcompress.downstream import downstream
-from onnxcompress.layers import Namer, replace_node
+from onnxcompress.downstream import downstream, rewritten_alone
+from onnxcompress.layers import Namer
 from onnxcompress.passkit import PassContext, first_samples, no_progress, track
 
 # Samples the probes run on: output errors of a few dozen samples rank layers well enough,
@@ -68,13 +67,8 @@ def probe_layers(
     for choice in track(context.progress, "measuring each layer's output damage", choices):
         candidate = _probe(choice.ladder, target * choice.layer.macs)
         part = downstream(model, choice.layer.name, on_probes)
-        base, on_part = (part.model, part.context) if part else (model, on_probes)
-        trial = onnx.ModelProto()
-        trial.CopyFrom(base)
         rewrite = build(choice.layer, candidate, Namer(model))
-        replace_node(trial, choice.layer.name, rewrite.nodes, rewrite.initializers)
-        if refit and rewrite.refit is not None:
-            layer_refit.refit_layers(base, trial, [rewrite.refit], on_part)
+        trial, on_part = rewritten_alone(model, part, choice.layer.name, rewrite, on_probes, refit)
         outputs = _outputs(make_session(trial, context.threads), on_part.calibration)
         if part:
             outputs = [part.whole(got, want) for got, want in zip(outputs, reference, strict=True)]

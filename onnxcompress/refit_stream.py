@@ -21,7 +21,15 @@ from collections.abc import Iterator
 import numpy as np
 import onnx
 
-from onnxcompress.runtime import Batch, expose_only, make_session, run_session
+from onnxcompress.runtime import (
+    Batch,
+    expose_only,
+    has_subgraphs,
+    make_session,
+    nodes_as_model,
+    run_session,
+    type_inputs,
+)
 
 # Bytes of live tensors (both models, all batches) a stream may hold; see
 # docs/decisions.md#live_bytes
@@ -45,8 +53,10 @@ class _ModelStream:
         self.budget = budget
         self.position = 0  # nodes before it have run
         self.values = [dict(batch) for batch in batches]
-        written_by = [i for i, node in enumerate(model.graph.node) if start in node.output]
-        producer = written_by[0] if written_by else 0  # a graph input: from the start
+        try:
+            producer = self._producer(start)
+        except ValueError:  # a graph input: from the start
+            producer = 0
         live = sorted(self._later(producer) & self._written(0, producer))
         if live:
             cut = expose_only(model, live)
@@ -98,29 +108,11 @@ class _ModelStream:
 
 def _segment(model: onnx.ModelProto, nodes: list, known: Batch, outputs: list[str]):
     """`nodes` of `model` as a model fed the tensors in `known` they read."""
-    constants = {init.name for init in model.graph.initializer}
-    written = {o for node in nodes for o in node.output}
-    read = list(dict.fromkeys(i for node in nodes for i in node.input if i))
-    fed = [i for i in read if i not in written and i not in constants]
+    part, fed = nodes_as_model(model, nodes, [onnx.ValueInfoProto(name=n) for n in outputs])
     missing = [name for name in fed if name not in known]
     if missing:
         raise ValueError(f"{', '.join(missing)} not kept for this segment")
-    inputs = []
-    for name in fed:
-        elem = onnx.helper.np_dtype_to_tensor_dtype(known[name].dtype)
-        inputs.append(onnx.helper.make_tensor_value_info(name, elem, None))
-    needed = set(read)
-    initializers = [init for init in model.graph.initializer if init.name in needed]
-    listed = {init.name for init in initializers}  # IR < 4 lists initializers as inputs too
-    inputs += [value for value in model.graph.input if value.name in listed]
-    # Built field by field: copying the whole model would copy every weight for each segment.
-    part = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import)
-    part.functions.extend(model.functions)
-    part.graph.name = model.graph.name
-    part.graph.node.extend(nodes)
-    part.graph.input.extend(inputs)
-    part.graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
-    part.graph.initializer.extend(initializers)
+    type_inputs(part, known)
     return part
 
 
@@ -137,10 +129,8 @@ class RefitStream:
         threads: int,
         start: tuple[str, str],
     ) -> None:
-        subgraphs = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-        for model in (original, rewritten):
-            if any(a.type in subgraphs for node in model.graph.node for a in node.attribute):
-                raise ValueError("graphs with subgraphs are not streamed")
+        if has_subgraphs(original) or has_subgraphs(rewritten):
+            raise ValueError("graphs with subgraphs are not streamed")
         self.batches = batches
         self.streams = tuple(
             _ModelStream(model, batches, threads, LIVE_BYTES // 2, name)

@@ -69,8 +69,7 @@ def expose_only(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     graph = cut.graph
     del graph.output[:]
     graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
-    subgraphs = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-    if any(a.type in subgraphs for node in graph.node for a in node.attribute):
+    if has_subgraphs(cut):
         return cut
     needed, keep = set(names), []
     for node in reversed(graph.node):
@@ -89,45 +88,57 @@ def expose_only(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return cut
 
 
+def has_subgraphs(model: onnx.ModelProto) -> bool:
+    """Whether a node carries a graph (If, Loop, Scan): its body may read any outer tensor, so
+    the graph cannot be cut into parts by what nodes read."""
+    kinds = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    return any(a.type in kinds for node in model.graph.node for a in node.attribute)
+
+
 def downstream_cut(model: onnx.ModelProto, node_name: str) -> tuple[onnx.ModelProto, list[str]]:
     """The part of `model` that node `node_name` can change: that node and every node after
-    it that reads what it writes, as a model whose inputs are the tensors they read from the
-    rest (the frontier, returned too: compute them from the whole model, then `type_inputs`)
-    and whose outputs
-    are the graph outputs among what they write. Graphs with subgraphs are not cut
-    (ValueError): their bodies may read any outer tensor."""
-    graph = model.graph
-    subgraphs = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-    if any(a.type in subgraphs for node in graph.node for a in node.attribute):
+    it that reads what it writes, as a model (`nodes_as_model`) whose outputs are the graph
+    outputs among what they write; and its frontier, the tensors it reads from the rest
+    (compute them from the whole model, then `type_inputs`). Graphs with subgraphs are not
+    cut (ValueError)."""
+    if has_subgraphs(model):
         raise ValueError("graphs with subgraphs are not cut")
-    names = [node.name for node in graph.node]
+    names = [node.name for node in model.graph.node]
     if node_name not in names:
         raise ValueError(f"no node {node_name!r}")
     keep, written = [], set()
-    for node in graph.node[names.index(node_name) :]:
+    for node in model.graph.node[names.index(node_name) :]:
         if node.name == node_name or written.intersection(node.input):
             keep.append(node)
             written.update(node.output)
-    constants = {init.name for init in graph.initializer}
-    read = [i for node in keep for i in node.input if i]
-    frontier = list(dict.fromkeys(i for i in read if i not in written and i not in constants))
-    cut = onnx.ModelProto()
-    cut.CopyFrom(model)
-    inputs = [onnx.ValueInfoProto(name=name) for name in frontier]  # typed by the caller
-    initializers = [init for init in graph.initializer if init.name in set(read)]
-    # IR < 4 lists initializers among the inputs too; they stay listed.
-    kept = {init.name for init in initializers}
-    inputs += [value for value in graph.input if value.name in kept]
-    outputs = [out for out in graph.output if out.name in written]
-    for field, items in (
-        (cut.graph.node, keep),
-        (cut.graph.input, inputs),
-        (cut.graph.output, outputs),
-        (cut.graph.initializer, initializers),
-    ):
-        del field[:]
-        field.extend(items)
-    return cut, frontier
+    outputs = [out for out in model.graph.output if out.name in written]
+    return nodes_as_model(model, keep, outputs)
+
+
+def nodes_as_model(
+    model: onnx.ModelProto, nodes: list[onnx.NodeProto], outputs: list[onnx.ValueInfoProto]
+) -> tuple[onnx.ModelProto, list[str]]:
+    """`nodes` of `model` as a model of their own giving `outputs`, with the weights they read
+    (also listed among the inputs, as IR < 4 wants) and fed the tensors they read that none of
+    them writes: those names are returned too, and their inputs left untyped (`type_inputs`).
+    Built field by field: a copy of the model would copy every weight."""
+    constants = {init.name for init in model.graph.initializer}
+    written = {o for node in nodes for o in node.output}
+    read = list(dict.fromkeys(i for node in nodes for i in node.input if i))
+    fed = [name for name in read if name not in written and name not in constants]
+    needed = set(read)
+    initializers = [init for init in model.graph.initializer if init.name in needed]
+    listed = {init.name for init in initializers}
+    inputs = [onnx.ValueInfoProto(name=name) for name in fed]
+    inputs += [value for value in model.graph.input if value.name in listed]
+    part = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import)
+    part.functions.extend(model.functions)
+    part.graph.name = model.graph.name
+    part.graph.node.extend(nodes)
+    part.graph.input.extend(inputs)
+    part.graph.output.extend(outputs)
+    part.graph.initializer.extend(initializers)
+    return part, fed
 
 
 def type_inputs(model: onnx.ModelProto, batch: Batch) -> None:

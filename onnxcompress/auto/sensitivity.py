@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxcompress import downstream, layer_refit
+from onnxcompress import downstream
 from onnxcompress.analyse import analyse
 from onnxcompress.auto import latency_cache as latency_cache
 from onnxcompress.auto.candidates import RUNG_FRACTIONS, layer_choices, method_layers
 from onnxcompress.errors import CompressError
 from onnxcompress.io import write_bytes_atomic
-from onnxcompress.layers import Namer, replace_node
+from onnxcompress.layers import Namer
 from onnxcompress.passkit import PassContext
 
 log = logging.getLogger(__name__)
@@ -127,12 +127,9 @@ def _measure(state: _WorkerState, part: downstream.Downstream | None, choice, op
     if state.reference is None:
         error = option.candidate.error**2
         return Measured(choice.name, option.key, float(error), "weights", None, nodes, shapes)
-    base, context = (part.model, part.context) if part else (state.model, state.context)
-    trial = onnx.ModelProto()
-    trial.CopyFrom(base)
-    replace_node(trial, layer.name, rewrite.nodes, rewrite.initializers)
-    if rewrite.refit is not None:
-        layer_refit.refit_layers(base, trial, [rewrite.refit], context)
+    trial, context = downstream.rewritten_alone(
+        state.model, part, layer.name, rewrite, state.context
+    )
     outputs = run_outputs(trial, context)
     if part:
         outputs = part.whole(outputs, state.reference)
