@@ -19,6 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxcompress.maths.least_squares import LeastSquaresAccumulator, solve_symmetric
+from onnxcompress.maths.patches import conv_patches
 from onnxcompress.maths.reduced_rank import reduced_rank_fit
 from onnxcompress.token_rows import token_row_mask
 
@@ -31,16 +32,23 @@ STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 # The last-factor-only fit's ridge, as layer_refit's least-squares solve uses.
 LAST_RIDGE = 1e-6
 LAST_ONLY = "last factor"
+# Widest first-factor input fitted both ways: two k×k float64 accumulators of 4608 features
+# (a 3×3 conv on 512 channels) take 340 MB; wider layers keep the last-factor refit.
+MAX_FEATURES = 4608
 
 
 @dataclass
 class FirstFactor:
     """The first factor of a two-factor rewrite, when it is a plain linear map of the input."""
 
-    input: str  # the layer's input tensor (same name in the original and the rewrite)
+    input: str  # the tensor it reads in the rewritten model
     weight: str  # its initializer
-    kind: str  # "matmul": (k, r) read as x @ A; "conv1x1": (r, k, 1, 1), stride 1, no pads
-    prior: np.ndarray  # the original layer's weight P₀ as n × k (y = P₀ x)
+    # "matmul": (k, r) read as x @ A; "conv1x1": (r, k, 1, 1), stride 1, no pads;
+    # "conv": (r, c, kh, kw) with `conv`'s geometry, k = c·kh·kw features per patch
+    kind: str
+    prior: np.ndarray  # the weight P₀ (n × k, y = P₀ x) the penalty pulls towards
+    conv: dict[str, list[int]] | None = None  # kind "conv": strides, pads, dilations
+    kernel: tuple[int, int] | None = None  # kind "conv": kh, kw
 
 
 @dataclass
@@ -89,6 +97,8 @@ def _accumulate(site, pairs):
     seen, batch_bytes = 0, 0
     for batch, y, x in pairs(site.output, site.first.input):
         batch_bytes = max(batch_bytes, x.nbytes + y.nbytes)
+        if site.first.kind == "conv":
+            x = conv_patches(x, site.first.kernel, site.first.conv)
         inputs, targets, samples = _rows(x, site.first.kind), _rows(y, site.first.kind), len(x)
         sample_of_row = seen + np.repeat(np.arange(samples), len(inputs) // max(samples, 1))
         seen += samples
@@ -102,7 +112,7 @@ def _accumulate(site, pairs):
 
 
 def _rows(tensor: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "conv1x1":
+    if kind in ("conv1x1", "conv"):
         return np.moveaxis(tensor, 1, -1).reshape(-1, tensor.shape[1])
     return tensor.reshape(-1, tensor.shape[-1])
 

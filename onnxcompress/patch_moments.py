@@ -10,9 +10,9 @@ import numpy as np
 import onnx
 
 from onnxcompress.activation_scale import activation_of
-from onnxcompress.layer_refit import conv_patches
 from onnxcompress.layers import ConvLayer
 from onnxcompress.linear_layers import LinearLayer
+from onnxcompress.maths.patches import conv_patches
 from onnxcompress.passkit import PassContext
 from onnxcompress.runtime import capture
 from onnxcompress.token_rows import token_rows

@@ -29,6 +29,7 @@ from onnxcompress.layers import (
     dense_spatial_reason,
     spatial_conv_node,
 )
+from onnxcompress.low_rank_refit import MAX_FEATURES, FirstFactor
 from onnxcompress.maths import factors as factorize
 from onnxcompress.maths import ranks as ranks
 from onnxcompress.never_slower import min_speedup_option, never_slower_option
@@ -69,6 +70,11 @@ class Tucker2Options:
     never_slower: bool = never_slower_option()
     min_speedup: float = min_speedup_option()
     refit: bool = option(True, "refit the last 1×1 factor and bias on calibration data")
+    refit_both: bool = option(
+        True,
+        "with refit, fit the core and the last 1×1 together: reduced-rank regression of the "
+        "original layer's outputs on the core's input patches, chosen on held-out samples",
+    )
     activation_aware: bool = activation_aware_option()
     allocation: str = allocation_option()
     keep_collapsing: bool = keep_collapsing_option()
@@ -155,7 +161,19 @@ class Tucker2Method(ConvMethod):
         expand, expand_inits, site = pointwise_output(
             namer, layer, spatial.output[0], last, "tucker2_out"
         )
+        if self.options.refit_both and core[0].size <= MAX_FEATURES:
+            site.first = _core_factor(layer, spatial, core, last)
         return Rewrite([reduce, spatial, expand], reduce_inits + spatial_inits + expand_inits, site)
+
+
+def _core_factor(layer: ConvLayer, spatial: onnx.NodeProto, core, last) -> FirstFactor:
+    """The core as the first of two factors fitted together, on the patches of its input."""
+    geometry = {"strides": list(layer.strides), "pads": list(layer.pads)}
+    geometry["dilations"] = list(layer.dilations)
+    prior = last.reshape(len(last), -1).astype(np.float64) @ core.reshape(len(core), -1)
+    return FirstFactor(
+        spatial.input[0], spatial.input[1], "conv", prior, geometry, tuple(layer.kernel)
+    )
 
 
 def tucker2_macs(layer: ConvLayer, r_in: int, r_out: int) -> int:

@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcompress.layer_refit import conv_patches
+from onnxcompress.maths.patches import conv_patches
 from onnxcompress.runtime import run_model
 
 GEOMETRIES = [
