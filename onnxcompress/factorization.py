@@ -95,6 +95,14 @@ def activation_aware_option() -> Any:
     )
 
 
+def relu_aware_option() -> Any:
+    return option(
+        True,
+        "with refit, refine the last factor of a layer whose output goes only into a Relu so "
+        "that relu(output) matches, kept where it does better on held-out samples",
+    )
+
+
 ALLOCATIONS = ("output", "layer")
 
 
@@ -144,6 +152,7 @@ class DriverOptions:
     never_slower: bool = True
     min_speedup: float = 1.05
     refit: bool = True
+    relu_aware: bool = True
     activation_aware: bool = False
     allocation: str = "layer"
     keep_collapsing: bool = True
@@ -175,6 +184,7 @@ class DriverOptions:
             never_slower=options.never_slower,
             min_speedup=options.min_speedup,
             refit=options.refit,
+            relu_aware=getattr(options, "relu_aware", True),
             activation_aware=getattr(options, "activation_aware", False),
             allocation=allocation,
             keep_collapsing=getattr(options, "keep_collapsing", True),
@@ -318,7 +328,11 @@ def _finish(model, rewritten, rewrites, plan, options, context, analysis, pass_n
     """Refit, records and the summary's MACs, for the layers that stayed rewritten."""
     if options.refit and context.calibration and rewrites:
         plan.summary["refit"] = layer_refit.refit_layers(
-            model, rewritten, [r.refit for _, _, r in rewrites.values() if r.refit], context
+            model,
+            rewritten,
+            [r.refit for _, _, r in rewrites.values() if r.refit],
+            context,
+            options.relu_aware,
         )
     else:
         plan.summary["refit"] = "weight-only (no calibration data)" if options.refit else "off"

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxcompress import relu_refit
 from onnxcompress.low_rank_refit import FirstFactor, fit_both_factors
 from onnxcompress.maths.least_squares import LeastSquaresAccumulator
 from onnxcompress.maths.patches import conv_patches
@@ -56,8 +57,10 @@ def refit_layers(
     rewritten: onnx.ModelProto,
     sites: list[RefitSite],
     context: PassContext,
+    relu_aware: bool = True,
 ) -> dict[str, Any]:
-    """Refit every site in place in `rewritten`; returns a summary for the pass record."""
+    """Refit every site in place in `rewritten`; returns a summary for the pass record.
+    relu_aware: refine the last factor of a layer that feeds a Relu only (relu_refit)."""
     order = {out: i for i, node in enumerate(rewritten.graph.node) for out in node.output}
     peak = 0
     improved = 0
@@ -65,12 +68,14 @@ def refit_layers(
     pairs = pair_reader(original, rewritten, context)
     for site in track(context.progress, "refitting layers", ordered):
         if site.first is not None:
-            site.result, batch_bytes = fit_both_factors(rewritten, site, pairs)
+            sample = _first_row_sample(rewritten, site, context) if relu_aware else None
+            site.result, batch_bytes = fit_both_factors(rewritten, site, pairs, sample)
             improved += site.result["fit"] != "as built"
             k, n = site.first.prior.shape[1], site.first.prior.shape[0]
             peak = max(peak, batch_bytes + 16 * (k * k + k * n))  # two accumulators
             continue
-        equations, batch_bytes = _accumulate(rewritten, site, pairs)
+        sample = _row_sample(rewritten, site, context) if relu_aware else None
+        equations, batch_bytes = _accumulate(rewritten, site, pairs, sample)
         sums_bytes = 8 * (equations.k**2 + equations.k * equations.n + equations.k + equations.n)
         peak = max(peak, batch_bytes + sums_bytes)
         weight, bias = _current_factor(rewritten, site)
@@ -82,12 +87,17 @@ def refit_layers(
             _write_factor(rewritten, site, new_weight, new_bias)
             improved += 1
         else:
-            after = before
+            after, new_weight, new_bias = before, weight, bias
         site.result = {
             "calibration_rel_error_before": round(float(np.sqrt(before / max(energy, 1e-30))), 6),
             "calibration_rel_error_after": round(float(np.sqrt(after / max(energy, 1e-30))), 6),
             "rows": equations.count,
         }
+        if sample is not None:
+            relu_weight, relu_bias, relu_result = relu_refit.refine(sample, new_weight, new_bias)
+            site.result.update(relu_result)
+            if relu_weight is not new_weight:
+                _write_factor(rewritten, site, relu_weight, relu_bias)
     samples = sample_count(context.calibration)
     return {"layers": len(sites), "improved": improved, "samples": samples, "peak_bytes": int(peak)}
 
@@ -120,23 +130,44 @@ def pair_reader(original, rewritten, context: PassContext) -> PairReader:
     return read
 
 
-def _accumulate(rewritten, site: RefitSite, pairs: PairReader):
+def _first_row_sample(rewritten, site: RefitSite, context: PassContext):
+    """The ReLU step's rows of a two-factor site: the first factor's input rows."""
+    if not relu_refit.relu_fed(rewritten, site.output):
+        return None
+    k, n = site.first.prior.shape[1], site.first.prior.shape[0]
+    return relu_refit.RowSample(k, n, len(context.calibration or []))
+
+
+def _row_sample(rewritten, site: RefitSite, context: PassContext):
+    if not relu_refit.relu_fed(rewritten, site.output):
+        return None
+    weight = _initializer(rewritten, site.weight)
+    k = weight.shape[0] if site.kind == "matmul" else int(np.prod(weight.shape[1:]))
+    n = weight.shape[1] if site.kind == "matmul" else weight.shape[0]
+    return relu_refit.RowSample(k, n, len(context.calibration or []))
+
+
+def _accumulate(rewritten, site: RefitSite, pairs: PairReader, sample=None):
     weight = _initializer(rewritten, site.weight)
     if site.kind == "matmul":
         k, n = weight.shape
     else:  # n rows of k: conv weights flattened, a transposed Gemm weight as it is
         k, n = int(np.prod(weight.shape[1:])), weight.shape[0]
     equations = LeastSquaresAccumulator(k, n)
-    batch_bytes = 0
+    batch_bytes, seen = 0, 0
     for batch, y, z in pairs(site.output, site.input):
         batch_bytes = max(batch_bytes, y.nbytes + z.nbytes)
         inputs = conv_patches(z, weight.shape[2:], site.conv) if site.kind == "conv" else z
         inputs, targets = _rows(inputs, site.kind), _rows(y, site.kind)
         # Token activations: padding positions hold meaningless values, fit real tokens only.
         mask = token_row_mask(batch, z) if site.kind.startswith("matmul") else None
+        sample_of_row = seen + np.arange(len(inputs)) // max(len(inputs) // len(z), 1)
+        seen += len(z)
         if mask is not None:
-            inputs, targets = inputs[mask], targets[mask]
+            inputs, targets, sample_of_row = inputs[mask], targets[mask], sample_of_row[mask]
         equations.add(inputs, targets)
+        if sample is not None:
+            sample.add(inputs, targets, sample_of_row)
     return equations, batch_bytes
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxcompress import relu_refit
 from onnxcompress.maths.least_squares import LeastSquaresAccumulator, solve_symmetric
 from onnxcompress.maths.patches import conv_patches
 from onnxcompress.maths.reduced_rank import reduced_rank_fit
@@ -59,11 +60,12 @@ class _Fit:
     factors: tuple[np.ndarray, np.ndarray] | None = None  # (first r × k, last n × r)
 
 
-def fit_both_factors(rewritten: onnx.ModelProto, site, pairs):
+def fit_both_factors(rewritten: onnx.ModelProto, site, pairs, sample=None):
     """Refit `site` (a layer_refit.RefitSite with `first`) in place, its tensors read by
-    `pairs` (a layer_refit.PairReader); returns (result, bytes)."""
+    `pairs` (a layer_refit.PairReader); returns (result, bytes). `sample`: a
+    relu_refit.RowSample to fill, when the last factor gets the ReLU-aware step."""
     first = site.first
-    held_out, fitted, batch_bytes = _accumulate(site, pairs)
+    held_out, fitted, batch_bytes = _accumulate(site, pairs, sample)
     current = _current(rewritten, site)
     judge = held_out if held_out.count else fitted
     candidates = [current, *_fits(fitted, current, first.prior)]
@@ -73,6 +75,10 @@ def fit_both_factors(rewritten: onnx.ModelProto, site, pairs):
     fitted.merge(held_out)  # the chosen fit is made again on every sample
     if best is not current:
         best = _refitted(best, fitted, current, first.prior)
+    relu_result = {}
+    if sample is not None:
+        best, relu_result = _relu_refined(best, sample)
+    if best is not current:
         _write(rewritten, site, best)
     everything = _energy(fitted, current)
     result = {
@@ -87,11 +93,21 @@ def fit_both_factors(rewritten: onnx.ModelProto, site, pairs):
         "held_out_rel_error_after": _relative(min(errors), energy),
         "held_out_rows": held_out.count,
         "rows": fitted.count,
+        **relu_result,
     }
     return result, batch_bytes
 
 
-def _accumulate(site, pairs):
+def _relu_refined(fit: _Fit, sample) -> tuple[_Fit, dict]:
+    """The last factor refined for the Relu its output feeds, on the first factor's outputs."""
+    first, last = fit.factors
+    last_new, bias, result = relu_refit.refine(sample, last, fit.bias, lambda x: x @ first.T)
+    if last_new is last:
+        return fit, result
+    return _Fit(fit.label + ", ReLU-aware", last_new @ first, bias, (first, last_new)), result
+
+
+def _accumulate(site, pairs, sample=None):
     k, n = site.first.prior.shape[1], site.first.prior.shape[0]
     held_out, fitted = LeastSquaresAccumulator(k, n), LeastSquaresAccumulator(k, n)
     seen, batch_bytes = 0, 0
@@ -108,6 +124,8 @@ def _accumulate(site, pairs):
         check = sample_of_row % CHECK_EVERY == CHECK_EVERY - 1
         held_out.add(inputs[check], targets[check])
         fitted.add(inputs[~check], targets[~check])
+        if sample is not None:
+            sample.add(inputs, targets, sample_of_row)
     return held_out, fitted, batch_bytes
 
 

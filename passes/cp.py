@@ -24,6 +24,7 @@ from onnxcompress.factorization import (
     keep_collapsing_option,
     keep_option,
     pointwise_output,
+    relu_aware_option,
     run_factorization,
 )
 from onnxcompress.layers import (
@@ -78,6 +79,7 @@ class CpOptions:
         "which int8 or fp16 activations would otherwise amplify (0: plain ALS)",
     )
     refit: bool = option(True, "refit the last 1×1 factor and bias on calibration data")
+    relu_aware: bool = relu_aware_option()
     activation_aware: bool = activation_aware_option()
     allocation: str = allocation_option()
     keep_collapsing: bool = keep_collapsing_option()

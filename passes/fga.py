@@ -21,6 +21,7 @@ from onnxcompress.factorization import (
     keep_collapsing_option,
     keep_option,
     pointwise_output,
+    relu_aware_option,
     run_factorization,
 )
 from onnxcompress.layers import (
@@ -75,6 +76,7 @@ class FgaOptions:
     never_slower: bool = never_slower_option()
     min_speedup: float = min_speedup_option()
     refit: bool = option(True, "refit the 1×1 factor and bias on calibration data")
+    relu_aware: bool = relu_aware_option()
     activation_aware: bool = activation_aware_option()
     allocation: str = allocation_option()
     keep_collapsing: bool = keep_collapsing_option()

@@ -35,6 +35,7 @@ from onnxcompress.factorization import (
     keep_collapsing_option,
     keep_option,
     pointwise_output,
+    relu_aware_option,
     run_factorization,
 )
 from onnxcompress.layer_refit import RefitSite
@@ -92,6 +93,7 @@ class SvdOptions:
         "with refit, also fit the first factor where it is a plain linear map (x @ A, 1×1 conv):"
         " both factors by reduced-rank regression on the data, chosen on held-out samples",
     )
+    relu_aware: bool = relu_aware_option()
     activation_aware: bool = activation_aware_option()
     allocation: str = allocation_option()
     keep_collapsing: bool = keep_collapsing_option()

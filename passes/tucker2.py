@@ -20,6 +20,7 @@ from onnxcompress.factorization import (
     keep_collapsing_option,
     keep_option,
     pointwise_output,
+    relu_aware_option,
     run_factorization,
 )
 from onnxcompress.layers import (
@@ -75,6 +76,7 @@ class Tucker2Options:
         "with refit, fit the core and the last 1×1 together: reduced-rank regression of the "
         "original layer's outputs on the core's input patches, chosen on held-out samples",
     )
+    relu_aware: bool = relu_aware_option()
     activation_aware: bool = activation_aware_option()
     allocation: str = allocation_option()
     keep_collapsing: bool = keep_collapsing_option()

@@ -78,3 +78,35 @@ def test_streamed_refit_reads_what_cutting_from_the_inputs_reads(how, monkeypatc
     want, got = run_model(reference.model, batches), run_model(result.model, batches)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("relu_aware", [True, False])
+def test_layers_feeding_a_relu_get_the_relu_aware_step_and_only_they(relu_aware):
+    from models.fixtures import resnet_style
+    from onnxcompress.passes import get_pass
+
+    from onnxcompress.passkit import PassContext
+    from onnxcompress.relu_refit import relu_fed
+
+    rng = np.random.default_rng(6)
+    batches = [{"input": rng.standard_normal((2, 3, 32, 32)).astype(np.float32)} for _ in range(6)]
+    context = PassContext({"input": [2, 3, 32, 32]}, batches, seed=0, threads=1)
+    fold = get_pass("fold_bn")  # Conv → Relu, as exported models have it
+    model = fold.run(resnet_style(), fold.make_options({}), context).model
+    spec = get_pass("svd")
+    raw = {"target_macs": 0.5, "never_slower": "false", "keep_collapsing": "false"}
+    options = spec.make_options({**raw, "relu_aware": str(relu_aware).lower()})
+    result = spec.run(model, options, context)
+    outputs = {n.name: n.output[0] for n in model.graph.node}
+    fed, other = 0, 0
+    for record in (r for r in result.records if r.status == "rewritten"):
+        refit = record.details["refit"]
+        if relu_aware and relu_fed(model, outputs[record.node]):
+            fed += 1
+            after = refit["relu_held_out_rel_error_after"]
+            assert after <= refit["relu_held_out_rel_error_before"]
+        else:
+            other += 1
+            assert not any(key.startswith("relu") for key in refit)
+    assert fed >= 2 if relu_aware else fed == 0
+    assert other >= 2

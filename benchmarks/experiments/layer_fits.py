@@ -49,8 +49,11 @@ def main() -> None:
     start = time.perf_counter()
     result = spec.run(bench.model, spec.make_options(raw), context)
     seconds = time.perf_counter() - start
-    print("| layer | rank | weight error | alone: output rel L2 | fit | held-out error | rows |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| layer | rank | weight error | alone: output rel L2 | fit | held-out error | rows "
+        "| ReLU-aware: held-out relu error |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for record in result.records:
         if record.status != "rewritten":
             if record.reason.startswith("kept: rewritten alone"):
@@ -67,10 +70,19 @@ def main() -> None:
             f"| {record.node} | {details.get('rank', details.get('ranks', '—'))} | "
             f"{details['weight_rel_error']:.3f} | {details.get('probe_output_rel_l2', '—')} | "
             f"{refit.get('fit', 'last factor')} | {held} | "
-            f"{refit.get('rows', '—')} |"
+            f"{refit.get('rows', '—')} | {_relu(refit)} |"
         )
     print(f"\nsummary: macs ratio {result.summary.get('macs_ratio'):.3f}; pass {seconds:.1f} s")
     print(f"score: {bench.score(result.model, args.threads)}")
+
+
+def _relu(refit: dict) -> str:
+    if "relu_held_out_rel_error_before" not in refit:
+        return refit.get("relu_aware", "—")
+    return (
+        f"{refit['relu_aware']}: {refit['relu_held_out_rel_error_before']:.3f} → "
+        f"{refit['relu_held_out_rel_error_after']:.3f} ({refit['relu_iterations']} it.)"
+    )
 
 
 if __name__ == "__main__":
