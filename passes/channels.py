@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 # Without calibration data no default ratio: weight-only pruning lost over 5 top-1 points on a
 # shared model at every ratio measured (docs/decisions.md#weight-only-default-budgets).
 DEFAULT_BUDGET = DefaultBudget("ratio", 0.3, None)
-IMPORTANCE = ("auto", "l1", "l2", "data")
+IMPORTANCE = ("auto", "l1", "l2", "data", "output")
 ALLOCATION = ("uniform", "greedy")
 
 
@@ -62,15 +62,16 @@ class ChannelsOptions:
     allocation: str = option(
         "uniform",
         "with target_macs: uniform (the smallest ratio, the same in every group, that meets it; "
-        "bisection) | greedy (least refit error per MAC saved first; needs importance=data "
-        "with refit)",
+        "bisection) | greedy (least refit error per MAC saved first; needs importance=output)",
     )
     round_to: int = option(
         8, "kept channel counts are multiples of this (unless the group is smaller)"
     )
     importance: str = option(
         "auto",
-        "l1 | l2 (weight norms) | data (calibration) | auto: data when there is data, else l2",
+        "l1 | l2 (weight norms) | data (activation × weight contribution, calibration) | output "
+        "(the set whose refit consumers' outputs suffer least; calibration and refit) | auto: "
+        "output with data and refit, data with data alone, else l2",
     )
     refit: bool = option(True, "refit the consumers' weights and biases on calibration data")
     skip: str = option(
@@ -138,14 +139,19 @@ def channels(model: onnx.ModelProto, options: ChannelsOptions, context: PassCont
 
 def _importance(options: ChannelsOptions, context: PassContext) -> str:
     importance = options.importance
-    if importance == "auto":
-        importance = "data" if context.calibration else "l2"
-    if importance == "data" and not context.calibration:
-        raise CompressError("channels.importance=data needs calibration data (--data/--images)")
-    greedy = options.target_macs is not None and options.allocation == "greedy"
-    if greedy and (importance != "data" or not options.refit):
+    if importance == "auto":  # output beats data at half the MACs (docs/results.md)
+        importance = ("output" if options.refit else "data") if context.calibration else "l2"
+    if importance in ("data", "output") and not context.calibration:
         raise CompressError(
-            "channels.allocation=greedy needs importance=data with refit (and calibration data)"
+            f"channels.importance={importance} needs calibration data (--data/--images)"
+        )
+    if importance == "output" and not options.refit:
+        raise CompressError("channels.importance=output needs refit (it ranks refit errors)")
+    greedy = options.target_macs is not None and options.allocation != "uniform"
+    if greedy and importance != "output":
+        raise CompressError(
+            "channels.allocation=greedy needs importance=output (or auto) with refit and "
+            "calibration data"
         )
     return importance
 
@@ -176,7 +182,7 @@ def _scores(model, channel_graph, candidates, importance, context, options):
     if not candidates:
         return {}, None
     require_finite_weights(layer_weights(model, channel_graph, candidates), "channels")
-    if importance == "data" and options.refit:
+    if importance == "output":
         return refit_aware_scores(
             model, channel_graph, candidates, context, options.max_refit_features
         )
