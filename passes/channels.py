@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BUDGET = DefaultBudget("ratio", 0.3, None)
 IMPORTANCE = ("auto", "l1", "l2", "data", "output")
 ALLOCATION = ("uniform", "greedy")
+REFIT_AT = ("output", "add", "relu")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,12 @@ class ChannelsOptions:
         "output with data and refit, data with data alone, else l2",
     )
     refit: bool = option(True, "refit the consumers' weights and biases on calibration data")
+    refit_at: str = option(
+        "relu",
+        "where a refit consumer must match the original: output (its own) | add (the residual "
+        "Add it feeds, making up for error on the other path) | relu (add, and only what a "
+        "following Relu lets through)",
+    )
     skip: str = option(
         "", "comma-separated fnmatch patterns of node names whose groups stay intact"
     )
@@ -92,6 +99,8 @@ class ChannelsOptions:
             raise ValueError("round_to and max_refit_features must be >= 1")
         if self.importance not in IMPORTANCE:
             raise ValueError(f"importance must be one of {', '.join(IMPORTANCE)}")
+        if self.refit_at not in REFIT_AT:
+            raise ValueError(f"refit_at must be one of {', '.join(REFIT_AT)}")
         if self.allocation not in ALLOCATION:
             raise ValueError(f"allocation must be one of {', '.join(ALLOCATION)}")
 
@@ -127,7 +136,13 @@ def channels(model: onnx.ModelProto, options: ChannelsOptions, context: PassCont
     refits = {}
     if options.refit and context.calibration:
         refits = refit_consumers(
-            model, pruned, channel_graph, keep, context, options.max_refit_features
+            model,
+            pruned,
+            channel_graph,
+            keep,
+            context,
+            options.max_refit_features,
+            options.refit_at,
         )
     after = analyse(pruned, context.input_shapes)
     records = _records(channel_graph, model, keep, skipped, before, after, refits)

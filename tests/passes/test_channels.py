@@ -346,6 +346,8 @@ def test_bad_options_are_rejected():
         run_pass(fixture("mlp"), {"target_macs": 0.5, "allocation": "greedy"})
     with pytest.raises(CompressError, match="output needs refit"):
         run_pass(fixture("mlp"), {"importance": "output", "refit": False}, [{}])
+    with pytest.raises(CompressError, match="refit_at"):
+        SPEC.make_options({"refit_at": "softmax"})
 
 
 # ---------------------------------------------------------------- Concat models and real models
