@@ -26,6 +26,7 @@ from onnxcompress.channels.budget import (
 from onnxcompress.channels.graph import build_channel_graph
 from onnxcompress.channels.groups import ChannelGraph, Group, label
 from onnxcompress.channels.importance import ranges_kept
+from onnxcompress.channels.mean_compensation import compensate_means
 from onnxcompress.channels.refit import refit_consumers
 from onnxcompress.channels.scoring import (
     data_scores,
@@ -135,21 +136,33 @@ def channels(model: onnx.ModelProto, options: ChannelsOptions, context: PassCont
     pruned = prune_channels(model, channel_graph, keep)
     refits = {}
     if options.refit and context.calibration:
-        refits = refit_consumers(
-            model,
-            pruned,
-            channel_graph,
-            keep,
-            context,
-            options.max_refit_features,
-            options.refit_at,
-        )
+        refits = _refit(model, pruned, channel_graph, keep, context, options)
+    elif context.calibration:
+        refits = compensate_means(model, pruned, channel_graph, keep, context)
     after = analyse(pruned, context.input_shapes)
     records = _records(channel_graph, model, keep, skipped, before, after, refits)
     summary = _summary(records, before, after, importance, budget, refits, note)
     return PassResult(
         model=graph.cleanup_and_sort(pruned), changed=True, records=records, summary=summary
     )
+
+
+def _refit(model, pruned, channel_graph, keep, context, options) -> dict:
+    """Refit the consumers; those the refit cannot take get a mean shift of their bias."""
+    refits = refit_consumers(
+        model,
+        pruned,
+        channel_graph,
+        keep,
+        context,
+        options.max_refit_features,
+        options.refit_at,
+    )
+    taken = {name for name, done in refits.items() if done.get("mode") != "none"}
+    shifted = compensate_means(model, pruned, channel_graph, keep, context, skip=taken)
+    for name, done in shifted.items():
+        refits[name] = {**refits.get(name, {}), **done}
+    return refits
 
 
 def _importance(options: ChannelsOptions, context: PassContext) -> str:
@@ -302,7 +315,8 @@ def _summary(records, before, after, importance, budget, refits=None, note="") -
             "consumers": len(refits),
             "weights": sum(m == "weights+bias" for m in modes),
             "bias_only": sum(m == "bias only" for m in modes),
-            "not_refit": sum(m not in ("weights+bias", "bias only") for m in modes),
+            "mean_shift": sum(m == "mean shift" for m in modes),
+            "not_refit": sum(m not in ("weights+bias", "bias only", "mean shift") for m in modes),
         }
     return summary
 

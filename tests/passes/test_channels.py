@@ -265,12 +265,15 @@ def test_refit_lowers_output_error_on_held_out_data():
     calibration = random_inputs(model, shapes, count=8, seed=5)
     held_out = random_inputs(model, shapes, count=2, seed=6)
     options = {"ratio": 0.5, "importance": "l2"}
-    plain = run_pass(model, {**options, "refit": False}, calibration, pins)
+    plain = run_pass(model, {**options, "refit": False}, None, pins)
+    shifted = run_pass(model, {**options, "refit": False}, calibration, pins)  # mean shift only
     refit = run_pass(model, options, calibration, pins)
     assert [r.details["removed"] for r in plain.records if r.status == "rewritten"] == [
         r.details["removed"] for r in refit.records if r.status == "rewritten"
     ]
     assert _rel_error(model, refit, held_out) < 0.5 * _rel_error(model, plain, held_out)
+    assert _rel_error(model, refit, held_out) < _rel_error(model, shifted, held_out)
+    assert _rel_error(model, shifted, held_out) < _rel_error(model, plain, held_out)
     summary = refit.summary["refit"]
     assert summary["consumers"] == summary["weights"] > 0
     for record in refit.records:
