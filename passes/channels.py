@@ -34,6 +34,7 @@ from onnxcompress.channels.scoring import (
     refit_aware_scores,
     weight_scores,
 )
+from onnxcompress.channels.sensitivity import output_scaled_damage
 from onnxcompress.channels.surgery import prune_channels
 from onnxcompress.default_budget import DefaultBudget
 from onnxcompress.errors import CompressError
@@ -64,7 +65,9 @@ class ChannelsOptions:
     allocation: str = option(
         "uniform",
         "with target_macs: uniform (the smallest ratio, the same in every group, that meets it; "
-        "bisection) | greedy (least refit error per MAC saved first; needs importance=output)",
+        "bisection) | greedy (least refit error per MAC saved first, each group's errors "
+        "rescaled to the model outputs' error when it alone is pruned to half; needs "
+        "importance=output)",
     )
     round_to: int = option(
         8, "kept channel counts are multiples of this (unless the group is smaller)"
@@ -227,8 +230,12 @@ def _budget(model, channel_graph, scores, damage, options, context, before: Mode
     meter = MacsMeter(model, channel_graph, scores, context.input_shapes, before.total_macs)
     target = f"target_macs {options.target_macs}"
     if options.allocation == "greedy":
+        refit_options = (options.max_refit_features, options.refit_at)
+        damage = output_scaled_damage(
+            model, channel_graph, scores, damage, context, options.round_to, refit_options
+        )
         counts, met = greedy_counts(meter, candidates, damage, goal, options.round_to)
-        how = "greedy: least refit error per MAC saved first"
+        how = "greedy: least output error per MAC saved first"
     else:
         ratio, met = bisect_ratio(meter, candidates, goal, options.round_to)
         counts = uniform_counts(channel_graph, candidates, ratio, options.round_to)
