@@ -26,6 +26,7 @@ from onnxcompress.channels.budget import (
 from onnxcompress.channels.graph import build_channel_graph
 from onnxcompress.channels.groups import ChannelGraph, Group, label
 from onnxcompress.channels.importance import ranges_kept
+from onnxcompress.channels.mean_compensation import compensate_means
 from onnxcompress.channels.refit import refit_consumers
 from onnxcompress.channels.scoring import (
     data_scores,
@@ -33,6 +34,7 @@ from onnxcompress.channels.scoring import (
     refit_aware_scores,
     weight_scores,
 )
+from onnxcompress.channels.sensitivity import output_scaled_damage
 from onnxcompress.channels.surgery import prune_channels
 from onnxcompress.default_budget import DefaultBudget
 from onnxcompress.errors import CompressError
@@ -45,8 +47,9 @@ log = logging.getLogger(__name__)
 # Without calibration data no default ratio: weight-only pruning lost over 5 top-1 points on a
 # shared model at every ratio measured (docs/decisions.md#weight-only-default-budgets).
 DEFAULT_BUDGET = DefaultBudget("ratio", 0.3, None)
-IMPORTANCE = ("auto", "l1", "l2", "data")
+IMPORTANCE = ("auto", "l1", "l2", "data", "output")
 ALLOCATION = ("uniform", "greedy")
+REFIT_AT = ("output", "add", "relu")
 
 
 @dataclass(frozen=True)
@@ -62,17 +65,26 @@ class ChannelsOptions:
     allocation: str = option(
         "uniform",
         "with target_macs: uniform (the smallest ratio, the same in every group, that meets it; "
-        "bisection) | greedy (least refit error per MAC saved first; needs importance=data "
-        "with refit)",
+        "bisection) | greedy (least refit error per MAC saved first, each group's errors "
+        "rescaled to the model outputs' error when it alone is pruned to half; needs "
+        "importance=output)",
     )
     round_to: int = option(
         8, "kept channel counts are multiples of this (unless the group is smaller)"
     )
     importance: str = option(
         "auto",
-        "l1 | l2 (weight norms) | data (calibration) | auto: data when there is data, else l2",
+        "l1 | l2 (weight norms) | data (activation × weight contribution, calibration) | output "
+        "(the set whose refit consumers' outputs suffer least; calibration and refit) | auto: "
+        "output with data and refit, data with data alone, else l2",
     )
     refit: bool = option(True, "refit the consumers' weights and biases on calibration data")
+    refit_at: str = option(
+        "relu",
+        "where a refit consumer must match the original: output (its own) | add (the residual "
+        "Add it feeds, making up for error on the other path) | relu (add, and only what a "
+        "following Relu lets through)",
+    )
     skip: str = option(
         "", "comma-separated fnmatch patterns of node names whose groups stay intact"
     )
@@ -91,6 +103,8 @@ class ChannelsOptions:
             raise ValueError("round_to and max_refit_features must be >= 1")
         if self.importance not in IMPORTANCE:
             raise ValueError(f"importance must be one of {', '.join(IMPORTANCE)}")
+        if self.refit_at not in REFIT_AT:
+            raise ValueError(f"refit_at must be one of {', '.join(REFIT_AT)}")
         if self.allocation not in ALLOCATION:
             raise ValueError(f"allocation must be one of {', '.join(ALLOCATION)}")
 
@@ -125,9 +139,9 @@ def channels(model: onnx.ModelProto, options: ChannelsOptions, context: PassCont
     pruned = prune_channels(model, channel_graph, keep)
     refits = {}
     if options.refit and context.calibration:
-        refits = refit_consumers(
-            model, pruned, channel_graph, keep, context, options.max_refit_features
-        )
+        refits = _refit(model, pruned, channel_graph, keep, context, options)
+    elif context.calibration:
+        refits = compensate_means(model, pruned, channel_graph, keep, context)
     after = analyse(pruned, context.input_shapes)
     records = _records(channel_graph, model, keep, skipped, before, after, refits)
     summary = _summary(records, before, after, importance, budget, refits, note)
@@ -136,16 +150,39 @@ def channels(model: onnx.ModelProto, options: ChannelsOptions, context: PassCont
     )
 
 
+def _refit(model, pruned, channel_graph, keep, context, options) -> dict:
+    """Refit the consumers; those the refit cannot take get a mean shift of their bias."""
+    refits = refit_consumers(
+        model,
+        pruned,
+        channel_graph,
+        keep,
+        context,
+        options.max_refit_features,
+        options.refit_at,
+    )
+    taken = {name for name, done in refits.items() if done.get("mode") != "none"}
+    shifted = compensate_means(model, pruned, channel_graph, keep, context, skip=taken)
+    for name, done in shifted.items():
+        refits[name] = {**refits.get(name, {}), **done}
+    return refits
+
+
 def _importance(options: ChannelsOptions, context: PassContext) -> str:
     importance = options.importance
-    if importance == "auto":
-        importance = "data" if context.calibration else "l2"
-    if importance == "data" and not context.calibration:
-        raise CompressError("channels.importance=data needs calibration data (--data/--images)")
-    greedy = options.target_macs is not None and options.allocation == "greedy"
-    if greedy and (importance != "data" or not options.refit):
+    if importance == "auto":  # output beats data at half the MACs (docs/results.md)
+        importance = ("output" if options.refit else "data") if context.calibration else "l2"
+    if importance in ("data", "output") and not context.calibration:
         raise CompressError(
-            "channels.allocation=greedy needs importance=data with refit (and calibration data)"
+            f"channels.importance={importance} needs calibration data (--data/--images)"
+        )
+    if importance == "output" and not options.refit:
+        raise CompressError("channels.importance=output needs refit (it ranks refit errors)")
+    greedy = options.target_macs is not None and options.allocation != "uniform"
+    if greedy and importance != "output":
+        raise CompressError(
+            "channels.allocation=greedy needs importance=output (or auto) with refit and "
+            "calibration data"
         )
     return importance
 
@@ -176,7 +213,7 @@ def _scores(model, channel_graph, candidates, importance, context, options):
     if not candidates:
         return {}, None
     require_finite_weights(layer_weights(model, channel_graph, candidates), "channels")
-    if importance == "data" and options.refit:
+    if importance == "output":
         return refit_aware_scores(
             model, channel_graph, candidates, context, options.max_refit_features
         )
@@ -193,8 +230,12 @@ def _budget(model, channel_graph, scores, damage, options, context, before: Mode
     meter = MacsMeter(model, channel_graph, scores, context.input_shapes, before.total_macs)
     target = f"target_macs {options.target_macs}"
     if options.allocation == "greedy":
+        refit_options = (options.max_refit_features, options.refit_at)
+        damage = output_scaled_damage(
+            model, channel_graph, scores, damage, context, options.round_to, refit_options
+        )
         counts, met = greedy_counts(meter, candidates, damage, goal, options.round_to)
-        how = "greedy: least refit error per MAC saved first"
+        how = "greedy: least output error per MAC saved first"
     else:
         ratio, met = bisect_ratio(meter, candidates, goal, options.round_to)
         counts = uniform_counts(channel_graph, candidates, ratio, options.round_to)
@@ -281,7 +322,8 @@ def _summary(records, before, after, importance, budget, refits=None, note="") -
             "consumers": len(refits),
             "weights": sum(m == "weights+bias" for m in modes),
             "bias_only": sum(m == "bias only" for m in modes),
-            "not_refit": sum(m not in ("weights+bias", "bias only") for m in modes),
+            "mean_shift": sum(m == "mean shift" for m in modes),
+            "not_refit": sum(m not in ("weights+bias", "bias only", "mean shift") for m in modes),
         }
     return summary
 

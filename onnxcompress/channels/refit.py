@@ -29,14 +29,19 @@ from onnxcompress.channels.activations import (
     weight_as_features,
 )
 from onnxcompress.channels.groups import ChannelGraph, label
+from onnxcompress.channels.refit_targets import judged_at, tensor_shapes
 from onnxcompress.channels.surgery import ConstantEditor
 from onnxcompress.maths.least_squares import LeastSquaresAccumulator
+from onnxcompress.maths.rectified_fit import downstream_error, downstream_fit
 from onnxcompress.passkit import PassContext
 from onnxcompress.runtime import capture
 
 log = logging.getLogger(__name__)
 
 CHUNK_ELEMENTS = 2_000_000  # patch rows × features built at once
+# Rows × features a rectified refit keeps: 80 MB in float32, ~250 MB more while it solves in
+# float64; ResNet-20's largest consumer needs 9.4M (16384 rows × 576 features).
+STORED_ELEMENTS = 20_000_000
 
 
 @dataclass
@@ -47,6 +52,8 @@ class Site:
     target: str  # the node's output, or the output of the bias Add after a MatMul
     kept_out: np.ndarray | None  # output positions that survive pruning (None: all)
     reason: str = ""  # why it is not refit
+    offset: str = ""  # the pruned model's tensor added to the output before `target`
+    rectified: bool = False  # a Relu reads `target`: only its positive part must match
     rows: list[tuple[np.ndarray, ...]] = field(default_factory=list)  # per batch
     targets: list[np.ndarray] = field(default_factory=list)  # per batch: [rows, outputs]
 
@@ -58,10 +65,15 @@ def refit_consumers(
     keep: dict[int, np.ndarray],
     context: PassContext,
     max_features: int = 4608,
+    judge: str = "output",
 ) -> dict[str, dict[str, Any]]:
     """Refit, in place in `pruned`, every consumer whose input channels were pruned; returns
-    per consumer (by name) what was done and its calibration error before and after."""
+    per consumer (by name) what was done and its calibration error before and after.
+    `judge`: match each consumer's own output, or the residual Add it feeds ("add"), or also
+    only what a Relu after that lets through ("relu"); see `refit_targets`."""
     sites = _sites(original, channel_graph, keep)
+    if judge != "output":
+        _judge_downstream(original, sites, context.input_shapes, rectify=judge == "relu")
     _collect_targets(original, [s for s in sites if not s.reason], context)
     results = {}
     for site in sites:
@@ -120,6 +132,18 @@ def _unsupported(model: onnx.ModelProto, node: onnx.NodeProto, constants: dict) 
     return f"{node.op_type}: not refit"
 
 
+def _judge_downstream(model, sites: list[Site], input_shapes, rectify: bool) -> None:
+    constants = graph.constant_tensors(model)
+    shapes = tensor_shapes(model, input_shapes)
+    for site in sites:
+        node = model.graph.node[site.node]
+        if site.reason or node.op_type not in ("Conv", "Gemm"):
+            continue
+        judged = judged_at(model, node, constants, shapes)
+        site.target, site.offset = judged.target, judged.offset
+        site.rectified = rectify and judged.rectified
+
+
 def _target_tensor(model, node: onnx.NodeProto, constants: dict) -> str:
     if node.op_type == "MatMul":
         return _bias_add(model, node, constants)[0].output[0]
@@ -152,24 +176,38 @@ def _refit(pruned, node, site: Site, context, max_features) -> dict[str, Any]:
     features, outputs = _sizes(node, weight)
     bias_only = node.op_type == "Conv" and features > max_features
     wanted = [node.input[0]] + ([node.output[0]] if bias_only else [])
+    wanted += [site.offset] if site.offset else []
     session = make_session(prefix(pruned, wanted), threads=context.threads, optimize=True)
+    rows_total = sum(len(t) for t in site.targets)
+    # The rectified fit revisits every row, so it keeps them; too many and the plain fit runs.
+    stored = _StoredRows() if site.rectified and rows_total * features <= STORED_ELEMENTS else None
     fit = LeastSquaresAccumulator(features, outputs)
     shift = _BiasShift(outputs)
     chunk = max(256, CHUNK_ELEMENTS // max(features, 1))
     for batch, rows, targets in zip(
         context.calibration or [], site.rows, site.targets, strict=True
     ):
-        values = run_session(session, batch, wanted)
+        values = dict(zip(wanted, run_session(session, batch, wanted), strict=True))
+        offset = output_table(node, values[site.offset], rows) if site.offset else 0.0
+        goal = targets - offset  # what the consumer itself has to produce
         if bias_only:
-            shift.add(targets, output_table(node, values[1], rows))
+            shift.add(goal, output_table(node, values[node.output[0]], rows))
             continue
-        source = prepared_input(node, values[0])
+        source = prepared_input(node, values[node.input[0]])
         for lo in range(0, len(targets), chunk):
             part = tuple(r[lo : lo + chunk] for r in rows)
             features_part = input_features(node, source, part, weight.shape[2:])
-            fit.add(features_part, targets[lo : lo + chunk])
+            fit.add(features_part, goal[lo : lo + chunk])
+            if stored is not None:
+                stored.add(features_part, targets[lo : lo + chunk], offset, lo, chunk)
     if bias_only:
         return _apply_bias_shift(weights, node, shift, features, max_features)
+    if stored is not None:
+        return _apply_rectified(weights, node, pruned, stored)
+    return _apply_least_squares(weights, node, pruned, fit, features)
+
+
+def _apply_least_squares(weights, node, pruned, fit, features) -> dict[str, Any]:
     projection, bias = _current(weights, node, pruned)
     before = fit.residual_sum_of_squares(projection, bias)
     energy = max(fit.residual_sum_of_squares(np.zeros_like(projection), np.zeros_like(bias)), 1e-30)
@@ -182,6 +220,43 @@ def _refit(pruned, node, site: Site, context, max_features) -> dict[str, Any]:
         "mode": "weights+bias" if applied else "kept (refit was not better)",
         "features": features,
         "rows": fit.count,
+        "rel_error_before": round(float(np.sqrt(before / energy)), 6),
+        "rel_error_after": round(float(np.sqrt(min(after, before) / energy)), 6),
+    }
+
+
+class _StoredRows:
+    """Every sampled row of a consumer: inputs, original targets and the offsets added."""
+
+    def __init__(self):
+        self.inputs, self.targets, self.offsets = [], [], []
+
+    def add(self, inputs, targets, offset, lo: int, chunk: int) -> None:
+        self.inputs.append(inputs.astype(np.float32))
+        self.targets.append(targets.astype(np.float32))
+        part = offset[lo : lo + chunk] if np.ndim(offset) else np.zeros_like(targets)
+        self.offsets.append(np.asarray(part, dtype=np.float32))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return tuple(np.concatenate(x) for x in (self.inputs, self.targets, self.offsets))
+
+
+def _apply_rectified(weights, node, pruned, stored: _StoredRows) -> dict[str, Any]:
+    inputs, targets, offsets = stored.arrays()
+    projection, bias = _current(weights, node, pruned)
+    before = downstream_error(inputs, targets, offsets, projection, bias, rectified=True)
+    energy = max(float(np.sum(np.square(np.maximum(targets, 0.0)))), 1e-30)
+    new_projection, new_bias = downstream_fit(inputs, targets, offsets, rectified=True)
+    after = downstream_error(inputs, targets, offsets, new_projection, new_bias, rectified=True)
+    applied = after < before
+    if applied:
+        dtype = weights.get(node, 1).dtype
+        _write(weights, node, pruned, new_projection.astype(dtype), new_bias.astype(dtype))
+    return {
+        "mode": "weights+bias" if applied else "kept (refit was not better)",
+        "fit": "rectified",
+        "features": inputs.shape[1],
+        "rows": len(inputs),
         "rel_error_before": round(float(np.sqrt(before / energy)), 6),
         "rel_error_after": round(float(np.sqrt(min(after, before) / energy)), 6),
     }

@@ -25,15 +25,14 @@ from onnxcompress.channels.groups import ChannelGraph, Edit, label
 from onnxcompress.channels.importance import (
     ChannelMoments,
     CovarianceAccumulator,
-    LinearConsumer,
     column_energy,
     combine_scores,
     contribution_scores,
-    elimination_order,
     normalised,
     weight_channel_norms,
 )
 from onnxcompress.channels.surgery import input_axis, output_axis
+from onnxcompress.maths.channel_selection import LinearConsumer, elimination_order
 from onnxcompress.passkit import PassContext
 from onnxcompress.runtime import capture
 

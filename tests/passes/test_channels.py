@@ -20,10 +20,8 @@ from onnxcompress.channels.graph import build_channel_graph
 from onnxcompress.channels.importance import (
     ChannelMoments,
     CovarianceAccumulator,
-    LinearConsumer,
     allowed_counts,
     column_energy,
-    elimination_order,
     greedy_moves,
     keep_mask,
     kept_count,
@@ -31,6 +29,7 @@ from onnxcompress.channels.importance import (
 )
 from onnxcompress.channels.surgery import zero_removed_inputs
 from onnxcompress.errors import CompressError
+from onnxcompress.maths.channel_selection import LinearConsumer, elimination_order
 from onnxcompress.passkit import PassContext
 from onnxcompress.runtime import run_model
 from onnxcompress.validate import random_inputs
@@ -266,12 +265,15 @@ def test_refit_lowers_output_error_on_held_out_data():
     calibration = random_inputs(model, shapes, count=8, seed=5)
     held_out = random_inputs(model, shapes, count=2, seed=6)
     options = {"ratio": 0.5, "importance": "l2"}
-    plain = run_pass(model, {**options, "refit": False}, calibration, pins)
+    plain = run_pass(model, {**options, "refit": False}, None, pins)
+    shifted = run_pass(model, {**options, "refit": False}, calibration, pins)  # mean shift only
     refit = run_pass(model, options, calibration, pins)
     assert [r.details["removed"] for r in plain.records if r.status == "rewritten"] == [
         r.details["removed"] for r in refit.records if r.status == "rewritten"
     ]
     assert _rel_error(model, refit, held_out) < 0.5 * _rel_error(model, plain, held_out)
+    assert _rel_error(model, refit, held_out) < _rel_error(model, shifted, held_out)
+    assert _rel_error(model, shifted, held_out) < _rel_error(model, plain, held_out)
     summary = refit.summary["refit"]
     assert summary["consumers"] == summary["weights"] > 0
     for record in refit.records:
@@ -298,14 +300,14 @@ def test_refit_writes_back_every_consumer_kind_correctly(name):
     assert modes == {"weights+bias"}
 
 
-def test_data_importance_with_refit_beats_weight_norms_without():
+def test_output_importance_with_refit_beats_weight_norms_without():
     model = fixture("resnet_style")
     pins = {"input": [8, 3, 32, 32]}
     shapes = shapes_of(model, pins)
     calibration = random_inputs(model, shapes, count=8, seed=7)
     held_out = random_inputs(model, shapes, count=2, seed=8)
     data = run_pass(model, {"ratio": 0.5}, calibration, pins)
-    assert data.summary["importance"] == "data"
+    assert data.summary["importance"] == "output"
     plain = run_pass(model, {"ratio": 0.5, "importance": "l2", "refit": False}, None, pins)
     assert _rel_error(model, data, held_out) < _rel_error(model, plain, held_out)
 
@@ -343,8 +345,12 @@ def test_bad_options_are_rejected():
         SPEC.make_options({"importance": "fisher"})
     with pytest.raises(CompressError, match="needs calibration data"):
         run_pass(fixture("mlp"), {"importance": "data"})
-    with pytest.raises(CompressError, match="greedy needs importance=data"):
+    with pytest.raises(CompressError, match="greedy needs importance=output"):
         run_pass(fixture("mlp"), {"target_macs": 0.5, "allocation": "greedy"})
+    with pytest.raises(CompressError, match="output needs refit"):
+        run_pass(fixture("mlp"), {"importance": "output", "refit": False}, [{}])
+    with pytest.raises(CompressError, match="refit_at"):
+        SPEC.make_options({"refit_at": "softmax"})
 
 
 # ---------------------------------------------------------------- Concat models and real models
@@ -436,13 +442,13 @@ def test_resnet20_prunes_its_residual_groups_and_runs():
     assert_matches_reference(model, result, batches, pins={"input": [2, 3, 32, 32]})
 
 
-def test_resnet20_with_calibration_data_uses_data_scores_and_refits():
+def test_resnet20_with_calibration_data_uses_output_scores_and_refits():
     model = io.load_model(shared_model("resnet20_cifar10.onnx"))
     pins = {"input": [4, 3, 32, 32]}
     calibration = random_inputs(model, shapes_of(model, pins), count=2, seed=0)
     result = run_pass(model, {"ratio": 0.3}, calibration, pins)
     graph.check_model(result.model)
-    assert result.summary["importance"] == "data"
+    assert result.summary["importance"] == "output"
     assert result.summary["refit"]["weights"] == result.summary["refit"]["consumers"] > 10
     run_model(result.model, calibration)
 
