@@ -52,13 +52,29 @@ def op_label(node: onnx.NodeProto) -> str:
 
 
 def supported(model: onnx.ModelProto) -> list[str]:
-    """The op types of `model` that TorchGraph cannot run, sorted; empty when it converts."""
-    missing = {
-        op_label(node)
-        for node in model.graph.node
-        if node.domain not in DEFAULT_DOMAINS or node.op_type not in SUPPORTED_OPS
-    }
+    """The op types of `model` that TorchGraph cannot run, sorted; empty when it converts.
+    A supported op used in a form it does not run is named with that form in brackets."""
+    missing = set()
+    for node in model.graph.node:
+        if node.domain not in DEFAULT_DOMAINS or node.op_type not in SUPPORTED_OPS:
+            missing.add(op_label(node))
+        elif refused_form(node):
+            missing.add(f"{node.op_type} ({refused_form(node)})")
     return sorted(missing)
+
+
+def refused_form(node: onnx.NodeProto) -> str | None:
+    """What TorchGraph does not run of a supported op (None when it runs the node):
+    outputs only training or index bookkeeping produces, pool dilations torch lacks."""
+    outputs = [name for name in node.output if name]
+    if node.op_type == "MaxPool" and len(outputs) > 1:
+        return "with Indices output"
+    if node.op_type == "BatchNormalization" and len(outputs) > 1:
+        return "training mode"
+    dilations = next((list(a.ints) for a in node.attribute if a.name == "dilations"), [])
+    if node.op_type == "AveragePool" and any(d != 1 for d in dilations):
+        return "with dilations"
+    return None
 
 
 class UnsupportedOps(CompressError):

@@ -363,3 +363,14 @@ def test_the_supported_list_is_what_the_handlers_run():
     from onnxcompress.train.torch_graph import HANDLERS
 
     assert set(HANDLERS) | {"Constant"} == set(SUPPORTED_OPS)
+
+
+def test_unsupported_forms_of_supported_ops_are_named():
+    feeds = {"x": normal(1, 2, 6, 6)}
+    indices = op_model("MaxPool", feeds, outputs=2, kernel_shape=[2, 2])
+    assert supported(indices) == ["MaxPool (with Indices output)"]
+    with pytest.raises(UnsupportedOps, match="MaxPool \\(with Indices output\\)"):
+        TorchGraph(indices)
+    dilated = op_model("AveragePool", feeds, opset=19, kernel_shape=[2, 2], dilations=[2, 2])
+    assert supported(dilated) == ["AveragePool (with dilations)"]
+    assert supported(op_model("MaxPool", feeds, kernel_shape=[2, 2])) == []
