@@ -119,3 +119,13 @@ def test_modules_stay_short():
         lines = len(path.read_text().splitlines())
         limit = LONG_MODULES.get(name, MAX_LINES)
         assert lines <= limit, f"{name} has {lines} lines (limit {limit})"
+
+
+def test_only_the_train_modules_import_torch():
+    # torch is the optional `train` extra: the core, the passes and the CLI run without it,
+    # and inside onnxcompress/train only the torch_* modules load it.
+    for name, path in _modules().items():
+        if name.startswith("onnxcompress.train.torch_"):
+            continue
+        torch_imports = {m for m in _imports(path) if m.split(".")[0] == "torch"}
+        assert not torch_imports, (name, torch_imports)
