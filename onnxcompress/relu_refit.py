@@ -1,13 +1,14 @@
 """The ReLU-aware step of the calibration refit: where a refitted layer's output goes only into
-a Relu, its last factor is refined for relu(ŷ) ≈ relu(y) (maths.relu_fit) on a sample of the
-rows the least-squares refit saw, and kept only if it lowers that error on held-out samples."""
+a Relu, its last factor is fitted so that what the Relu lets through matches (maths.rectified_fit,
+Zhang et al. TPAMI 2016's nonlinear response reconstruction) on a sample of the rows the
+least-squares refit saw, and kept only if it lowers that error on held-out samples."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 
-from onnxcompress.maths.relu_fit import relu_aware_fit, relu_objective
+from onnxcompress.maths.rectified_fit import downstream_error, downstream_fit
 
 # Rows kept for the ReLU-aware iterations, at most, and at most this many bytes of them: the
 # iterations hold them in memory (the least-squares sums do not need to).
@@ -59,18 +60,26 @@ def refine(sample: RowSample, projection: np.ndarray, bias: np.ndarray, inputs_o
         fit_x, check_x = inputs_of(fit_x), inputs_of(check_x)
     if not len(fit_x) or not len(check_x):
         return projection, bias, {"relu_aware": "no rows to fit or judge on"}
-    refined = relu_aware_fit(fit_x, fit_y, projection, bias)
-    energy = max(float(np.sum(np.maximum(check_y, 0) ** 2)), 1e-30)
-    before = relu_objective(check_x, check_y, projection, bias)
-    after = relu_objective(check_x, check_y, refined.projection, refined.bias)
+    no_offset = np.zeros((1, fit_y.shape[1]))  # no residual Add: the layer feeds the Relu
+
+    def error(x, y, projection, bias) -> float:
+        return downstream_error(x, y, no_offset, projection, bias, rectified=True)
+
+    refined = downstream_fit(fit_x, fit_y, no_offset, rectified=True)
+    energy = max(error(check_x, check_y, *_zeros(projection, bias)), 1e-30)
+    before = error(check_x, check_y, projection, bias)
+    after = error(check_x, check_y, *refined)
     result = {
         "relu_held_out_rel_error_before": round(float(np.sqrt(before / energy)), 6),
         "relu_held_out_rel_error_after": round(float(np.sqrt(min(before, after) / energy)), 6),
-        "relu_iterations": len(refined.objectives) - 1,
     }
     if after < before:
         result["relu_aware"] = "kept"
         dtype = projection.dtype
-        return refined.projection.astype(dtype), refined.bias.astype(dtype), result
+        return refined[0].astype(dtype), refined[1].astype(dtype), result
     result["relu_aware"] = "not better on held-out rows"
     return projection, bias, result
+
+
+def _zeros(projection: np.ndarray, bias: np.ndarray):
+    return np.zeros_like(projection), np.zeros_like(bias)

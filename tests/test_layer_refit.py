@@ -82,9 +82,9 @@ def test_streamed_refit_reads_what_cutting_from_the_inputs_reads(how, monkeypatc
 
 @pytest.mark.parametrize("relu_aware", [True, False])
 def test_layers_feeding_a_relu_get_the_relu_aware_step_and_only_they(relu_aware):
-    from models.fixtures import resnet_style
     from onnxcompress.passes import get_pass
 
+    from models.fixtures import resnet_style
     from onnxcompress.passkit import PassContext
     from onnxcompress.relu_refit import relu_fed
 

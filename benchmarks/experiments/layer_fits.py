@@ -81,7 +81,7 @@ def _relu(refit: dict) -> str:
         return refit.get("relu_aware", "—")
     return (
         f"{refit['relu_aware']}: {refit['relu_held_out_rel_error_before']:.3f} → "
-        f"{refit['relu_held_out_rel_error_after']:.3f} ({refit['relu_iterations']} it.)"
+        f"{refit['relu_held_out_rel_error_after']:.3f}"
     )
 
 
