@@ -14,13 +14,14 @@ import onnx
 
 from onnxcompress import runtime
 from onnxcompress.errors import CompressError
-from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option
+from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list, option
 from onnxcompress.registry import register
 from onnxcompress.train import default_trainable, supported
 from onnxcompress.train.coverage import UnsupportedOps
 
 LOSSES = ("logits", "features")
 TRAINABLE = ("all", "new")
+AUGMENTATIONS = ("flip", "shift")
 INSTALL = "pip install 'onnxcompress[train]'"
 # Default length: about 3 minutes for ResNet-20 at batch 64 on 2 cores (docs/decisions.md).
 DEFAULT_STEPS = 300
@@ -49,6 +50,11 @@ class DistillOptions:
     threads: int | None = option(
         None, "torch threads (default: the run's --threads); 1 trains faster on a busy CPU"
     )
+    augment: str | None = option(
+        None,
+        "image inputs (4-D) only, comma-separated: flip (mirror left-right), shift (up to 4 "
+        "pixels); none by default, as not every image may be mirrored",
+    )
     holdout: float = option(
         0.1, "fraction of the calibration samples held out to choose the best weights"
     )
@@ -67,6 +73,11 @@ class DistillOptions:
             )
         if self.time_limit is not None and not self.time_limit > 0:
             raise ValueError(f"time_limit must be > 0 seconds, got {self.time_limit}")
+        unknown = sorted(set(comma_list(self.augment)) - set(AUGMENTATIONS))
+        if unknown:
+            raise ValueError(
+                f"augment={unknown[0]!r}: expected some of {', '.join(AUGMENTATIONS)} or none"
+            )
         if not 0 < self.holdout < 1:
             raise ValueError(f"holdout must be a fraction in (0, 1), got {self.holdout}")
 

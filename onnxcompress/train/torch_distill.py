@@ -43,6 +43,8 @@ class Schedule:
     seed: int
     threads: int
     time_limit: float | None = None
+    # Image augmentations of each training batch ("flip", "shift"), teacher and student alike.
+    augment: tuple[str, ...] = ()
 
 
 @dataclass
@@ -92,6 +94,7 @@ def _train(student, exposed, trainable, teacher, train, held, schedule, progress
     optimizer = torch.optim.AdamW(parameters, lr=schedule.lr, weight_decay=0.0)
     lr_at = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(schedule.steps))
     batches = _batch_order(_count(train), schedule)
+    rng = np.random.default_rng([schedule.seed, 1])
     every = max(1, schedule.steps // EVALUATIONS)
     start = best = held_out_loss(module, held, outputs, schedule.batch_size)
     best_step, best_state, done, stopped_by = 0, _snapshot(module), 0, None
@@ -99,6 +102,7 @@ def _train(student, exposed, trainable, teacher, train, held, schedule, progress
         with progress("distill steps", schedule.steps) as task:
             for done, rows in enumerate(batches, start=1):
                 batch = {name: value[rows] for name, value in train.items()}
+                batch = augmented(batch, schedule.augment, rng)
                 targets = [torch.from_numpy(t) for t in teacher(batch)]
                 loss = _training_loss(module(**_tensors(batch)), targets, outputs, labels, rows)
                 optimizer.zero_grad(set_to_none=True)
@@ -172,6 +176,33 @@ def held_out_loss(module, held: tuple[Samples, list[np.ndarray]], outputs: int, 
             for parts, target in zip(produced, targets, strict=True)
         ]
     return float(torch.stack(terms).mean())
+
+
+def augmented(batch: Samples, kinds: tuple[str, ...], rng: np.random.Generator) -> Samples:
+    """The batch with its image inputs (4-D, NCHW) mirrored left-right ("flip", half of
+    the samples) and moved by up to 4 pixels with zeros shifted in ("shift"): more distinct
+    inputs from few samples, and the teacher labels each anew."""
+    out = {}
+    for name, value in batch.items():
+        if value.ndim == 4 and value.dtype.kind == "f":
+            value = value.copy()
+            if "flip" in kinds:
+                mirrored = rng.random(len(value)) < 0.5
+                value[mirrored] = value[mirrored, :, :, ::-1]
+            if "shift" in kinds:
+                value = _shifted(value, rng.integers(-4, 5, size=(len(value), 2)))
+        out[name] = value
+    return out
+
+
+def _shifted(images: np.ndarray, moves: np.ndarray) -> np.ndarray:
+    height, width = images.shape[2:]
+    padded = np.pad(images, ((0, 0), (0, 0), (4, 4), (4, 4)))
+    out = np.empty_like(images)
+    for index, (down, right) in enumerate(moves):
+        top, left = 4 - down, 4 - right
+        out[index] = padded[index, :, top : top + height, left : left + width]
+    return out
 
 
 def _batch_order(count: int, schedule: Schedule):

@@ -166,7 +166,12 @@ def test_refuses_ops_torch_graph_cannot_run():
 
 @pytest.mark.parametrize(
     ("raw", "words"),
-    [({"steps": 0}, "steps"), ({"loss": "kl"}, "loss"), ({"holdout": 1.0}, "holdout")],
+    [
+        ({"steps": 0}, "steps"),
+        ({"loss": "kl"}, "loss"),
+        ({"holdout": 1.0}, "holdout"),
+        ({"augment": "rotate"}, "augment"),
+    ],
 )
 def test_bad_options_are_refused(raw, words):
     with pytest.raises(CompressError, match=words):
@@ -209,3 +214,20 @@ def test_cli_svd_then_distill(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     graph.check_model(onnx.load(out))
+
+
+def test_augmentations_touch_only_images():
+    from onnxcompress.train.torch_distill import augmented
+
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((16, 3, 8, 8)).astype(np.float32)
+    rows = rng.standard_normal((16, 64)).astype(np.float32)
+    batch = {"image": images, "rows": rows}
+    flipped = augmented(batch, ("flip",), np.random.default_rng(1))
+    assert flipped["rows"] is rows and flipped["image"].shape == images.shape
+    mirrored = [np.array_equal(f, i[:, :, ::-1]) for f, i in zip(flipped["image"], images)]
+    kept = [np.array_equal(f, i) for f, i in zip(flipped["image"], images)]
+    assert all(m or k for m, k in zip(mirrored, kept)) and any(mirrored) and any(kept)
+    shifted = augmented(batch, ("shift",), np.random.default_rng(1))["image"]
+    assert shifted.shape == images.shape and not np.array_equal(shifted, images)
+    assert np.array_equal(augmented(batch, (), rng)["image"], images)
