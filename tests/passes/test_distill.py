@@ -225,9 +225,11 @@ def test_augmentations_touch_only_images():
     batch = {"image": images, "rows": rows}
     flipped = augmented(batch, ("flip",), np.random.default_rng(1))
     assert flipped["rows"] is rows and flipped["image"].shape == images.shape
-    mirrored = [np.array_equal(f, i[:, :, ::-1]) for f, i in zip(flipped["image"], images)]
-    kept = [np.array_equal(f, i) for f, i in zip(flipped["image"], images)]
-    assert all(m or k for m, k in zip(mirrored, kept)) and any(mirrored) and any(kept)
+    mirrored = [
+        np.array_equal(f, i[:, :, ::-1]) for f, i in zip(flipped["image"], images, strict=True)
+    ]
+    kept = [np.array_equal(f, i) for f, i in zip(flipped["image"], images, strict=True)]
+    assert all(m or k for m, k in zip(mirrored, kept, strict=True)) and any(mirrored) and any(kept)
     shifted = augmented(batch, ("shift",), np.random.default_rng(1))["image"]
     assert shifted.shape == images.shape and not np.array_equal(shifted, images)
     assert np.array_equal(augmented(batch, (), rng)["image"], images)
