@@ -122,6 +122,38 @@ def test_a_time_limit_stops_early_and_keeps_the_best(damaged):
     assert result.summary["steps"] < 100_000
 
 
+class _CtrlCAt:
+    """A progress task that raises KeyboardInterrupt (as Ctrl-C does) at its n-th step."""
+
+    def __init__(self, at: int):
+        self.at, self.count = at, 0
+
+    def __call__(self, description, total=None):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def advance(self, n=1):
+        self.count += n
+        if self.count == self.at:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_stops_and_keeps_the_best_weights_so_far(damaged):
+    teacher, student = damaged
+    context = PassContext(
+        SHAPES, _batches(8, 0), seed=0, threads=1, original=teacher, progress=_CtrlCAt(10)
+    )
+    result = DISTILL.run(student, DISTILL.make_options(FAST), context)
+    assert result.summary["stopped_by"] == "interrupted" and result.summary["steps"] == 10
+    assert result.changed and "stopped (interrupted)" in result.summary["note"]
+    graph.check_model(result.model)
+
+
 def test_refuses_without_data(damaged):
     teacher, student = damaged
     with pytest.raises(CompressError, match="needs calibration data") as caught:
