@@ -128,7 +128,8 @@ def distill(model: onnx.ModelProto, options: DistillOptions, context: PassContex
             seed,
             options.threads or context.threads,
             options.time_limit,
-        ),  # fmt: skip
+            tuple(comma_list(options.augment)),
+        ),
         context.progress,
         labels[train_rows] if use_labels else None,
     )

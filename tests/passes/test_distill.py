@@ -248,6 +248,21 @@ def test_cli_svd_then_distill(tmp_path):
     graph.check_model(onnx.load(out))
 
 
+def test_the_augment_option_reaches_the_training(damaged, monkeypatch):
+    from onnxcompress.train import torch_distill
+
+    seen = []
+    real = torch_distill.augmented
+    monkeypatch.setattr(
+        torch_distill,
+        "augmented",
+        lambda batch, kinds, rng: seen.append(kinds) or real(batch, kinds, rng),
+    )
+    teacher, student = damaged
+    _distill(student, teacher, steps=2, augment="flip,shift")
+    assert seen == [("flip", "shift")] * 2
+
+
 def test_augmentations_touch_only_images():
     from onnxcompress.train.torch_distill import augmented
 
