@@ -123,7 +123,7 @@ def _train(student, exposed, trainable, teacher, train, held, schedule, progress
     names = sorted(module.names[q] for q, p in module.named_parameters() if p.requires_grad)
     model = None
     if best_step > 0:
-        module.load_state_dict(best_state)
+        module.load_state_dict(best_state, strict=False)
         model = write_back(student, module)
     return Outcome(
         model=model,
@@ -241,7 +241,12 @@ def _tensors(batch: Samples) -> dict[str, torch.Tensor]:
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+    """Copies of the trained parameters (frozen ones and buffers never change)."""
+    return {
+        name: value.detach().clone()
+        for name, value in module.named_parameters()
+        if value.requires_grad
+    }
 
 
 def _count(samples: Samples) -> int:
