@@ -222,7 +222,9 @@ def run_variant(bench: BenchModel, variant: Variant, context: PassContext, args)
             model, coded, report = int8_model(bench.model), [], None
         else:
             specs = [passes.get_pass(name) for name in (method.pass_name, *method.then)]
-            options = {spec.name: spec.make_options({}) for spec in specs[1:]}
+            options = {
+                spec.name: spec.make_options(args.opt.get(spec.name, {})) for spec in specs[1:]
+            }
             options[specs[0].name] = specs[0].make_options(variant.options)
             coded: list = []
             model, reports = run_passes(
@@ -230,11 +232,17 @@ def run_variant(bench: BenchModel, variant: Variant, context: PassContext, args)
             )
             graph.check_model(model)
             report = reports[0]
+            row["then_seconds"] = {entry["name"]: entry["seconds"] for entry in reports[1:]}
+            if "distill" in row["then_seconds"]:  # training time, apart from the method's
+                row["train_seconds"] = row["then_seconds"]["distill"]
+                row["distill"] = reports[-1]["summary"]
         row["seconds"] = round(time.perf_counter() - started, 2)
         dynamic = method.pass_name is None
         row.update(figures(bench, model, coded, method.coded, int8_dynamic=dynamic))
         if report is not None:
             row.update(pass_outcome(report))
+        if "distill" in row:
+            row["notes"].append(distill_note(row["distill"]))
         row["score"] = bench.score(model, args.threads)
         return row, model
     except Exception as exc:  # noqa: BLE001 - one failing method must not end a long run
@@ -292,6 +300,18 @@ def pass_outcome(report: dict) -> dict:
     if summary.get("target_reached") is False or summary.get("note"):  # the pass's warning
         notes.append(str(summary.get("note", "target not reached")))
     return {"layers": dict(counts), "summary": summary, "notes": notes}
+
+
+def distill_note(summary: dict) -> str:
+    """The training in a few words: steps, seconds, held-out loss before and after."""
+    text = summary.get("note", "")
+    if "steps" not in summary:
+        return f"distill: {text}"
+    note = (
+        f"distill: {summary['steps']} steps in {summary['seconds']:.0f} s, held-out loss "
+        f"{summary['held_out_loss_before']:.4g} -> {summary['held_out_loss_after']:.4g}"
+    )
+    return f"{note} ({text})" if text else note
 
 
 def time_models(bench: BenchModel, models: dict, args) -> dict[int, dict[str, dict]]:

@@ -100,6 +100,17 @@ METHODS: dict[str, Method] = {
         for name in ("svd", "cp")
     },
     "channels+int8": Method("channels", "target_macs", note="channels, then int8", then=("int8",)),
+    **{
+        f"{name}+distill": Method(
+            name,
+            "target_macs",
+            _FACTORIZATION,
+            note=f"{name} (align 8), then distill: trained on the calibration data to match "
+            "the original",
+            then=("distill",),
+        )
+        for name in ("fga", "svd", "cp", "tucker2")
+    },
     "auto_int8": Method(
         "auto",
         "target_latency",
@@ -162,6 +173,7 @@ def parse_options(items: list[str], methods: list[str]) -> dict[str, dict[str, s
     """`METHOD.KEY=VALUE` items (METHOD a method or a pass name) → {name: {key: value}};
     ValueError for a malformed item or one that sets a budget option."""
     names = set(methods) | {METHODS[m].pass_name for m in methods if METHODS[m].pass_name}
+    names |= {name for m in methods for name in METHODS[m].then}  # e.g. --opt distill.steps=100
     options: dict[str, dict[str, str]] = {}
     for item in items:
         key, sep, value = item.partition("=")

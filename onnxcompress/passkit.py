@@ -114,6 +114,9 @@ class PassContext:
     jobs: int = 1
     # Where a long pass outlines its loops (the CLI estimates the time left); silent by default.
     outline: Outline = no_outline
+    # The model the run started from, before any pass (run_passes sets it): what `distill`
+    # trains the compressed model to imitate.
+    original: onnx.ModelProto | None = None
 
 
 @dataclass

@@ -301,10 +301,13 @@ def run_passes(
 ) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
     """Apply passes in order, with cleanup and a topological sort after each that changed.
 
+    Passes see the model given here as `context.original` unless the context names one.
     Pre-coded weights that passes hand over (`artifacts["coded_weights"]`) are appended to
     `coded` when a list is given; the `.onnxc` writer checks they still match the model.
     """
     reports = []
+    if context.original is None:  # a copy: the caller's context may serve other runs
+        context = dataclasses.replace(context, original=model)
     for spec in specs:
         step(f"pass {spec.name}")
         started = time.perf_counter()

@@ -8,6 +8,7 @@ from onnxcompress.passes import (  # noqa: F401  (importing registers them)
     blocks,
     channels,
     cp,
+    distill,
     fga,
     fold_bn,
     identity,
@@ -47,5 +48,7 @@ GUIDE = {
     "lrs": "low-rank plus sparse branches; at half the MACs no faster on ResNet-20",
     "prune": "a smaller file, not a faster model: write it with -o out.onnxc",
     "rdprune": "the smallest .onnxc file for its error: write it with -o out.onnxc",
+    "distill": "last, after a lossy pass, with your data: trains the result to match the "
+    "original (needs torch: pip install 'onnxcompress[train]'); e.g. --passes fga,distill",
     "identity": "check the tool on your model: loads, validates and times it, changes nothing",
 }

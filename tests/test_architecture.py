@@ -129,3 +129,25 @@ def test_only_the_train_modules_import_torch():
             continue
         torch_imports = {m for m in _imports(path) if m.split(".")[0] == "torch"}
         assert not torch_imports, (name, torch_imports)
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """Modules a file imports when it is imported: its body, not inside functions."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_the_torch_modules_are_reached_only_lazily():
+    # A pass that trains (distill) calls onnxcompress.train's torch_* modules from inside its
+    # function, after its refusals: importing any pass, or the core, never loads torch.
+    for name, path in _modules().items():
+        if name.startswith("onnxcompress.train"):
+            continue
+        eager = {m for m in _top_level_imports(path) if ".train.torch_" in m}
+        assert not eager, (name, eager)

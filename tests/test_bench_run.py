@@ -270,3 +270,15 @@ def test_blocks_methods_take_the_block_counts_ladder(tmp_path):
     ]
     with pytest.raises(SystemExit):
         run.parse_args(["--block-counts", "1.5"], known_models=["tiny"])
+
+
+def test_a_distill_row_trains_after_its_method_and_says_for_how_long(tmp_path):
+    extra = ["--opt", "distill.steps=5", "--opt", "distill.threads=1", "--no-plots"]
+    results = _run(tmp_path, "svd,svd+distill", extra)
+    rows = {row["label"]: row for row in results["models"][0]["rows"]}
+    row = rows["svd+distill@0.5"]
+    assert "error" not in row, row.get("error")
+    assert row["macs"] == rows["svd@0.5"]["macs"]  # distill changes weights, not the graph
+    assert row["train_seconds"] > 0 and row["distill"]["steps"] == 5
+    assert any(note.startswith("distill: 5 steps") for note in row["notes"])
+    assert "distill: 5 steps" in (tmp_path / "results.md").read_text()

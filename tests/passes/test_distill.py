@@ -1,0 +1,282 @@
+"""distill pass: the graph keeps its structure, a student equal to its teacher is left alone,
+a damaged factorization recovers on held-out inputs, runs repeat exactly, refusals are one
+line, and the CLI writes a valid model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnxcompress.passes import get_pass
+
+from models.fixtures import mlp
+from onnxcompress import graph
+from onnxcompress.errors import CompressError
+from onnxcompress.passkit import PassContext
+from onnxcompress.runtime import run_model
+from tests.conftest import REPO
+
+DISTILL = get_pass("distill")
+SVD = get_pass("svd")
+SHAPES = {"input": [32, 64]}
+FAST = {"steps": 60, "lr": 3e-3, "batch_size": 32, "threads": 1}
+
+
+def _batches(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"input": rng.standard_normal((32, 64)).astype(np.float32)} for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def damaged():
+    """(teacher, student): mlp and its SVD at rank 4 without refit, a deliberately poor fit."""
+    teacher = mlp()
+    options = SVD.make_options({"rank": 4, "refit": False, "never_slower": False})
+    student = SVD.run(teacher, options, PassContext(SHAPES)).model
+    return teacher, graph.cleanup_and_sort(student)
+
+
+def _distill(student, teacher, calibration=None, **options):
+    context = PassContext(
+        SHAPES,
+        calibration=_batches(8, 0) if calibration is None else calibration,
+        seed=0,
+        threads=1,
+        original=teacher,
+    )
+    return DISTILL.run(student, DISTILL.make_options({**FAST, **options}), context)
+
+
+def _error(model, teacher) -> float:
+    batches = _batches(4, 99)  # inputs neither training nor choosing the weights saw
+    ours, theirs = run_model(model, batches)["logits"], run_model(teacher, batches)["logits"]
+    return float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
+
+
+def _weights(model) -> dict[str, np.ndarray]:
+    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+
+
+def test_structure_is_kept_and_only_weights_change(damaged):
+    teacher, student = damaged
+    result = _distill(student, teacher)
+    assert result.changed
+    graph.check_model(result.model)  # full checker and strict shape inference
+    assert list(result.model.graph.node) == list(student.graph.node)
+    before, after = _weights(student), _weights(result.model)
+    assert {n: v.shape for n, v in after.items()} == {n: v.shape for n, v in before.items()}
+    assert any(not np.array_equal(before[n], after[n]) for n in before)
+    summary = result.summary
+    assert summary["held_out_loss_after"] < summary["held_out_loss_before"]
+    assert summary["steps"] == FAST["steps"] and summary["trained_params"] > 0
+    assert all(r.status == "rewritten" for r in result.records) and result.records
+
+
+def test_distillation_lowers_the_error_on_held_out_inputs(damaged):
+    teacher, student = damaged
+    result = _distill(student, teacher)
+    assert _error(result.model, teacher) < 0.8 * _error(student, teacher)
+
+
+def test_a_student_equal_to_its_teacher_stays_equal():
+    teacher = mlp()
+    copy = onnx.ModelProto()
+    copy.CopyFrom(teacher)
+    result = _distill(copy, teacher)
+    assert not result.changed and result.model is copy
+    assert "nothing to recover" in result.summary["note"]
+
+
+def test_same_seed_same_weights(damaged):
+    teacher, student = damaged
+    first, second = (_distill(student, teacher, steps=20) for _ in range(2))
+    a, b = _weights(first.model), _weights(second.model)
+    assert all(np.array_equal(a[name], b[name]) for name in a)
+
+
+def test_new_trains_only_the_weights_the_teacher_lacks(damaged):
+    teacher, student = damaged
+    result = _distill(student, teacher, trainable="new", steps=20)
+    old = {init.name for init in teacher.graph.initializer}
+    before, after = _weights(student), _weights(result.model)
+    assert all(np.array_equal(before[n], after[n]) for n in before if n in old)
+    assert result.summary["trained_tensors"] == sum(
+        1 for n in before if n not in old and before[n].ndim >= 1
+    )
+
+
+def test_features_loss_matches_rewritten_layer_outputs(damaged):
+    teacher, student = damaged
+    result = _distill(student, teacher, loss="features", steps=20)
+    assert result.summary["features"] >= 1 and result.changed
+
+
+def test_a_time_limit_stops_early_and_keeps_the_best(damaged):
+    teacher, student = damaged
+    result = _distill(student, teacher, steps=100_000, time_limit=1.0)
+    assert result.summary["stopped_by"] == "time limit"
+    assert result.summary["steps"] < 100_000
+
+
+class _CtrlCAt:
+    """A progress task that raises KeyboardInterrupt (as Ctrl-C does) at its n-th step."""
+
+    def __init__(self, at: int):
+        self.at, self.count = at, 0
+
+    def __call__(self, description, total=None):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def advance(self, n=1):
+        self.count += n
+        if self.count == self.at:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_stops_and_keeps_the_best_weights_so_far(damaged):
+    teacher, student = damaged
+    context = PassContext(
+        SHAPES, _batches(8, 0), seed=0, threads=1, original=teacher, progress=_CtrlCAt(10)
+    )
+    result = DISTILL.run(student, DISTILL.make_options(FAST), context)
+    assert result.summary["stopped_by"] == "interrupted" and result.summary["steps"] == 10
+    assert result.changed and "stopped (interrupted)" in result.summary["note"]
+    graph.check_model(result.model)
+
+
+def test_refuses_without_data(damaged):
+    teacher, student = damaged
+    with pytest.raises(CompressError, match="needs calibration data") as caught:
+        _distill(student, teacher, calibration=[])
+    assert "\n" not in str(caught.value)
+
+
+def test_refuses_without_torch(damaged, monkeypatch):
+    import onnxcompress.train as train
+
+    teacher, student = damaged
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    for name in ("onnxcompress.train.torch_distill", "onnxcompress.train.torch_graph"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.delattr(train, "torch_distill", raising=False)
+    with pytest.raises(CompressError, match=r"pip install 'onnxcompress\[train\]'") as caught:
+        _distill(student, teacher)
+    assert "\n" not in str(caught.value)
+
+
+def _softsign_model(scale: float) -> onnx.ModelProto:
+    weight = numpy_helper.from_array(np.eye(64, dtype=np.float32) * scale, "w")
+    nodes = [
+        helper.make_node("MatMul", ["input", "w"], ["y"], name="mm"),
+        helper.make_node("Softsign", ["y"], ["logits"], name="soft"),
+    ]
+    body = helper.make_graph(
+        nodes,
+        "softsign",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 64])],
+        [weight],
+    )
+    return helper.make_model(body, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_refuses_ops_torch_graph_cannot_run():
+    with pytest.raises(CompressError, match="Softsign") as caught:
+        _distill(_softsign_model(0.5), _softsign_model(1.0))
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        ({"steps": 0}, "steps"),
+        ({"loss": "kl"}, "loss"),
+        ({"holdout": 1.0}, "holdout"),
+        ({"augment": "rotate"}, "augment"),
+    ],
+)
+def test_bad_options_are_refused(raw, words):
+    with pytest.raises(CompressError, match=words):
+        DISTILL.make_options(raw)
+
+
+def test_cli_svd_then_distill(tmp_path):
+    model, data, out = tmp_path / "mlp.onnx", tmp_path / "calib.npz", tmp_path / "out.onnx"
+    onnx.save(mlp(), model)
+    np.savez(data, input=np.concatenate([b["input"] for b in _batches(4, 1)]))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onnxcompress",
+            str(model),
+            "--passes",
+            "svd,distill",
+            "--data",
+            str(data),
+            "-o",
+            str(out),
+            "--opt",
+            "svd.rank=8",
+            "--opt",
+            "svd.never_slower=false",
+            "--opt",
+            "distill.steps=10",
+            "--opt",
+            "distill.threads=1",
+            "--no-bench",
+            "-q",
+            "--max-rel-l2",
+            "10",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    graph.check_model(onnx.load(out))
+
+
+def test_the_augment_option_reaches_the_training(damaged, monkeypatch):
+    from onnxcompress.train import torch_distill
+
+    seen = []
+    real = torch_distill.augmented
+    monkeypatch.setattr(
+        torch_distill,
+        "augmented",
+        lambda batch, kinds, rng: seen.append(kinds) or real(batch, kinds, rng),
+    )
+    teacher, student = damaged
+    _distill(student, teacher, steps=2, augment="flip,shift")
+    assert seen == [("flip", "shift")] * 2
+
+
+def test_augmentations_touch_only_images():
+    from onnxcompress.train.torch_distill import augmented
+
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((16, 3, 8, 8)).astype(np.float32)
+    rows = rng.standard_normal((16, 64)).astype(np.float32)
+    batch = {"image": images, "rows": rows}
+    flipped = augmented(batch, ("flip",), np.random.default_rng(1))
+    assert flipped["rows"] is rows and flipped["image"].shape == images.shape
+    mirrored = [
+        np.array_equal(f, i[:, :, ::-1]) for f, i in zip(flipped["image"], images, strict=True)
+    ]
+    kept = [np.array_equal(f, i) for f, i in zip(flipped["image"], images, strict=True)]
+    assert all(m or k for m, k in zip(mirrored, kept, strict=True)) and any(mirrored) and any(kept)
+    shifted = augmented(batch, ("shift",), np.random.default_rng(1))["image"]
+    assert shifted.shape == images.shape and not np.array_equal(shifted, images)
+    assert np.array_equal(augmented(batch, (), rng)["image"], images)
