@@ -32,10 +32,13 @@ def _imports(path: Path) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             skipped.update(id(child) for child in ast.walk(node))
+    return _import_names(node for node in ast.walk(tree) if id(node) not in skipped)
+
+
+def _import_names(nodes) -> set[str]:
+    """The absolute modules (and module.name) that these AST nodes import."""
     names = set()
-    for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
+    for node in nodes:
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
@@ -133,14 +136,7 @@ def test_only_the_train_modules_import_torch():
 
 def _top_level_imports(path: Path) -> set[str]:
     """Modules a file imports when it is imported: its body, not inside functions."""
-    names = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return names
+    return _import_names(ast.parse(path.read_text()).body)
 
 
 def test_the_torch_modules_are_reached_only_lazily():
