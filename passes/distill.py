@@ -20,6 +20,7 @@ from onnxcompress.train import default_trainable, supported
 from onnxcompress.train.coverage import UnsupportedOps
 
 LOSSES = ("logits", "features")
+OUTPUT_LOSSES = ("mse", "kl")
 TRAINABLE = ("all", "new")
 AUGMENTATIONS = ("flip", "shift")
 INSTALL = "pip install 'onnxcompress[train]'"
@@ -36,6 +37,12 @@ class DistillOptions:
         "logits",
         "logits: match the original's outputs (MSE relative to their scale); features: also "
         "match its tensors at the outputs of rewritten layers (names in both graphs)",
+    )
+    output_loss: str = option(
+        "mse",
+        "how the outputs are matched: mse (relative to their scale) | kl (softmax of a "
+        "(batch, classes) output against the original's, Hinton's distillation at T=1; "
+        "other outputs keep mse)",
     )
     trainable: str = option(
         "all",
@@ -67,6 +74,10 @@ class DistillOptions:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r}: expected one of {', '.join(LOSSES)}")
+        if self.output_loss not in OUTPUT_LOSSES:
+            raise ValueError(
+                f"output_loss={self.output_loss!r}: expected one of {', '.join(OUTPUT_LOSSES)}"
+            )
         if self.trainable not in TRAINABLE:
             raise ValueError(
                 f"trainable={self.trainable!r}: expected one of {', '.join(TRAINABLE)}"
@@ -129,6 +140,7 @@ def distill(model: onnx.ModelProto, options: DistillOptions, context: PassContex
             options.threads or context.threads,
             options.time_limit,
             tuple(comma_list(options.augment)),
+            options.output_loss == "kl",
         ),
         context.progress,
         labels[train_rows] if use_labels else None,

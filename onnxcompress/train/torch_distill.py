@@ -45,6 +45,8 @@ class Schedule:
     time_limit: float | None = None
     # Image augmentations of each training batch ("flip", "shift"), teacher and student alike.
     augment: tuple[str, ...] = ()
+    # Graph outputs shaped (batch, classes) matched by KL of their softmaxes instead of MSE.
+    kl: bool = False
 
 
 @dataclass
@@ -96,7 +98,7 @@ def _train(student, exposed, trainable, teacher, train, held, schedule, progress
     batches = _batch_order(_count(train), schedule)
     rng = np.random.default_rng([schedule.seed, 1])
     every = max(1, schedule.steps // EVALUATIONS)
-    start = best = held_out_loss(module, held, outputs, schedule.batch_size)
+    start = best = held_out_loss(module, held, outputs, schedule.batch_size, schedule.kl)
     best_step, best_state, done, stopped_by = 0, _snapshot(module), 0, None
     try:
         with progress("distill steps", schedule.steps) as task:
@@ -104,7 +106,8 @@ def _train(student, exposed, trainable, teacher, train, held, schedule, progress
                 batch = {name: value[rows] for name, value in train.items()}
                 batch = augmented(batch, schedule.augment, rng)
                 targets = [torch.from_numpy(t) for t in teacher(batch)]
-                loss = _training_loss(module(**_tensors(batch)), targets, outputs, labels, rows)
+                produced = module(**_tensors(batch))
+                loss = _training_loss(produced, targets, outputs, labels, rows, schedule.kl)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -112,7 +115,9 @@ def _train(student, exposed, trainable, teacher, train, held, schedule, progress
                 task.advance()
                 out_of_time = _over(started, schedule.time_limit)
                 if done % every == 0 or done == schedule.steps or out_of_time:
-                    loss_now = held_out_loss(module, held, outputs, schedule.batch_size)
+                    loss_now = held_out_loss(
+                        module, held, outputs, schedule.batch_size, schedule.kl
+                    )
                     if loss_now < best:
                         best, best_step, best_state = loss_now, done, _snapshot(module)
                 if out_of_time and done < schedule.steps:
@@ -138,11 +143,15 @@ def _train(student, exposed, trainable, teacher, train, held, schedule, progress
     )
 
 
-def _training_loss(produced, targets, outputs, labels, rows) -> torch.Tensor:
-    """Normalised MSE on the graph outputs, plus the mean of it on the features, plus a
-    cross-entropy on the first output when labels are given."""
+def _training_loss(produced, targets, outputs, labels, rows, kl=False) -> torch.Tensor:
+    """Normalised MSE on the graph outputs (with `kl`, KL of the softmaxes for a (batch,
+    classes) output), plus the mean normalised MSE on the features, plus a cross-entropy on
+    the first output when labels are given."""
     produced = produced if isinstance(produced, tuple) else (produced,)
-    terms = [normalised_mse(p, t) for p, t in zip(produced, targets, strict=True)]
+    terms = [
+        _output_loss(p, t, kl) if i < outputs else normalised_mse(p, t)
+        for i, (p, t) in enumerate(zip(produced, targets, strict=True))
+    ]
     loss = torch.stack(terms[:outputs]).mean()
     if len(terms) > outputs:
         loss = loss + torch.stack(terms[outputs:]).mean()
@@ -152,14 +161,31 @@ def _training_loss(produced, targets, outputs, labels, rows) -> torch.Tensor:
     return loss
 
 
+def _output_loss(produced: torch.Tensor, target: torch.Tensor, kl: bool) -> torch.Tensor:
+    return (
+        softmax_kl(produced, target)
+        if kl and produced.dim() == 2
+        else normalised_mse(produced, target)
+    )
+
+
+def softmax_kl(produced: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(target) ‖ softmax(produced)) per sample, averaged: 0 when they agree."""
+    log_p = torch.nn.functional.log_softmax(produced.float(), dim=1)
+    log_q = torch.nn.functional.log_softmax(target.float(), dim=1)
+    return torch.nn.functional.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+
+
 def normalised_mse(produced: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """MSE relative to the target's mean square: outputs of any scale weigh the same."""
     error = (produced.float() - target.float()).pow(2).mean()
     return error / (target.float().pow(2).mean() + EPSILON)
 
 
-def held_out_loss(module, held: tuple[Samples, list[np.ndarray]], outputs: int, size: int) -> float:
-    """The normalised MSE of the graph outputs on the held-out samples (features excluded:
+def held_out_loss(
+    module, held: tuple[Samples, list[np.ndarray]], outputs: int, size: int, kl: bool = False
+) -> float:
+    """The training loss of the graph outputs on the held-out samples (features excluded:
     what the weights are chosen by is what the user gets)."""
     samples, targets = held
     count = _count(samples)
@@ -172,7 +198,7 @@ def held_out_loss(module, held: tuple[Samples, list[np.ndarray]], outputs: int, 
             for index in range(outputs):
                 produced[index].append(result[index])
         terms = [
-            normalised_mse(torch.cat(parts), torch.from_numpy(target))
+            _output_loss(torch.cat(parts), torch.from_numpy(target), kl)
             for parts, target in zip(produced, targets, strict=True)
         ]
     return float(torch.stack(terms).mean())

@@ -12,6 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxcompress.passes import get_pass
+from scipy.special import log_softmax
 
 from models.fixtures import mlp
 from onnxcompress import graph
@@ -201,6 +202,7 @@ def test_refuses_ops_torch_graph_cannot_run():
     [
         ({"steps": 0}, "steps"),
         ({"loss": "kl"}, "loss"),
+        ({"output_loss": "ce"}, "output_loss"),
         ({"holdout": 1.0}, "holdout"),
         ({"augment": "rotate"}, "augment"),
     ],
@@ -280,3 +282,42 @@ def test_augmentations_touch_only_images():
     shifted = augmented(batch, ("shift",), np.random.default_rng(1))["image"]
     assert shifted.shape == images.shape and not np.array_equal(shifted, images)
     assert np.array_equal(augmented(batch, (), rng)["image"], images)
+
+
+def _softmax_kl(model, teacher) -> float:
+    batches = _batches(4, 99)
+    ours, theirs = run_model(model, batches)["logits"], run_model(teacher, batches)["logits"]
+    log_p, log_q = log_softmax(ours, axis=1), log_softmax(theirs, axis=1)
+    return float(np.mean(np.sum(np.exp(log_q) * (log_q - log_p), axis=1)))
+
+
+def test_kl_output_loss_matches_the_class_probabilities(damaged):
+    teacher, student = damaged
+    result = _distill(student, teacher, output_loss="kl")
+    assert result.changed
+    assert _softmax_kl(result.model, teacher) < 0.8 * _softmax_kl(student, teacher)
+
+
+@pytest.mark.parametrize("output_loss", ["kl", "mse"])
+def test_the_output_loss_option_reaches_the_training(damaged, monkeypatch, output_loss):
+    from onnxcompress.train import torch_distill
+
+    seen = []
+    real = torch_distill.softmax_kl
+    monkeypatch.setattr(
+        torch_distill, "softmax_kl", lambda p, t: seen.append(p.shape) or real(p, t)
+    )
+    teacher, student = damaged
+    _distill(student, teacher, steps=2, output_loss=output_loss)
+    # Two training steps on batches of 32, and the held-out choice: all by KL, or none.
+    assert (seen.count((32, 10)) >= 2) if output_loss == "kl" else not seen
+
+
+def test_softmax_kl_is_zero_when_the_classes_agree_and_ignores_a_shift():
+    torch = pytest.importorskip("torch")
+    from onnxcompress.train.torch_distill import softmax_kl
+
+    logits = torch.randn(6, 10)
+    assert float(softmax_kl(logits, logits)) == pytest.approx(0.0, abs=1e-6)
+    assert float(softmax_kl(logits + 3.0, logits)) == pytest.approx(0.0, abs=1e-5)
+    assert float(softmax_kl(torch.randn(6, 10), logits)) > 0.01
