@@ -15,6 +15,21 @@ from onnxcompress.errors import CompressError
 Batch = dict[str, np.ndarray]
 
 NOT_VALIDATED = "not validated: no held-out samples"
+# Within the samples the passes fit on, one in this many is held out of a layer's fit to choose
+# among its fits (low_rank_refit, relu_refit): enough rows to rank a handful of fits, most rows
+# left to fit them.
+CHECK_EVERY = 5
+
+
+def row_samples(first_sample: int, samples: int, rows: int) -> np.ndarray:
+    """The calibration sample of each row of a batch whose rows go sample by sample, as many
+    per sample, the batch's first sample counted `first_sample` over the whole run."""
+    return first_sample + np.arange(rows) // max(rows // max(samples, 1), 1)
+
+
+def checking(sample_of_row: np.ndarray) -> np.ndarray:
+    """Which rows belong to the samples held out to choose a layer's fit."""
+    return sample_of_row % CHECK_EVERY == CHECK_EVERY - 1
 
 
 def split_holdout(calibration: Calibration, holdout: float) -> tuple[Calibration, Calibration]:

@@ -18,6 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxcompress import relu_refit
+from onnxcompress.holdout import row_samples
 from onnxcompress.low_rank_refit import FirstFactor, fit_both_factors
 from onnxcompress.maths.least_squares import LeastSquaresAccumulator
 from onnxcompress.maths.patches import conv_patches
@@ -161,7 +162,7 @@ def _accumulate(rewritten, site: RefitSite, pairs: PairReader, sample=None):
         inputs, targets = _rows(inputs, site.kind), _rows(y, site.kind)
         # Token activations: padding positions hold meaningless values, fit real tokens only.
         mask = token_row_mask(batch, z) if site.kind.startswith("matmul") else None
-        sample_of_row = seen + np.arange(len(inputs)) // max(len(inputs) // len(z), 1)
+        sample_of_row = row_samples(seen, len(z), len(inputs))
         seen += len(z)
         if mask is not None:
             inputs, targets, sample_of_row = inputs[mask], targets[mask], sample_of_row[mask]

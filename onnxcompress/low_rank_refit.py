@@ -19,14 +19,12 @@ import onnx
 from onnx import numpy_helper
 
 from onnxcompress import relu_refit
+from onnxcompress.holdout import checking, row_samples
 from onnxcompress.maths.least_squares import LeastSquaresAccumulator, solve_symmetric
 from onnxcompress.maths.patches import conv_patches
 from onnxcompress.maths.reduced_rank import reduced_rank_fit
 from onnxcompress.token_rows import token_row_mask
 
-# One calibration sample in this many is held out to choose the fit: enough held-out rows to
-# rank a handful of fits, most rows left to fit them.
-CHECK_EVERY = 5
 # λ of the penalty towards the original weight, in units of trace(Σ x xᵀ)/k (the data's
 # weight per input direction): from "the data decides" to "stay near the weights".
 STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -116,12 +114,12 @@ def _accumulate(site, pairs, sample=None):
         if site.first.kind == "conv":
             x = conv_patches(x, site.first.kernel, site.first.conv)
         inputs, targets, samples = _rows(x, site.first.kind), _rows(y, site.first.kind), len(x)
-        sample_of_row = seen + np.repeat(np.arange(samples), len(inputs) // max(samples, 1))
+        sample_of_row = row_samples(seen, samples, len(inputs))
         seen += samples
         mask = token_row_mask(batch, x) if site.first.kind == "matmul" else None
         if mask is not None:
             inputs, targets, sample_of_row = inputs[mask], targets[mask], sample_of_row[mask]
-        check = sample_of_row % CHECK_EVERY == CHECK_EVERY - 1
+        check = checking(sample_of_row)
         held_out.add(inputs[check], targets[check])
         fitted.add(inputs[~check], targets[~check])
         if sample is not None:

@@ -8,27 +8,27 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from onnxcompress import graph
+from onnxcompress.holdout import checking
 from onnxcompress.maths.rectified_fit import downstream_error, downstream_fit
 
 # Rows kept for the ReLU-aware iterations, at most, and at most this many bytes of them: the
 # iterations hold them in memory (the least-squares sums do not need to).
 MAX_ROWS = 16384
 MAX_BYTES = 64 << 20
-# One calibration sample in this many judges the refined fit (as low_rank_refit's choice).
-CHECK_EVERY = 5
 
 
 def relu_fed(model: onnx.ModelProto, tensor: str) -> bool:
     """True when `tensor` is read by Relu nodes only and is not a graph output."""
     if any(output.name == tensor for output in model.graph.output):
         return False
-    readers = [node.op_type for node in model.graph.node if tensor in node.input]
-    return bool(readers) and all(op == "Relu" for op in readers)
+    readers = graph.consumers(model).get(tensor, [])
+    return bool(readers) and all(node.op_type == "Relu" for node in readers)
 
 
 class RowSample:
     """A seeded sample of (input, target) rows, spread over the batches, split into rows to fit
-    on and rows of every CHECK_EVERY-th calibration sample to judge the fit on."""
+    on and rows of the samples holdout.checking holds out to judge the fit on."""
 
     def __init__(self, features: int, outputs: int, batches: int, seed: int = 0):
         limit = min(MAX_ROWS, MAX_BYTES // (8 * (features + outputs)))
@@ -41,7 +41,7 @@ class RowSample:
         """Rows of one batch; sample_of_row: each row's calibration sample, counted over all."""
         rows = len(inputs)
         chosen = np.sort(self.rng.choice(rows, min(rows, self.per_batch), replace=False))
-        held_out = sample_of_row[chosen] % CHECK_EVERY == CHECK_EVERY - 1
+        held_out = checking(sample_of_row[chosen])
         self.fit.append((inputs[chosen[~held_out]], targets[chosen[~held_out]]))
         self.check.append((inputs[chosen[held_out]], targets[chosen[held_out]]))
 
