@@ -109,8 +109,19 @@ METHODS: dict[str, Method] = {
             "the original",
             then=("distill",),
         )
-        for name in ("fga", "svd", "cp", "tucker2")
+        for name in ("fga", "svd", "cp", "tucker2", "lrs")
     },
+    "channels+distill": Method(
+        "channels", "target_macs", note="channels, then distill", then=("distill",)
+    ),
+    "blocks+distill": Method("blocks", "count", note="blocks, then distill", then=("distill",)),
+    "auto+distill": Method(
+        "auto",
+        "target_latency",
+        {"align": 8, "int8": False},
+        note="auto's float plan, then distill",
+        then=("distill",),
+    ),
     "auto_int8": Method(
         "auto",
         "target_latency",
