@@ -1,0 +1,196 @@
+"""The blocks of a compressed model (the student) that block-wise distillation trains one at a
+time, found by comparing it with the original, and each block as a model of its own.
+
+A block is a part of the student between tensors both graphs compute. It starts as the nodes
+the original does not have (a rewritten layer's replacement nodes, or a node whose weights the
+pass changed), joined when they pass tensors only the student has; then grows along the
+single path after it through the elementwise ops of `GROW_OPS` (a normalization, a residual
+Add, a scale) up to and including the first activation, so that its output is a tensor of the
+original past the nonlinearity. Needs neither torch nor training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxcompress import graph, runtime
+from onnxcompress.errors import CompressError
+from onnxcompress.train.coverage import UnsupportedOps, supported
+
+# Activations a block ends after: compared past them, the errors they clip away (a ReLU's
+# negative side) cost nothing, as BRECQ compares blocks at their outputs.
+ACTIVATIONS = frozenset(
+    {"Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish",
+     "Elu", "Gelu", "Softplus"}
+)  # fmt: skip
+# Elementwise ops a block grows through on its way to an activation.
+GROW_OPS = ACTIVATIONS | {"BatchNormalization", "Add", "Sub", "Mul", "Div", "Identity"}
+# At most this many nodes are added after a block's rewritten nodes (e.g. BN, Add, Relu).
+MAX_GROWTH = 4
+
+
+@dataclass(frozen=True)
+class StudentBlock:
+    """Nodes of the student (indices into its graph, in graph order), the tensors they read
+    from the rest of it (weights excluded) and those the rest reads from them. `rewritten`
+    of the nodes are ones the original lacks; the others were grown onto them."""
+
+    nodes: tuple[int, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    rewritten: int
+
+    @property
+    def name(self) -> str:
+        """The block by its first output: a tensor both graphs compute."""
+        return self.outputs[0]
+
+
+def student_blocks(student: onnx.ModelProto, teacher: onnx.ModelProto) -> list[StudentBlock]:
+    """The blocks of `student` (a rewrite of `teacher` keeping the names of the tensors it
+    did not change), ordered by their last node: a block's inputs are computed by the blocks
+    before it. Empty when no node differs."""
+    nodes = list(student.graph.node)
+    changed = _changed_nodes(student, teacher)
+    theirs = {name for node in teacher.graph.node for name in node.output}
+    theirs |= {value.name for value in teacher.graph.input}
+    readers = graph.consumers(student)
+    outputs = {value.name for value in student.graph.output}
+    position = {id(node): index for index, node in enumerate(nodes)}
+    constants = {init.name for init in student.graph.initializer}
+    constants |= {node.output[0] for node in nodes if node.op_type == "Constant"}
+    claimed = set(changed)
+    blocks = []
+    for group in _joined(nodes, changed, theirs):
+        grown = _grown(nodes, group, readers, outputs, position, claimed)
+        claimed.update(grown)
+        members = sorted(group + grown)
+        blocks.append(_block(nodes, members, readers, outputs, constants, len(group)))
+    return sorted(blocks, key=lambda block: block.nodes[-1])
+
+
+def _changed_nodes(student: onnx.ModelProto, teacher: onnx.ModelProto) -> list[int]:
+    """Indices of the student's nodes (Constants aside: they are weights) that the teacher
+    lacks, or that read a weight the teacher lacks or holds with other values."""
+    theirs = {node.SerializeToString() for node in teacher.graph.node}
+    their_weights = {init.name: init.SerializeToString() for init in teacher.graph.initializer}
+    new_weights = {
+        init.name
+        for init in student.graph.initializer
+        if their_weights.get(init.name) != init.SerializeToString()
+    }
+    new_weights |= {
+        node.output[0]
+        for node in student.graph.node
+        if node.op_type == "Constant" and node.SerializeToString() not in theirs
+    }
+    return [
+        index
+        for index, node in enumerate(student.graph.node)
+        if node.op_type != "Constant"
+        and (node.SerializeToString() not in theirs or new_weights.intersection(node.input))
+    ]
+
+
+def _joined(nodes: list, changed: list[int], theirs: set[str]) -> list[list[int]]:
+    """The changed nodes in groups joined by the tensors that only the student has."""
+    group_of = {index: index for index in changed}
+
+    def root(index: int) -> int:
+        while group_of[index] != index:
+            index = group_of[index]
+        return index
+
+    writer = {name: index for index in changed for name in nodes[index].output if name}
+    for index in changed:
+        for name in nodes[index].input:
+            if name in writer and name not in theirs:
+                group_of[root(index)] = root(writer[name])
+    groups: dict[int, list[int]] = {}
+    for index in changed:
+        groups.setdefault(root(index), []).append(index)
+    return list(groups.values())
+
+
+def _grown(nodes, group, readers, outputs, position, claimed) -> list[int]:
+    """The unchanged nodes a block takes on after `group`: the only reader of its only
+    output, while that reader is an elementwise op no other block took, up to the first
+    activation."""
+    members, grown = set(group), []
+    for _ in range(MAX_GROWTH):
+        exits = _exits(nodes, members, readers, outputs)
+        if len(exits) != 1 or exits[0] in outputs or len(readers.get(exits[0], [])) != 1:
+            break
+        reader = readers[exits[0]][0]
+        index = position[id(reader)]
+        if reader.op_type not in GROW_OPS or index in claimed or len(reader.output) != 1:
+            break
+        members.add(index)
+        grown.append(index)
+        if reader.op_type in ACTIVATIONS:
+            break
+    return grown
+
+
+def _exits(nodes, members: set[int], readers, outputs: set[str]) -> list[str]:
+    """Tensors the `members` write that a node outside them reads, or the graph returns."""
+    inside = {id(nodes[index]) for index in members}
+    return [
+        name
+        for index in sorted(members)
+        for name in nodes[index].output
+        if name and (name in outputs or any(id(r) not in inside for r in readers.get(name, [])))
+    ]
+
+
+def _block(nodes, members: list[int], readers, outputs, constants, rewritten) -> StudentBlock:
+    written = {name for index in members for name in nodes[index].output}
+    read = [name for index in members for name in nodes[index].input if name]
+    inputs = [name for name in dict.fromkeys(read) if name not in written | constants]
+    exits = _exits(nodes, set(members), readers, outputs)
+    return StudentBlock(tuple(members), tuple(inputs), tuple(exits), rewritten)
+
+
+def block_model(student: onnx.ModelProto, block: StudentBlock) -> onnx.ModelProto:
+    """The block as a model of its own: its nodes, the weights and Constant nodes they read,
+    its inputs as graph inputs (untyped: `runtime.type_inputs` types them for onnxruntime)
+    and its outputs as graph outputs."""
+    nodes = [student.graph.node[index] for index in block.nodes]
+    read = {name for node in nodes for name in node.input}
+    constants = [n for n in student.graph.node if n.op_type == "Constant" and n.output[0] in read]
+    outputs = [onnx.ValueInfoProto(name=name) for name in block.outputs]
+    part, _ = runtime.nodes_as_model(student, constants + nodes, outputs)
+    return part
+
+
+def block_tensors(
+    model: onnx.ModelProto, names: tuple[str, ...], batches: list[dict], threads: int
+) -> dict[str, np.ndarray] | None:
+    """The tensors `names` of `model` over every batch, joined on their first axis; None
+    when the batches' tensors do not join (their first axis is not the samples')."""
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    cut = runtime.expose_only(model, list(names))
+    for _, values in runtime.capture(cut, list(names), batches, threads):
+        for name in names:
+            parts[name].append(np.atleast_1d(values[name]))
+    try:
+        joined = {name: np.concatenate(arrays) for name, arrays in parts.items()}
+    except ValueError:
+        return None
+    if len({len(array) for array in joined.values()}) != 1:
+        return None
+    return joined
+
+
+def convertible_blocks(student: onnx.ModelProto, teacher: onnx.ModelProto) -> list[StudentBlock]:
+    """`student_blocks`, refused in one line when torch cannot run one of them: a rewritten
+    layer that cannot train."""
+    blocks = student_blocks(student, teacher)
+    for block in blocks:
+        missing = supported(block_model(student, block))
+        if missing:
+            where = f"the rewritten layer ending at {block.name}"
+            raise CompressError(f"distill: {UnsupportedOps(missing, where)}")
+    return blocks
