@@ -131,16 +131,20 @@ def distill(model: onnx.ModelProto, options: DistillOptions, context: PassContex
         return PassResult(model=model, changed=False, summary={"note": note})
     missing = supported(model)
     _training_module("torch_distill")  # refuses without torch before any work
+    blocks = convertible_blocks(model, teacher) if missing or options.blockwise else None
     trained = _trainable(model, teacher, options.trainable)
     seed = context.seed if options.seed is None else options.seed
-    if options.blockwise is None and not missing:
-        return _result(model, *_end_to_end(model, teacher, trained, options, context, seed))
-    return _blockwise(model, teacher, trained, options, context, seed, missing)
+    if blocks is None:
+        whole = _end_to_end(
+            model, teacher, trained, options, context, seed, options.steps, options.time_limit
+        )
+        return _result(model, *whole)
+    return _blockwise(model, teacher, blocks, trained, options, context, seed, missing)
 
 
-def _end_to_end(model, teacher, trained, options, context, seed, steps=None, time_limit=None):
+def _end_to_end(model, teacher, trained, options, context, seed, steps, time_limit):
     """(the training's outcome, what the summary says of it): the whole model trained to
-    match the teacher's outputs (and features) for `steps` (default: the option's)."""
+    match the teacher's outputs (and features) for `steps`, `time_limit` seconds at most."""
     torch_distill = _training_module("torch_distill")
     features = rewritten_outputs(model, teacher) if options.loss == "features" else []
     samples, labels = stacked_samples(context)
@@ -151,7 +155,6 @@ def _end_to_end(model, teacher, trained, options, context, seed, steps=None, tim
     teacher_run = _teacher(teacher, outputs + features, context.threads)
     held_targets = _targets(teacher_run, held, options.batch_size)[: len(outputs)]
     use_labels = options.labels and labels is not None
-    limit = options.time_limit if steps is None else time_limit
     outcome = torch_distill.train_student(
         model,
         runtime.expose_outputs(model, features),
@@ -159,7 +162,7 @@ def _end_to_end(model, teacher, trained, options, context, seed, steps=None, tim
         teacher_run,
         train,
         (held, held_targets),
-        _schedule(options, context, seed, steps or options.steps, limit),
+        _schedule(options, context, seed, steps, time_limit),
         context.progress,
         labels[train_rows] if use_labels else None,
     )
@@ -172,11 +175,10 @@ def _end_to_end(model, teacher, trained, options, context, seed, steps=None, tim
     return outcome, facts
 
 
-def _blockwise(model, teacher, trained, options, context, seed, missing) -> PassResult:
-    """Block by block (then end to end with `first`), or block by block only when torch
-    cannot run the whole model; kept only if the model's held-out loss falls, when the
-    outputs allow measuring it."""
-    blocks = convertible_blocks(model, teacher)
+def _blockwise(model, teacher, blocks, trained, options, context, seed, missing) -> PassResult:
+    """`blocks` trained block by block (then end to end with `first`), or block by block
+    only when torch cannot run the whole model; kept only if the model's held-out loss
+    falls, when the outputs allow measuring it."""
     mode = "only" if missing else options.blockwise
     notes = [_partial_note(missing, options.blockwise)] if missing else []
     if not blocks:
@@ -189,31 +191,40 @@ def _blockwise(model, teacher, trained, options, context, seed, missing) -> Pass
         functools.partial(split_rows, holdout=options.holdout, seed=seed),
         context.threads,
     )
-    share = 1.0 if mode == "only" else BLOCK_SHARE
-    block_steps = max(1, round(options.steps * share))
-    limit = None if options.time_limit is None else options.time_limit * share
     kl = options.output_loss == "kl"
     before = blockwise.output_loss(model, data, kl)
-    done = blockwise.train_blocks(
-        model, blocks, trained, data, _schedule(options, context, seed, block_steps, limit),
-        context.progress,
-    )  # fmt: skip
-    current, whole = done.model, None
-    if mode == "first" and done.stopped_by is None and options.steps > block_steps:
-        left = None if options.time_limit is None else options.time_limit - done.seconds
-        steps = options.steps - block_steps
-        whole = _end_to_end(current, teacher, trained, options, context, seed, steps, left)
-        current = whole[0].model or current
+    done, whole = _phases(model, blocks, trained, data, mode, options, context, seed)
+    current = (whole[0].model or done.model) if whole else done.model
     after = blockwise.output_loss(current, data, kl) if current is not model else before
     kept = current is not model and (before is None or after is None or after < before)
     end_to_end = (whole[0], _summary(whole[0], done.model, whole[1])) if whole else None
     summary = block_summary(mode, done, end_to_end, (before, after), kept, notes)
     records = block_records(model, blocks, done.reports, kept)
-    if whole:
-        trained_whole = kept and whole[0].model is not None
-        ends = _records(model, set(whole[0].trained_tensors), trained_whole, summary)
+    if end_to_end:
+        outcome, its_summary = end_to_end
+        trained_whole = kept and outcome.model is not None
+        ends = _records(model, set(outcome.trained_tensors), trained_whole, its_summary)
         records = merged_records(records, ends)
     return PassResult(current if kept else model, kept, records, summary)
+
+
+def _phases(model, blocks, trained, data, mode, options, context, seed):
+    """(the block phase's BlocksOutcome, the end-to-end phase's (outcome, facts) or None):
+    `only` gives the blocks every step, `first` its `BLOCK_SHARE` of the steps and of the
+    time limit, then trains end to end for the rest unless Ctrl-C stopped the blocks."""
+    from onnxcompress.train.torch_blockwise import train_blocks
+
+    share = 1.0 if mode == "only" else BLOCK_SHARE
+    block_steps = max(1, round(options.steps * share))
+    limit = None if options.time_limit is None else options.time_limit * share
+    schedule = _schedule(options, context, seed, block_steps, limit)
+    done = train_blocks(model, blocks, trained, data, schedule, context.progress)
+    if mode == "only" or done.stopped_by == "interrupted" or options.steps <= block_steps:
+        return done, None
+    left = None if options.time_limit is None else options.time_limit - done.seconds
+    steps = options.steps - block_steps
+    teacher = data.teacher
+    return done, _end_to_end(done.model, teacher, trained, options, context, seed, steps, left)
 
 
 def _partial_note(missing: list[str], asked: str) -> str:

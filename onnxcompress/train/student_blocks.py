@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
 
 from onnxcompress import graph, runtime
@@ -163,25 +162,6 @@ def block_model(student: onnx.ModelProto, block: StudentBlock) -> onnx.ModelProt
     outputs = [onnx.ValueInfoProto(name=name) for name in block.outputs]
     part, _ = runtime.nodes_as_model(student, constants + nodes, outputs)
     return part
-
-
-def block_tensors(
-    model: onnx.ModelProto, names: tuple[str, ...], batches: list[dict], threads: int
-) -> dict[str, np.ndarray] | None:
-    """The tensors `names` of `model` over every batch, joined on their first axis; None
-    when the batches' tensors do not join (their first axis is not the samples')."""
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    cut = runtime.expose_only(model, list(names))
-    for _, values in runtime.capture(cut, list(names), batches, threads):
-        for name in names:
-            parts[name].append(np.atleast_1d(values[name]))
-    try:
-        joined = {name: np.concatenate(arrays) for name, arrays in parts.items()}
-    except ValueError:
-        return None
-    if len({len(array) for array in joined.values()}) != 1:
-        return None
-    return joined
 
 
 def convertible_blocks(student: onnx.ModelProto, teacher: onnx.ModelProto) -> list[StudentBlock]:

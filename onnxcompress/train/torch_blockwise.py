@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -18,7 +19,8 @@ import torch
 
 from onnxcompress.passkit import Progress, ProgressTask
 from onnxcompress.train.block_report import BlockReport, node_labels
-from onnxcompress.train.student_blocks import StudentBlock, block_model, block_tensors
+from onnxcompress.train.model_tensors import ModelTensors, joined
+from onnxcompress.train.student_blocks import StudentBlock, block_model
 from onnxcompress.train.tensors import stored_weights
 from onnxcompress.train.torch_distill import (
     Fit,
@@ -36,6 +38,9 @@ from onnxcompress.train.write_back import write_back
 # count -> (training rows, held-out rows) of a block's samples.
 Split = Callable[[int], tuple[np.ndarray, np.ndarray]]
 NOT_BY_SAMPLE = "its tensors do not hold the samples on their first axis"
+# Blocks whose tensors stay known for the next ones: a residual block's second layer reads
+# the output of the block two before it (its shortcut).
+WINDOW = 2
 
 
 @dataclass(frozen=True)
@@ -72,11 +77,15 @@ def train_blocks(
     `schedule.steps` and of what is left of `schedule.time_limit`. A time limit or Ctrl-C
     ends the block it stops (keeping its best weights) and skips the blocks after it."""
     started = time.perf_counter()
-    current, reports, stopped_by = student, [], None
+    tensors = Tensors(
+        ModelTensors(student, data.batches, data.threads),
+        ModelTensors(data.teacher, data.batches, data.threads),
+    )
+    reports, stopped_by = [], None
     shares = step_shares(schedule.steps, len(blocks))
     with torch_settings(schedule), progress("distill blocks", sum(shares)) as task:
         for index, (block, share) in enumerate(zip(blocks, shares, strict=True)):
-            report = BlockReport(block.name, node_labels(current, block), [])
+            report = BlockReport(block.name, node_labels(student, block), [])
             reports.append(report)
             limit = _time_left(schedule.time_limit, started, len(blocks) - index)
             if stopped_by is None and limit is not None and limit <= 0:
@@ -85,12 +94,27 @@ def train_blocks(
                 report.reason = f"not reached: stopped ({stopped_by}) before it"
                 continue
             block_schedule = dataclasses.replace(schedule, steps=share, time_limit=limit)
-            current, stopped_by = _train_block(
-                current, block, trainable, data, block_schedule, task, report
-            )
+            stopped_by = _train_block(block, trainable, tensors, data, block_schedule, task, report)
+            tensors.forget_all_but(block)
     steps = sum(report.steps for report in reports)
     seconds = round(time.perf_counter() - started, 2)
-    return BlocksOutcome(current, reports, steps, seconds, stopped_by)
+    return BlocksOutcome(tensors.student.model, reports, steps, seconds, stopped_by)
+
+
+@dataclass
+class Tensors:
+    """The student's and the original's tensors, kept for the blocks that follow: those of
+    the last `WINDOW` blocks (their inputs and outputs)."""
+
+    student: ModelTensors
+    teacher: ModelTensors
+    recent: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
+
+    def forget_all_but(self, block: StudentBlock) -> None:
+        self.recent.append({*block.inputs, *block.outputs})
+        kept = set().union(*self.recent)
+        self.student.keep(kept)
+        self.teacher.keep(kept)
 
 
 def step_shares(total: int, count: int) -> list[int]:
@@ -106,16 +130,18 @@ def _time_left(limit: float | None, started: float, blocks_left: int) -> float |
     return (limit - (time.perf_counter() - started)) / blocks_left
 
 
-def _train_block(student, block, trainable, data, schedule, task, report):
-    """(the student with the block trained if that beat its start, why training stopped)."""
+def _train_block(block, trainable, tensors: Tensors, data, schedule, task, report):
+    """Train `block` of the student `tensors` holds; write its weights back there if they
+    beat its start. Returns why training stopped early, if it did."""
     started = time.perf_counter()
+    student = tensors.student.model
     sub = block_model(student, block)
     weights = _own_weights(student, block, sub) & trainable
     report.weights = sorted(weights)
-    found = _block_samples(student, block, data) if weights else "no trainable weight of its own"
+    found = _block_samples(block, tensors, data) if weights else "no trainable weight of its own"
     if isinstance(found, str):
         report.reason = found
-        return student, None
+        return None
     module = TorchGraph(sub, trainable=weights)
     done = _fit_block(module, *found, data.split, schedule, task)
     report.steps, report.loss_before, report.loss_after = (
@@ -124,10 +150,12 @@ def _train_block(student, block, trainable, data, schedule, task, report):
         done.best_loss,
     )
     report.trained = done.best_step > 0
-    if not report.trained:
+    if report.trained:
+        tensors.student.changed(write_back(student, module), block.nodes)
+    else:
         report.reason = f"held-out loss never fell below {done.start_loss:.4g}"
     report.seconds = round(time.perf_counter() - started, 2)
-    return (write_back(student, module) if report.trained else student), done.stopped_by
+    return done.stopped_by
 
 
 def _own_weights(student: onnx.ModelProto, block: StudentBlock, sub: onnx.ModelProto):
@@ -143,7 +171,7 @@ def _own_weights(student: onnx.ModelProto, block: StudentBlock, sub: onnx.ModelP
     return set(stored_weights(sub)) - read_outside
 
 
-def _block_samples(student, block, data: BlockData):
+def _block_samples(block: StudentBlock, tensors: Tensors, data: BlockData):
     """(the student's tensors at the block's inputs, the original's at its outputs), one row
     per sample; or why the block cannot learn from them."""
     theirs = {name for node in data.teacher.graph.node for name in node.output}
@@ -153,8 +181,8 @@ def _block_samples(student, block, data: BlockData):
         return f"the original computes no tensor {missing[0]}"
     if not block.inputs:
         return "it reads no tensor of the model"
-    inputs = block_tensors(student, block.inputs, data.batches, data.threads)
-    targets = block_tensors(data.teacher, block.outputs, data.batches, data.threads)
+    inputs = joined(tensors.student.get(block.inputs))
+    targets = joined(tensors.teacher.get(block.outputs))
     if inputs is None or targets is None:
         return NOT_BY_SAMPLE
     if len(next(iter(inputs.values()))) != len(targets[block.outputs[0]]):
@@ -195,8 +223,8 @@ def output_loss(model: onnx.ModelProto, data: BlockData, kl: bool = False) -> fl
     onnxruntime (so for any model, also one torch cannot run); None when an output does not
     hold one row per sample."""
     names = tuple(out.name for out in model.graph.output)
-    ours = block_tensors(model, names, data.batches, data.threads)
-    theirs = block_tensors(data.teacher, names, data.batches, data.threads)
+    ours = joined(ModelTensors(model, data.batches, data.threads).get(names))
+    theirs = joined(ModelTensors(data.teacher, data.batches, data.threads).get(names))
     if ours is None or theirs is None or len(ours[names[0]]) != len(theirs[names[0]]):
         return None
     _, held_rows = data.split(len(ours[names[0]]))
