@@ -1,12 +1,13 @@
 """The blocks of a compressed model (the student) that block-wise distillation trains one at a
 time, found by comparing it with the original, and each block as a model of its own.
 
-A block is a part of the student between tensors both graphs compute. It starts as the nodes
-the original does not have (a rewritten layer's replacement nodes, or a node whose weights the
-pass changed), joined when they pass tensors only the student has; then grows along the
-single path after it through the elementwise ops of `GROW_OPS` (a normalization, a residual
-Add, a scale) up to and including the first activation, so that its output is a tensor of the
-original past the nonlinearity. Needs neither torch nor training."""
+A block is a part of the student between tensors both graphs compute (same name, and the
+same shape where shape inference knows it). It starts as the nodes the original does not
+have (a rewritten layer's replacement nodes; a node whose weights the pass changed or whose
+output it narrowed), joined when they pass tensors the original does not compute; then grows
+along the single path after it through the elementwise ops of `GROW_OPS` (a normalization, a
+residual Add, a scale) up to and including the first activation, so that its output is a
+tensor of the original past the nonlinearity. Needs neither torch nor training."""
 
 from __future__ import annotations
 
@@ -52,9 +53,8 @@ def student_blocks(student: onnx.ModelProto, teacher: onnx.ModelProto) -> list[S
     did not change), ordered by their last node: a block's inputs are computed by the blocks
     before it. Empty when no node differs."""
     nodes = list(student.graph.node)
-    changed = _changed_nodes(student, teacher)
-    theirs = {name for node in teacher.graph.node for name in node.output}
-    theirs |= {value.name for value in teacher.graph.input}
+    shared = _shared_tensors(student, teacher)
+    changed = _changed_nodes(student, teacher, shared)
     readers = graph.consumers(student)
     outputs = {value.name for value in student.graph.output}
     position = {id(node): index for index, node in enumerate(nodes)}
@@ -62,7 +62,7 @@ def student_blocks(student: onnx.ModelProto, teacher: onnx.ModelProto) -> list[S
     constants |= {node.output[0] for node in nodes if node.op_type == "Constant"}
     claimed = set(changed)
     blocks = []
-    for group in _joined(nodes, changed, theirs):
+    for group in _joined(nodes, changed, shared):
         grown = _grown(nodes, group, readers, outputs, position, claimed)
         claimed.update(grown)
         members = sorted(group + grown)
@@ -70,9 +70,46 @@ def student_blocks(student: onnx.ModelProto, teacher: onnx.ModelProto) -> list[S
     return sorted(blocks, key=lambda block: block.nodes[-1])
 
 
-def _changed_nodes(student: onnx.ModelProto, teacher: onnx.ModelProto) -> list[int]:
+def _shared_tensors(student: onnx.ModelProto, teacher: onnx.ModelProto) -> set[str]:
+    """The tensors both graphs compute: by name, unless shape inference gives them another
+    shape in each (the narrower output of a layer whose channels were pruned)."""
+    theirs = {name for node in teacher.graph.node for name in node.output}
+    theirs |= {value.name for value in teacher.graph.input}
+    our_shapes, their_shapes = _shapes(student), _shapes(teacher)
+    return {name for name in theirs if _may_match(our_shapes.get(name), their_shapes.get(name))}
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """Every tensor's inferred dims (ints where fixed); empty when inference fails."""
+    try:
+        infos = graph.value_infos(graph.infer_shapes(model))
+    except CompressError:
+        return {}
+    return {
+        name: graph.dim_values(info)
+        for name, info in infos.items()
+        if info.type.tensor_type.HasField("shape")
+    }
+
+
+def _may_match(ours: list | None, theirs: list | None) -> bool:
+    """False only for shapes known to differ: in rank, or in a dim fixed in both."""
+    if ours is None or theirs is None:
+        return True
+    if len(ours) != len(theirs):
+        return False
+    return all(
+        a == b or not isinstance(a, int) or not isinstance(b, int)
+        for a, b in zip(ours, theirs, strict=True)
+    )
+
+
+def _changed_nodes(
+    student: onnx.ModelProto, teacher: onnx.ModelProto, shared: set[str]
+) -> list[int]:
     """Indices of the student's nodes (Constants aside: they are weights) that the teacher
-    lacks, or that read a weight the teacher lacks or holds with other values."""
+    lacks, that read a weight the teacher lacks or holds with other values, or that write a
+    tensor the teacher computes in another shape."""
     theirs = {node.SerializeToString() for node in teacher.graph.node}
     their_weights = {init.name: init.SerializeToString() for init in teacher.graph.initializer}
     new_weights = {
@@ -89,12 +126,16 @@ def _changed_nodes(student: onnx.ModelProto, teacher: onnx.ModelProto) -> list[i
         index
         for index, node in enumerate(student.graph.node)
         if node.op_type != "Constant"
-        and (node.SerializeToString() not in theirs or new_weights.intersection(node.input))
+        and (
+            node.SerializeToString() not in theirs
+            or new_weights.intersection(node.input)
+            or not shared.issuperset(name for name in node.output if name)
+        )
     ]
 
 
-def _joined(nodes: list, changed: list[int], theirs: set[str]) -> list[list[int]]:
-    """The changed nodes in groups joined by the tensors that only the student has."""
+def _joined(nodes: list, changed: list[int], shared: set[str]) -> list[list[int]]:
+    """The changed nodes in groups joined by the tensors the teacher does not compute."""
     group_of = {index: index for index in changed}
 
     def root(index: int) -> int:
@@ -105,7 +146,7 @@ def _joined(nodes: list, changed: list[int], theirs: set[str]) -> list[list[int]
     writer = {name: index for index in changed for name in nodes[index].output if name}
     for index in changed:
         for name in nodes[index].input:
-            if name in writer and name not in theirs:
+            if name in writer and name not in shared:
                 group_of[root(index)] = root(writer[name])
     groups: dict[int, list[int]] = {}
     for index in changed:

@@ -143,6 +143,9 @@ def _train_block(block, trainable, tensors: Tensors, data, schedule, task, repor
         report.reason = found
         return None
     module = TorchGraph(sub, trainable=weights)
+    report.reason = _other_shape(module, *found, block.outputs)
+    if report.reason:
+        return None
     done = _fit_block(module, *found, data.split, schedule, task)
     report.steps, report.loss_before, report.loss_after = (
         done.steps,
@@ -188,6 +191,19 @@ def _block_samples(block: StudentBlock, tensors: Tensors, data: BlockData):
     if len(next(iter(inputs.values()))) != len(targets[block.outputs[0]]):
         return NOT_BY_SAMPLE
     return inputs, [targets[name] for name in block.outputs]
+
+
+def _other_shape(module, inputs, targets, names) -> str:
+    """Why the block's outputs cannot be compared with the original's ("" when they can): a
+    shape that differs per sample (shape inference may not have known)."""
+    with torch.no_grad():
+        produced = module(**as_tensors({name: value[:1] for name, value in inputs.items()}))
+    produced = produced if isinstance(produced, tuple) else (produced,)
+    for name, ours, target in zip(names, produced, targets, strict=True):
+        if tuple(ours.shape[1:]) != target.shape[1:]:
+            ours_shape, theirs = list(ours.shape[1:]), list(target.shape[1:])
+            return f"its output {name} is {ours_shape} a sample, the original's {theirs}"
+    return ""
 
 
 def _fit_block(

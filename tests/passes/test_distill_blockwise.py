@@ -243,3 +243,21 @@ def test_a_rewritten_layer_torch_cannot_run_is_refused(tmp_path):
 def test_a_bad_blockwise_value_is_refused():
     with pytest.raises(CompressError, match="blockwise"):
         DISTILL.make_options({"blockwise": "sometimes"})
+
+
+def test_a_block_whose_output_has_another_shape_is_left_and_says_why(monkeypatch):
+    from onnxcompress.train import student_blocks
+    from tests.train.test_student_blocks import _two_convs
+
+    monkeypatch.setattr(student_blocks, "_shapes", lambda model: {})  # inference knows nothing
+    student, teacher = _two_convs(4), _two_convs(8)
+    rng = np.random.default_rng(0)
+    batches = [{"input": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    context = PassContext({"input": [1, 3, 8, 8]}, batches, seed=0, threads=1, original=teacher)
+    options = DISTILL.make_options({**FAST, "blockwise": "only"})
+    narrowed, after = DISTILL.run(student, options, context).summary["blocks"]
+    assert (
+        not narrowed["trained"]
+        and "is [4, 8, 8] a sample, the original's [8, 8, 8]" in (narrowed["reason"])
+    )
+    assert after["block"] == "out" and after["steps"] > 0

@@ -139,3 +139,34 @@ def test_new_weights_forget_the_tensors_they_reach(mlp_pair):
     assert "fc1.relu" in tensors.known and "fc2.relu" not in tensors.known
     tensors.changed(student, first.nodes)
     assert set(tensors.known) == {"input"}
+
+
+def _two_convs(width: int) -> onnx.ModelProto:
+    """Conv (3 -> width channels) -> Relu -> Conv (width -> 8) -> Relu, seeded weights."""
+    rng = np.random.default_rng(0)
+    weights = {
+        "w1": rng.standard_normal((8, 3, 3, 3))[:width],
+        "w2": rng.standard_normal((8, 8, 3, 3))[:, :width],
+    }
+    nodes = [
+        onnx.helper.make_node("Conv", ["input", "w1"], ["c1"], pads=[1, 1, 1, 1], name="c1"),
+        onnx.helper.make_node("Relu", ["c1"], ["r1"], name="r1"),
+        onnx.helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="c2"),
+        onnx.helper.make_node("Relu", ["c2"], ["out"], name="r2"),
+    ]
+    body = onnx.helper.make_graph(
+        nodes,
+        "two_convs",
+        [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [1, 8, 8, 8])],
+        [numpy_helper.from_array(v.astype(np.float32), n) for n, v in weights.items()],
+    )
+    return onnx.helper.make_model(body, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def test_a_narrowed_tensor_is_inside_a_block_not_between_two():
+    # Pruned channels: c1 and r1 keep their names but not their shapes, so no block ends there.
+    student, teacher = _two_convs(4), _two_convs(8)
+    (block,) = student_blocks(student, teacher)
+    assert _ops(student, block) == ["Conv", "Relu", "Conv", "Relu"]
+    assert block.inputs == ("input",) and block.outputs == ("out",)
