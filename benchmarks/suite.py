@@ -111,12 +111,6 @@ METHODS: dict[str, Method] = {
         )
         for name in ("fga", "svd", "cp", "tucker2")
     },
-    "channels+distill": Method(
-        "channels",
-        "target_macs",
-        note="channels, then distill: trained on the calibration data to match the original",
-        then=("distill",),
-    ),
     "auto_int8": Method(
         "auto",
         "target_latency",

@@ -106,7 +106,9 @@ def block_summary(mode: str, done, end_to_end, losses, kept: bool, notes: list[s
         notes.append(f"stopped ({why}) after {steps} steps; best kept")
     if before is None:
         notes.append("outputs not one row per sample: the model's held-out loss is not measured")
-    if not kept:
+    if not summary["blocks_trained"] and not (whole and whole.model is not None):
+        notes.append("no training beat its start on held-out samples: model unchanged")
+    elif not kept:
         trained = "" if after is None else f" ({before:.4g} -> {after:.4g})"
         notes.append(f"training did not lower the model's held-out loss{trained}: model unchanged")
     if notes:

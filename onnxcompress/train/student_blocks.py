@@ -4,20 +4,21 @@ time, found by comparing it with the original, and each block as a model of its 
 A block is a part of the student between tensors both graphs compute (same name, and the
 same shape where shape inference knows it). It starts as the nodes the original does not
 have (a rewritten layer's replacement nodes; a node whose weights the pass changed or whose
-output it narrowed), joined when they pass tensors the original does not compute; then grows
-along the single path after it through the elementwise ops of `GROW_OPS` (a normalization, a
-residual Add, a scale) up to and including the first activation, so that its output is a
-tensor of the original past the nonlinearity. Needs neither torch nor training."""
+output it narrowed), joined when one reads what another writes; then grows along the single
+path after it through the elementwise ops of `GROW_OPS` (a normalization, a residual Add, a
+scale) up to and including the first activation, so that its output is a tensor of the
+original past the nonlinearity. Needs neither torch nor training."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import onnx
+from onnx import helper, numpy_helper
 
 from onnxcompress import graph, runtime
 from onnxcompress.errors import CompressError
-from onnxcompress.train.coverage import UnsupportedOps, supported
+from onnxcompress.train.coverage import DEFAULT_DOMAINS, UnsupportedOps, supported
 
 # Activations a block ends after: compared past them, the errors they clip away (a ReLU's
 # negative side) cost nothing, as BRECQ compares blocks at their outputs.
@@ -62,7 +63,7 @@ def student_blocks(student: onnx.ModelProto, teacher: onnx.ModelProto) -> list[S
     constants |= {node.output[0] for node in nodes if node.op_type == "Constant"}
     claimed = set(changed)
     blocks = []
-    for group in _joined(nodes, changed, shared):
+    for group in _joined(nodes, changed):
         grown = _grown(nodes, group, readers, outputs, position, claimed)
         claimed.update(grown)
         members = sorted(group + grown)
@@ -110,32 +111,59 @@ def _changed_nodes(
     """Indices of the student's nodes (Constants aside: they are weights) that the teacher
     lacks, that read a weight the teacher lacks or holds with other values, or that write a
     tensor the teacher computes in another shape."""
-    theirs = {node.SerializeToString() for node in teacher.graph.node}
-    their_weights = {init.name: init.SerializeToString() for init in teacher.graph.initializer}
+    theirs = {_node_key(node) for node in teacher.graph.node}
+    their_weights = {init.name: _array_key(init) for init in teacher.graph.initializer}
     new_weights = {
         init.name
         for init in student.graph.initializer
-        if their_weights.get(init.name) != init.SerializeToString()
+        if their_weights.get(init.name) != _array_key(init)
     }
     new_weights |= {
         node.output[0]
         for node in student.graph.node
-        if node.op_type == "Constant" and node.SerializeToString() not in theirs
+        if node.op_type == "Constant" and _node_key(node) not in theirs
     }
     return [
         index
         for index, node in enumerate(student.graph.node)
         if node.op_type != "Constant"
         and (
-            node.SerializeToString() not in theirs
+            _node_key(node) not in theirs
             or new_weights.intersection(node.input)
             or not shared.issuperset(name for name in node.output if name)
         )
     ]
 
 
-def _joined(nodes: list, changed: list[int], shared: set[str]) -> list[list[int]]:
-    """The changed nodes in groups joined by the tensors the teacher does not compute."""
+def _node_key(node: onnx.NodeProto) -> tuple:
+    """What a node computes, whatever its name, doc string or the encoding of its attributes
+    (a graph tool's round trip changes those): op, tensors and attribute values."""
+    attributes = sorted((attr.name, _attribute_key(attr)) for attr in node.attribute)
+    domain = "" if node.domain in DEFAULT_DOMAINS else node.domain
+    return (domain, node.op_type, tuple(node.input), tuple(node.output), tuple(attributes))
+
+
+def _attribute_key(attr: onnx.AttributeProto):
+    value = helper.get_attribute_value(attr)
+    values = value if isinstance(value, list) else [value]
+    return tuple(
+        _array_key(one) if isinstance(one, onnx.TensorProto)
+        else onnx.printer.to_text(one) if isinstance(one, onnx.GraphProto)
+        else repr(one)
+        for one in values
+    )  # fmt: skip
+
+
+def _array_key(tensor: onnx.TensorProto) -> tuple:
+    """A tensor by its values (raw bytes or typed lists alike)."""
+    array = numpy_helper.to_array(tensor)
+    return (array.dtype.str, array.shape, array.tobytes())
+
+
+def _joined(nodes: list, changed: list[int]) -> list[list[int]]:
+    """The changed nodes in groups joined by the tensors one writes and another reads: the
+    teacher's tensor there is no target for the first when the second differs (a refit bias
+    after a factorized MatMul)."""
     group_of = {index: index for index in changed}
 
     def root(index: int) -> int:
@@ -146,7 +174,7 @@ def _joined(nodes: list, changed: list[int], shared: set[str]) -> list[list[int]
     writer = {name: index for index in changed for name in nodes[index].output if name}
     for index in changed:
         for name in nodes[index].input:
-            if name in writer and name not in shared:
+            if name in writer:
                 group_of[root(index)] = root(writer[name])
     groups: dict[int, list[int]] = {}
     for index in changed:

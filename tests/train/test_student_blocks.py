@@ -170,3 +170,51 @@ def test_a_narrowed_tensor_is_inside_a_block_not_between_two():
     (block,) = student_blocks(student, teacher)
     assert _ops(student, block) == ["Conv", "Relu", "Conv", "Relu"]
     assert block.inputs == ("input",) and block.outputs == ("out",)
+
+
+def _dense(split: bool, bias: float) -> onnx.ModelProto:
+    """MatMul (one weight, or two factors) -> Add bias -> Sigmoid, as DTLN's mask layer."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((6, 5)).astype(np.float32)
+    weights = {"b": np.full(5, bias, np.float32)}
+    if split:
+        weights |= {"w.a": weight[:, :2], "w.b": np.eye(2, 5, dtype=np.float32)}
+        nodes = [
+            onnx.helper.make_node("MatMul", ["x", "w.a"], ["mid"], name="w.a"),
+            onnx.helper.make_node("MatMul", ["mid", "w.b"], ["dense"], name="w.b"),
+        ]
+    else:
+        weights["w"] = weight
+        nodes = [onnx.helper.make_node("MatMul", ["x", "w"], ["dense"], name="w")]
+    nodes += [
+        onnx.helper.make_node("Add", ["dense", "b"], ["biased"], name="add"),
+        onnx.helper.make_node("Sigmoid", ["biased"], ["mask"], name="mask"),
+    ]
+    body = onnx.helper.make_graph(
+        nodes,
+        "dense",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 6])],
+        [onnx.helper.make_tensor_value_info("mask", onnx.TensorProto.FLOAT, ["n", 5])],
+        [numpy_helper.from_array(v, n) for n, v in weights.items()],
+    )
+    return onnx.helper.make_model(body, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def test_a_refit_bias_after_the_factors_joins_their_block():
+    # The original's `dense` is no target for the factors once the Add after them differs.
+    (block,) = student_blocks(_dense(True, 0.5), _dense(False, 0.0))
+    assert _ops(_dense(True, 0.5), block) == ["MatMul", "MatMul", "Add", "Sigmoid"]
+    assert block.outputs == ("mask",) and block.rewritten == 3
+
+
+def test_names_doc_strings_and_tensor_encodings_are_no_change():
+    teacher = _dense(False, 0.0)
+    student = onnx.ModelProto()
+    student.CopyFrom(teacher)
+    for node in student.graph.node:
+        node.name, node.doc_string = f"renamed {node.name}", "a graph tool was here"
+    weight = student.graph.initializer[0]
+    values = numpy_helper.to_array(weight)
+    typed = onnx.helper.make_tensor(weight.name, weight.data_type, values.shape, values.ravel())
+    weight.CopyFrom(typed)  # float_data instead of raw_data
+    assert student_blocks(student, teacher) == []
