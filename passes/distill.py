@@ -184,7 +184,8 @@ def _blockwise(model, teacher, blocks, trained, options, context, seed, missing)
     if not blocks:
         notes.append("no node differs from the original's: no block to train")
         return PassResult(model, False, summary={"blockwise": mode, "note": "; ".join(notes)})
-    blockwise = _training_module("torch_blockwise")
+    from onnxcompress.train import torch_blockwise as blockwise
+
     data = blockwise.BlockData(
         teacher,
         list(context.calibration or []),
@@ -219,10 +220,11 @@ def _phases(model, blocks, trained, data, mode, options, context, seed):
     limit = None if options.time_limit is None else options.time_limit * share
     schedule = _schedule(options, context, seed, block_steps, limit)
     done = train_blocks(model, blocks, trained, data, schedule, context.progress)
-    if mode == "only" or done.stopped_by == "interrupted" or options.steps <= block_steps:
-        return done, None
     left = None if options.time_limit is None else options.time_limit - done.seconds
     steps = options.steps - block_steps
+    out_of_time = left is not None and left <= 0
+    if mode == "only" or done.stopped_by == "interrupted" or steps < 1 or out_of_time:
+        return done, None
     teacher = data.teacher
     return done, _end_to_end(done.model, teacher, trained, options, context, seed, steps, left)
 

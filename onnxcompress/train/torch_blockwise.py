@@ -74,30 +74,34 @@ def train_blocks(
     progress: Progress,
 ) -> BlocksOutcome:
     """Train `blocks` of `student` one after the other, each for its share of
-    `schedule.steps` and of what is left of `schedule.time_limit`. A time limit or Ctrl-C
-    ends the block it stops (keeping its best weights) and skips the blocks after it."""
+    `schedule.steps` and of what is left of `schedule.time_limit` (a block that uses up its
+    time keeps its best weights and the next one starts). Ctrl-C, or no time left, ends
+    the block it stops and skips the blocks after it."""
     started = time.perf_counter()
     tensors = Tensors(
         ModelTensors(student, data.batches, data.threads),
         ModelTensors(data.teacher, data.batches, data.threads),
     )
-    reports, stopped_by = [], None
+    reports, stops = [], []
     shares = step_shares(schedule.steps, len(blocks))
     with torch_settings(schedule), progress("distill blocks", sum(shares)) as task:
         for index, (block, share) in enumerate(zip(blocks, shares, strict=True)):
             report = BlockReport(block.name, node_labels(student, block), [])
             reports.append(report)
             limit = _time_left(schedule.time_limit, started, len(blocks) - index)
-            if stopped_by is None and limit is not None and limit <= 0:
-                stopped_by = "time limit"
-            if stopped_by:
-                report.reason = f"not reached: stopped ({stopped_by}) before it"
+            if limit is not None and limit <= 0:
+                stops.append("time limit")
+            if "interrupted" in stops or (limit is not None and limit <= 0):
+                report.reason = f"not reached: stopped ({stops[-1]}) before it"
                 continue
             block_schedule = dataclasses.replace(schedule, steps=share, time_limit=limit)
-            stopped_by = _train_block(block, trainable, tensors, data, block_schedule, task, report)
+            stop = _train_block(block, trainable, tensors, data, block_schedule, task, report)
+            stops += [stop] if stop else []
             tensors.forget_all_but(block)
     steps = sum(report.steps for report in reports)
     seconds = round(time.perf_counter() - started, 2)
+    # Ctrl-C first: it also ends what would follow the blocks.
+    stopped_by = "interrupted" if "interrupted" in stops else next(iter(stops), None)
     return BlocksOutcome(tensors.student.model, reports, steps, seconds, stopped_by)
 
 

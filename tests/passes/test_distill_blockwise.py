@@ -261,3 +261,11 @@ def test_a_block_whose_output_has_another_shape_is_left_and_says_why(monkeypatch
         and "is [4, 8, 8] a sample, the original's [8, 8, 8]" in (narrowed["reason"])
     )
     assert after["block"] == "out" and after["steps"] > 0
+
+
+def test_a_block_that_uses_up_its_time_leaves_the_rest_to_the_next():
+    teacher, student = _model(False), _damaged()
+    result = _distill(student, teacher, blockwise="only", steps=100_000, time_limit=1.0)
+    summary = result.summary
+    assert summary["stopped_by"] == "time limit"
+    assert all(0 < block["steps"] < 50_000 for block in summary["blocks"])
