@@ -303,14 +303,22 @@ def pass_outcome(report: dict) -> dict:
 
 
 def distill_note(summary: dict) -> str:
-    """The training in a few words: steps, seconds, held-out loss before and after."""
+    """The training in a few words: steps, seconds, the blocks trained block-wise, held-out
+    loss before and after (when the model's outputs allow measuring it)."""
     text = summary.get("note", "")
     if "steps" not in summary:
         return f"distill: {text}"
-    note = (
-        f"distill: {summary['steps']} steps in {summary['seconds']:.0f} s, held-out loss "
-        f"{summary['held_out_loss_before']:.4g} -> {summary['held_out_loss_after']:.4g}"
-    )
+    note = f"distill: {summary['steps']} steps in {summary['seconds']:.0f} s"
+    if summary.get("blocks"):
+        note += (
+            f" ({summary['blockwise']}: {summary['blocks_trained']} of "
+            f"{len(summary['blocks'])} blocks trained in {summary['block_seconds']:.0f} s)"
+        )
+    if summary.get("held_out_loss_before") is not None:
+        note += (
+            f", held-out loss {summary['held_out_loss_before']:.4g} -> "
+            f"{summary['held_out_loss_after']:.4g}"
+        )
     return f"{note} ({text})" if text else note
 
 

@@ -7,6 +7,8 @@ refuse a run come first and need no torch."""
 
 from __future__ import annotations
 
+import functools
+import importlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,11 +19,17 @@ from onnxcompress.errors import CompressError
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list, option
 from onnxcompress.registry import register
 from onnxcompress.train import default_trainable, supported
-from onnxcompress.train.coverage import UnsupportedOps
+from onnxcompress.train.block_report import block_records, block_summary, merged_records
+from onnxcompress.train.samples import sample_count, split_rows, stacked_samples
+from onnxcompress.train.student_blocks import convertible_blocks
 
 LOSSES = ("logits", "features")
 OUTPUT_LOSSES = ("mse", "kl")
 TRAINABLE = ("all", "new")
+BLOCKWISE = ("first", "only")
+# blockwise=first: the blocks' share of `steps` and `time_limit`, the rest end to end
+# (docs/decisions.md).
+BLOCK_SHARE = 0.5
 AUGMENTATIONS = ("flip", "shift")
 INSTALL = "pip install 'onnxcompress[train]'"
 # Default length: about 3 minutes for ResNet-20 at batch 64 on 2 cores (docs/decisions.md).
@@ -65,6 +73,13 @@ class DistillOptions:
     holdout: float = option(
         0.1, "fraction of the calibration samples held out to choose the best weights"
     )
+    blockwise: str | None = option(
+        None,
+        "none: train end to end only; first: block by block (each rewritten layer up to its "
+        "activation learns the original's tensor there from the student's own input, in graph "
+        "order, BRECQ-style), then end to end; only: block by block only. A model with ops "
+        "torch cannot run outside its rewritten layers trains block by block whatever this says",
+    )
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "threads"):
@@ -89,6 +104,10 @@ class DistillOptions:
             raise ValueError(
                 f"augment={unknown[0]!r}: expected some of {', '.join(AUGMENTATIONS)} or none"
             )
+        if self.blockwise not in (None, *BLOCKWISE):
+            raise ValueError(
+                f"blockwise={self.blockwise!r}: expected none or one of {', '.join(BLOCKWISE)}"
+            )
         if not 0 < self.holdout < 1:
             raise ValueError(f"holdout must be a fraction in (0, 1), got {self.holdout}")
 
@@ -110,14 +129,25 @@ def distill(model: onnx.ModelProto, options: DistillOptions, context: PassContex
     if _same_graph(model, teacher):
         note = "the model is the original: nothing to recover (run distill after a pass)"
         return PassResult(model=model, changed=False, summary={"note": note})
-    torch_distill = _training_module()
     missing = supported(model)
-    if missing:
-        raise CompressError(f"distill: {UnsupportedOps(missing)}")
+    _training_module("torch_distill")  # refuses without torch before any work
+    blocks = convertible_blocks(model, teacher) if missing or options.blockwise else None
     trained = _trainable(model, teacher, options.trainable)
+    seed = context.seed if options.seed is None else options.seed
+    if blocks is None:
+        whole = _end_to_end(
+            model, teacher, trained, options, context, seed, options.steps, options.time_limit
+        )
+        return _result(model, *whole)
+    return _blockwise(model, teacher, blocks, trained, options, context, seed, missing)
+
+
+def _end_to_end(model, teacher, trained, options, context, seed, steps, time_limit):
+    """(the training's outcome, what the summary says of it): the whole model trained to
+    match the teacher's outputs (and features) for `steps`, `time_limit` seconds at most."""
+    torch_distill = _training_module("torch_distill")
     features = rewritten_outputs(model, teacher) if options.loss == "features" else []
     samples, labels = stacked_samples(context)
-    seed = context.seed if options.seed is None else options.seed
     train_rows, held_rows = split_rows(sample_count(samples), options.holdout, seed)
     train = {name: value[train_rows] for name, value in samples.items()}
     held = {name: value[held_rows] for name, value in samples.items()}
@@ -132,33 +162,111 @@ def distill(model: onnx.ModelProto, options: DistillOptions, context: PassContex
         teacher_run,
         train,
         (held, held_targets),
-        torch_distill.Schedule(
-            options.steps,
-            options.lr,
-            options.batch_size,
-            seed,
-            options.threads or context.threads,
-            options.time_limit,
-            tuple(comma_list(options.augment)),
-            options.output_loss == "kl",
-        ),
+        _schedule(options, context, seed, steps, time_limit),
         context.progress,
         labels[train_rows] if use_labels else None,
     )
-    summary = _summary(outcome, model, features, len(train_rows), len(held_rows), use_labels)
+    facts = {
+        "features": len(features),
+        "train_samples": len(train_rows),
+        "held_out_samples": len(held_rows),
+        "labels": use_labels,
+    }
+    return outcome, facts
+
+
+def _blockwise(model, teacher, blocks, trained, options, context, seed, missing) -> PassResult:
+    """`blocks` trained block by block (then end to end with `first`), or block by block
+    only when torch cannot run the whole model; kept only if the model's held-out loss
+    falls, when the outputs allow measuring it."""
+    mode = "only" if missing else options.blockwise
+    notes = [_partial_note(missing, options.blockwise)] if missing else []
+    if not blocks:
+        notes.append("no node differs from the original's: no block to train")
+        return PassResult(model, False, summary={"blockwise": mode, "note": "; ".join(notes)})
+    from onnxcompress.train import torch_blockwise as blockwise
+
+    data = blockwise.BlockData(
+        teacher,
+        list(context.calibration or []),
+        functools.partial(split_rows, holdout=options.holdout, seed=seed),
+        context.threads,
+    )
+    kl = options.output_loss == "kl"
+    before = blockwise.output_loss(model, data, kl)
+    done, whole = _phases(model, blocks, trained, data, mode, options, context, seed)
+    current = (whole[0].model or done.model) if whole else done.model
+    after = blockwise.output_loss(current, data, kl) if current is not model else before
+    kept = current is not model and (before is None or after is None or after < before)
+    end_to_end = (whole[0], _summary(whole[0], done.model, whole[1])) if whole else None
+    summary = block_summary(mode, done, end_to_end, (before, after), kept, notes)
+    records = block_records(model, blocks, done.reports, kept)
+    if end_to_end:
+        outcome, its_summary = end_to_end
+        trained_whole = kept and outcome.model is not None
+        ends = _records(model, set(outcome.trained_tensors), trained_whole, its_summary)
+        records = merged_records(records, ends)
+    return PassResult(current if kept else model, kept, records, summary)
+
+
+def _phases(model, blocks, trained, data, mode, options, context, seed):
+    """(the block phase's BlocksOutcome, the end-to-end phase's (outcome, facts) or None):
+    `only` gives the blocks every step, `first` its `BLOCK_SHARE` of the steps and of the
+    time limit, then trains end to end for the rest unless Ctrl-C stopped the blocks."""
+    from onnxcompress.train.torch_blockwise import train_blocks
+
+    share = 1.0 if mode == "only" else BLOCK_SHARE
+    block_steps = max(1, round(options.steps * share))
+    limit = None if options.time_limit is None else options.time_limit * share
+    schedule = _schedule(options, context, seed, block_steps, limit)
+    done = train_blocks(model, blocks, trained, data, schedule, context.progress)
+    left = None if options.time_limit is None else options.time_limit - done.seconds
+    steps = options.steps - block_steps
+    out_of_time = left is not None and left <= 0
+    if mode == "only" or done.stopped_by == "interrupted" or steps < 1 or out_of_time:
+        return done, None
+    teacher = data.teacher
+    return done, _end_to_end(done.model, teacher, trained, options, context, seed, steps, left)
+
+
+def _partial_note(missing: list[str], asked: str) -> str:
+    how = "instead of end to end" if asked != "only" else "as asked"
+    return (
+        f"torch cannot run this model's {', '.join(missing)}: trained block by block "
+        f"(blockwise=only) {how}; the rest of the model is left as the refit made it"
+    )
+
+
+def _schedule(options: DistillOptions, context: PassContext, seed: int, steps: int, limit):
+    from onnxcompress.train.torch_distill import Schedule
+
+    return Schedule(
+        steps,
+        options.lr,
+        options.batch_size,
+        seed,
+        options.threads or context.threads,
+        limit,
+        tuple(comma_list(options.augment)),
+        options.output_loss == "kl",
+    )
+
+
+def _result(model: onnx.ModelProto, outcome, facts: dict) -> PassResult:
+    summary = _summary(outcome, model, facts)
     records = _records(model, set(outcome.trained_tensors), outcome.model is not None, summary)
     if outcome.model is None:
         return PassResult(model=model, changed=False, records=records, summary=summary)
     return PassResult(model=outcome.model, changed=True, records=records, summary=summary)
 
 
-def _training_module():
-    """onnxcompress.train.torch_distill, or one line saying how to install torch."""
+def _training_module(name: str):
+    """onnxcompress.train's module `name` (it imports torch), or one line saying how to
+    install torch."""
     try:
-        from onnxcompress.train import torch_distill
+        return importlib.import_module(f"onnxcompress.train.{name}")
     except ImportError as exc:
         raise CompressError(f"distill: needs torch ({exc}); install it: {INSTALL}") from exc
-    return torch_distill
 
 
 def _same_graph(model: onnx.ModelProto, teacher: onnx.ModelProto) -> bool:
@@ -189,37 +297,6 @@ def rewritten_outputs(model: onnx.ModelProto, teacher: onnx.ModelProto) -> list[
     return found
 
 
-def stacked_samples(context: PassContext) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Every calibration sample, each input's batches joined on its first axis, and the
-    labels (None without them or without `labels=true` data the same length)."""
-    batches = list(context.calibration or [])
-    names = list(batches[0])
-    for batch in batches:
-        if set(batch) != set(names) or len({len(batch[name]) for name in names}) != 1:
-            raise CompressError(
-                "distill: every input must hold the batch's samples on its first axis"
-            )
-    samples = {name: np.concatenate([batch[name] for batch in batches]) for name in names}
-    labels = context.labels
-    if labels is not None and len(labels) != len(samples[names[0]]):
-        labels = None
-    return samples, labels
-
-
-def sample_count(samples: dict[str, np.ndarray]) -> int:
-    return len(next(iter(samples.values())))
-
-
-def split_rows(count: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(training rows, held-out rows): a seeded `holdout` share held out, at least one row
-    each side."""
-    if count < 2:
-        raise CompressError(f"distill: needs at least 2 calibration samples, got {count}")
-    held = min(count - 1, max(1, round(count * holdout)))
-    order = np.random.default_rng(seed).permutation(count)
-    return np.sort(order[held:]), np.sort(order[:held])
-
-
 def _teacher(teacher: onnx.ModelProto, names: list[str], threads: int):
     """The teacher as a function: a batch -> its tensors `names`, from onnxruntime."""
     session = runtime.make_session(
@@ -241,7 +318,7 @@ def _targets(teacher_run, samples: dict[str, np.ndarray], size: int) -> list[np.
     return [np.concatenate(column) for column in zip(*parts, strict=True)]
 
 
-def _summary(outcome, model, features, train_count, held_count, use_labels) -> dict:
+def _summary(outcome, model: onnx.ModelProto, facts: dict) -> dict:
     weights = {init.name: init for init in model.graph.initializer}
     trained_bytes = sum(
         weights[name].ByteSize() for name in outcome.trained_tensors if name in weights
@@ -256,10 +333,7 @@ def _summary(outcome, model, features, train_count, held_count, use_labels) -> d
         "trained_tensors": len(outcome.trained_tensors),
         "trained_params": outcome.trained_params,
         "trained_bytes": trained_bytes,
-        "features": len(features),
-        "train_samples": train_count,
-        "held_out_samples": held_count,
-        "labels": use_labels,
+        **facts,
         "stopped_by": outcome.stopped_by,
     }
     notes = []

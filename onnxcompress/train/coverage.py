@@ -78,11 +78,12 @@ def refused_form(node: onnx.NodeProto) -> str | None:
 
 
 class UnsupportedOps(CompressError):
-    """The model holds op types TorchGraph does not run; `op_types` lists every one."""
+    """The model (or `what` part of it) holds op types TorchGraph does not run; `op_types`
+    lists every one."""
 
-    def __init__(self, op_types: list[str]):
+    def __init__(self, op_types: list[str], what: str = "the model"):
         self.op_types = list(op_types)
         notes = [f"{op} ({REFUSED[op]}: not supported)" for op in op_types if op in REFUSED]
         others = [op for op in op_types if op not in REFUSED]
         listed = ", ".join(others + notes)
-        super().__init__(f"cannot run the model in torch: unsupported op types {listed}")
+        super().__init__(f"cannot run {what} in torch: unsupported op types {listed}")

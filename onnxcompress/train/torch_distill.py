@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import torch
 
-from onnxcompress.passkit import Progress
+from onnxcompress.passkit import Progress, ProgressTask
 from onnxcompress.train.torch_graph import TorchGraph
 from onnxcompress.train.write_back import write_back
 
@@ -79,11 +80,18 @@ def train_student(
     graph outputs) to match `teacher` on the `train` samples; write the best weights into
     `student`. `held` is (held-out samples, the teacher's targets for its graph outputs);
     `labels` (one per train sample) add a cross-entropy on the first output."""
+    with torch_settings(schedule):
+        return _train(student, exposed, trainable, teacher, train, held, schedule, progress, labels)
+
+
+@contextmanager
+def torch_settings(schedule: Schedule) -> Iterator[None]:
+    """torch's threads and seed for a training run; its thread count restored after."""
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(schedule.threads)
     torch.manual_seed(schedule.seed)
     try:
-        return _train(student, exposed, trainable, teacher, train, held, schedule, progress, labels)
+        yield
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -92,58 +100,89 @@ def _train(student, exposed, trainable, teacher, train, held, schedule, progress
     started = time.perf_counter()
     module = TorchGraph(exposed, trainable=trainable)
     outputs = len(student.graph.output)
-    parameters = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=schedule.lr, weight_decay=0.0)
-    lr_at = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(schedule.steps))
-    batches = _batch_order(_count(train), schedule)
     rng = np.random.default_rng([schedule.seed, 1])
-    every = max(1, schedule.steps // EVALUATIONS)
-    start = best = held_out_loss(module, held, outputs, schedule.batch_size, schedule.kl)
-    best_step, best_state, done, stopped_by = 0, _snapshot(module), 0, None
-    try:
-        with progress("distill steps", schedule.steps) as task:
-            for done, rows in enumerate(batches, start=1):
-                batch = {name: value[rows] for name, value in train.items()}
-                batch = augmented(batch, schedule.augment, rng)
-                targets = [torch.from_numpy(t) for t in teacher(batch)]
-                produced = module(**_tensors(batch))
-                loss = _training_loss(produced, targets, outputs, labels, rows, schedule.kl)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                lr_at.step()
-                task.advance()
-                out_of_time = _over(started, schedule.time_limit)
-                if done % every == 0 or done == schedule.steps or out_of_time:
-                    loss_now = held_out_loss(
-                        module, held, outputs, schedule.batch_size, schedule.kl
-                    )
-                    if loss_now < best:
-                        best, best_step, best_state = loss_now, done, _snapshot(module)
-                if out_of_time and done < schedule.steps:
-                    stopped_by = "time limit"
-                    break
-    except KeyboardInterrupt:
-        stopped_by = "interrupted"
+
+    def step_loss(rows: np.ndarray) -> torch.Tensor:
+        batch = {name: value[rows] for name, value in train.items()}
+        batch = augmented(batch, schedule.augment, rng)
+        targets = [torch.from_numpy(t) for t in teacher(batch)]
+        produced = module(**as_tensors(batch))
+        return training_loss(produced, targets, outputs, labels, rows, schedule.kl)
+
+    def held_loss() -> float:
+        return held_out_loss(module, held, outputs, schedule.batch_size, schedule.kl)
+
+    with progress("distill steps", schedule.steps) as task:
+        done = fit(module, step_loss, held_loss, schedule, _count(train), task)
     names = sorted(module.names[q] for q, p in module.named_parameters() if p.requires_grad)
-    model = None
-    if best_step > 0:
-        module.load_state_dict(best_state, strict=False)
-        model = write_back(student, module)
     return Outcome(
-        model=model,
-        steps=done,
+        model=write_back(student, module) if done.best_step > 0 else None,
+        steps=done.steps,
         seconds=round(time.perf_counter() - started, 2),
-        start_loss=start,
-        best_loss=best,
-        best_step=best_step,
-        stopped_by=stopped_by,
+        start_loss=done.start_loss,
+        best_loss=done.best_loss,
+        best_step=done.best_step,
+        stopped_by=done.stopped_by,
         trained_tensors=names,
-        trained_params=sum(p.numel() for p in parameters),
+        trained_params=sum(p.numel() for p in module.parameters() if p.requires_grad),
     )
 
 
-def _training_loss(produced, targets, outputs, labels, rows, kl=False) -> torch.Tensor:
+@dataclass
+class Fit:
+    """What one run of `fit` did: steps taken, held-out loss at the start and at its best
+    (`best_step` 0: nothing beat the start), and why it stopped early, if it did."""
+
+    steps: int
+    start_loss: float
+    best_loss: float
+    best_step: int
+    stopped_by: str | None  # "time limit", "interrupted" or None
+
+
+def fit(
+    module: torch.nn.Module,
+    step_loss: Callable[[np.ndarray], torch.Tensor],
+    held_loss: Callable[[], float],
+    schedule: Schedule,
+    count: int,
+    task: ProgressTask,
+) -> Fit:
+    """Train `module`'s trainable parameters for `schedule.steps` batches of its `count`
+    training rows (AdamW, warm-up then cosine decay): `step_loss(rows)` is a batch's loss,
+    `held_loss()` the held-out loss the weights are chosen by, measured at the start and
+    `EVALUATIONS` times. The module ends with its best weights, or its starting ones when
+    none beat the start; `time_limit` and Ctrl-C stop early and keep the best so far."""
+    started = time.perf_counter()
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=schedule.lr, weight_decay=0.0)
+    lr_at = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(schedule.steps))
+    every = max(1, schedule.steps // EVALUATIONS)
+    start = best = held_loss()
+    best_step, best_state, done, stopped_by = 0, _snapshot(module), 0, None
+    try:
+        for done, rows in enumerate(_batch_order(count, schedule), start=1):
+            loss = step_loss(rows)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            lr_at.step()
+            task.advance()
+            out_of_time = _over(started, schedule.time_limit)
+            if done % every == 0 or done == schedule.steps or out_of_time:
+                loss_now = held_loss()
+                if loss_now < best:
+                    best, best_step, best_state = loss_now, done, _snapshot(module)
+            if out_of_time and done < schedule.steps:
+                stopped_by = "time limit"
+                break
+    except KeyboardInterrupt:
+        stopped_by = "interrupted"
+    module.load_state_dict(best_state, strict=False)
+    return Fit(done, start, best, best_step, stopped_by)
+
+
+def training_loss(produced, targets, outputs, labels, rows, kl=False) -> torch.Tensor:
     """Normalised MSE on the graph outputs (with `kl`, KL of the softmaxes for a (batch,
     classes) output), plus the mean normalised MSE on the features, plus a cross-entropy on
     the first output when labels are given."""
@@ -193,15 +232,22 @@ def held_out_loss(
     with torch.no_grad():
         for begin in range(0, count, size):
             batch = {name: value[begin : begin + size] for name, value in samples.items()}
-            result = module(**_tensors(batch))
+            result = module(**as_tensors(batch))
             result = result if isinstance(result, tuple) else (result,)
             for index in range(outputs):
                 produced[index].append(result[index])
+    return outputs_loss([torch.cat(parts) for parts in produced], targets, kl)
+
+
+def outputs_loss(produced: list, targets: list[np.ndarray], kl: bool = False) -> float:
+    """The loss of whole outputs (torch tensors or numpy arrays) against their targets: the
+    mean over outputs of each one's normalised MSE (or KL, with `kl`)."""
+    with torch.no_grad():
         terms = [
-            _output_loss(torch.cat(parts), torch.from_numpy(target), kl)
-            for parts, target in zip(produced, targets, strict=True)
+            _output_loss(torch.as_tensor(ours), torch.from_numpy(target), kl)
+            for ours, target in zip(produced, targets, strict=True)
         ]
-    return float(torch.stack(terms).mean())
+        return float(torch.stack(terms).mean())
 
 
 def augmented(batch: Samples, kinds: tuple[str, ...], rng: np.random.Generator) -> Samples:
@@ -254,7 +300,7 @@ def _warmup_cosine(steps: int) -> Callable[[int], float]:
     return factor
 
 
-def _tensors(batch: Samples) -> dict[str, torch.Tensor]:
+def as_tensors(batch: Samples) -> dict[str, torch.Tensor]:
     """The batch as torch tensors, images channels-last: torch's CPU convolutions train
     about ten times faster so on ResNet-20 (docs/decisions.md), with the same results."""
     out = {}

@@ -1,0 +1,40 @@
+"""The calibration samples `distill` trains on: the run's batches joined sample by sample,
+and a seeded split into training rows and held-out rows that choose the weights."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxcompress.errors import CompressError
+from onnxcompress.passkit import PassContext
+
+
+def stacked_samples(context: PassContext) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Every calibration sample, each input's batches joined on its first axis, and the
+    labels (None without them or without `labels=true` data the same length)."""
+    batches = list(context.calibration or [])
+    names = list(batches[0])
+    for batch in batches:
+        if set(batch) != set(names) or len({len(batch[name]) for name in names}) != 1:
+            raise CompressError(
+                "distill: every input must hold the batch's samples on its first axis"
+            )
+    samples = {name: np.concatenate([batch[name] for batch in batches]) for name in names}
+    labels = context.labels
+    if labels is not None and len(labels) != len(samples[names[0]]):
+        labels = None
+    return samples, labels
+
+
+def sample_count(samples: dict[str, np.ndarray]) -> int:
+    return len(next(iter(samples.values())))
+
+
+def split_rows(count: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, held-out rows): a seeded `holdout` share held out, at least one row
+    each side."""
+    if count < 2:
+        raise CompressError(f"distill: needs at least 2 calibration samples, got {count}")
+    held = min(count - 1, max(1, round(count * holdout)))
+    order = np.random.default_rng(seed).permutation(count)
+    return np.sort(order[held:]), np.sort(order[:held])
