@@ -15,7 +15,7 @@ from onnx import helper
 from onnxcompress.batch_layout import BatchLayout, batch_axes, batch_layout
 from onnxcompress.errors import CompressError
 from onnxcompress.graph import dim_values, runtime_inputs
-from onnxcompress.images import Preprocess, load_images, preprocess_for
+from onnxcompress.images import Preprocess, image_input, load_images
 from onnxcompress.input_checks import (
     made_up_bytes,
     non_finite_count,
@@ -382,19 +382,7 @@ def _npz_labels(path, arrays, sample_count: int) -> np.ndarray | None:
 
 
 def _image_calibration(model, input_shapes, folder, preprocess, labels_path, count, batch_size):
-    inputs = input_dtypes(model)
-    if len(inputs) != 1:
-        raise CompressError(
-            f"--images feeds a model with one input; this one has {', '.join(inputs)}: "
-            "give the inputs with --data FILE.npz"
-        )
-    ((name, dtype),) = inputs.items()
-    preprocess = preprocess_for(preprocess, input_shapes[name])
-    if preprocess.dtype and np.dtype(preprocess.dtype) != dtype:
-        raise CompressError(
-            f"preprocess dtype={preprocess.dtype}, but input '{name}' takes {dtype}"
-        )
-    preprocess = dataclasses.replace(preprocess, dtype=dtype.name)
+    name, preprocess = image_input(input_dtypes(model), input_shapes, preprocess, "--images")
     images, labels, files = load_images(folder, preprocess, input_shapes[name], count, labels_path)
     batch_size = batch_size_for(model, input_shapes, batch_size)
     batches = _split_batches(

@@ -1,12 +1,14 @@
 """`distill`: train the compressed model (the student) to reproduce the original (the teacher)
-on the run's calibration samples, no labels needed, and put the trained weights back into the
-same graph by initializer name. Run it last: `--passes fga,distill --data calib.npz`.
+on the run's calibration samples or its training set (`--train-data`, read lazily), no labels
+needed, and put the trained weights back into the same graph by initializer name. Run it
+last: `--passes fga,distill --data calib.npz`.
 
 torch loads only when the pass runs (onnxcompress/train/torch_distill.py); the checks that
 refuse a run come first and need no torch."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +18,7 @@ from onnxcompress import runtime
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list, option
 from onnxcompress.registry import register
+from onnxcompress.samples import ArraySource, SampleSource
 from onnxcompress.train import default_trainable, supported
 from onnxcompress.train.coverage import UnsupportedOps
 
@@ -23,6 +26,7 @@ LOSSES = ("logits", "features")
 OUTPUT_LOSSES = ("mse", "kl")
 TRAINABLE = ("all", "new")
 AUGMENTATIONS = ("flip", "shift")
+DEVICES = ("auto", "cpu", "cuda")
 INSTALL = "pip install 'onnxcompress[train]'"
 # Default length: about 3 minutes for ResNet-20 at batch 64 on 2 cores (docs/decisions.md).
 DEFAULT_STEPS = 300
@@ -30,7 +34,14 @@ DEFAULT_STEPS = 300
 
 @dataclass(frozen=True)
 class DistillOptions:
-    steps: int = option(DEFAULT_STEPS, "optimizer steps (batches) to train")
+    steps: int | None = option(
+        None, f"optimizer steps (batches) to train (default {DEFAULT_STEPS}, or from epochs)"
+    )
+    epochs: float | None = option(
+        None,
+        "passes over the training samples instead of steps: steps = ceil(epochs x samples / "
+        "batch_size); give steps or epochs, not both",
+    )
     lr: float = option(3e-4, "AdamW learning rate (warm-up, then cosine decay to zero)")
     batch_size: int = option(64, "samples per step")
     loss: str = option(
@@ -49,7 +60,9 @@ class DistillOptions:
         "all: every layer weight, bias and norm scale; new: only weights the original lacks "
         "(the factors a pass wrote)",
     )
-    labels: bool = option(True, "add a cross-entropy on the labels when the data has them")
+    labels: bool = option(
+        True, "add a cross-entropy on the labels when the training samples have them"
+    )
     seed: int | None = option(None, "seed of the shuffle and of torch (default: the run's)")
     time_limit: float | None = option(
         None, "seconds of training at most; stops there and keeps the best weights"
@@ -63,7 +76,13 @@ class DistillOptions:
         "pixels); none by default, as not every image may be mirrored",
     )
     holdout: float = option(
-        0.1, "fraction of the calibration samples held out to choose the best weights"
+        0.1,
+        "fraction of the calibration samples held out to choose the best weights; with "
+        "--train-data, training reads the training set and of the calibration samples only "
+        "these held-out ones are used",
+    )
+    device: str = option(
+        "auto", "where torch trains: auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda"
     )
 
     def __post_init__(self) -> None:
@@ -91,19 +110,27 @@ class DistillOptions:
             )
         if not 0 < self.holdout < 1:
             raise ValueError(f"holdout must be a fraction in (0, 1), got {self.holdout}")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give steps or epochs, not both")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device={self.device!r}: expected one of {', '.join(DEVICES)}")
 
 
 @register(
     "distill",
     DistillOptions,
-    "train the compressed model to match the original on the calibration data (run it last)",
+    "train the compressed model to match the original on the calibration data or --train-data "
+    "(run it last)",
     lossy=True,
 )
 def distill(model: onnx.ModelProto, options: DistillOptions, context: PassContext) -> PassResult:
     teacher = context.original
     if not context.calibration:
         raise CompressError(
-            "distill: needs calibration data (--data or --images): it trains on your samples"
+            "distill: needs calibration data (--data or --images): it trains on your samples, "
+            "or with --train-data chooses its weights on some of them"
         )
     if teacher is None:
         raise CompressError("distill: the context names no original model to learn from")
@@ -116,40 +143,62 @@ def distill(model: onnx.ModelProto, options: DistillOptions, context: PassContex
         raise CompressError(f"distill: {UnsupportedOps(missing)}")
     trained = _trainable(model, teacher, options.trainable)
     features = rewritten_outputs(model, teacher) if options.loss == "features" else []
-    samples, labels = stacked_samples(context)
     seed = context.seed if options.seed is None else options.seed
-    train_rows, held_rows = split_rows(sample_count(samples), options.holdout, seed)
-    train = {name: value[train_rows] for name, value in samples.items()}
-    held = {name: value[held_rows] for name, value in samples.items()}
+    source, held = training_and_held_out(context, options.holdout, seed)
+    schedule = torch_distill.Schedule(
+        steps_for(options, source.count),
+        options.lr,
+        options.batch_size,
+        seed,
+        options.threads or context.threads,
+        options.time_limit,
+        tuple(comma_list(options.augment)),
+        options.output_loss == "kl",
+        torch_distill.device_for(options.device),
+    )
     outputs = [out.name for out in model.graph.output]
     teacher_run = _teacher(teacher, outputs + features, context.threads)
     held_targets = _targets(teacher_run, held, options.batch_size)[: len(outputs)]
-    use_labels = options.labels and labels is not None
+    use_labels = options.labels and source.labelled
     outcome = torch_distill.train_student(
         model,
         runtime.expose_outputs(model, features),
         trained,
         teacher_run,
-        train,
+        source,
         (held, held_targets),
-        torch_distill.Schedule(
-            options.steps,
-            options.lr,
-            options.batch_size,
-            seed,
-            options.threads or context.threads,
-            options.time_limit,
-            tuple(comma_list(options.augment)),
-            options.output_loss == "kl",
-        ),
+        schedule,
         context.progress,
-        labels[train_rows] if use_labels else None,
+        use_labels,
     )
-    summary = _summary(outcome, model, features, len(train_rows), len(held_rows), use_labels)
+    summary = _summary(outcome, model, features, (source, sample_count(held)), schedule)
+    summary["labels"] = use_labels
     records = _records(model, set(outcome.trained_tensors), outcome.model is not None, summary)
     if outcome.model is None:
         return PassResult(model=model, changed=False, records=records, summary=summary)
     return PassResult(model=outcome.model, changed=True, records=records, summary=summary)
+
+
+def steps_for(options: DistillOptions, count: int) -> int:
+    """Optimizer steps: `steps`, else `epochs` passes over `count` samples, else the default."""
+    if options.epochs is None:
+        return options.steps or DEFAULT_STEPS
+    return max(1, math.ceil(options.epochs * count / min(options.batch_size, count)))
+
+
+def training_and_held_out(
+    context: PassContext, holdout: float, seed: int
+) -> tuple[SampleSource, dict[str, np.ndarray]]:
+    """(what to train on, the held-out samples that choose the weights): the run's training
+    set when it has one, else the calibration samples not held out."""
+    samples, labels = stacked_samples(context)
+    train_rows, held_rows = split_rows(sample_count(samples), holdout, seed)
+    held = {name: value[held_rows] for name, value in samples.items()}
+    if context.training is not None:
+        return context.training, held
+    train = {name: value[train_rows] for name, value in samples.items()}
+    kept = None if labels is None else labels[train_rows]
+    return ArraySource(train, kept, f"{len(train_rows)} calibration samples"), held
 
 
 def _training_module():
@@ -241,7 +290,9 @@ def _targets(teacher_run, samples: dict[str, np.ndarray], size: int) -> list[np.
     return [np.concatenate(column) for column in zip(*parts, strict=True)]
 
 
-def _summary(outcome, model, features, train_count, held_count, use_labels) -> dict:
+def _summary(outcome, model, features, samples: tuple[SampleSource, int], schedule) -> dict:
+    """The run in figures; `samples` is (the training source, the held-out sample count)."""
+    source, held_count = samples
     weights = {init.name: init for init in model.graph.initializer}
     trained_bytes = sum(
         weights[name].ByteSize() for name in outcome.trained_tensors if name in weights
@@ -257,9 +308,11 @@ def _summary(outcome, model, features, train_count, held_count, use_labels) -> d
         "trained_params": outcome.trained_params,
         "trained_bytes": trained_bytes,
         "features": len(features),
-        "train_samples": train_count,
+        "train_samples": source.count,
+        "training_data": source.description,
         "held_out_samples": held_count,
-        "labels": use_labels,
+        "epochs": round(outcome.steps * min(schedule.batch_size, source.count) / source.count, 2),
+        "device": schedule.device,
         "stopped_by": outcome.stopped_by,
     }
     notes = []

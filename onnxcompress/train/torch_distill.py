@@ -1,12 +1,13 @@
 """The training loop of `distill`: a student TorchGraph learns to reproduce a teacher's outputs
-(and chosen intermediate tensors) on calibration samples; the weights with the lowest
-held-out loss win, and only if they beat the start.
+(and chosen intermediate tensors) on the batches of a sample source; the weights with the
+lowest held-out loss win, and only if they beat the start.
 
 The teacher is a plain function from a batch of numpy inputs to numpy targets, so this module
 needs neither the teacher's graph nor onnxruntime."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -16,13 +17,15 @@ import numpy as np
 import onnx
 import torch
 
+from onnxcompress.errors import CompressError
 from onnxcompress.passkit import Progress
+from onnxcompress.samples import SampleSource, steady_batches
 from onnxcompress.train.torch_graph import TorchGraph
 from onnxcompress.train.write_back import write_back
 
-Samples = dict[str, np.ndarray]
+Inputs = dict[str, np.ndarray]
 # teacher(batch) -> one target per student output (graph outputs first, then features).
-Teacher = Callable[[Samples], list[np.ndarray]]
+Teacher = Callable[[Inputs], list[np.ndarray]]
 
 # Held-out evaluations over a run: often enough to catch the best weights, rarely enough
 # that evaluating costs little next to training.
@@ -47,6 +50,7 @@ class Schedule:
     augment: tuple[str, ...] = ()
     # Graph outputs shaped (batch, classes) matched by KL of their softmaxes instead of MSE.
     kl: bool = False
+    device: str = "cpu"  # where torch trains: "cpu" or "cuda" (see `device_for`)
 
 
 @dataclass
@@ -64,21 +68,33 @@ class Outcome:
     trained_params: int = 0
 
 
+def device_for(choice: str) -> str:
+    """The device to train on: `auto` is CUDA when torch sees a GPU, else the CPU; `cuda`
+    without a GPU is refused in one line."""
+    available = torch.cuda.is_available()
+    if choice == "cuda" and not available:
+        raise CompressError(
+            "distill: device=cuda, but torch sees no GPU (torch.cuda.is_available() is "
+            "false); use device=cpu or auto"
+        )
+    return "cuda" if choice == "cuda" or (choice == "auto" and available) else "cpu"
+
+
 def train_student(
     student: onnx.ModelProto,
     exposed: onnx.ModelProto,
     trainable: set[str],
     teacher: Teacher,
-    train: Samples,
-    held: tuple[Samples, list[np.ndarray]],
+    train: SampleSource,
+    held: tuple[Inputs, list[np.ndarray]],
     schedule: Schedule,
     progress: Progress,
-    labels: np.ndarray | None = None,
+    labels: bool = False,
 ) -> Outcome:
     """Train the `trainable` weights of `exposed` (the student with its feature tensors made
-    graph outputs) to match `teacher` on the `train` samples; write the best weights into
+    graph outputs) to match `teacher` on batches of `train`; write the best weights into
     `student`. `held` is (held-out samples, the teacher's targets for its graph outputs);
-    `labels` (one per train sample) add a cross-entropy on the first output."""
+    with `labels`, the source's labels add a cross-entropy on the first output."""
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(schedule.threads)
     torch.manual_seed(schedule.seed)
@@ -90,24 +106,26 @@ def train_student(
 
 def _train(student, exposed, trainable, teacher, train, held, schedule, progress, labels):
     started = time.perf_counter()
-    module = TorchGraph(exposed, trainable=trainable)
+    device = torch.device(schedule.device)
+    module = TorchGraph(exposed, trainable=trainable).to(device)
     outputs = len(student.graph.output)
     parameters = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=schedule.lr, weight_decay=0.0)
     lr_at = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(schedule.steps))
-    batches = _batch_order(_count(train), schedule)
+    batches = steady_batches(train, schedule.batch_size, schedule.seed)
     rng = np.random.default_rng([schedule.seed, 1])
     every = max(1, schedule.steps // EVALUATIONS)
-    start = best = held_out_loss(module, held, outputs, schedule.batch_size, schedule.kl)
+    judge = HeldOut(held, outputs, schedule.batch_size, schedule.kl, device)
+    start = best = judge.loss(module)
     best_step, best_state, done, stopped_by = 0, _snapshot(module), 0, None
     try:
         with progress("distill steps", schedule.steps) as task:
-            for done, rows in enumerate(batches, start=1):
-                batch = {name: value[rows] for name, value in train.items()}
-                batch = augmented(batch, schedule.augment, rng)
-                targets = [torch.from_numpy(t) for t in teacher(batch)]
-                produced = module(**_tensors(batch))
-                loss = _training_loss(produced, targets, outputs, labels, rows, schedule.kl)
+            for done, batch in enumerate(itertools.islice(batches, schedule.steps), start=1):
+                inputs = augmented(batch.inputs, schedule.augment, rng)
+                targets = [torch.from_numpy(t).to(device) for t in teacher(inputs)]
+                produced = module(**_tensors(inputs, device))
+                given = _labels(batch.labels, device) if labels else None
+                loss = _training_loss(produced, targets, outputs, given, schedule.kl)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -115,9 +133,7 @@ def _train(student, exposed, trainable, teacher, train, held, schedule, progress
                 task.advance()
                 out_of_time = _over(started, schedule.time_limit)
                 if done % every == 0 or done == schedule.steps or out_of_time:
-                    loss_now = held_out_loss(
-                        module, held, outputs, schedule.batch_size, schedule.kl
-                    )
+                    loss_now = judge.loss(module)
                     if loss_now < best:
                         best, best_step, best_state = loss_now, done, _snapshot(module)
                 if out_of_time and done < schedule.steps:
@@ -143,7 +159,7 @@ def _train(student, exposed, trainable, teacher, train, held, schedule, progress
     )
 
 
-def _training_loss(produced, targets, outputs, labels, rows, kl=False) -> torch.Tensor:
+def _training_loss(produced, targets, outputs, labels, kl=False) -> torch.Tensor:
     """Normalised MSE on the graph outputs (with `kl`, KL of the softmaxes for a (batch,
     classes) output), plus the mean normalised MSE on the features, plus a cross-entropy on
     the first output when labels are given."""
@@ -156,9 +172,12 @@ def _training_loss(produced, targets, outputs, labels, rows, kl=False) -> torch.
     if len(terms) > outputs:
         loss = loss + torch.stack(terms[outputs:]).mean()
     if labels is not None:
-        target = torch.from_numpy(labels[rows].astype(np.int64))
-        loss = loss + torch.nn.functional.cross_entropy(produced[0], target)
+        loss = loss + torch.nn.functional.cross_entropy(produced[0], labels)
     return loss
+
+
+def _labels(labels: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
+    return None if labels is None else torch.from_numpy(labels.astype(np.int64)).to(device)
 
 
 def _output_loss(produced: torch.Tensor, target: torch.Tensor, kl: bool) -> torch.Tensor:
@@ -182,29 +201,36 @@ def normalised_mse(produced: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return error / (target.float().pow(2).mean() + EPSILON)
 
 
-def held_out_loss(
-    module, held: tuple[Samples, list[np.ndarray]], outputs: int, size: int, kl: bool = False
-) -> float:
-    """The training loss of the graph outputs on the held-out samples (features excluded:
-    what the weights are chosen by is what the user gets)."""
-    samples, targets = held
-    count = _count(samples)
-    produced: list[list[torch.Tensor]] = [[] for _ in range(outputs)]
-    with torch.no_grad():
-        for begin in range(0, count, size):
-            batch = {name: value[begin : begin + size] for name, value in samples.items()}
-            result = module(**_tensors(batch))
-            result = result if isinstance(result, tuple) else (result,)
-            for index in range(outputs):
-                produced[index].append(result[index])
-        terms = [
-            _output_loss(torch.cat(parts), torch.from_numpy(target), kl)
-            for parts, target in zip(produced, targets, strict=True)
-        ]
-    return float(torch.stack(terms).mean())
+class HeldOut:
+    """The held-out samples and the teacher's targets for them, ready on the device."""
+
+    def __init__(self, held: tuple[Inputs, list[np.ndarray]], outputs, size, kl, device):
+        self.samples, targets = held
+        self.targets = [torch.from_numpy(target).to(device) for target in targets]
+        self.outputs, self.size, self.kl, self.device = outputs, size, kl, device
+
+    def loss(self, module) -> float:
+        """The training loss of the graph outputs on the held-out samples (features
+        excluded: what the weights are chosen by is what the user gets)."""
+        count = _count(self.samples)
+        produced: list[list[torch.Tensor]] = [[] for _ in range(self.outputs)]
+        with torch.no_grad():
+            for begin in range(0, count, self.size):
+                batch = {
+                    name: value[begin : begin + self.size] for name, value in self.samples.items()
+                }
+                result = module(**_tensors(batch, self.device))
+                result = result if isinstance(result, tuple) else (result,)
+                for index in range(self.outputs):
+                    produced[index].append(result[index])
+            terms = [
+                _output_loss(torch.cat(parts), target, self.kl)
+                for parts, target in zip(produced, self.targets, strict=True)
+            ]
+        return float(torch.stack(terms).mean())
 
 
-def augmented(batch: Samples, kinds: tuple[str, ...], rng: np.random.Generator) -> Samples:
+def augmented(batch: Inputs, kinds: tuple[str, ...], rng: np.random.Generator) -> Inputs:
     """The batch with its image inputs (4-D, NCHW) mirrored left-right ("flip", half of
     the samples) and moved by up to 4 pixels with zeros shifted in ("shift"): more distinct
     inputs from few samples, and the teacher labels each anew."""
@@ -231,18 +257,6 @@ def _shifted(images: np.ndarray, moves: np.ndarray) -> np.ndarray:
     return out
 
 
-def _batch_order(count: int, schedule: Schedule):
-    """Row indices of each step's batch: seeded shuffles, one per pass over the samples."""
-    rng = np.random.default_rng(schedule.seed)
-    size = min(schedule.batch_size, count)
-    order: np.ndarray = np.empty(0, dtype=np.int64)
-    for _ in range(schedule.steps):
-        if len(order) < size:
-            order = np.concatenate([order, rng.permutation(count)])
-        rows, order = np.sort(order[:size]), order[size:]
-        yield rows
-
-
 def _warmup_cosine(steps: int) -> Callable[[int], float]:
     warmup = max(1, round(steps * WARMUP))
 
@@ -254,12 +268,12 @@ def _warmup_cosine(steps: int) -> Callable[[int], float]:
     return factor
 
 
-def _tensors(batch: Samples) -> dict[str, torch.Tensor]:
-    """The batch as torch tensors, images channels-last: torch's CPU convolutions train
-    about ten times faster so on ResNet-20 (docs/decisions.md), with the same results."""
+def _tensors(batch: Inputs, device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch as torch tensors on `device`, images channels-last: torch's CPU convolutions
+    train about ten times faster so on ResNet-20 (docs/decisions.md), with the same results."""
     out = {}
     for name, value in batch.items():
-        tensor = torch.from_numpy(np.ascontiguousarray(value))
+        tensor = torch.from_numpy(np.ascontiguousarray(value)).to(device)
         out[name] = (
             tensor.contiguous(memory_format=torch.channels_last) if tensor.ndim == 4 else tensor
         )
@@ -275,7 +289,7 @@ def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _count(samples: Samples) -> int:
+def _count(samples: Inputs) -> int:
     return len(next(iter(samples.values())))
 
 
