@@ -21,6 +21,7 @@ from onnxcompress.input_checks import (
     non_finite_count,
     random_batch_count,
     refuse_huge_batch,
+    require_input_arrays,
 )
 from onnxcompress.input_ranges import input_ranges, random_source
 
@@ -182,12 +183,7 @@ def read_npz_batches(
     """`load_npz_inputs`, and the batch layout the data showed."""
     arrays = _read_npz(path)
     dtypes = input_dtypes(model)
-    missing = [name for name in dtypes if name not in arrays]
-    if missing:
-        raise CompressError(
-            f"{path}: no array for input(s) {', '.join(missing)}; the file has "
-            f"{', '.join(sorted(arrays)) or 'no arrays'} (arrays are named after the inputs)"
-        )
+    require_input_arrays(path, arrays, dtypes)
     ignored = sorted(set(arrays) - set(dtypes) - {LABELS_KEY})
     if ignored:
         log.warning("%s: ignoring arrays that match no input: %s", path, ", ".join(ignored))

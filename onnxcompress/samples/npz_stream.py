@@ -12,7 +12,7 @@ import numpy as np
 
 from onnxcompress.calibration import LABELS_KEY
 from onnxcompress.errors import CompressError
-from onnxcompress.input_checks import non_finite_count
+from onnxcompress.input_checks import non_finite_count, require_input_arrays
 from onnxcompress.samples.source import Samples, epoch_rng, shuffled_pieces
 
 
@@ -99,12 +99,7 @@ def _checked_file(path: Path, dtypes: dict[str, np.dtype], shapes: dict[str, lis
     """(samples, whether it holds labels) of one file, or one line saying what does not fit
     the model's inputs."""
     headers = array_headers(path)
-    missing = [name for name in dtypes if name not in headers]
-    if missing:
-        raise CompressError(
-            f"{path}: no array for input(s) {', '.join(missing)}; the file has "
-            f"{', '.join(sorted(headers)) or 'no arrays'} (arrays are named after the inputs)"
-        )
+    require_input_arrays(path, headers, dtypes)
     counts = {}
     for name, dtype in dtypes.items():
         shape, found = headers[name]
