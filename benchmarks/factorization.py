@@ -80,7 +80,9 @@ CIFAR_MEAN = np.array([125.3, 123.0, 113.9], np.float32)
 CIFAR_STD = np.array([63.0, 62.1, 66.7], np.float32)
 IMAGENET_BGR_MEAN = np.array([104.0, 117.0, 123.0], np.float32)
 IMAGENET_CALIBRATION = 300  # of the 1300 validation images; the other 1000 are evaluated
-CIFAR_TRAINING = "random CIFAR-10 training images (unlabelled; may overlap the calibration ones)"
+# --train-count samples: unlabelled, as the calibration ones, and disjoint from them.
+CIFAR_TRAINING = "random CIFAR-10 training images other than the calibration ones (unlabelled)"
+MNIST_TRAINING = "random MNIST training images other than the calibration ones (unlabelled)"
 
 QUICK = {
     "passes": "fga",
@@ -373,15 +375,15 @@ def _subset(count: int, limit: int | None, rng: np.random.Generator) -> np.ndarr
 
 
 def training_split(
-    args, name: str, x: np.ndarray, prepare, what: str, pool: np.ndarray | None = None
+    args, name: str, x: np.ndarray, prepare, what: str, exclude: np.ndarray
 ) -> ArraySource | None:
-    """`args.train_count` (None: no training set) seeded samples of `x` (of its rows `pool`,
-    default all), prepared, as an in-memory source for the passes that train; `what` says
-    what they are."""
+    """`args.train_count` (None: no training set) seeded samples of `x` other than the rows
+    `exclude` (the calibration ones, or the evaluated ones), prepared, as an in-memory source
+    for the passes that train; `what` says what they are."""
     count = getattr(args, "train_count", None)
     if not count:
         return None
-    pool = np.arange(len(x)) if pool is None else pool
+    pool = np.setdiff1d(np.arange(len(x)), exclude)
     rows = pool[_subset(len(pool), count, np.random.default_rng([args.seed, 2]))]
     return ArraySource({name: prepare(x[rows])}, None, f"{len(rows)} {what}")
 
@@ -405,7 +407,7 @@ def resnet20_data(args) -> Dataset:
         _batches("input", prepare(x_test[evaluate]), 250),
         y_test[evaluate],
         f"{len(evaluate)} of the 10000 CIFAR-10 test images (seeded random subset)",
-        training_split(args, "input", x_train, prepare, CIFAR_TRAINING),
+        training_split(args, "input", x_train, prepare, CIFAR_TRAINING, calib),
     )
 
 
@@ -427,7 +429,7 @@ def mnist_data(args) -> Dataset:
         _batches("Input3", prepare(x_test[evaluate]), 1),
         y_test[evaluate],
         f"{len(evaluate)} of the 10000 MNIST test images (seeded random subset)",
-        training_split(args, "Input3", x_train, prepare, "random MNIST training images"),
+        training_split(args, "Input3", x_train, prepare, MNIST_TRAINING, calib),
     )
 
 
@@ -459,10 +461,10 @@ def squeezenet_data(args) -> Dataset:
             "data_0",
             x,
             lambda v: v,
-            f"ImageNet validation images of the "
-            f"{len(paths) - len(rest)} not evaluated (calibration ones too)",
-            np.setdiff1d(np.arange(len(paths)), rest),
-        ),  # fmt: skip
+            f"ImageNet validation images of the {len(paths) - len(rest)} not evaluated "
+            "(the calibration ones too)",
+            rest,
+        ),
     )
 
 

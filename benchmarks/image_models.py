@@ -213,7 +213,7 @@ def cifar10_cnn(args) -> BenchModel:
         y_test[evaluate],
         f"{len(evaluate)} of the 10000 CIFAR-10 test images (seeded random subset)",
         factorization.training_split(
-            args, "modelInput", x_train, prepare, factorization.CIFAR_TRAINING
+            args, "modelInput", x_train, prepare, factorization.CIFAR_TRAINING, calib
         ),
     )
     return _classifier("cifar10_cnn", data, args, "top-1 on CIFAR-10 test images (JPEG q75 copy)")

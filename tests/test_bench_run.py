@@ -309,13 +309,14 @@ def test_train_count_gives_the_distill_rows_a_training_set(tmp_path):
         run.parse_args(["--train-count", "0"], known_models=["tiny"])
 
 
-def test_a_training_split_takes_seeded_rows_of_its_pool_only():
+def test_a_training_split_takes_seeded_rows_never_the_excluded_ones():
     args = argparse.Namespace(train_count=5, seed=3)
-    x = np.arange(40)
-    pool = np.arange(10, 30)
-    first = training_split(args, "input", x, lambda v: v * 2, "numbers", pool)
+    x, excluded = np.arange(40), np.arange(10, 30)
+    first = training_split(args, "input", x, lambda v: v * 2, "numbers", excluded)
     rows = first.samples.inputs["input"] // 2
-    assert len(rows) == 5 and set(rows) <= set(pool) and first.description == "5 numbers"
-    again = training_split(args, "input", x, lambda v: v * 2, "numbers", pool)
+    assert len(set(rows)) == 5 and not set(rows) & set(excluded)
+    assert first.description == "5 numbers"
+    again = training_split(args, "input", x, lambda v: v * 2, "numbers", excluded)
     assert np.array_equal(again.samples.inputs["input"], first.samples.inputs["input"])
-    assert training_split(argparse.Namespace(train_count=None, seed=3), "input", x, str, "") is None
+    none = argparse.Namespace(train_count=None, seed=3)
+    assert training_split(none, "input", x, str, "", excluded) is None
