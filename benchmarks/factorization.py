@@ -66,6 +66,7 @@ from onnxcompress.passkit import PassContext, sample_count  # noqa: E402
 from onnxcompress.pipeline import run_passes  # noqa: E402
 from onnxcompress.report.tables import human  # noqa: E402
 from onnxcompress.runtime import make_session, run_session  # noqa: E402
+from onnxcompress.samples import ArraySource  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 SHARED_MODELS = SHARED / "models"
@@ -79,6 +80,9 @@ CIFAR_MEAN = np.array([125.3, 123.0, 113.9], np.float32)
 CIFAR_STD = np.array([63.0, 62.1, 66.7], np.float32)
 IMAGENET_BGR_MEAN = np.array([104.0, 117.0, 123.0], np.float32)
 IMAGENET_CALIBRATION = 300  # of the 1300 validation images; the other 1000 are evaluated
+# --train-count samples: unlabelled, as the calibration ones, and disjoint from them.
+CIFAR_TRAINING = "random CIFAR-10 training images other than the calibration ones (unlabelled)"
+MNIST_TRAINING = "random MNIST training images other than the calibration ones (unlabelled)"
 
 QUICK = {
     "passes": "fga",
@@ -348,6 +352,8 @@ class Dataset:
     evaluation: list[dict[str, np.ndarray]]
     labels: np.ndarray
     evaluation_note: str
+    # Samples of the model's training split to train on (`--train-count`), never evaluated.
+    training: ArraySource | None = None
 
 
 def _load_module():
@@ -366,6 +372,20 @@ def _subset(count: int, limit: int | None, rng: np.random.Generator) -> np.ndarr
     if limit is None or limit >= count:
         return np.arange(count)
     return np.sort(rng.choice(count, limit, replace=False))
+
+
+def training_split(
+    args, name: str, x: np.ndarray, prepare, what: str, exclude: np.ndarray
+) -> ArraySource | None:
+    """`args.train_count` (None: no training set) seeded samples of `x` other than the rows
+    `exclude` (the calibration ones, or the evaluated ones), prepared, as an in-memory source
+    for the passes that train; `what` says what they are."""
+    count = getattr(args, "train_count", None)
+    if not count:
+        return None
+    pool = np.setdiff1d(np.arange(len(x)), exclude)
+    rows = pool[_subset(len(pool), count, np.random.default_rng([args.seed, 2]))]
+    return ArraySource({name: prepare(x[rows])}, None, f"{len(rows)} {what}")
 
 
 def resnet20_data(args) -> Dataset:
@@ -387,6 +407,7 @@ def resnet20_data(args) -> Dataset:
         _batches("input", prepare(x_test[evaluate]), 250),
         y_test[evaluate],
         f"{len(evaluate)} of the 10000 CIFAR-10 test images (seeded random subset)",
+        training_split(args, "input", x_train, prepare, CIFAR_TRAINING, calib),
     )
 
 
@@ -408,6 +429,7 @@ def mnist_data(args) -> Dataset:
         _batches("Input3", prepare(x_test[evaluate]), 1),
         y_test[evaluate],
         f"{len(evaluate)} of the 10000 MNIST test images (seeded random subset)",
+        training_split(args, "Input3", x_train, prepare, MNIST_TRAINING, calib),
     )
 
 
@@ -434,6 +456,15 @@ def squeezenet_data(args) -> Dataset:
         _batches("data_0", x[rest], 1),
         labels[rest],
         f"{len(rest)} ImageNet validation images disjoint from the calibration ones",
+        training_split(
+            args,
+            "data_0",
+            x,
+            lambda v: v,
+            f"ImageNet validation images of the {len(paths) - len(rest)} not evaluated "
+            "(the calibration ones too)",
+            rest,
+        ),
     )
 
 

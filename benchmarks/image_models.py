@@ -165,7 +165,9 @@ def _classifier(name: str, data, args, metric_note: str) -> BenchModel:
             f"calibration: {data.calibration_note}",
             f"evaluation: {data.evaluation_note}",
             metric_note,
+            *([f"training (distill): {data.training.description}"] if data.training else []),
         ],
+        training=data.training,
     )
 
 
@@ -210,6 +212,9 @@ def cifar10_cnn(args) -> BenchModel:
         factorization._batches("modelInput", prepare(x_test[evaluate]), 250),
         y_test[evaluate],
         f"{len(evaluate)} of the 10000 CIFAR-10 test images (seeded random subset)",
+        factorization.training_split(
+            args, "modelInput", x_train, prepare, factorization.CIFAR_TRAINING, calib
+        ),
     )
     return _classifier("cifar10_cnn", data, args, "top-1 on CIFAR-10 test images (JPEG q75 copy)")
 

@@ -147,7 +147,11 @@ def run_model(bench: BenchModel, todo: list[Variant], args, say: Callable[[str],
     original["score"] = bench.score(bench.model, args.threads)
     rows, models = [original], {"original": bench.model}
     context = PassContext(
-        bench.input_shapes, calibration=bench.calibration, seed=args.seed, threads=args.threads
+        bench.input_shapes,
+        calibration=bench.calibration,
+        seed=args.seed,
+        threads=args.threads,
+        training=bench.training,  # None without --train-count; only training passes read it
     )
     for variant in todo:
         row, model = run_variant(bench, variant, context, args)
@@ -410,7 +414,7 @@ def machine(args) -> dict:
 
 def settings(args) -> dict:
     keys = ("models", "passes", "budgets", "sparsities", "latency_budgets", "block_counts")
-    keys += ("eval_count", "calib_count")
+    keys += ("eval_count", "calib_count", "train_count")
     return {
         **{key: getattr(args, key) for key in keys},
         "repeats": args.repeats,
@@ -445,6 +449,12 @@ def parse_args(argv: list[str] | None = None, known_models=None) -> argparse.Nam
     parser.add_argument("--block-counts", help="blocks removed by the blocks methods (2,4)")
     parser.add_argument("--eval-count", type=int, help="evaluation samples per model (2000)")
     parser.add_argument("--calib-count", type=int, help="calibration samples (512; quick 128)")
+    parser.add_argument(
+        "--train-count", type=int,
+        help="the +distill rows train on this many samples of the model's training split "
+        "(never evaluation ones) instead of the calibration samples, which then only choose "
+        "the weights (default: none)",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, help="timed runs per model and batch size (30)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     parser.add_argument(
@@ -481,6 +491,8 @@ def parse_args(argv: list[str] | None = None, known_models=None) -> argparse.Nam
             parser.error(f"unknown {kind} {unknown[0]}; {kind}s: {', '.join(known)}")
     if args.batch < 1:
         parser.error(f"--batch must be at least 1, got {args.batch}")
+    if args.train_count is not None and args.train_count < 1:
+        parser.error(f"--train-count must be at least 1, got {args.train_count}")
     if args.timing_loops < 1:
         parser.error(f"--timing-loops must be at least 1, got {args.timing_loops}")
     args.budgets, args.sparsities = _floats(args.budgets), _floats(args.sparsities)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -37,6 +38,9 @@ class BenchModel:
     notes: list[str] = field(default_factory=list)  # data used, preprocessing, caveats
     max_repeats: int | None = None  # cap on timed runs per batch size (very slow models)
     batch: int = 1  # the batch the passes see and latency ratios are read at (--batch)
+    # Samples of the model's training split (--train-count) that training passes read from
+    # the context: an onnxcompress.samples.SampleSource, or None.
+    training: Any = None
 
 
 # --- the methods the suite runs, and their budgets -------------------------------------------
@@ -105,8 +109,8 @@ METHODS: dict[str, Method] = {
             name,
             "target_macs",
             _FACTORIZATION,
-            note=f"{name} (align 8), then distill: trained on the calibration data to match "
-            "the original",
+            note=f"{name} (align 8), then distill: trained to match the original on the "
+            "calibration data, or with --train-count on that many training samples",
             then=("distill",),
         )
         for name in ("fga", "svd", "cp", "tucker2", "lrs")

@@ -26,6 +26,7 @@ if str(REPO) not in sys.path:
 from benchmarks.factorization import predict  # noqa: E402
 from benchmarks.image_models import row_cosines  # noqa: E402
 from benchmarks.suite import Batches, BenchModel  # noqa: E402
+from onnxcompress.samples import ArraySource  # noqa: E402
 
 SENTENCES = REPO / "benchmarks" / "data" / "sentences.txt"
 GENERAL_SENTENCES = REPO / "tests" / "data" / "minilm_sentences.txt"
@@ -111,6 +112,9 @@ def minilm(args) -> BenchModel:
         f"scores: cosine of each sentence embedding with the original model's; latency: "
         f"real sentences padded to {SEQ_LEN} tokens at batch {', '.join(map(str, latency))}",
     ]
+    training = unevaluated_sentences(args, sentences, evaluation)
+    if training is not None:
+        notes.append(f"training (distill): {training.description}")
     return BenchModel(
         name="minilm",
         model=model,
@@ -122,4 +126,21 @@ def minilm(args) -> BenchModel:
         latency_inputs=latency,
         higher_is_better=True,
         notes=notes,
+        training=training,
     )
+
+
+def unevaluated_sentences(args, sentences: list[str], evaluation: list[str]):
+    """`args.train_count` seeded sentences that are not evaluated (calibration ones too),
+    padded to SEQ_LEN, as an in-memory source for the passes that train; None without it."""
+    count = getattr(args, "train_count", None)
+    if not count:
+        return None
+    evaluated = set(evaluation)
+    pool = [sentence for sentence in sentences if sentence not in evaluated]
+    order = np.random.default_rng([getattr(args, "seed", 0), 2]).permutation(len(pool))
+    chosen = [pool[i] for i in order[:count]]
+    batches = token_batches(chosen, SEQ_LEN)
+    inputs = {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
+    what = f"sentences of the {len(pool)} not evaluated (calibration ones too), padded to {SEQ_LEN}"
+    return ArraySource(inputs, None, f"{len(chosen)} {what}")

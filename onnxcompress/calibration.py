@@ -15,12 +15,13 @@ from onnx import helper
 from onnxcompress.batch_layout import BatchLayout, batch_axes, batch_layout
 from onnxcompress.errors import CompressError
 from onnxcompress.graph import dim_values, runtime_inputs
-from onnxcompress.images import Preprocess, load_images, preprocess_for
+from onnxcompress.images import Preprocess, image_input, load_images
 from onnxcompress.input_checks import (
     made_up_bytes,
     non_finite_count,
     random_batch_count,
     refuse_huge_batch,
+    require_input_arrays,
 )
 from onnxcompress.input_ranges import input_ranges, random_source
 
@@ -182,12 +183,7 @@ def read_npz_batches(
     """`load_npz_inputs`, and the batch layout the data showed."""
     arrays = _read_npz(path)
     dtypes = input_dtypes(model)
-    missing = [name for name in dtypes if name not in arrays]
-    if missing:
-        raise CompressError(
-            f"{path}: no array for input(s) {', '.join(missing)}; the file has "
-            f"{', '.join(sorted(arrays)) or 'no arrays'} (arrays are named after the inputs)"
-        )
+    require_input_arrays(path, arrays, dtypes)
     ignored = sorted(set(arrays) - set(dtypes) - {LABELS_KEY})
     if ignored:
         log.warning("%s: ignoring arrays that match no input: %s", path, ", ".join(ignored))
@@ -382,19 +378,7 @@ def _npz_labels(path, arrays, sample_count: int) -> np.ndarray | None:
 
 
 def _image_calibration(model, input_shapes, folder, preprocess, labels_path, count, batch_size):
-    inputs = input_dtypes(model)
-    if len(inputs) != 1:
-        raise CompressError(
-            f"--images feeds a model with one input; this one has {', '.join(inputs)}: "
-            "give the inputs with --data FILE.npz"
-        )
-    ((name, dtype),) = inputs.items()
-    preprocess = preprocess_for(preprocess, input_shapes[name])
-    if preprocess.dtype and np.dtype(preprocess.dtype) != dtype:
-        raise CompressError(
-            f"preprocess dtype={preprocess.dtype}, but input '{name}' takes {dtype}"
-        )
-    preprocess = dataclasses.replace(preprocess, dtype=dtype.name)
+    name, preprocess = image_input(input_dtypes(model), input_shapes, preprocess, "--images")
     images, labels, files = load_images(folder, preprocess, input_shapes[name], count, labels_path)
     batch_size = batch_size_for(model, input_shapes, batch_size)
     batches = _split_batches(

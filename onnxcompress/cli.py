@@ -69,6 +69,8 @@ def run_compress(args: argparse.Namespace, console: Console) -> int:
         images=args.images,
         preprocess=args.preprocess,
         labels=args.labels,
+        train_data=args.train_data,
+        train_labels=args.train_labels,
         calibration_count=args.calib_count,
         batch_size=args.batch_size,
         holdout=args.holdout,

@@ -137,6 +137,17 @@ def compress_parser() -> argparse.ArgumentParser:
         "by commas, spaces, ; or /",
     )
     p.add_argument("--labels", help="labels for --images: '<file>, <int>' lines or one int a line")
+    p.add_argument(
+        "--train-data",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="samples for the passes that train, read lazily: an .npz file, a folder of "
+        ".npz files (one array per input name, samples on the first axis, optional "
+        "'labels'; read one file at a time) or a folder of images (--preprocess; decoded a "
+        "batch at a time); repeatable. --data/--images still refit and validate",
+    )
+    p.add_argument("--train-labels", help="labels for --train-data images, as --labels")
     p.add_argument("--calib-count", type=at_least_one, help="use at most this many samples")
     p.add_argument(
         "--batch-size", type=at_least_one, help="batch size for data runs (dynamic batch)"

@@ -170,12 +170,14 @@ def suggested_preprocess(shape: list[int]) -> str:
     return f"resize={resize},crop={crop},{_IMAGENET_NORMALISE}{layout}"
 
 
-def preprocess_for(spec: Preprocess | str | None, shape: list[int]) -> Preprocess:
+def preprocess_for(
+    spec: Preprocess | str | None, shape: list[int], flag: str = "--images"
+) -> Preprocess:
     """The preprocessing of images for an input of `shape`; none given is refused, with the
     option to add: pixels fed the wrong way would make every figure of the run wrong, quietly."""
     if spec is None:
         raise CompressError(
-            "--images needs --preprocess to say how pixels become the model's input; for an "
+            f"{flag} needs --preprocess to say how pixels become the model's input; for an "
             f"ImageNet-style model: --preprocess '{suggested_preprocess(shape)}' "
             "(caffe-style: 'mean=104,117,123,bgr'; raw 0..255 RGB: 'scale=1')"
         )
@@ -195,6 +197,16 @@ def load_images(
     A labels file holds "<file or path>, <int>" or "<file> <int>" per line (matched on the file
     name), or one int per line in sorted file order.
     """
+    files = image_files(folder)
+    labels = read_labels(labels_path, [p.name for p in files]) if labels_path else None
+    if limit is not None:
+        files = files[:limit]
+        labels = None if labels is None else labels[:limit]
+    return decode_images(files, preprocess, input_shape), labels, [p.name for p in files]
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files of a folder, sorted (subfolders are not searched); refused if none."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CompressError(f"{folder}: not a folder")
@@ -207,16 +219,40 @@ def load_images(
         raise CompressError(
             f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}); subfolders are not searched"
         )
-    labels = read_labels(labels_path, [p.name for p in files]) if labels_path else None
-    if limit is not None:
-        files = files[:limit]
-        labels = None if labels is None else labels[:limit]
+    return files
+
+
+def decode_images(files: list[Path], preprocess: Preprocess, input_shape: list[int]) -> np.ndarray:
+    """The images of `files` decoded and preprocessed into one array [N, *input_shape[1:]] of
+    `preprocess.dtype` (float32 if empty)."""
     height, width, channels = _image_geometry(preprocess, input_shape)
     # One array of the final dtype: no float64 or per-image copies kept around.
     images = np.empty((len(files), *input_shape[1:]), np.dtype(preprocess.dtype or "float32"))
     for index, path in enumerate(files):
         images[index] = _preprocess_image(path, preprocess, height, width, channels)
-    return images, labels, [p.name for p in files]
+    return images
+
+
+def image_input(
+    dtypes: dict[str, np.dtype],
+    shapes: dict[str, list[int]],
+    spec: Preprocess | str | None,
+    flag: str,
+) -> tuple[str, Preprocess]:
+    """The one input images feed (`dtypes` are the model's inputs) and the preprocessing
+    that makes them, in that input's dtype; `flag` names the option in the refusals."""
+    if len(dtypes) != 1:
+        raise CompressError(
+            f"{flag}: images feed a model with one input; this one has {', '.join(dtypes)}: "
+            "give the inputs in .npz files, one array per input name"
+        )
+    ((name, dtype),) = dtypes.items()
+    preprocess = preprocess_for(spec, shapes[name], flag)
+    if preprocess.dtype and np.dtype(preprocess.dtype) != dtype:
+        raise CompressError(
+            f"preprocess dtype={preprocess.dtype}, but input '{name}' takes {dtype}"
+        )
+    return name, dataclasses.replace(preprocess, dtype=dtype.name)
 
 
 def read_labels(path: str | Path, names: list[str]) -> np.ndarray:

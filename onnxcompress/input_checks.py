@@ -33,6 +33,18 @@ def non_finite_count(array: np.ndarray) -> int:
     return int(array.size - np.count_nonzero(np.isfinite(array)))
 
 
+def require_input_arrays(path: object, arrays: Iterable[str], inputs: Iterable[str]) -> None:
+    """Refuse a data file (`path`, holding the arrays named `arrays`) without an array for
+    each of the model's `inputs`, naming what is missing and what the file has."""
+    arrays = set(arrays)
+    missing = [name for name in inputs if name not in arrays]
+    if missing:
+        raise CompressError(
+            f"{path}: no array for input(s) {', '.join(missing)}; the file has "
+            f"{', '.join(sorted(arrays)) or 'no arrays'} (arrays are named after the inputs)"
+        )
+
+
 def require_finite_weights(weights: Iterable[tuple[np.ndarray, str, str]], pass_name: str) -> None:
     """Refuse the run if one of the (value, tensor, node) weights `pass_name` is about to
     decompose or score holds NaN or ±inf. Only those: other constants may rightly hold -inf

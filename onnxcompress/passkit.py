@@ -8,12 +8,15 @@ import types
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import onnx
 
 from onnxcompress.errors import CompressError
+
+if TYPE_CHECKING:
+    from onnxcompress.samples import SampleSource
 
 
 class ProgressTask(Protocol):
@@ -117,6 +120,9 @@ class PassContext:
     # The model the run started from, before any pass (run_passes sets it): what `distill`
     # trains the compressed model to imitate.
     original: onnx.ModelProto | None = None
+    # Samples to train on (--train-data), read an epoch at a time; None without them. Only
+    # training passes read them; the others fit on `calibration`.
+    training: SampleSource | None = None
 
 
 @dataclass

@@ -20,6 +20,7 @@ from onnxcompress.input_checks import require_sized_tensors
 from onnxcompress.layer_roles import layer_roles
 from onnxcompress.passkit import PassContext, PassSpec, Progress, no_outline, no_progress
 from onnxcompress.resources import run_resources
+from onnxcompress.samples.training_set import watched_training_set
 from onnxcompress.verdict import BROKEN, judge, weight_only_warning
 
 StepCallback = Callable[[str], None]
@@ -38,6 +39,9 @@ class CompressOptions:
     preprocess: str | None = None
     labels: str | None = None
     calibration_count: int | None = None
+    # Training set of passes that train (--train-data: .npz files, folders), read lazily.
+    train_data: list[str] = field(default_factory=list)
+    train_labels: str | None = None
     # Fraction of the user's samples kept out of the passes' refit and used only to validate.
     holdout: float = 0.25
     # Interval each random input is drawn from when no data is given ("" for every input).
@@ -177,6 +181,9 @@ def compress(
     validate.require_nan_free_outputs(original, session, calibration)
     del session  # it holds a copy of the weights
     fit, calibration = split_holdout(calibration, options.holdout)
+    training = watched_training_set(
+        original, shapes, options.train_data, options.preprocess, options.train_labels
+    )
     user_data = None if fit.source.startswith("random") else ReadWatch(fit.batches)
     context = PassContext(
         input_shapes=shapes,
@@ -187,6 +194,7 @@ def compress(
         labels=fit.labels if user_data is not None else None,
         jobs=options.jobs,
         outline=getattr(progress, "outline", no_outline),
+        training=training,
     )
 
     coded: list = []
@@ -207,6 +215,8 @@ def compress(
         if spec.lossy and entry["changed"]
     ]  # fmt: skip
     warnings = [weight_only_warning(weight_only)] if weight_only and user_data is None else []
+    if training is not None and not training.read:
+        warnings.append(f"no pass of this run trains: --train-data ({training.description}) unread")
 
     latency = None
     if options.bench:
@@ -243,6 +253,7 @@ def compress(
         "input_shapes": shapes,
         "calibration": calibration.source,
         "calibration_for_passes": fit.source,
+        "training_data": training.description if training is not None else None,
         "batch_axes": calibration.axes,  # input -> the axis its samples stack on (None: none)
         "passes": pass_reports,
         "before": before.to_dict(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list
 from onnxcompress.registry import register
 from onnxcompress.train import default_trainable, supported
 from onnxcompress.train.block_report import block_records, block_summary, merged_records
-from onnxcompress.train.samples import sample_count, split_rows, stacked_samples
+from onnxcompress.train.samples import sample_count, split_rows, training_and_held_out
 from onnxcompress.train.student_blocks import convertible_blocks
 
 LOSSES = ("logits", "features")
@@ -31,6 +32,7 @@ BLOCKWISE = ("first", "only")
 # (docs/decisions.md).
 BLOCK_SHARE = 0.5
 AUGMENTATIONS = ("flip", "shift")
+DEVICES = ("auto", "cpu", "cuda")
 INSTALL = "pip install 'onnxcompress[train]'"
 # Default length: about 3 minutes for ResNet-20 at batch 64 on 2 cores (docs/decisions.md).
 DEFAULT_STEPS = 300
@@ -38,7 +40,14 @@ DEFAULT_STEPS = 300
 
 @dataclass(frozen=True)
 class DistillOptions:
-    steps: int = option(DEFAULT_STEPS, "optimizer steps (batches) to train")
+    steps: int | None = option(
+        None, f"optimizer steps (batches) to train (default {DEFAULT_STEPS}, or from epochs)"
+    )
+    epochs: float | None = option(
+        None,
+        "passes over the training samples instead of steps: steps = ceil(epochs x samples / "
+        "batch_size); give steps or epochs, not both",
+    )
     lr: float = option(3e-4, "AdamW learning rate (warm-up, then cosine decay to zero)")
     batch_size: int = option(64, "samples per step")
     loss: str = option(
@@ -57,7 +66,9 @@ class DistillOptions:
         "all: every layer weight, bias and norm scale; new: only weights the original lacks "
         "(the factors a pass wrote)",
     )
-    labels: bool = option(True, "add a cross-entropy on the labels when the data has them")
+    labels: bool = option(
+        True, "add a cross-entropy on the labels when the training samples have them"
+    )
     seed: int | None = option(None, "seed of the shuffle and of torch (default: the run's)")
     time_limit: float | None = option(
         None, "seconds of training at most; stops there and keeps the best weights"
@@ -71,7 +82,13 @@ class DistillOptions:
         "pixels); none by default, as not every image may be mirrored",
     )
     holdout: float = option(
-        0.1, "fraction of the calibration samples held out to choose the best weights"
+        0.1,
+        "fraction of the calibration samples held out to choose the best weights; with "
+        "--train-data, training reads the training set and of the calibration samples only "
+        "these held-out ones are used",
+    )
+    device: str = option(
+        "auto", "where torch trains: auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda"
     )
     blockwise: str | None = option(
         None,
@@ -110,6 +127,12 @@ class DistillOptions:
             )
         if not 0 < self.holdout < 1:
             raise ValueError(f"holdout must be a fraction in (0, 1), got {self.holdout}")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give steps or epochs, not both")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device={self.device!r}: expected one of {', '.join(DEVICES)}")
 
 
 @register(
@@ -134,48 +157,52 @@ def distill(model: onnx.ModelProto, options: DistillOptions, context: PassContex
     blocks = convertible_blocks(model, teacher) if missing or options.blockwise else None
     trained = _trainable(model, teacher, options.trainable)
     seed = context.seed if options.seed is None else options.seed
+    data = training_and_held_out(context, options.holdout, seed)
+    steps = steps_for(options, data[0].count)
     if blocks is None:
-        whole = _end_to_end(
-            model, teacher, trained, options, context, seed, options.steps, options.time_limit
+        schedule = _schedule(options, context, seed, steps, options.time_limit)
+        return _result(
+            model, *_end_to_end(model, teacher, trained, options, context, data, schedule)
         )
-        return _result(model, *whole)
-    return _blockwise(model, teacher, blocks, trained, options, context, seed, missing)
+    return _blockwise(model, teacher, blocks, trained, options, context, data, steps, missing)
 
 
-def _end_to_end(model, teacher, trained, options, context, seed, steps, time_limit):
+def _end_to_end(model, teacher, trained, options, context, data, schedule):
     """(the training's outcome, what the summary says of it): the whole model trained to
-    match the teacher's outputs (and features) for `steps`, `time_limit` seconds at most."""
+    match the teacher's outputs (and features) on `data` (training source, held-out samples)
+    as `schedule` says."""
     torch_distill = _training_module("torch_distill")
     features = rewritten_outputs(model, teacher) if options.loss == "features" else []
-    samples, labels = stacked_samples(context)
-    train_rows, held_rows = split_rows(sample_count(samples), options.holdout, seed)
-    train = {name: value[train_rows] for name, value in samples.items()}
-    held = {name: value[held_rows] for name, value in samples.items()}
+    source, held = data
     outputs = [out.name for out in model.graph.output]
     teacher_run = _teacher(teacher, outputs + features, context.threads)
     held_targets = _targets(teacher_run, held, options.batch_size)[: len(outputs)]
-    use_labels = options.labels and labels is not None
+    use_labels = options.labels and source.labelled
     outcome = torch_distill.train_student(
         model,
         runtime.expose_outputs(model, features),
         trained,
         teacher_run,
-        train,
+        source,
         (held, held_targets),
-        _schedule(options, context, seed, steps, time_limit),
+        schedule,
         context.progress,
-        labels[train_rows] if use_labels else None,
+        use_labels,
     )
+    batch = min(schedule.batch_size, source.count)
     facts = {
         "features": len(features),
-        "train_samples": len(train_rows),
-        "held_out_samples": len(held_rows),
+        "train_samples": source.count,
+        "training_data": source.description,
+        "held_out_samples": sample_count(held),
+        "epochs": round(outcome.steps * batch / source.count, 2),
+        "device": schedule.device,
         "labels": use_labels,
     }
     return outcome, facts
 
 
-def _blockwise(model, teacher, blocks, trained, options, context, seed, missing) -> PassResult:
+def _blockwise(model, teacher, blocks, trained, options, context, data, steps, missing):
     """`blocks` trained block by block (then end to end with `first`), or block by block
     only when torch cannot run the whole model; kept only if the model's held-out loss
     falls, when the outputs allow measuring it."""
@@ -186,17 +213,19 @@ def _blockwise(model, teacher, blocks, trained, options, context, seed, missing)
         return PassResult(model, False, summary={"blockwise": mode, "note": "; ".join(notes)})
     from onnxcompress.train import torch_blockwise as blockwise
 
-    data = blockwise.BlockData(
+    seed = context.seed if options.seed is None else options.seed
+    block_data = blockwise.BlockData(
         teacher,
         list(context.calibration or []),
         functools.partial(split_rows, holdout=options.holdout, seed=seed),
         context.threads,
     )
     kl = options.output_loss == "kl"
-    before = blockwise.output_loss(model, data, kl)
-    done, whole = _phases(model, blocks, trained, data, mode, options, context, seed)
+    before = blockwise.output_loss(model, block_data, kl)
+    phases = _phases(model, blocks, trained, (block_data, data), mode, options, context, steps)
+    done, whole = phases
     current = (whole[0].model or done.model) if whole else done.model
-    after = blockwise.output_loss(current, data, kl) if current is not model else before
+    after = blockwise.output_loss(current, block_data, kl) if current is not model else before
     kept = current is not model and (before is None or after is None or after < before)
     end_to_end = (whole[0], _summary(whole[0], done.model, whole[1])) if whole else None
     summary = block_summary(mode, done, end_to_end, (before, after), kept, notes)
@@ -209,24 +238,27 @@ def _blockwise(model, teacher, blocks, trained, options, context, seed, missing)
     return PassResult(current if kept else model, kept, records, summary)
 
 
-def _phases(model, blocks, trained, data, mode, options, context, seed):
+def _phases(model, blocks, trained, data, mode, options, context, steps):
     """(the block phase's BlocksOutcome, the end-to-end phase's (outcome, facts) or None):
-    `only` gives the blocks every step, `first` its `BLOCK_SHARE` of the steps and of the
-    time limit, then trains end to end for the rest unless Ctrl-C stopped the blocks."""
+    `only` gives the blocks every one of `steps`, `first` its `BLOCK_SHARE` of them and of
+    the time limit, then trains end to end for the rest unless Ctrl-C stopped the blocks.
+    `data` is (the blocks' calibration data, the end-to-end (training source, held-out))."""
     from onnxcompress.train.torch_blockwise import train_blocks
 
+    block_data, whole_data = data
+    seed = context.seed if options.seed is None else options.seed
     share = 1.0 if mode == "only" else BLOCK_SHARE
-    block_steps = max(1, round(options.steps * share))
+    block_steps = max(1, round(steps * share))
     limit = None if options.time_limit is None else options.time_limit * share
     schedule = _schedule(options, context, seed, block_steps, limit)
-    done = train_blocks(model, blocks, trained, data, schedule, context.progress)
+    done = train_blocks(model, blocks, trained, block_data, schedule, context.progress)
     left = None if options.time_limit is None else options.time_limit - done.seconds
-    steps = options.steps - block_steps
     out_of_time = left is not None and left <= 0
-    if mode == "only" or done.stopped_by == "interrupted" or steps < 1 or out_of_time:
+    if mode == "only" or done.stopped_by == "interrupted" or steps <= block_steps or out_of_time:
         return done, None
-    teacher = data.teacher
-    return done, _end_to_end(done.model, teacher, trained, options, context, seed, steps, left)
+    schedule = _schedule(options, context, seed, steps - block_steps, left)
+    teacher = block_data.teacher
+    return done, _end_to_end(done.model, teacher, trained, options, context, whole_data, schedule)
 
 
 def _partial_note(missing: list[str], asked: str) -> str:
@@ -238,7 +270,7 @@ def _partial_note(missing: list[str], asked: str) -> str:
 
 
 def _schedule(options: DistillOptions, context: PassContext, seed: int, steps: int, limit):
-    from onnxcompress.train.torch_distill import Schedule
+    from onnxcompress.train.torch_distill import Schedule, device_for
 
     return Schedule(
         steps,
@@ -249,6 +281,7 @@ def _schedule(options: DistillOptions, context: PassContext, seed: int, steps: i
         limit,
         tuple(comma_list(options.augment)),
         options.output_loss == "kl",
+        device_for(options.device),
     )
 
 
@@ -258,6 +291,13 @@ def _result(model: onnx.ModelProto, outcome, facts: dict) -> PassResult:
     if outcome.model is None:
         return PassResult(model=model, changed=False, records=records, summary=summary)
     return PassResult(model=outcome.model, changed=True, records=records, summary=summary)
+
+
+def steps_for(options: DistillOptions, count: int) -> int:
+    """Optimizer steps: `steps`, else `epochs` passes over `count` samples, else the default."""
+    if options.epochs is None:
+        return options.steps or DEFAULT_STEPS
+    return max(1, math.ceil(options.epochs * count / min(options.batch_size, count)))
 
 
 def _training_module(name: str):

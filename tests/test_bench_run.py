@@ -1,6 +1,8 @@
 """benchmarks/run.py end to end on a tiny fixture model: the JSON, Markdown and plots it
 writes, error rows, skipped models, options; and the scoring helpers of image_models."""
 
+import argparse
+import dataclasses
 import json
 import sys
 
@@ -8,6 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks import plots, run
+from benchmarks.factorization import training_split
 from benchmarks.image_models import (
     classifier_score,
     has_dynamic_batch,
@@ -19,6 +22,7 @@ from benchmarks.suite import BenchModel, parse_options, variants
 from models.fixtures import mlp, vgg_style
 from onnxcompress import graph
 from onnxcompress.runtime import run_model
+from onnxcompress.samples import ArraySource
 
 FAST = ["--budgets", "0.5", "--sparsities", "0.5", "--repeats", "2"]
 
@@ -282,3 +286,37 @@ def test_a_distill_row_trains_after_its_method_and_says_for_how_long(tmp_path):
     assert row["train_seconds"] > 0 and row["distill"]["steps"] == 5
     assert any(note.startswith("distill: 5 steps") for note in row["notes"])
     assert "distill: 5 steps" in (tmp_path / "results.md").read_text()
+
+
+def test_train_count_gives_the_distill_rows_a_training_set(tmp_path):
+    def with_training(args):
+        images = np.random.default_rng(7).standard_normal((args.train_count, 3, 32, 32))
+        source = ArraySource({"input": images.astype(np.float32)}, None, "random images")
+        return dataclasses.replace(tiny(args), training=source)
+
+    extra = ["--opt", "distill.steps=3", "--opt", "distill.threads=1", "--no-plots"]
+    results = _run(
+        tmp_path, "svd+distill", [*extra, "--train-count", "24"], {"tiny": with_training}
+    )
+    (row,) = [row for row in results["models"][0]["rows"] if row["label"] == "svd+distill@0.5"]
+    assert "error" not in row, row.get("error")
+    assert (
+        row["distill"]["train_samples"] == 24 and row["distill"]["training_data"] == "random images"
+    )
+    assert row["distill"]["held_out_samples"] == round(16 * 0.1)  # of the 16 calibration images
+    assert results["settings"]["train_count"] == 24
+    with pytest.raises(SystemExit):
+        run.parse_args(["--train-count", "0"], known_models=["tiny"])
+
+
+def test_a_training_split_takes_seeded_rows_never_the_excluded_ones():
+    args = argparse.Namespace(train_count=5, seed=3)
+    x, excluded = np.arange(40), np.arange(10, 30)
+    first = training_split(args, "input", x, lambda v: v * 2, "numbers", excluded)
+    rows = first.samples.inputs["input"] // 2
+    assert len(set(rows)) == 5 and not set(rows) & set(excluded)
+    assert first.description == "5 numbers"
+    again = training_split(args, "input", x, lambda v: v * 2, "numbers", excluded)
+    assert np.array_equal(again.samples.inputs["input"], first.samples.inputs["input"])
+    none = argparse.Namespace(train_count=None, seed=3)
+    assert training_split(none, "input", x, str, "", excluded) is None

@@ -1,4 +1,4 @@
-"""The calibration samples `distill` trains on: the run's batches joined sample by sample,
+"""The samples `distill` trains on: the run's calibration batches joined sample by sample,
 and a seeded split into training rows and held-out rows that choose the weights."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import numpy as np
 
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
+from onnxcompress.samples import ArraySource, SampleSource
 
 
 def stacked_samples(context: PassContext) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
@@ -38,3 +39,18 @@ def split_rows(count: int, holdout: float, seed: int) -> tuple[np.ndarray, np.nd
     held = min(count - 1, max(1, round(count * holdout)))
     order = np.random.default_rng(seed).permutation(count)
     return np.sort(order[held:]), np.sort(order[:held])
+
+
+def training_and_held_out(
+    context: PassContext, holdout: float, seed: int
+) -> tuple[SampleSource, dict[str, np.ndarray]]:
+    """(what to train on, the held-out samples that choose the weights): the run's training
+    set when it has one, else the calibration samples not held out."""
+    samples, labels = stacked_samples(context)
+    train_rows, held_rows = split_rows(sample_count(samples), holdout, seed)
+    held = {name: value[held_rows] for name, value in samples.items()}
+    if context.training is not None:
+        return context.training, held
+    train = {name: value[train_rows] for name, value in samples.items()}
+    kept = None if labels is None else labels[train_rows]
+    return ArraySource(train, kept, f"{len(train_rows)} calibration samples"), held

@@ -1,15 +1,16 @@
 """The training loop of `distill`: a student TorchGraph learns to reproduce a teacher's outputs
-(and chosen intermediate tensors) on calibration samples; the weights with the lowest
-held-out loss win, and only if they beat the start.
+(and chosen intermediate tensors) on the batches of a sample source; the weights with the
+lowest held-out loss win, and only if they beat the start.
 
 The teacher is a plain function from a batch of numpy inputs to numpy targets, so this module
 needs neither the teacher's graph nor onnxruntime."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -17,7 +18,9 @@ import numpy as np
 import onnx
 import torch
 
+from onnxcompress.errors import CompressError
 from onnxcompress.passkit import Progress, ProgressTask
+from onnxcompress.samples import SampleSource, steady_batches
 from onnxcompress.train.torch_graph import TorchGraph
 from onnxcompress.train.write_back import write_back
 
@@ -48,6 +51,7 @@ class Schedule:
     augment: tuple[str, ...] = ()
     # Graph outputs shaped (batch, classes) matched by KL of their softmaxes instead of MSE.
     kl: bool = False
+    device: str = "cpu"  # where torch trains: "cpu" or "cuda" (see `device_for`)
 
 
 @dataclass
@@ -65,21 +69,33 @@ class Outcome:
     trained_params: int = 0
 
 
+def device_for(choice: str) -> str:
+    """The device to train on: `auto` is CUDA when torch sees a GPU, else the CPU; `cuda`
+    without a GPU is refused in one line."""
+    available = torch.cuda.is_available()
+    if choice == "cuda" and not available:
+        raise CompressError(
+            "distill: device=cuda, but torch sees no GPU (torch.cuda.is_available() is "
+            "false); use device=cpu or auto"
+        )
+    return "cuda" if choice == "cuda" or (choice == "auto" and available) else "cpu"
+
+
 def train_student(
     student: onnx.ModelProto,
     exposed: onnx.ModelProto,
     trainable: set[str],
     teacher: Teacher,
-    train: Samples,
+    train: SampleSource,
     held: tuple[Samples, list[np.ndarray]],
     schedule: Schedule,
     progress: Progress,
-    labels: np.ndarray | None = None,
+    labels: bool = False,
 ) -> Outcome:
     """Train the `trainable` weights of `exposed` (the student with its feature tensors made
-    graph outputs) to match `teacher` on the `train` samples; write the best weights into
+    graph outputs) to match `teacher` on batches of `train`; write the best weights into
     `student`. `held` is (held-out samples, the teacher's targets for its graph outputs);
-    `labels` (one per train sample) add a cross-entropy on the first output."""
+    with `labels`, the source's labels add a cross-entropy on the first output."""
     with torch_settings(schedule):
         return _train(student, exposed, trainable, teacher, train, held, schedule, progress, labels)
 
@@ -98,22 +114,24 @@ def torch_settings(schedule: Schedule) -> Iterator[None]:
 
 def _train(student, exposed, trainable, teacher, train, held, schedule, progress, labels):
     started = time.perf_counter()
-    module = TorchGraph(exposed, trainable=trainable)
+    device = torch.device(schedule.device)
+    module = TorchGraph(exposed, trainable=trainable).to(device)
     outputs = len(student.graph.output)
     rng = np.random.default_rng([schedule.seed, 1])
 
-    def step_loss(rows: np.ndarray) -> torch.Tensor:
-        batch = {name: value[rows] for name, value in train.items()}
-        batch = augmented(batch, schedule.augment, rng)
-        targets = [torch.from_numpy(t) for t in teacher(batch)]
-        produced = module(**as_tensors(batch))
-        return training_loss(produced, targets, outputs, labels, rows, schedule.kl)
+    def step_loss(batch) -> torch.Tensor:
+        inputs = augmented(batch.inputs, schedule.augment, rng)
+        targets = [torch.from_numpy(t).to(device) for t in teacher(inputs)]
+        produced = module(**as_tensors(inputs, device))
+        given = _labels(batch.labels, device) if labels else None
+        return training_loss(produced, targets, outputs, given, schedule.kl)
 
     def held_loss() -> float:
-        return held_out_loss(module, held, outputs, schedule.batch_size, schedule.kl)
+        return held_out_loss(module, held, outputs, schedule.batch_size, schedule.kl, device)
 
+    batches = steady_batches(train, schedule.batch_size, schedule.seed)
     with progress("distill steps", schedule.steps) as task:
-        done = fit(module, step_loss, held_loss, schedule, _count(train), task)
+        done = fit(module, step_loss, held_loss, schedule, batches, task)
     names = sorted(module.names[q] for q, p in module.named_parameters() if p.requires_grad)
     return Outcome(
         model=write_back(student, module) if done.best_step > 0 else None,
@@ -145,11 +163,11 @@ def fit(
     step_loss: Callable[[np.ndarray], torch.Tensor],
     held_loss: Callable[[], float],
     schedule: Schedule,
-    count: int,
+    batches: Iterable,
     task: ProgressTask,
 ) -> Fit:
-    """Train `module`'s trainable parameters for `schedule.steps` batches of its `count`
-    training rows (AdamW, warm-up then cosine decay): `step_loss(rows)` is a batch's loss,
+    """Train `module`'s trainable parameters on the first `schedule.steps` of `batches`
+    (AdamW, warm-up then cosine decay): `step_loss(batch)` is a batch's loss,
     `held_loss()` the held-out loss the weights are chosen by, measured at the start and
     `EVALUATIONS` times. The module ends with its best weights, or its starting ones when
     none beat the start; `time_limit` and Ctrl-C stop early and keep the best so far."""
@@ -161,8 +179,8 @@ def fit(
     start = best = held_loss()
     best_step, best_state, done, stopped_by = 0, _snapshot(module), 0, None
     try:
-        for done, rows in enumerate(_batch_order(count, schedule), start=1):
-            loss = step_loss(rows)
+        for done, batch in enumerate(itertools.islice(batches, schedule.steps), start=1):
+            loss = step_loss(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -182,7 +200,7 @@ def fit(
     return Fit(done, start, best, best_step, stopped_by)
 
 
-def training_loss(produced, targets, outputs, labels, rows, kl=False) -> torch.Tensor:
+def training_loss(produced, targets, outputs, labels, kl=False) -> torch.Tensor:
     """Normalised MSE on the graph outputs (with `kl`, KL of the softmaxes for a (batch,
     classes) output), plus the mean normalised MSE on the features, plus a cross-entropy on
     the first output when labels are given."""
@@ -195,9 +213,12 @@ def training_loss(produced, targets, outputs, labels, rows, kl=False) -> torch.T
     if len(terms) > outputs:
         loss = loss + torch.stack(terms[outputs:]).mean()
     if labels is not None:
-        target = torch.from_numpy(labels[rows].astype(np.int64))
-        loss = loss + torch.nn.functional.cross_entropy(produced[0], target)
+        loss = loss + torch.nn.functional.cross_entropy(produced[0], labels)
     return loss
+
+
+def _labels(labels: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
+    return None if labels is None else torch.from_numpy(labels.astype(np.int64)).to(device)
 
 
 def _output_loss(produced: torch.Tensor, target: torch.Tensor, kl: bool) -> torch.Tensor:
@@ -222,7 +243,12 @@ def normalised_mse(produced: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 
 
 def held_out_loss(
-    module, held: tuple[Samples, list[np.ndarray]], outputs: int, size: int, kl: bool = False
+    module,
+    held: tuple[Samples, list[np.ndarray]],
+    outputs: int,
+    size: int,
+    kl: bool = False,
+    device: torch.device | None = None,
 ) -> float:
     """The training loss of the graph outputs on the held-out samples (features excluded:
     what the weights are chosen by is what the user gets)."""
@@ -232,10 +258,10 @@ def held_out_loss(
     with torch.no_grad():
         for begin in range(0, count, size):
             batch = {name: value[begin : begin + size] for name, value in samples.items()}
-            result = module(**as_tensors(batch))
+            result = module(**as_tensors(batch, device))
             result = result if isinstance(result, tuple) else (result,)
             for index in range(outputs):
-                produced[index].append(result[index])
+                produced[index].append(result[index].cpu())
     return outputs_loss([torch.cat(parts) for parts in produced], targets, kl)
 
 
@@ -277,8 +303,9 @@ def _shifted(images: np.ndarray, moves: np.ndarray) -> np.ndarray:
     return out
 
 
-def _batch_order(count: int, schedule: Schedule):
-    """Row indices of each step's batch: seeded shuffles, one per pass over the samples."""
+def row_batches(count: int, schedule: Schedule) -> Iterator[np.ndarray]:
+    """Row indices of each step's batch of `count` rows in memory: seeded shuffles, one per
+    pass over the rows."""
     rng = np.random.default_rng(schedule.seed)
     size = min(schedule.batch_size, count)
     order: np.ndarray = np.empty(0, dtype=np.int64)
@@ -300,12 +327,13 @@ def _warmup_cosine(steps: int) -> Callable[[int], float]:
     return factor
 
 
-def as_tensors(batch: Samples) -> dict[str, torch.Tensor]:
-    """The batch as torch tensors, images channels-last: torch's CPU convolutions train
-    about ten times faster so on ResNet-20 (docs/decisions.md), with the same results."""
+def as_tensors(batch: Samples, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The batch as torch tensors (on `device`), images channels-last: torch's CPU
+    convolutions train about ten times faster so on ResNet-20 (docs/decisions.md), with the
+    same results."""
     out = {}
     for name, value in batch.items():
-        tensor = torch.from_numpy(np.ascontiguousarray(value))
+        tensor = torch.from_numpy(np.ascontiguousarray(value)).to(device)
         out[name] = (
             tensor.contiguous(memory_format=torch.channels_last) if tensor.ndim == 4 else tensor
         )

@@ -4,6 +4,7 @@ line, and the CLI writes a valid model."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -12,14 +13,19 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxcompress.passes import get_pass
+from onnxcompress.passes.distill import DEFAULT_STEPS, steps_for
 from scipy.special import log_softmax
 
-from models.fixtures import mlp
+from models.fixtures import LOGITS, mlp
 from onnxcompress import graph
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
 from onnxcompress.runtime import run_model
+from onnxcompress.samples import ArraySource
+from onnxcompress.samples.npz_stream import NpzStream
+from onnxcompress.samples.training_set import training_source
 from tests.conftest import REPO
+from tests.test_cli import one_error_line, run_cli
 
 DISTILL = get_pass("distill")
 SVD = get_pass("svd")
@@ -41,13 +47,14 @@ def damaged():
     return teacher, graph.cleanup_and_sort(student)
 
 
-def _distill(student, teacher, calibration=None, **options):
+def _distill(student, teacher, calibration=None, training=None, **options):
     context = PassContext(
         SHAPES,
         calibration=_batches(8, 0) if calibration is None else calibration,
         seed=0,
         threads=1,
         original=teacher,
+        training=training,
     )
     return DISTILL.run(student, DISTILL.make_options({**FAST, **options}), context)
 
@@ -208,6 +215,9 @@ def test_an_op_torch_cannot_run_after_the_changed_layer_is_no_refusal():
         ({"output_loss": "ce"}, "output_loss"),
         ({"holdout": 1.0}, "holdout"),
         ({"augment": "rotate"}, "augment"),
+        ({"steps": 100, "epochs": 2}, "steps or epochs, not both"),
+        ({"epochs": 0}, "epochs"),
+        ({"device": "tpu"}, "device"),
     ],
 )
 def test_bad_options_are_refused(raw, words):
@@ -324,3 +334,166 @@ def test_softmax_kl_is_zero_when_the_classes_agree_and_ignores_a_shift():
     assert float(softmax_kl(logits, logits)) == pytest.approx(0.0, abs=1e-6)
     assert float(softmax_kl(logits + 3.0, logits)) == pytest.approx(0.0, abs=1e-5)
     assert float(softmax_kl(torch.randn(6, 10), logits)) > 0.01
+
+
+def test_epochs_give_the_steps():
+    def steps(count, **raw):
+        return steps_for(DISTILL.make_options(raw), count)
+
+    assert steps(100, epochs=2.5, batch_size=32) == 8  # ceil(2.5 · 100 / 32)
+    assert steps(10, epochs=2, batch_size=64) == 2  # a batch is at most every sample
+    assert steps(100, steps=7) == 7 and steps(100) == DEFAULT_STEPS
+
+
+def test_epochs_reach_the_training(damaged):
+    teacher, student = damaged
+    result = _distill(student, teacher, steps=None, epochs=1)
+    summary = result.summary
+    assert summary["steps"] == -(-summary["train_samples"] // FAST["batch_size"])
+    assert 1 <= summary["epochs"] < 1 + FAST["batch_size"] / summary["train_samples"]
+
+
+def test_the_device_is_chosen_and_cuda_refused_without_a_gpu(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from onnxcompress.train.torch_distill import device_for
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_for("auto") == "cpu" and device_for("cpu") == "cpu"
+    with pytest.raises(CompressError, match="device=cuda, but torch sees no GPU") as caught:
+        device_for("cuda")
+    assert "\n" not in str(caught.value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [device_for(choice) for choice in ("auto", "cpu", "cuda")] == ["cuda", "cpu", "cuda"]
+
+
+def test_cuda_without_a_gpu_ends_the_pass_in_one_line(damaged, monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    teacher, student = damaged
+    with pytest.raises(CompressError, match="no GPU"):
+        _distill(student, teacher, device="cuda")
+    assert _distill(student, teacher, steps=2).summary["device"] == "cpu"  # auto
+
+
+def _npz_parts(folder, counts, seed=5) -> list:
+    """.npz files of mlp inputs, `counts` samples each."""
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index, count in enumerate(counts):
+        paths.append(folder / f"part{index}.npz")
+        np.savez(paths[-1], input=rng.standard_normal((count, 64)).astype(np.float32))
+    return paths
+
+
+def _stream(paths) -> NpzStream:
+    return NpzStream(paths, {"input": np.dtype(np.float32)}, SHAPES)
+
+
+def test_trains_on_a_stream_of_npz_files_and_chooses_on_held_out_calibration(damaged, tmp_path):
+    teacher, student = damaged
+    stream = _stream(_npz_parts(tmp_path, [150, 90, 130]))
+    result = _distill(student, teacher, training=stream)
+    summary = result.summary
+    assert summary["train_samples"] == 370 and "3 .npz" in summary["training_data"]
+    assert summary["held_out_samples"] == round(8 * 32 * DISTILL.make_options({}).holdout)
+    assert _error(result.model, teacher) < 0.8 * _error(student, teacher)
+    again = _distill(student, teacher, training=stream)
+    a, b = _weights(result.model), _weights(again.model)
+    assert all(np.array_equal(a[name], b[name]) for name in a)  # same seed, same weights
+
+
+def test_one_npz_file_trains_as_the_same_samples_in_memory(damaged, tmp_path):
+    teacher, student = damaged
+    (path,) = _npz_parts(tmp_path, [200])
+    with np.load(path) as archive:
+        memory = ArraySource({"input": archive["input"]})
+    streamed = _distill(student, teacher, training=_stream([path]), steps=20)
+    held = _distill(student, teacher, training=memory, steps=20)
+    assert streamed.changed and held.changed
+    a, b = _weights(streamed.model), _weights(held.model)
+    assert all(np.array_equal(a[name], b[name]) for name in a)
+
+
+def _tiny_cnn() -> onnx.ModelProto:
+    """Conv 3→4 (3x3, pads 1) → Relu → global pooling → Gemm on 4x4 RGB images."""
+    from models.fixtures import GraphBuilder, _tensor
+
+    b = GraphBuilder(0)
+    x = b.relu("relu", b.conv("conv", "input", 3, 4))
+    logits = b.classifier_head(x, 4)
+    return b.model("tiny_cnn", 0, [_tensor("input", ["batch", 3, 4, 4])], [_tensor(logits, LOGITS)])
+
+
+def test_an_image_folder_trains_as_the_same_images_decoded_up_front(tmp_path):
+    from onnxcompress.images import load_images, parse_preprocess
+    from tests.test_validate import write_images
+
+    teacher = _tiny_cnn()
+    student = onnx.ModelProto()
+    student.CopyFrom(teacher)
+    conv = next(init for init in student.graph.initializer if init.dims[:1] == [4])
+    conv.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(conv) * 0.5, conv.name))
+    write_images(tmp_path / "images", count=20)
+    shapes = {"input": [1, 3, 4, 4]}
+    spec = "scale=1/255"
+    images, _, _ = load_images(tmp_path / "images", parse_preprocess(spec), shapes["input"])
+    rng = np.random.default_rng(0)
+    calibration = [{"input": rng.random((10, 3, 4, 4), dtype=np.float32)}]
+    results = []
+    for source in (
+        training_source(teacher, shapes, [tmp_path / "images"], spec),
+        ArraySource({"input": images}),
+    ):
+        context = PassContext(
+            shapes, calibration, seed=0, threads=1, original=teacher, training=source
+        )
+        options = DISTILL.make_options({**FAST, "steps": 6, "batch_size": 8})
+        result = DISTILL.run(student, options, context)
+        assert result.changed
+        results.append(_weights(result.model))
+    assert all(np.array_equal(results[0][name], results[1][name]) for name in results[0])
+
+
+def _cli_files(tmp_path):
+    model, data = tmp_path / "mlp.onnx", tmp_path / "calib.npz"
+    onnx.save(mlp(), model)
+    np.savez(data, input=np.concatenate([b["input"] for b in _batches(2, 1)]))
+    return model, data, _npz_parts(tmp_path / "train", [40, 30])
+
+
+def test_cli_trains_on_train_data_and_reports_it(tmp_path):
+    model, data, _ = _cli_files(tmp_path)
+    code = run_cli(
+        model, "--passes", "svd,distill", "--data", data, "--train-data", tmp_path / "train",
+        "-o", tmp_path / "out.onnx", "--opt", "svd.rank=8", "--opt", "svd.never_slower=false",
+        "--opt", "distill.steps=5", "--opt", "distill.threads=1", "--no-bench", "-q",
+        "--report", tmp_path / "report.json",
+    )  # fmt: skip
+    assert code in (0, 1)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["training_data"] == "2 .npz file(s) (70 samples)"
+    assert report["passes"][1]["summary"]["train_samples"] == 70
+    assert not any("--train-data" in warning for warning in report["warnings"])
+
+
+def test_cli_warns_when_no_pass_reads_the_train_data(tmp_path):
+    model, data, _ = _cli_files(tmp_path)
+    run_cli(
+        model, "--passes", "fold_bn", "--data", data, "--train-data", tmp_path / "train",
+        "-o", tmp_path / "out.onnx", "--no-bench", "-q", "--report", tmp_path / "report.json",
+    )  # fmt: skip
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert any("--train-data" in warning for warning in report["warnings"])
+
+
+def test_cli_refuses_train_data_that_does_not_fit_the_model(tmp_path, capsys):
+    model, data, _ = _cli_files(tmp_path)
+    np.savez(tmp_path / "bad.npz", input=np.zeros((5, 32), np.float32))
+    code = run_cli(
+        model, "--passes", "svd,distill", "--data", data, "--train-data", tmp_path / "bad.npz",
+        "-o", tmp_path / "out.onnx", "--no-bench",
+    )  # fmt: skip
+    assert code == 2
+    assert "array 'input' has shape [5, 32], expected ['N', 64]" in one_error_line(capsys)
+    assert not (tmp_path / "out.onnx").exists()
