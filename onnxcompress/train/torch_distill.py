@@ -170,34 +170,45 @@ def fit(
     (AdamW, warm-up then cosine decay): `step_loss(batch)` is a batch's loss,
     `held_loss()` the held-out loss the weights are chosen by, measured at the start and
     `EVALUATIONS` times. The module ends with its best weights, or its starting ones when
-    none beat the start; `time_limit` and Ctrl-C stop early and keep the best so far."""
+    none beat the start; `time_limit` and Ctrl-C stop early and keep the best so far.
+    With a `time_limit` the schedule runs on whichever ends first, steps or time, so a run
+    cut by the clock still ends with its learning rate decayed."""
     started = time.perf_counter()
     parameters = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=schedule.lr, weight_decay=0.0)
-    lr_at = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(schedule.steps))
-    every = max(1, schedule.steps // EVALUATIONS)
+    factor = _warmup_cosine(schedule.steps)
+    optimizer = torch.optim.AdamW(parameters, lr=schedule.lr * factor(0), weight_decay=0.0)
     start = best = held_loss()
-    best_step, best_state, done, stopped_by = 0, _snapshot(module), 0, None
+    best_step, best_state, done, stopped_by, checked = 0, _snapshot(module), 0, None, 0
     try:
         for done, batch in enumerate(itertools.islice(batches, schedule.steps), start=1):
             loss = step_loss(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            lr_at.step()
             task.advance()
-            out_of_time = _over(started, schedule.time_limit)
-            if done % every == 0 or done == schedule.steps or out_of_time:
+            reached = _progress(done, schedule, time.perf_counter() - started)
+            for group in optimizer.param_groups:
+                group["lr"] = schedule.lr * factor(reached * schedule.steps)
+            if int(reached * EVALUATIONS) > checked or reached >= 1:
+                checked = int(reached * EVALUATIONS)
                 loss_now = held_loss()
                 if loss_now < best:
                     best, best_step, best_state = loss_now, done, _snapshot(module)
-            if out_of_time and done < schedule.steps:
+            if reached >= 1 and done < schedule.steps:
                 stopped_by = "time limit"
                 break
     except KeyboardInterrupt:
         stopped_by = "interrupted"
     module.load_state_dict(best_state, strict=False)
     return Fit(done, start, best, best_step, stopped_by)
+
+
+def _progress(done: int, schedule: Schedule, elapsed: float) -> float:
+    """How far the run is, 0 to 1: by steps, or by the clock when that is further."""
+    by_steps = done / schedule.steps
+    if schedule.time_limit is None:
+        return by_steps
+    return min(1.0, max(by_steps, elapsed / schedule.time_limit))
 
 
 def training_loss(produced, targets, outputs, labels, kl=False) -> torch.Tensor:
@@ -316,10 +327,11 @@ def row_batches(count: int, schedule: Schedule) -> Iterator[np.ndarray]:
         yield rows
 
 
-def _warmup_cosine(steps: int) -> Callable[[int], float]:
+def _warmup_cosine(steps: int) -> Callable[[float], float]:
+    """The learning rate's factor at a step (fractional when the clock sets the pace)."""
     warmup = max(1, round(steps * WARMUP))
 
-    def factor(step: int) -> float:
+    def factor(step: float) -> float:
         if step < warmup:
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
@@ -351,7 +363,3 @@ def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _count(samples: Samples) -> int:
     return len(next(iter(samples.values())))
-
-
-def _over(started: float, limit: float | None) -> bool:
-    return limit is not None and time.perf_counter() - started >= limit

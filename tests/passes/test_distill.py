@@ -130,6 +130,18 @@ def test_a_time_limit_stops_early_and_keeps_the_best(damaged):
     assert result.summary["steps"] < 100_000
 
 
+def test_the_clock_paces_the_learning_rate_under_a_time_limit():
+    pytest.importorskip("torch")
+    from onnxcompress.train.torch_distill import Schedule, _progress
+
+    by_steps = Schedule(steps=100, lr=1e-3, batch_size=8, seed=0, threads=1)
+    timed = Schedule(steps=100, lr=1e-3, batch_size=8, seed=0, threads=1, time_limit=10.0)
+    assert _progress(25, by_steps, elapsed=9.0) == 0.25
+    assert _progress(25, timed, elapsed=5.0) == 0.5  # the clock is further than the steps
+    assert _progress(80, timed, elapsed=5.0) == 0.8
+    assert _progress(30, timed, elapsed=12.0) == 1.0  # time is up: the decay has ended
+
+
 class _CtrlCAt:
     """A progress task that raises KeyboardInterrupt (as Ctrl-C does) at its n-th step."""
 
