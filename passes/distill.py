@@ -21,7 +21,7 @@ from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list
 from onnxcompress.registry import register
 from onnxcompress.train import default_trainable, supported
 from onnxcompress.train.block_report import block_records, block_summary, merged_records
-from onnxcompress.train.samples import sample_count, split_rows, training_and_held_out
+from onnxcompress.train.samples import held_count, pieces, split_rows, training_and_held_out
 from onnxcompress.train.student_blocks import convertible_blocks
 
 LOSSES = ("logits", "features")
@@ -194,7 +194,7 @@ def _end_to_end(model, teacher, trained, options, context, data, schedule):
         "features": len(features),
         "train_samples": source.count,
         "training_data": source.description,
-        "held_out_samples": sample_count(held),
+        "held_out_samples": held_count(held),
         "epochs": round(outcome.steps * batch / source.count, 2),
         "device": schedule.device,
         "labels": use_labels,
@@ -349,12 +349,8 @@ def _teacher(teacher: onnx.ModelProto, names: list[str], threads: int):
     return run
 
 
-def _targets(teacher_run, samples: dict[str, np.ndarray], size: int) -> list[np.ndarray]:
-    count = sample_count(samples)
-    parts = [
-        teacher_run({name: value[begin : begin + size] for name, value in samples.items()})
-        for begin in range(0, count, size)
-    ]
+def _targets(teacher_run, samples, size: int) -> list[np.ndarray]:
+    parts = [teacher_run(piece) for piece in pieces(samples, size)]
     return [np.concatenate(column) for column in zip(*parts, strict=True)]
 
 

@@ -43,9 +43,20 @@ def split_rows(count: int, holdout: float, seed: int) -> tuple[np.ndarray, np.nd
 
 def training_and_held_out(
     context: PassContext, holdout: float, seed: int
-) -> tuple[SampleSource, dict[str, np.ndarray]]:
+) -> tuple[SampleSource, dict[str, np.ndarray] | list[dict[str, np.ndarray]]]:
     """(what to train on, the held-out samples that choose the weights): the run's training
-    set when it has one, else the calibration samples not held out."""
+    set when it has one, else the calibration samples not held out. Calibration batches of
+    different shapes (sentences padded per batch) cannot be joined: with a training set, a
+    seeded `holdout` share of whole batches is held out; without one, refused."""
+    batches = list(context.calibration or [])
+    if not _one_shape(batches):
+        if context.training is None:
+            raise CompressError(
+                "distill: the calibration batches differ in shape past the batch axis (e.g. "
+                "sentences padded per batch); give --train-data of one shape to train on"
+            )
+        _, held_batches = split_rows(len(batches), holdout, seed)
+        return context.training, [batches[index] for index in held_batches]
     samples, labels = stacked_samples(context)
     train_rows, held_rows = split_rows(sample_count(samples), holdout, seed)
     held = {name: value[held_rows] for name, value in samples.items()}
@@ -54,3 +65,27 @@ def training_and_held_out(
     train = {name: value[train_rows] for name, value in samples.items()}
     kept = None if labels is None else labels[train_rows]
     return ArraySource(train, kept, f"{len(train_rows)} calibration samples"), held
+
+
+def _one_shape(batches: list[dict[str, np.ndarray]]) -> bool:
+    """Whether every batch's inputs have the same shape past the batch axis."""
+    shapes = {
+        tuple((name, np.shape(value)[1:]) for name, value in sorted(b.items())) for b in batches
+    }
+    return len(shapes) <= 1
+
+
+def pieces(samples, size: int) -> list[dict[str, np.ndarray]]:
+    """Samples as batches of at most `size`: held-out batches as they are, or joined
+    samples cut in order."""
+    if isinstance(samples, list):
+        return samples
+    count = sample_count(samples)
+    return [
+        {name: value[begin : begin + size] for name, value in samples.items()}
+        for begin in range(0, count, size)
+    ]
+
+
+def held_count(samples) -> int:
+    return sum(sample_count(piece) for piece in pieces(samples, 1 << 30))

@@ -29,6 +29,7 @@ from onnxcompress.train.torch_distill import (
     fit,
     held_out_loss,
     outputs_loss,
+    row_batches,
     torch_settings,
     training_loss,
 )
@@ -230,12 +231,12 @@ def _fit_block(
         taken = train_rows[rows]  # rows of the training rows: no copy of every sample
         batch = as_tensors({name: value[taken] for name, value in inputs.items()})
         wanted = [torch.from_numpy(target[taken]) for target in targets]
-        return training_loss(module(**batch), wanted, len(targets), None, taken)
+        return training_loss(module(**batch), wanted, len(targets), None)
 
     def held_loss() -> float:
         return held_out_loss(module, held, len(targets), schedule.batch_size)
 
-    return fit(module, step_loss, held_loss, schedule, len(train_rows), task)
+    return fit(module, step_loss, held_loss, schedule, row_batches(len(train_rows), schedule), task)
 
 
 def output_loss(model: onnx.ModelProto, data: BlockData, kl: bool = False) -> float | None:

@@ -21,6 +21,7 @@ import torch
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import Progress, ProgressTask
 from onnxcompress.samples import SampleSource, steady_batches
+from onnxcompress.train.samples import pieces
 from onnxcompress.train.torch_graph import TorchGraph
 from onnxcompress.train.write_back import write_back
 
@@ -255,7 +256,7 @@ def normalised_mse(produced: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 
 def held_out_loss(
     module,
-    held: tuple[Samples, list[np.ndarray]],
+    held: tuple[Samples | list[Samples], list[np.ndarray]],
     outputs: int,
     size: int,
     kl: bool = False,
@@ -264,11 +265,9 @@ def held_out_loss(
     """The training loss of the graph outputs on the held-out samples (features excluded:
     what the weights are chosen by is what the user gets)."""
     samples, targets = held
-    count = _count(samples)
     produced: list[list[torch.Tensor]] = [[] for _ in range(outputs)]
     with torch.no_grad():
-        for begin in range(0, count, size):
-            batch = {name: value[begin : begin + size] for name, value in samples.items()}
+        for batch in pieces(samples, size):
             result = module(**as_tensors(batch, device))
             result = result if isinstance(result, tuple) else (result,)
             for index in range(outputs):
@@ -359,7 +358,3 @@ def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         for name, value in module.named_parameters()
         if value.requires_grad
     }
-
-
-def _count(samples: Samples) -> int:
-    return len(next(iter(samples.values())))
