@@ -12,18 +12,17 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxcompress import runtime
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list, option
 from onnxcompress.registry import register
-from onnxcompress.train import default_trainable, supported
-from onnxcompress.train.coverage import UnsupportedOps
+from onnxcompress.train import default_trainable
+from onnxcompress.train.distillation import distil, require_data, require_training
+from onnxcompress.train.schedule import DEFAULT_BATCH, DEFAULT_HOLDOUT, DEFAULT_LR, Schedule
 
 LOSSES = ("logits", "features")
 OUTPUT_LOSSES = ("mse", "kl")
 TRAINABLE = ("all", "new")
 AUGMENTATIONS = ("flip", "shift")
-INSTALL = "pip install 'onnxcompress[train]'"
 # Default length: about 3 minutes for ResNet-20 at batch 64 on 2 cores (docs/decisions.md).
 DEFAULT_STEPS = 300
 
@@ -31,8 +30,8 @@ DEFAULT_STEPS = 300
 @dataclass(frozen=True)
 class DistillOptions:
     steps: int = option(DEFAULT_STEPS, "optimizer steps (batches) to train")
-    lr: float = option(3e-4, "AdamW learning rate (warm-up, then cosine decay to zero)")
-    batch_size: int = option(64, "samples per step")
+    lr: float = option(DEFAULT_LR, "AdamW learning rate (warm-up, then cosine decay to zero)")
+    batch_size: int = option(DEFAULT_BATCH, "samples per step")
     loss: str = option(
         "logits",
         "logits: match the original's outputs (MSE relative to their scale); features: also "
@@ -63,7 +62,7 @@ class DistillOptions:
         "pixels); none by default, as not every image may be mirrored",
     )
     holdout: float = option(
-        0.1, "fraction of the calibration samples held out to choose the best weights"
+        DEFAULT_HOLDOUT, "fraction of the calibration samples held out to choose the best weights"
     )
 
     def __post_init__(self) -> None:
@@ -101,64 +100,35 @@ class DistillOptions:
 )
 def distill(model: onnx.ModelProto, options: DistillOptions, context: PassContext) -> PassResult:
     teacher = context.original
-    if not context.calibration:
-        raise CompressError(
-            "distill: needs calibration data (--data or --images): it trains on your samples"
-        )
+    require_data(context, "distill")
     if teacher is None:
         raise CompressError("distill: the context names no original model to learn from")
     if _same_graph(model, teacher):
         note = "the model is the original: nothing to recover (run distill after a pass)"
         return PassResult(model=model, changed=False, summary={"note": note})
-    torch_distill = _training_module()
-    missing = supported(model)
-    if missing:
-        raise CompressError(f"distill: {UnsupportedOps(missing)}")
+    require_training(model, context, "distill")
     trained = _trainable(model, teacher, options.trainable)
     features = rewritten_outputs(model, teacher) if options.loss == "features" else []
-    samples, labels = stacked_samples(context)
-    seed = context.seed if options.seed is None else options.seed
-    train_rows, held_rows = split_rows(sample_count(samples), options.holdout, seed)
-    train = {name: value[train_rows] for name, value in samples.items()}
-    held = {name: value[held_rows] for name, value in samples.items()}
-    outputs = [out.name for out in model.graph.output]
-    teacher_run = _teacher(teacher, outputs + features, context.threads)
-    held_targets = _targets(teacher_run, held, options.batch_size)[: len(outputs)]
-    use_labels = options.labels and labels is not None
-    outcome = torch_distill.train_student(
-        model,
-        runtime.expose_outputs(model, features),
-        trained,
-        teacher_run,
-        train,
-        (held, held_targets),
-        torch_distill.Schedule(
-            options.steps,
-            options.lr,
-            options.batch_size,
-            seed,
-            options.threads or context.threads,
-            options.time_limit,
-            tuple(comma_list(options.augment)),
-            options.output_loss == "kl",
-        ),
-        context.progress,
-        labels[train_rows] if use_labels else None,
+    schedule = Schedule(
+        options.steps,
+        options.lr,
+        options.batch_size,
+        context.seed if options.seed is None else options.seed,
+        options.threads or context.threads,
+        options.time_limit,
+        tuple(comma_list(options.augment)),
+        options.output_loss == "kl",
     )
-    summary = _summary(outcome, model, features, len(train_rows), len(held_rows), use_labels)
+    run = distil(
+        model, teacher, trained, schedule, context, "distill",
+        options.holdout, options.labels, features,
+    )  # fmt: skip
+    outcome = run.outcome
+    summary = _summary(outcome, model, features, run)
     records = _records(model, set(outcome.trained_tensors), outcome.model is not None, summary)
     if outcome.model is None:
         return PassResult(model=model, changed=False, records=records, summary=summary)
     return PassResult(model=outcome.model, changed=True, records=records, summary=summary)
-
-
-def _training_module():
-    """onnxcompress.train.torch_distill, or one line saying how to install torch."""
-    try:
-        from onnxcompress.train import torch_distill
-    except ImportError as exc:
-        raise CompressError(f"distill: needs torch ({exc}); install it: {INSTALL}") from exc
-    return torch_distill
 
 
 def _same_graph(model: onnx.ModelProto, teacher: onnx.ModelProto) -> bool:
@@ -189,59 +159,7 @@ def rewritten_outputs(model: onnx.ModelProto, teacher: onnx.ModelProto) -> list[
     return found
 
 
-def stacked_samples(context: PassContext) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Every calibration sample, each input's batches joined on its first axis, and the
-    labels (None without them or without `labels=true` data the same length)."""
-    batches = list(context.calibration or [])
-    names = list(batches[0])
-    for batch in batches:
-        if set(batch) != set(names) or len({len(batch[name]) for name in names}) != 1:
-            raise CompressError(
-                "distill: every input must hold the batch's samples on its first axis"
-            )
-    samples = {name: np.concatenate([batch[name] for batch in batches]) for name in names}
-    labels = context.labels
-    if labels is not None and len(labels) != len(samples[names[0]]):
-        labels = None
-    return samples, labels
-
-
-def sample_count(samples: dict[str, np.ndarray]) -> int:
-    return len(next(iter(samples.values())))
-
-
-def split_rows(count: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(training rows, held-out rows): a seeded `holdout` share held out, at least one row
-    each side."""
-    if count < 2:
-        raise CompressError(f"distill: needs at least 2 calibration samples, got {count}")
-    held = min(count - 1, max(1, round(count * holdout)))
-    order = np.random.default_rng(seed).permutation(count)
-    return np.sort(order[held:]), np.sort(order[:held])
-
-
-def _teacher(teacher: onnx.ModelProto, names: list[str], threads: int):
-    """The teacher as a function: a batch -> its tensors `names`, from onnxruntime."""
-    session = runtime.make_session(
-        runtime.expose_outputs(teacher, names), threads=threads, optimize=True
-    )
-
-    def run(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return runtime.run_session(session, batch, names)
-
-    return run
-
-
-def _targets(teacher_run, samples: dict[str, np.ndarray], size: int) -> list[np.ndarray]:
-    count = sample_count(samples)
-    parts = [
-        teacher_run({name: value[begin : begin + size] for name, value in samples.items()})
-        for begin in range(0, count, size)
-    ]
-    return [np.concatenate(column) for column in zip(*parts, strict=True)]
-
-
-def _summary(outcome, model, features, train_count, held_count, use_labels) -> dict:
+def _summary(outcome, model, features, run) -> dict:
     weights = {init.name: init for init in model.graph.initializer}
     trained_bytes = sum(
         weights[name].ByteSize() for name in outcome.trained_tensors if name in weights
@@ -257,9 +175,10 @@ def _summary(outcome, model, features, train_count, held_count, use_labels) -> d
         "trained_params": outcome.trained_params,
         "trained_bytes": trained_bytes,
         "features": len(features),
-        "train_samples": train_count,
-        "held_out_samples": held_count,
-        "labels": use_labels,
+        "train_samples": run.train_samples,
+        "held_out_samples": run.held_out_samples,
+        "labels": run.labels,
+        "held_zeros": outcome.held_zeros,
         "stopped_by": outcome.stopped_by,
     }
     notes = []

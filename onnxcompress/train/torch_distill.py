@@ -17,6 +17,7 @@ import onnx
 import torch
 
 from onnxcompress.passkit import Progress
+from onnxcompress.train.schedule import Schedule
 from onnxcompress.train.torch_graph import TorchGraph
 from onnxcompress.train.write_back import write_back
 
@@ -33,22 +34,6 @@ WARMUP = 0.05
 EPSILON = 1e-12
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """How long and how to train."""
-
-    steps: int
-    lr: float
-    batch_size: int
-    seed: int
-    threads: int
-    time_limit: float | None = None
-    # Image augmentations of each training batch ("flip", "shift"), teacher and student alike.
-    augment: tuple[str, ...] = ()
-    # Graph outputs shaped (batch, classes) matched by KL of their softmaxes instead of MSE.
-    kl: bool = False
-
-
 @dataclass
 class Outcome:
     """What a run of `train_student` did; `model` is None when nothing beat the start."""
@@ -62,6 +47,7 @@ class Outcome:
     stopped_by: str | None  # "time limit", "interrupted" or None
     trained_tensors: list[str] = field(default_factory=list)
     trained_params: int = 0
+    held_zeros: int = 0  # exact zeros of the trained tensors, kept zero throughout
 
 
 def train_student(
@@ -93,6 +79,7 @@ def _train(student, exposed, trainable, teacher, train, held, schedule, progress
     module = TorchGraph(exposed, trainable=trainable)
     outputs = len(student.graph.output)
     parameters = [p for p in module.parameters() if p.requires_grad]
+    zeros = zero_masks(parameters)
     optimizer = torch.optim.AdamW(parameters, lr=schedule.lr, weight_decay=0.0)
     lr_at = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(schedule.steps))
     batches = _batch_order(_count(train), schedule)
@@ -110,7 +97,9 @@ def _train(student, exposed, trainable, teacher, train, held, schedule, progress
                 loss = _training_loss(produced, targets, outputs, labels, rows, schedule.kl)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                hold_zeros(zeros, gradients=True)
                 optimizer.step()
+                hold_zeros(zeros, gradients=False)
                 lr_at.step()
                 task.advance()
                 out_of_time = _over(started, schedule.time_limit)
@@ -140,7 +129,24 @@ def _train(student, exposed, trainable, teacher, train, held, schedule, progress
         stopped_by=stopped_by,
         trained_tensors=names,
         trained_params=sum(p.numel() for p in parameters),
+        held_zeros=sum(int((mask == 0).sum()) for _, mask in zeros),
     )
+
+
+def zero_masks(parameters) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """(parameter, 1 where it is not zero, else 0) for each trained tensor holding exact zeros:
+    they stay zero, so a pass's pruning survives (docs/decisions.md#zeros-stay-zero)."""
+    return [(p, (p.detach() != 0).to(p.dtype)) for p in parameters if bool((p.detach() == 0).any())]
+
+
+def hold_zeros(masks: list[tuple[torch.nn.Parameter, torch.Tensor]], gradients: bool) -> None:
+    """Zero the masked entries' gradients (so AdamW's moments stay 0 there), or after the
+    step their values: a multiply by 0 keeps a zero as it was, bit for bit."""
+    with torch.no_grad():
+        for parameter, mask in masks:
+            target = parameter.grad if gradients else parameter
+            if target is not None:
+                target.mul_(mask)
 
 
 def _training_loss(produced, targets, outputs, labels, rows, kl=False) -> torch.Tensor:

@@ -321,3 +321,18 @@ def test_softmax_kl_is_zero_when_the_classes_agree_and_ignores_a_shift():
     assert float(softmax_kl(logits, logits)) == pytest.approx(0.0, abs=1e-6)
     assert float(softmax_kl(logits + 3.0, logits)) == pytest.approx(0.0, abs=1e-5)
     assert float(softmax_kl(torch.randn(6, 10), logits)) > 0.01
+
+
+def test_pruned_zeros_stay_zero_and_the_rest_still_recovers():
+    teacher = mlp()
+    prune = get_pass("prune")
+    options = prune.make_options({"sparsity": 0.7, "keep": "none"})
+    student = prune.run(teacher, options, PassContext(SHAPES)).model
+    result = _distill(student, teacher)
+    before, after = _weights(student), _weights(result.model)
+    zeros = {name: value == 0 for name, value in before.items() if np.any(value == 0)}
+    assert zeros and result.summary["held_zeros"] == sum(int(z.sum()) for z in zeros.values())
+    for name, zero in zeros.items():
+        assert np.array_equal(after[name][zero].view(np.uint32), before[name][zero].view(np.uint32))
+        assert not np.array_equal(after[name][~zero], before[name][~zero])  # the rest trained
+    assert _error(result.model, teacher) < 0.8 * _error(student, teacher)
