@@ -35,10 +35,11 @@ import onnxruntime as ort  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from onnxcompress.passes import get_pass  # noqa: E402
+
 from benchmarks.experiments.pruning import measure, parse_variant  # noqa: E402
 from benchmarks.factorization import DATASETS, predict  # noqa: E402
 from onnxcompress import CompressError, graph  # noqa: E402
-from onnxcompress.passes import get_pass  # noqa: E402
 from onnxcompress.passkit import PassContext  # noqa: E402
 from onnxcompress.pipeline import run_passes  # noqa: E402
 

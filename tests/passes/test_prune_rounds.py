@@ -8,48 +8,24 @@ import sys
 
 import numpy as np
 import pytest
-from onnx import numpy_helper
 from onnxcompress.passes import get_pass
 
 from models.fixtures import mlp
 from onnxcompress.coding import surp as surp
 from onnxcompress.errors import CompressError
-from onnxcompress.passkit import PassContext
-from onnxcompress.runtime import run_model
 from onnxcompress.train.prune_rounds import round_sparsities
+from tests.passes.mlp_training import held_out_error, training_context, weights
 
-SHAPES = {"input": [32, 64]}
 RDPRUNE, PRUNE = get_pass("rdprune"), get_pass("prune")
 RETRAIN = {"sparsity": 0.7, "retrain_steps": 100, "rounds": 2}
 MAGNITUDE = {"keep": "none", "quantize_bits": 6}
 
 
-def _batches(count: int, seed: int) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return [{"input": rng.standard_normal((32, 64)).astype(np.float32)} for _ in range(count)]
-
-
 def _run(spec, options: dict, teacher, calibration=None):
-    context = PassContext(
-        SHAPES,
-        calibration=_batches(8, 0) if calibration is None else calibration,
-        seed=0,
-        threads=1,
-        original=teacher,
-    )
+    context = training_context(teacher, calibration)
     if spec is RDPRUNE:
         options = {"compare": False, **options}
     return spec.run(teacher, spec.make_options(options), context)
-
-
-def _weights(model) -> dict[str, np.ndarray]:
-    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-
-
-def _error(model, teacher) -> float:
-    batches = _batches(4, 99)  # inputs neither training nor choosing the weights saw
-    ours, theirs = run_model(model, batches)["logits"], run_model(teacher, batches)["logits"]
-    return float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
 
 
 @pytest.fixture(scope="module")
@@ -86,27 +62,27 @@ def test_retraining_keeps_the_sparsity_and_lowers_the_held_out_error(runs, name)
     # The first round (the pass untrained at its sparsity) zeroed weights that stay zero.
     spec = RDPRUNE if name == "rdprune" else PRUNE
     extra = MAGNITUDE if name == "prune" else {}
-    first = _weights(_run(spec, {"sparsity": rounds[0]["sparsity_asked"]} | extra, teacher).model)
-    final = _weights(retrained.model)
+    first = weights(_run(spec, {"sparsity": rounds[0]["sparsity_asked"]} | extra, teacher).model)
+    final = weights(retrained.model)
     pruned = [n for n in final if n.endswith("weight")]
     assert all(np.all(final[n][first[n] == 0] == 0) for n in pruned)
     size = sum(final[n].size for n in pruned)
     assert sum(int(np.sum(final[n] == 0)) for n in pruned) / size == pytest.approx(0.7, abs=0.01)
     # Each round's training held every zero that round's pruning made.
     assert all(r["held_zeros"] >= round(r["sparsity"] * size) for r in rounds)
-    assert _error(retrained.model, teacher) < 0.9 * _error(once.model, teacher)
+    assert held_out_error(retrained.model, teacher) < 0.9 * held_out_error(once.model, teacher)
 
 
 def test_rdprune_weights_are_its_payload_after_retraining(runs):
     retrained, _ = runs[1]["rdprune"]
     (block,) = retrained.artifacts["coded_weights"]
-    decoded, weights = surp.decode_payload(block.payload), _weights(retrained.model)
-    assert all(np.array_equal(decoded[n], weights[n]) for n in decoded)
+    decoded, stored = surp.decode_payload(block.payload), weights(retrained.model)
+    assert all(np.array_equal(decoded[n], stored[n]) for n in decoded)
 
 
 def test_prune_quantises_after_the_last_round(runs):
     retrained, _ = runs[1]["prune"]
-    for name, value in _weights(retrained.model).items():
+    for name, value in weights(retrained.model).items():
         if name.endswith("weight"):
             assert np.unique(value[value != 0]).size <= 2 ** MAGNITUDE["quantize_bits"]
 
@@ -116,7 +92,7 @@ def test_same_seed_same_weights(spec):
     teacher = mlp()
     options = {**RETRAIN, "retrain_steps": 5}
     first, second = (_run(spec, options, teacher) for _ in range(2))
-    a, b = _weights(first.model), _weights(second.model)
+    a, b = weights(first.model), weights(second.model)
     assert all(np.array_equal(a[name], b[name]) for name in a)
 
 
