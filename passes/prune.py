@@ -1,6 +1,7 @@
 """`prune`: magnitude pruning of Conv/ConvTranspose/Gemm/MatMul constant weights (global or per
-layer, or an N:M pattern), optionally quantising the survivors. Zeros in a dense tensor save
-nothing at run time or on disk as plain `.onnx`; the summary gives the size once coded."""
+layer, or an N:M pattern), optionally quantising the survivors, optionally in rounds with
+distillation between them (`retrain_steps`). Zeros in a dense tensor save nothing at run time
+or on disk as plain `.onnx`; the summary gives the size once coded."""
 
 from __future__ import annotations
 
@@ -101,7 +102,9 @@ def parse_pattern(text: str) -> tuple[int, int]:
     "prune",
     PruneOptions,
     "magnitude pruning of Conv/Gemm/MatMul weights (size once coded)",
-    idempotent=True,  # the sparsity is of all weights: the zeros already there are the smallest
+    # The sparsity is of all weights: the zeros already there are the smallest (retrain_steps
+    # off, its default; a retrained run trains again).
+    idempotent=True,
     lossy=True,
 )
 def prune(model: onnx.ModelProto, options: PruneOptions, context: PassContext) -> PassResult:

@@ -1,6 +1,7 @@
 """`rdprune`: SuRP successive-refinement pruning (methods.md §4) of Conv/Gemm/MatMul constant
 weights, pooled over layers, with the entropy-coded stream handed to the `.onnxc` writer. The
-summary compares it with magnitude pruning at the same sparsity, quantised and coded alike."""
+summary compares it with magnitude pruning at the same sparsity, quantised and coded alike.
+`retrain_steps` prunes in rounds with distillation between them, as SuRP's authors did."""
 
 from __future__ import annotations
 
