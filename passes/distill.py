@@ -8,20 +8,20 @@ refuse a run come first and need no torch."""
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from onnxcompress import runtime
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list, option
 from onnxcompress.registry import register
 from onnxcompress.train import default_trainable, supported
 from onnxcompress.train.block_report import block_records, block_summary, merged_records
-from onnxcompress.train.samples import held_count, pieces, split_rows, training_and_held_out
+from onnxcompress.train.distillation import distil, require_data, training_module
+from onnxcompress.train.samples import split_rows, training_and_held_out
+from onnxcompress.train.schedule import DEFAULT_BATCH, DEFAULT_HOLDOUT, DEFAULT_LR, Schedule
 from onnxcompress.train.student_blocks import convertible_blocks
 
 LOSSES = ("logits", "features")
@@ -33,7 +33,6 @@ BLOCKWISE = ("first", "only")
 BLOCK_SHARE = 0.5
 AUGMENTATIONS = ("flip", "shift")
 DEVICES = ("auto", "cpu", "cuda")
-INSTALL = "pip install 'onnxcompress[train]'"
 # Default length: about 3 minutes for ResNet-20 at batch 64 on 2 cores (docs/decisions.md).
 DEFAULT_STEPS = 300
 
@@ -48,8 +47,8 @@ class DistillOptions:
         "passes over the training samples instead of steps: steps = ceil(epochs x samples / "
         "batch_size); give steps or epochs, not both",
     )
-    lr: float = option(3e-4, "AdamW learning rate (warm-up, then cosine decay to zero)")
-    batch_size: int = option(64, "samples per step")
+    lr: float = option(DEFAULT_LR, "AdamW learning rate (warm-up, then cosine decay to zero)")
+    batch_size: int = option(DEFAULT_BATCH, "samples per step")
     loss: str = option(
         "logits",
         "logits: match the original's outputs (MSE relative to their scale); features: also "
@@ -82,7 +81,7 @@ class DistillOptions:
         "pixels); none by default, as not every image may be mirrored",
     )
     holdout: float = option(
-        0.1,
+        DEFAULT_HOLDOUT,
         "fraction of the calibration samples held out to choose the best weights; with "
         "--train-data, training reads the training set and of the calibration samples only "
         "these held-out ones are used",
@@ -143,17 +142,14 @@ class DistillOptions:
 )
 def distill(model: onnx.ModelProto, options: DistillOptions, context: PassContext) -> PassResult:
     teacher = context.original
-    if not context.calibration:
-        raise CompressError(
-            "distill: needs calibration data (--data or --images): it trains on your samples"
-        )
+    require_data(context, "distill")
     if teacher is None:
         raise CompressError("distill: the context names no original model to learn from")
     if _same_graph(model, teacher):
         note = "the model is the original: nothing to recover (run distill after a pass)"
         return PassResult(model=model, changed=False, summary={"note": note})
     missing = supported(model)
-    _training_module("torch_distill")  # refuses without torch before any work
+    training_module("distill")  # refuses without torch before any work
     blocks = convertible_blocks(model, teacher) if missing or options.blockwise else None
     trained = _trainable(model, teacher, options.trainable)
     seed = context.seed if options.seed is None else options.seed
@@ -171,33 +167,22 @@ def _end_to_end(model, teacher, trained, options, context, data, schedule):
     """(the training's outcome, what the summary says of it): the whole model trained to
     match the teacher's outputs (and features) on `data` (training source, held-out samples)
     as `schedule` says."""
-    torch_distill = _training_module("torch_distill")
     features = rewritten_outputs(model, teacher) if options.loss == "features" else []
-    source, held = data
-    outputs = [out.name for out in model.graph.output]
-    teacher_run = _teacher(teacher, outputs + features, context.threads)
-    held_targets = _targets(teacher_run, held, options.batch_size)[: len(outputs)]
-    use_labels = options.labels and source.labelled
-    outcome = torch_distill.train_student(
-        model,
-        runtime.expose_outputs(model, features),
-        trained,
-        teacher_run,
-        source,
-        (held, held_targets),
-        schedule,
-        context.progress,
-        use_labels,
-    )
+    run = distil(
+        model, teacher, trained, schedule, context, "distill",
+        options.holdout, options.labels, features, data,
+    )  # fmt: skip
+    source, outcome = run.source, run.outcome
     batch = min(schedule.batch_size, source.count)
     facts = {
         "features": len(features),
         "train_samples": source.count,
         "training_data": source.description,
-        "held_out_samples": held_count(held),
+        "held_out_samples": run.held_out_samples,
         "epochs": round(outcome.steps * batch / source.count, 2),
         "device": schedule.device,
-        "labels": use_labels,
+        "labels": run.labels,
+        "held_zeros": outcome.held_zeros,
     }
     return outcome, facts
 
@@ -270,7 +255,7 @@ def _partial_note(missing: list[str], asked: str) -> str:
 
 
 def _schedule(options: DistillOptions, context: PassContext, seed: int, steps: int, limit):
-    from onnxcompress.train.torch_distill import Schedule, device_for
+    from onnxcompress.train.torch_distill import device_for
 
     return Schedule(
         steps,
@@ -300,15 +285,6 @@ def steps_for(options: DistillOptions, count: int) -> int:
     return max(1, math.ceil(options.epochs * count / min(options.batch_size, count)))
 
 
-def _training_module(name: str):
-    """onnxcompress.train's module `name` (it imports torch), or one line saying how to
-    install torch."""
-    try:
-        return importlib.import_module(f"onnxcompress.train.{name}")
-    except ImportError as exc:
-        raise CompressError(f"distill: needs torch ({exc}); install it: {INSTALL}") from exc
-
-
 def _same_graph(model: onnx.ModelProto, teacher: onnx.ModelProto) -> bool:
     return model is teacher or model.graph.SerializeToString() == teacher.graph.SerializeToString()
 
@@ -335,23 +311,6 @@ def rewritten_outputs(model: onnx.ModelProto, teacher: onnx.ModelProto) -> list[
                 if node.SerializeToString() != theirs[name]:
                     found.append(name)
     return found
-
-
-def _teacher(teacher: onnx.ModelProto, names: list[str], threads: int):
-    """The teacher as a function: a batch -> its tensors `names`, from onnxruntime."""
-    session = runtime.make_session(
-        runtime.expose_outputs(teacher, names), threads=threads, optimize=True
-    )
-
-    def run(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return runtime.run_session(session, batch, names)
-
-    return run
-
-
-def _targets(teacher_run, samples, size: int) -> list[np.ndarray]:
-    parts = [teacher_run(piece) for piece in pieces(samples, size)]
-    return [np.concatenate(column) for column in zip(*parts, strict=True)]
 
 
 def _summary(outcome, model: onnx.ModelProto, facts: dict) -> dict:

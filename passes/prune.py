@@ -1,9 +1,11 @@
 """`prune`: magnitude pruning of Conv/ConvTranspose/Gemm/MatMul constant weights (global or per
-layer, or an N:M pattern), optionally quantising the survivors. Zeros in a dense tensor save
-nothing at run time or on disk as plain `.onnx`; the summary gives the size once coded."""
+layer, or an N:M pattern), optionally quantising the survivors, optionally in rounds with
+distillation between them (`retrain_steps`). Zeros in a dense tensor save nothing at run time
+or on disk as plain `.onnx`; the summary gives the size once coded."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -19,6 +21,7 @@ from onnxcompress.maths.sparsity import SCOPES, magnitude_masks, nm_mask, quanti
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list, option
 from onnxcompress.prunable import PrunableLayer, label, prunable_layers, write_weights
 from onnxcompress.registry import register
+from onnxcompress.train.prune_rounds import Retraining, retrained
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,15 @@ class PruneOptions:
         None,
         "quantise surviving weights per tensor to 2**bits levels (2..8): .onnxc codes them small",
     )
+    retrain_steps: int = option(
+        0,
+        "prune in `rounds` rounds to a rising sparsity, each followed by this many steps of "
+        "distillation toward the original (zeros held), then quantise (quantize_bits); 0: "
+        "prune once, untrained. Needs calibration data, torch; not with pattern",
+    )
+    rounds: int = option(
+        3, "pruning rounds with retrain_steps; each prunes the same share of the weights left"
+    )
 
     def __post_init__(self) -> None:
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
@@ -69,6 +81,9 @@ class PruneOptions:
             raise CompressError(f"prune.quantize_bits={self.quantize_bits}: expected 2..8")
         if self.keep is not None and not comma_list(self.keep):
             raise CompressError("prune.keep is empty: give first,last, patterns, or none")
+        Retraining(self.retrain_steps, self.rounds).check("prune")
+        if self.retrain_steps and self.pattern is not None:
+            raise CompressError("prune.retrain_steps prunes to a sparsity in rounds, not a pattern")
 
 
 def parse_pattern(text: str) -> tuple[int, int]:
@@ -87,7 +102,9 @@ def parse_pattern(text: str) -> tuple[int, int]:
     "prune",
     PruneOptions,
     "magnitude pruning of Conv/Gemm/MatMul weights (size once coded)",
-    idempotent=True,  # the sparsity is of all weights: the zeros already there are the smallest
+    # The sparsity is of all weights: the zeros already there are the smallest (retrain_steps
+    # off, its default; a retrained run trains again).
+    idempotent=True,
     lossy=True,
 )
 def prune(model: onnx.ModelProto, options: PruneOptions, context: PassContext) -> PassResult:
@@ -101,6 +118,11 @@ def prune(model: onnx.ModelProto, options: PruneOptions, context: PassContext) -
     sparsity, note = options.sparsity, ""
     if sparsity is None and options.pattern is None:
         sparsity, note = DEFAULT_BUDGET.choose(bool(context.calibration), "prune")
+    retraining, original_weights = None, weights
+    if options.retrain_steps and weights:
+        work, retraining = _retrained(work, list(weights), sparsity, options, context)
+        retrained_constants = graph.constant_tensors(work)
+        weights = {name: retrained_constants[name] for name in weights}
     masks, reasons = _masks(layers, weights, options, sparsity)
     new_values = {}
     for name, mask in masks.items():
@@ -122,10 +144,14 @@ def prune(model: onnx.ModelProto, options: PruneOptions, context: PassContext) -
         )
     order = {label(node): index for index, node in enumerate(work.graph.node)}
     records.sort(key=lambda record: order.get(record.node, len(order)))
-    changed = any(not np.array_equal(new_values[n], weights[n]) for n in new_values)
+    changed = retraining is not None or any(
+        not np.array_equal(new_values[n], original_weights[n]) for n in new_values
+    )
     if changed:
         write_weights(work, new_values)
     summary = _summary(work, new_values, constants, kept, options)
+    if retraining is not None:
+        summary["retraining"] = retraining
     if note:  # which default sparsity, and why
         summary["notes"].insert(0, note)
     return PassResult(model=work, changed=changed, records=records, summary=summary)
@@ -170,6 +196,21 @@ def _masks(
         else:
             masks[layer.weight] = nm_mask(weight, n, m, layer.axis)
     return masks, reasons
+
+
+def _retrained(work, names, sparsity, options: PruneOptions, context: PassContext):
+    """(model, summary) after `rounds` magnitude-pruning rounds, each retrained."""
+    schedule = Retraining(options.retrain_steps, options.rounds)
+    prune_to = functools.partial(_magnitude_round, scope=options.scope)
+    return retrained(work, names, prune_to, sparsity, schedule, context, "prune")
+
+
+def _magnitude_round(
+    weights: dict[str, np.ndarray], sparsity: float, scope: str
+) -> dict[str, np.ndarray]:
+    """One pruning round of `retrain_steps`: magnitude pruning to `sparsity`, unquantised."""
+    masks = magnitude_masks(weights, sparsity, scope)
+    return {name: _apply(weights[name], masks[name], None) for name in weights}
 
 
 def _apply(weight: np.ndarray, keep: np.ndarray, bits: int | None) -> np.ndarray:

@@ -1,10 +1,13 @@
 """`rdprune`: SuRP successive-refinement pruning (methods.md §4) of Conv/Gemm/MatMul constant
 weights, pooled over layers, with the entropy-coded stream handed to the `.onnxc` writer. The
-summary compares it with magnitude pruning at the same sparsity, quantised and coded alike."""
+summary compares it with magnitude pruning at the same sparsity, quantised and coded alike.
+`retrain_steps` prunes in rounds with distillation between them, as SuRP's authors did."""
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from onnxcompress.maths.successive_pruning import NORMALIZATIONS
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, comma_list, option
 from onnxcompress.prunable import label, prunable_layers, write_weights
 from onnxcompress.registry import register
+from onnxcompress.train.prune_rounds import Retraining, retrained
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,15 @@ class RdPruneOptions:
         True, "also code magnitude pruning at the same sparsity and measure output fidelity"
     )
     baseline_bits: str = option("4,6,8", "bit widths of the magnitude-pruning baselines")
+    retrain_steps: int = option(
+        0,
+        "SuRP as its authors ran it: prune in `rounds` rounds to a rising sparsity, each "
+        "followed by this many steps of distillation toward the original (zeros held), then "
+        "code the retrained weights; 0: prune once, untrained. Needs calibration data, torch",
+    )
+    rounds: int = option(
+        3, "pruning rounds with retrain_steps; each prunes the same share of the weights left"
+    )
 
     def __post_init__(self) -> None:
         if self.sparsity is not None and not 0.0 <= self.sparsity <= 1.0:
@@ -73,6 +86,7 @@ class RdPruneOptions:
             choices = ", ".join(NORMALIZATIONS)
             raise CompressError(f"rdprune.normalize={self.normalize!r}: expected {choices}")
         parse_bits(self.baseline_bits)
+        Retraining(self.retrain_steps, self.rounds).check("rdprune")
 
 
 def parse_bits(text: str) -> list[int]:
@@ -97,22 +111,50 @@ def rdprune(model: onnx.ModelProto, options: RdPruneOptions, context: PassContex
     weights = {name: constants[name] for _, name in layers}
     if not weights:
         return PassResult(work, False, records, {"pruned_tensors": 0})
-    pooled = {name: value.astype(np.float32) for name, value in weights.items()}
+    retraining = None
+    if options.retrain_steps:
+        work, retraining = _retrained(work, list(weights), options, context)
+        constants = graph.constant_tensors(work)
+    pooled = {name: constants[name].astype(np.float32) for name in weights}
     result = _encode(pooled, options)
     payload = encode_payload(result.stream)
     decoded = surp.decode_payload(payload)  # what the decoder will rebuild, written as is
     new_values = {name: decoded[name].astype(weights[name].dtype) for name in weights}
-    changed = any(not np.array_equal(new_values[n], weights[n]) for n in weights)
+    changed = retraining is not None or any(
+        not np.array_equal(new_values[n], weights[n]) for n in weights
+    )
     if changed:
         write_weights(work, new_values)
     records += [_rewritten(node, name, new_values[name]) for node, name in layers]
     summary = _summary(result, payload)
+    if retraining is not None:
+        summary["retraining"] = retraining
     # Float16 weights hold the decoded float32 values cast to float16; the .onnxc reader
     # casts the same way, so the block still restores them bit for bit.
     artifacts = {"coded_weights": [CodedWeights("surp", list(weights), payload)]}
     if options.compare:
-        summary["comparison"] = compare(model, pooled, decoded, payload, options, context)
+        summary["comparison"] = compare(model, work, pooled, decoded, payload, options, context)
     return PassResult(work, changed, records, summary, artifacts)
+
+
+def _retrained(work, names, options: RdPruneOptions, context: PassContext):
+    """(model, summary) after `rounds` SuRP rounds to `sparsity` (not to a bit budget: that
+    stops only the last coding), each retrained."""
+    schedule = Retraining(options.retrain_steps, options.rounds)
+    prune_to = functools.partial(_surp_round, options=options)
+    target = DEFAULT_SPARSITY if options.sparsity is None else options.sparsity
+    return retrained(work, names, prune_to, target, schedule, context, "rdprune")
+
+
+def _surp_round(
+    weights: dict[str, np.ndarray], sparsity: float, options: RdPruneOptions
+) -> dict[str, np.ndarray]:
+    """One pruning round of `retrain_steps`: SuRP to `sparsity`, decoded, in each weight's type."""
+    pooled = {name: value.astype(np.float32) for name, value in weights.items()}
+    result = _encode(
+        pooled, dataclasses.replace(options, sparsity=sparsity, target_bits_per_param=None)
+    )
+    return {name: result.weights[name].astype(value.dtype) for name, value in weights.items()}
 
 
 def _encode(weights: dict[str, np.ndarray], options: RdPruneOptions) -> surp.SurpResult:
@@ -223,13 +265,16 @@ def code_magnitude_baseline(
 
 def compare(
     model: onnx.ModelProto,
+    base: onnx.ModelProto,
     weights: dict[str, np.ndarray],
     decoded: dict[str, np.ndarray],
     payload: bytes,
     options: RdPruneOptions,
     context: PassContext,
 ) -> dict:
-    """SuRP against magnitude pruning at the same sparsity: coded bytes and output fidelity."""
+    """SuRP against magnitude pruning at the same sparsity: coded bytes and output fidelity
+    against `model`, each variant's weights written into `base` (with retrain_steps, the
+    retrained model: its biases and norm scales trained too)."""
     from onnxcompress.validate import random_inputs
 
     size = sum(w.size for w in weights.values())
@@ -248,7 +293,8 @@ def compare(
             "note": f"no fidelity: {exc}",
             **{k: {"bytes": b} for k, (b, _) in variants.items()},
         }
-    fidelity = output_fidelity(model, {k: v for k, (_, v) in variants.items()}, batches, context)
+    values = {k: v for k, (_, v) in variants.items()}
+    fidelity = output_fidelity(model, base, values, batches, context)
     table = {
         key: {"bytes": coded, "bits_per_param": round(8 * coded / size, 4), **fidelity[key]}
         for key, (coded, _) in variants.items()
@@ -261,10 +307,10 @@ def compare(
 
 
 def output_fidelity(
-    model: onnx.ModelProto, variants: dict, batches: list, context: PassContext
+    model: onnx.ModelProto, base: onnx.ModelProto, variants: dict, batches: list, context
 ) -> dict[str, dict]:
-    """Per variant (name → weights): worst relative L2 over the outputs vs the original, and
-    top-1 agreement when an output looks like class scores."""
+    """Per variant (name → weights, written into `base`): worst relative L2 over the outputs
+    vs `model`'s, and top-1 agreement when an output looks like class scores."""
     from onnxcompress.runtime import run_model
     from onnxcompress.validate import is_classifier_output
 
@@ -273,7 +319,7 @@ def output_fidelity(
     figures = {}
     for key, values in variants.items():
         candidate = onnx.ModelProto()
-        candidate.CopyFrom(model)
+        candidate.CopyFrom(base)
         write_weights(candidate, {n: v.astype(constants[n].dtype) for n, v in values.items()})
         outputs = run_model(candidate, batches, threads=context.threads)
         worst, agreement = 0.0, None

@@ -10,7 +10,9 @@ from onnxcompress.passkit import PassContext
 from onnxcompress.samples import ArraySource, SampleSource
 
 
-def stacked_samples(context: PassContext) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+def stacked_samples(
+    context: PassContext, who: str = "distill"
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Every calibration sample, each input's batches joined on its first axis, and the
     labels (None without them or without `labels=true` data the same length)."""
     batches = list(context.calibration or [])
@@ -18,7 +20,7 @@ def stacked_samples(context: PassContext) -> tuple[dict[str, np.ndarray], np.nda
     for batch in batches:
         if set(batch) != set(names) or len({len(batch[name]) for name in names}) != 1:
             raise CompressError(
-                "distill: every input must hold the batch's samples on its first axis"
+                f"{who}: every input must hold the batch's samples on its first axis"
             )
     samples = {name: np.concatenate([batch[name] for batch in batches]) for name in names}
     labels = context.labels
@@ -31,18 +33,20 @@ def sample_count(samples: dict[str, np.ndarray]) -> int:
     return len(next(iter(samples.values())))
 
 
-def split_rows(count: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_rows(
+    count: int, holdout: float, seed: int, who: str = "distill"
+) -> tuple[np.ndarray, np.ndarray]:
     """(training rows, held-out rows): a seeded `holdout` share held out, at least one row
     each side."""
     if count < 2:
-        raise CompressError(f"distill: needs at least 2 calibration samples, got {count}")
+        raise CompressError(f"{who}: needs at least 2 calibration samples, got {count}")
     held = min(count - 1, max(1, round(count * holdout)))
     order = np.random.default_rng(seed).permutation(count)
     return np.sort(order[held:]), np.sort(order[:held])
 
 
 def training_and_held_out(
-    context: PassContext, holdout: float, seed: int
+    context: PassContext, holdout: float, seed: int, who: str = "distill"
 ) -> tuple[SampleSource, dict[str, np.ndarray] | list[dict[str, np.ndarray]]]:
     """(what to train on, the held-out samples that choose the weights): the run's training
     set when it has one, else the calibration samples not held out. Calibration batches of
@@ -52,13 +56,13 @@ def training_and_held_out(
     if not _one_shape(batches):
         if context.training is None:
             raise CompressError(
-                "distill: the calibration batches differ in shape past the batch axis (e.g. "
+                f"{who}: the calibration batches differ in shape past the batch axis (e.g. "
                 "sentences padded per batch); give --train-data of one shape to train on"
             )
-        _, held_batches = split_rows(len(batches), holdout, seed)
+        _, held_batches = split_rows(len(batches), holdout, seed, who)
         return context.training, [batches[index] for index in held_batches]
-    samples, labels = stacked_samples(context)
-    train_rows, held_rows = split_rows(sample_count(samples), holdout, seed)
+    samples, labels = stacked_samples(context, who)
+    train_rows, held_rows = split_rows(sample_count(samples), holdout, seed, who)
     held = {name: value[held_rows] for name, value in samples.items()}
     if context.training is not None:
         return context.training, held

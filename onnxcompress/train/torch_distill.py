@@ -22,6 +22,7 @@ from onnxcompress.errors import CompressError
 from onnxcompress.passkit import Progress, ProgressTask
 from onnxcompress.samples import SampleSource, steady_batches
 from onnxcompress.train.samples import pieces
+from onnxcompress.train.schedule import Schedule
 from onnxcompress.train.torch_graph import TorchGraph
 from onnxcompress.train.write_back import write_back
 
@@ -38,23 +39,6 @@ WARMUP = 0.05
 EPSILON = 1e-12
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """How long and how to train."""
-
-    steps: int
-    lr: float
-    batch_size: int
-    seed: int
-    threads: int
-    time_limit: float | None = None
-    # Image augmentations of each training batch ("flip", "shift"), teacher and student alike.
-    augment: tuple[str, ...] = ()
-    # Graph outputs shaped (batch, classes) matched by KL of their softmaxes instead of MSE.
-    kl: bool = False
-    device: str = "cpu"  # where torch trains: "cpu" or "cuda" (see `device_for`)
-
-
 @dataclass
 class Outcome:
     """What a run of `train_student` did; `model` is None when nothing beat the start."""
@@ -68,6 +52,7 @@ class Outcome:
     stopped_by: str | None  # "time limit", "interrupted" or None
     trained_tensors: list[str] = field(default_factory=list)
     trained_params: int = 0
+    held_zeros: int = 0  # exact zeros of the trained tensors, kept zero throughout
 
 
 def device_for(choice: str) -> str:
@@ -144,6 +129,7 @@ def _train(student, exposed, trainable, teacher, train, held, schedule, progress
         stopped_by=done.stopped_by,
         trained_tensors=names,
         trained_params=sum(p.numel() for p in module.parameters() if p.requires_grad),
+        held_zeros=done.held_zeros,
     )
 
 
@@ -157,6 +143,7 @@ class Fit:
     best_loss: float
     best_step: int
     stopped_by: str | None  # "time limit", "interrupted" or None
+    held_zeros: int = 0  # exact zeros of the trained tensors, kept zero throughout
 
 
 def fit(
@@ -176,6 +163,7 @@ def fit(
     cut by the clock still ends with its learning rate decayed."""
     started = time.perf_counter()
     parameters = [p for p in module.parameters() if p.requires_grad]
+    zeros = zero_masks(parameters)
     factor = _warmup_cosine(schedule.steps)
     optimizer = torch.optim.AdamW(parameters, lr=schedule.lr * factor(0), weight_decay=0.0)
     start = best = held_loss()
@@ -185,7 +173,9 @@ def fit(
             loss = step_loss(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            hold_zeros(zeros, gradients=True)
             optimizer.step()
+            hold_zeros(zeros, gradients=False)
             task.advance()
             reached = _progress(done, schedule, time.perf_counter() - started)
             for group in optimizer.param_groups:
@@ -201,7 +191,24 @@ def fit(
     except KeyboardInterrupt:
         stopped_by = "interrupted"
     module.load_state_dict(best_state, strict=False)
-    return Fit(done, start, best, best_step, stopped_by)
+    held = sum(int((mask == 0).sum()) for _, mask in zeros)
+    return Fit(done, start, best, best_step, stopped_by, held)
+
+
+def zero_masks(parameters) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """(parameter, 1 where it is not zero, else 0) for each trained tensor holding exact zeros:
+    they stay zero, so a pass's pruning survives (docs/decisions.md#zeros-stay-zero)."""
+    return [(p, (p.detach() != 0).to(p.dtype)) for p in parameters if bool((p.detach() == 0).any())]
+
+
+def hold_zeros(masks: list[tuple[torch.nn.Parameter, torch.Tensor]], gradients: bool) -> None:
+    """Zero the masked entries' gradients (so AdamW's moments stay 0 there), or after the
+    step their values: a multiply by 0 keeps a zero as it was, bit for bit."""
+    with torch.no_grad():
+        for parameter, mask in masks:
+            target = parameter.grad if gradients else parameter
+            if target is not None:
+                target.mul_(mask)
 
 
 def _progress(done: int, schedule: Schedule, elapsed: float) -> float:

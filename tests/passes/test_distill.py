@@ -25,17 +25,12 @@ from onnxcompress.samples import ArraySource
 from onnxcompress.samples.npz_stream import NpzStream
 from onnxcompress.samples.training_set import training_source
 from tests.conftest import REPO
+from tests.passes.mlp_training import SHAPES, batches, held_out_error, training_context, weights
 from tests.test_cli import one_error_line, run_cli
 
 DISTILL = get_pass("distill")
 SVD = get_pass("svd")
-SHAPES = {"input": [32, 64]}
 FAST = {"steps": 60, "lr": 3e-3, "batch_size": 32, "threads": 1}
-
-
-def _batches(count: int, seed: int) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return [{"input": rng.standard_normal((32, 64)).astype(np.float32)} for _ in range(count)]
 
 
 @pytest.fixture(scope="module")
@@ -48,25 +43,8 @@ def damaged():
 
 
 def _distill(student, teacher, calibration=None, training=None, **options):
-    context = PassContext(
-        SHAPES,
-        calibration=_batches(8, 0) if calibration is None else calibration,
-        seed=0,
-        threads=1,
-        original=teacher,
-        training=training,
-    )
+    context = training_context(teacher, calibration, training=training)
     return DISTILL.run(student, DISTILL.make_options({**FAST, **options}), context)
-
-
-def _error(model, teacher) -> float:
-    batches = _batches(4, 99)  # inputs neither training nor choosing the weights saw
-    ours, theirs = run_model(model, batches)["logits"], run_model(teacher, batches)["logits"]
-    return float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
-
-
-def _weights(model) -> dict[str, np.ndarray]:
-    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
 
 
 def test_structure_is_kept_and_only_weights_change(damaged):
@@ -75,7 +53,7 @@ def test_structure_is_kept_and_only_weights_change(damaged):
     assert result.changed
     graph.check_model(result.model)  # full checker and strict shape inference
     assert list(result.model.graph.node) == list(student.graph.node)
-    before, after = _weights(student), _weights(result.model)
+    before, after = weights(student), weights(result.model)
     assert {n: v.shape for n, v in after.items()} == {n: v.shape for n, v in before.items()}
     assert any(not np.array_equal(before[n], after[n]) for n in before)
     summary = result.summary
@@ -87,7 +65,7 @@ def test_structure_is_kept_and_only_weights_change(damaged):
 def test_distillation_lowers_the_error_on_held_out_inputs(damaged):
     teacher, student = damaged
     result = _distill(student, teacher)
-    assert _error(result.model, teacher) < 0.8 * _error(student, teacher)
+    assert held_out_error(result.model, teacher) < 0.8 * held_out_error(student, teacher)
 
 
 def test_a_student_equal_to_its_teacher_stays_equal():
@@ -102,7 +80,7 @@ def test_a_student_equal_to_its_teacher_stays_equal():
 def test_same_seed_same_weights(damaged):
     teacher, student = damaged
     first, second = (_distill(student, teacher, steps=20) for _ in range(2))
-    a, b = _weights(first.model), _weights(second.model)
+    a, b = weights(first.model), weights(second.model)
     assert all(np.array_equal(a[name], b[name]) for name in a)
 
 
@@ -110,7 +88,7 @@ def test_new_trains_only_the_weights_the_teacher_lacks(damaged):
     teacher, student = damaged
     result = _distill(student, teacher, trainable="new", steps=20)
     old = {init.name for init in teacher.graph.initializer}
-    before, after = _weights(student), _weights(result.model)
+    before, after = weights(student), weights(result.model)
     assert all(np.array_equal(before[n], after[n]) for n in before if n in old)
     assert result.summary["trained_tensors"] == sum(
         1 for n in before if n not in old and before[n].ndim >= 1
@@ -166,7 +144,7 @@ class _CtrlCAt:
 def test_ctrl_c_stops_and_keeps_the_best_weights_so_far(damaged):
     teacher, student = damaged
     context = PassContext(
-        SHAPES, _batches(8, 0), seed=0, threads=1, original=teacher, progress=_CtrlCAt(10)
+        SHAPES, batches(8, 0), seed=0, threads=1, original=teacher, progress=_CtrlCAt(10)
     )
     result = DISTILL.run(student, DISTILL.make_options(FAST), context)
     assert result.summary["stopped_by"] == "interrupted" and result.summary["steps"] == 10
@@ -240,7 +218,7 @@ def test_bad_options_are_refused(raw, words):
 def test_cli_svd_then_distill(tmp_path):
     model, data, out = tmp_path / "mlp.onnx", tmp_path / "calib.npz", tmp_path / "out.onnx"
     onnx.save(mlp(), model)
-    np.savez(data, input=np.concatenate([b["input"] for b in _batches(4, 1)]))
+    np.savez(data, input=np.concatenate([b["input"] for b in batches(4, 1)]))
     done = subprocess.run(
         [
             sys.executable,
@@ -310,8 +288,8 @@ def test_augmentations_touch_only_images():
 
 
 def _softmax_kl(model, teacher) -> float:
-    batches = _batches(4, 99)
-    ours, theirs = run_model(model, batches)["logits"], run_model(teacher, batches)["logits"]
+    unseen = batches(4, 99)
+    ours, theirs = run_model(model, unseen)["logits"], run_model(teacher, unseen)["logits"]
     log_p, log_q = log_softmax(ours, axis=1), log_softmax(theirs, axis=1)
     return float(np.mean(np.sum(np.exp(log_q) * (log_q - log_p), axis=1)))
 
@@ -409,9 +387,9 @@ def test_trains_on_a_stream_of_npz_files_and_chooses_on_held_out_calibration(dam
     summary = result.summary
     assert summary["train_samples"] == 370 and "3 .npz" in summary["training_data"]
     assert summary["held_out_samples"] == round(8 * 32 * DISTILL.make_options({}).holdout)
-    assert _error(result.model, teacher) < 0.8 * _error(student, teacher)
+    assert held_out_error(result.model, teacher) < 0.8 * held_out_error(student, teacher)
     again = _distill(student, teacher, training=stream)
-    a, b = _weights(result.model), _weights(again.model)
+    a, b = weights(result.model), weights(again.model)
     assert all(np.array_equal(a[name], b[name]) for name in a)  # same seed, same weights
 
 
@@ -423,7 +401,7 @@ def test_one_npz_file_trains_as_the_same_samples_in_memory(damaged, tmp_path):
     streamed = _distill(student, teacher, training=_stream([path]), steps=20)
     held = _distill(student, teacher, training=memory, steps=20)
     assert streamed.changed and held.changed
-    a, b = _weights(streamed.model), _weights(held.model)
+    a, b = weights(streamed.model), weights(held.model)
     assert all(np.array_equal(a[name], b[name]) for name in a)
 
 
@@ -463,14 +441,14 @@ def test_an_image_folder_trains_as_the_same_images_decoded_up_front(tmp_path):
         options = DISTILL.make_options({**FAST, "steps": 6, "batch_size": 8})
         result = DISTILL.run(student, options, context)
         assert result.changed
-        results.append(_weights(result.model))
+        results.append(weights(result.model))
     assert all(np.array_equal(results[0][name], results[1][name]) for name in results[0])
 
 
 def _cli_files(tmp_path):
     model, data = tmp_path / "mlp.onnx", tmp_path / "calib.npz"
     onnx.save(mlp(), model)
-    np.savez(data, input=np.concatenate([b["input"] for b in _batches(2, 1)]))
+    np.savez(data, input=np.concatenate([b["input"] for b in batches(2, 1)]))
     return model, data, _npz_parts(tmp_path / "train", [40, 30])
 
 
@@ -509,3 +487,18 @@ def test_cli_refuses_train_data_that_does_not_fit_the_model(tmp_path, capsys):
     assert code == 2
     assert "array 'input' has shape [5, 32], expected ['N', 64]" in one_error_line(capsys)
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_pruned_zeros_stay_zero_and_the_rest_still_recovers():
+    teacher = mlp()
+    prune = get_pass("prune")
+    options = prune.make_options({"sparsity": 0.7, "keep": "none"})
+    student = prune.run(teacher, options, PassContext(SHAPES)).model
+    result = _distill(student, teacher)
+    before, after = weights(student), weights(result.model)
+    zeros = {name: value == 0 for name, value in before.items() if np.any(value == 0)}
+    assert zeros and result.summary["held_zeros"] == sum(int(z.sum()) for z in zeros.values())
+    for name, zero in zeros.items():
+        assert np.array_equal(after[name][zero].view(np.uint32), before[name][zero].view(np.uint32))
+        assert not np.array_equal(after[name][~zero], before[name][~zero])  # the rest trained
+    assert held_out_error(result.model, teacher) < 0.8 * held_out_error(student, teacher)
