@@ -15,7 +15,12 @@ from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
 from onnxcompress.samples import SampleSource
 from onnxcompress.train.coverage import UnsupportedOps, supported
-from onnxcompress.train.samples import held_count, pieces, training_and_held_out
+from onnxcompress.train.samples import (
+    held_count,
+    held_out_labels,
+    pieces,
+    training_and_held_out,
+)
 from onnxcompress.train.schedule import DEFAULT_HOLDOUT, Schedule
 
 INSTALL = "pip install 'onnxcompress[train]'"
@@ -83,6 +88,8 @@ def distil(
     teacher_run = _teacher(teacher, outputs + features, context.threads)
     held_targets = _targets(teacher_run, held, schedule.batch_size)[: len(outputs)]
     use_labels = labels and source.labelled
+    # Labels train a cross-entropy: the weights are chosen by it too where held-out labels exist.
+    held_labels = held_out_labels(context, holdout, schedule.seed) if use_labels else None
     outcome = torch_distill.train_student(
         student,
         runtime.expose_outputs(student, features),
@@ -93,6 +100,7 @@ def distil(
         schedule,
         context.progress,
         use_labels,
+        held_labels,
     )
     return Distilled(outcome, source, held_count(held), use_labels)
 

@@ -71,6 +71,19 @@ def training_and_held_out(
     return ArraySource(train, kept, f"{len(train_rows)} calibration samples"), held
 
 
+def held_out_labels(context: PassContext, holdout: float, seed: int) -> np.ndarray | None:
+    """The labels of the held-out calibration samples `training_and_held_out` chooses (the
+    same seeded split), or None when the calibration has none or is held out by batch."""
+    batches = list(context.calibration or [])
+    labels = context.labels
+    if labels is None or not batches or not _one_shape(batches):
+        return None
+    count = sum(sample_count(batch) for batch in batches)
+    if len(labels) != count:
+        return None
+    return labels[split_rows(count, holdout, seed)[1]]
+
+
 def _one_shape(batches: list[dict[str, np.ndarray]]) -> bool:
     """Whether every batch's inputs have the same shape past the batch axis."""
     shapes = {

@@ -77,13 +77,18 @@ def train_student(
     schedule: Schedule,
     progress: Progress,
     labels: bool = False,
+    held_labels: np.ndarray | None = None,
 ) -> Outcome:
     """Train the `trainable` weights of `exposed` (the student with its feature tensors made
     graph outputs) to match `teacher` on batches of `train`; write the best weights into
     `student`. `held` is (held-out samples, the teacher's targets for its graph outputs);
-    with `labels`, the source's labels add a cross-entropy on the first output."""
+    with `labels`, the source's labels add a cross-entropy on the first output, and
+    `held_labels` (one per held-out sample) add it to the held-out loss too."""
     with torch_settings(schedule):
-        return _train(student, exposed, trainable, teacher, train, held, schedule, progress, labels)
+        return _train(
+            student, exposed, trainable, teacher, train, held, schedule, progress,
+            labels, held_labels,
+        )  # fmt: skip
 
 
 @contextmanager
@@ -98,7 +103,9 @@ def torch_settings(schedule: Schedule) -> Iterator[None]:
         torch.set_num_threads(previous_threads)
 
 
-def _train(student, exposed, trainable, teacher, train, held, schedule, progress, labels):
+def _train(
+    student, exposed, trainable, teacher, train, held, schedule, progress, labels, held_labels
+):
     started = time.perf_counter()
     device = torch.device(schedule.device)
     module = TorchGraph(exposed, trainable=trainable).to(device)
@@ -113,7 +120,8 @@ def _train(student, exposed, trainable, teacher, train, held, schedule, progress
         return training_loss(produced, targets, outputs, given, schedule.kl)
 
     def held_loss() -> float:
-        return held_out_loss(module, held, outputs, schedule.batch_size, schedule.kl, device)
+        loss = held_out_loss(module, held, outputs, schedule.batch_size, schedule.kl, device)
+        return loss + _held_cross_entropy(module, held[0], held_labels, schedule.batch_size, device)
 
     batches = steady_batches(train, schedule.batch_size, schedule.seed)
     with progress("distill steps", schedule.steps) as task:
@@ -280,6 +288,19 @@ def held_out_loss(
             for index in range(outputs):
                 produced[index].append(result[index].cpu())
     return outputs_loss([torch.cat(parts) for parts in produced], targets, kl)
+
+
+def _held_cross_entropy(module, samples, labels, size, device) -> float:
+    """The cross-entropy of the first output on the held-out labels (0 without them)."""
+    if labels is None:
+        return 0.0
+    with torch.no_grad():
+        logits = []
+        for batch in pieces(samples, size):
+            result = module(**as_tensors(batch, device))
+            logits.append((result if isinstance(result, tuple) else (result,))[0].cpu())
+        target = torch.from_numpy(labels.astype(np.int64))
+        return float(torch.nn.functional.cross_entropy(torch.cat(logits).float(), target))
 
 
 def outputs_loss(produced: list, targets: list[np.ndarray], kl: bool = False) -> float:

@@ -502,3 +502,19 @@ def test_pruned_zeros_stay_zero_and_the_rest_still_recovers():
         assert np.array_equal(after[name][zero].view(np.uint32), before[name][zero].view(np.uint32))
         assert not np.array_equal(after[name][~zero], before[name][~zero])  # the rest trained
     assert held_out_error(result.model, teacher) < 0.8 * held_out_error(student, teacher)
+
+
+def test_labels_train_a_cross_entropy_and_choose_the_weights_by_it_too(damaged):
+    teacher, student = damaged
+    calibration = batches(8, 0)
+    logits = run_model(teacher, calibration)["logits"]
+    context = training_context(teacher, calibration, labels=logits.argmax(axis=1))
+    options = DISTILL.make_options({**FAST, "labels": True})
+    with_labels = DISTILL.run(student, options, context)
+    without = _distill(student, teacher, calibration)
+    assert with_labels.summary["labels"] and not without.summary["labels"]
+    # the held-out loss holds the cross-entropy on the held-out labels: above the MSE alone
+    before = with_labels.summary["held_out_loss_before"]
+    assert before > without.summary["held_out_loss_before"] + 0.01
+    assert with_labels.changed
+    assert held_out_error(with_labels.model, teacher) < held_out_error(student, teacher)

@@ -10,7 +10,12 @@ import pytest
 from onnxcompress.errors import CompressError
 from onnxcompress.passkit import PassContext
 from onnxcompress.samples import ArraySource
-from onnxcompress.train.samples import held_count, pieces, training_and_held_out
+from onnxcompress.train.samples import (
+    held_count,
+    held_out_labels,
+    pieces,
+    training_and_held_out,
+)
 
 
 def _batches(lengths: list[int]) -> list[dict[str, np.ndarray]]:
@@ -49,3 +54,13 @@ def test_joined_samples_are_cut_in_order_and_lists_kept():
     assert [list(piece["x"]) for piece in cut] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     given = _batches([3, 5])
     assert pieces(given, 1) is given
+
+
+def test_held_out_labels_follow_the_held_out_samples():
+    rows = np.arange(40)
+    calibration = [{"x": rows[i : i + 8, None].astype(np.float32)} for i in range(0, 40, 8)]
+    context = PassContext({"x": [8, 1]}, calibration, labels=rows + 100)
+    _, held = training_and_held_out(context, 0.2, seed=5)
+    labels = held_out_labels(context, 0.2, seed=5)
+    assert list(labels) == list(held["x"][:, 0].astype(int) + 100)
+    assert held_out_labels(PassContext({"x": [8, 1]}, calibration), 0.2, seed=5) is None
