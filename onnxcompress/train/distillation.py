@@ -12,6 +12,7 @@ import onnx
 
 from onnxcompress import runtime
 from onnxcompress.errors import CompressError
+from onnxcompress.graph import dim_values, runtime_inputs
 from onnxcompress.passkit import PassContext
 from onnxcompress.samples import SampleSource
 from onnxcompress.train.coverage import UnsupportedOps, supported
@@ -106,15 +107,35 @@ def distil(
 
 
 def _teacher(teacher: onnx.ModelProto, names: list[str], threads: int):
-    """The teacher as a function: a batch -> its tensors `names`, from onnxruntime."""
+    """The teacher as a function: a batch -> its tensors `names`, from onnxruntime; a model
+    whose inputs fix the batch (SqueezeNet's 1) runs the training batch that many at a time."""
     session = runtime.make_session(
         runtime.expose_outputs(teacher, names), threads=threads, optimize=True
     )
+    fixed = _fixed_batch(teacher)
 
     def run(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return runtime.run_session(session, batch, names)
+        rows = len(next(iter(batch.values())))
+        if fixed is None or rows <= fixed:
+            return runtime.run_session(session, batch, names)
+        parts = [
+            runtime.run_session(
+                session,
+                {name: value[begin : begin + fixed] for name, value in batch.items()},
+                names,
+            )
+            for begin in range(0, rows, fixed)
+        ]
+        return [np.concatenate(column) for column in zip(*parts, strict=True)]
 
     return run
+
+
+def _fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size the model's inputs fix on their first axis, or None when it is free."""
+    firsts = {dim_values(value)[0] for value in runtime_inputs(model) if dim_values(value)}
+    fixed = [first for first in firsts if isinstance(first, int) and first > 0]
+    return min(fixed) if fixed else None
 
 
 def _targets(teacher_run, samples, size: int) -> list[np.ndarray]:

@@ -518,3 +518,22 @@ def test_labels_train_a_cross_entropy_and_choose_the_weights_by_it_too(damaged):
     assert before > without.summary["held_out_loss_before"] + 0.01
     assert with_labels.changed
     assert held_out_error(with_labels.model, teacher) < held_out_error(student, teacher)
+
+
+def test_a_model_that_fixes_its_batch_at_one_still_trains_in_batches():
+    teacher = mlp()
+    for value in (*teacher.graph.input, *teacher.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 1  # as SqueezeNet's file does
+    options = SVD.make_options({"rank": 4, "refit": False, "never_slower": False})
+    student = graph.cleanup_and_sort(
+        SVD.run(teacher, options, PassContext({"input": [1, 64]})).model
+    )
+    one_by_one = [{"input": row[None]} for batch in batches(2, 0) for row in batch["input"]]
+    context = training_context(teacher, one_by_one)
+    result = DISTILL.run(student, DISTILL.make_options({**FAST, "batch_size": 16}), context)
+    assert result.changed
+    singles = [{"input": row[None]} for batch in batches(1, 99) for row in batch["input"]]
+    ours, theirs = run_model(result.model, singles), run_model(teacher, singles)
+    before = run_model(student, singles)
+    error = np.linalg.norm(ours["logits"] - theirs["logits"])
+    assert error < np.linalg.norm(before["logits"] - theirs["logits"])
