@@ -115,6 +115,13 @@ METHODS: dict[str, Method] = {
         )
         for name in ("fga", "svd", "cp", "tucker2", "lrs")
     },
+    "prune+distill": Method(
+        "prune",
+        "sparsity",
+        coded=True,
+        note="global magnitude pruning, then distill (zeros stay zero)",
+        then=("distill",),
+    ),
     "channels+distill": Method(
         "channels", "target_macs", note="channels, then distill", then=("distill",)
     ),
