@@ -105,4 +105,7 @@ def pieces(samples, size: int) -> list[dict[str, np.ndarray]]:
 
 
 def held_count(samples) -> int:
-    return sum(sample_count(piece) for piece in pieces(samples, 1 << 30))
+    """How many held-out samples: in joined arrays, or over held-out batches."""
+    if isinstance(samples, list):
+        return sum(sample_count(batch) for batch in samples)
+    return sample_count(samples)

@@ -120,8 +120,8 @@ def _train(
         return training_loss(produced, targets, outputs, given, schedule.kl)
 
     def held_loss() -> float:
-        loss = held_out_loss(module, held, outputs, schedule.batch_size, schedule.kl, device)
-        return loss + _held_cross_entropy(module, held[0], held_labels, schedule.batch_size, device)
+        size, kl = schedule.batch_size, schedule.kl
+        return held_out_loss(module, held, outputs, size, kl, device, held_labels)
 
     batches = steady_batches(train, schedule.batch_size, schedule.seed)
     with progress("distill steps", schedule.steps) as task:
@@ -276,9 +276,11 @@ def held_out_loss(
     size: int,
     kl: bool = False,
     device: torch.device | None = None,
+    labels: np.ndarray | None = None,
 ) -> float:
     """The training loss of the graph outputs on the held-out samples (features excluded:
-    what the weights are chosen by is what the user gets)."""
+    what the weights are chosen by is what the user gets), with the cross-entropy of the
+    first output on `labels` (one per held-out sample) added when given."""
     samples, targets = held
     produced: list[list[torch.Tensor]] = [[] for _ in range(outputs)]
     with torch.no_grad():
@@ -287,20 +289,12 @@ def held_out_loss(
             result = result if isinstance(result, tuple) else (result,)
             for index in range(outputs):
                 produced[index].append(result[index].cpu())
-    return outputs_loss([torch.cat(parts) for parts in produced], targets, kl)
-
-
-def _held_cross_entropy(module, samples, labels, size, device) -> float:
-    """The cross-entropy of the first output on the held-out labels (0 without them)."""
+    whole = [torch.cat(parts) for parts in produced]
+    loss = outputs_loss(whole, targets, kl)
     if labels is None:
-        return 0.0
-    with torch.no_grad():
-        logits = []
-        for batch in pieces(samples, size):
-            result = module(**as_tensors(batch, device))
-            logits.append((result if isinstance(result, tuple) else (result,))[0].cpu())
-        target = torch.from_numpy(labels.astype(np.int64))
-        return float(torch.nn.functional.cross_entropy(torch.cat(logits).float(), target))
+        return loss
+    target = torch.from_numpy(labels.astype(np.int64))
+    return loss + float(torch.nn.functional.cross_entropy(whole[0].float(), target))
 
 
 def outputs_loss(produced: list, targets: list[np.ndarray], kl: bool = False) -> float:
