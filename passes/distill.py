@@ -103,16 +103,13 @@ class DistillOptions:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss={self.loss!r}: expected one of {', '.join(LOSSES)}")
-        if self.output_loss not in OUTPUT_LOSSES:
-            raise ValueError(
-                f"output_loss={self.output_loss!r}: expected one of {', '.join(OUTPUT_LOSSES)}"
-            )
-        if self.trainable not in TRAINABLE:
-            raise ValueError(
-                f"trainable={self.trainable!r}: expected one of {', '.join(TRAINABLE)}"
-            )
+        for name, choices in (
+            ("loss", LOSSES), ("output_loss", OUTPUT_LOSSES), ("trainable", TRAINABLE),
+            ("device", DEVICES),
+        ):  # fmt: skip
+            if getattr(self, name) not in choices:
+                value = getattr(self, name)
+                raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
         if self.time_limit is not None and not self.time_limit > 0:
             raise ValueError(f"time_limit must be > 0 seconds, got {self.time_limit}")
         unknown = sorted(set(comma_list(self.augment)) - set(AUGMENTATIONS))
@@ -130,8 +127,6 @@ class DistillOptions:
             raise ValueError("give steps or epochs, not both")
         if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device={self.device!r}: expected one of {', '.join(DEVICES)}")
 
 
 @register(
@@ -152,7 +147,7 @@ def distill(model: onnx.ModelProto, options: DistillOptions, context: PassContex
     training_module("distill")  # refuses without torch before any work
     blocks = convertible_blocks(model, teacher) if missing or options.blockwise else None
     trained = _trainable(model, teacher, options.trainable)
-    seed = context.seed if options.seed is None else options.seed
+    seed = _seed(options, context)
     data = training_and_held_out(context, options.holdout, seed)
     steps = steps_for(options, data[0].count)
     if blocks is None:
@@ -198,7 +193,7 @@ def _blockwise(model, teacher, blocks, trained, options, context, data, steps, m
         return PassResult(model, False, summary={"blockwise": mode, "note": "; ".join(notes)})
     from onnxcompress.train import torch_blockwise as blockwise
 
-    seed = context.seed if options.seed is None else options.seed
+    seed = _seed(options, context)
     block_data = blockwise.BlockData(
         teacher,
         list(context.calibration or []),
@@ -231,7 +226,7 @@ def _phases(model, blocks, trained, data, mode, options, context, steps):
     from onnxcompress.train.torch_blockwise import train_blocks
 
     block_data, whole_data = data
-    seed = context.seed if options.seed is None else options.seed
+    seed = _seed(options, context)
     share = 1.0 if mode == "only" else BLOCK_SHARE
     block_steps = max(1, round(steps * share))
     limit = None if options.time_limit is None else options.time_limit * share
@@ -283,6 +278,10 @@ def steps_for(options: DistillOptions, count: int) -> int:
     if options.epochs is None:
         return options.steps or DEFAULT_STEPS
     return max(1, math.ceil(options.epochs * count / min(options.batch_size, count)))
+
+
+def _seed(options: DistillOptions, context: PassContext) -> int:
+    return context.seed if options.seed is None else options.seed
 
 
 def _same_graph(model: onnx.ModelProto, teacher: onnx.ModelProto) -> bool:
