@@ -20,11 +20,11 @@ import torch
 from onnxcompress.passkit import Progress, ProgressTask
 from onnxcompress.train.block_report import BlockReport, node_labels
 from onnxcompress.train.model_tensors import ModelTensors, joined
+from onnxcompress.train.schedule import Schedule
 from onnxcompress.train.student_blocks import StudentBlock, block_model
 from onnxcompress.train.tensors import stored_weights
 from onnxcompress.train.torch_distill import (
     Fit,
-    Schedule,
     as_tensors,
     fit,
     held_out_loss,
