@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxcompress import graph
+from onnxcompress import graph, large_models
 from onnxcompress.errors import ORT_LOG_SEVERITY
 from onnxcompress.report.tables import format_table, human  # noqa: F401  (re-exported for callers)
 
@@ -193,7 +193,9 @@ def analyse(
     (`runtime_fallback`); a node whose shapes stay unknown gets 0 MACs and note "shape unknown".
     """
     shapes = graph.resolve_input_shapes(model, input_shapes)
-    pinned = graph.with_input_shapes(model, shapes)
+    # A model too large to serialise is inferred from its skeleton (no weight bytes).
+    structure = large_models.skeleton(model) if large_models.too_large(model) else model
+    pinned = graph.with_input_shapes(structure, shapes)
     tensors = _known_tensors(graph.infer_shapes(pinned))
     constants = graph.constant_tensors(model)
     # Weights: float constants, and the integer data of a DequantizeLinear (quantized weights).

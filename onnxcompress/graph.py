@@ -286,3 +286,60 @@ def check_model(model: onnx.ModelProto) -> None:
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except Exception as exc:
         raise CompressError(f"model fails the ONNX checker: {first_line(exc)}") from exc
+
+
+def with_external_tensors(
+    model: onnx.ModelProto, locations: dict[str, list[tuple[str, str]]]
+) -> onnx.ModelProto:
+    """A copy of the model whose top-level initializers named in `locations` keep their name,
+    type and dims but hold no bytes: they point to external data at the given (key, value)
+    entries (`location`, `offset`, `length`). Built field by field, so the bytes of those
+    tensors are never copied (a copy of the model would copy every weight)."""
+    shell = onnx.ModelProto()
+    _copy_fields(model, shell, skip="graph")
+    _copy_fields(model.graph, shell.graph, skip="initializer")
+    for tensor in model.graph.initializer:
+        if tensor.name not in locations:
+            shell.graph.initializer.add().CopyFrom(tensor)
+            continue
+        stub = shell.graph.initializer.add(name=tensor.name, data_type=tensor.data_type)
+        stub.dims.extend(tensor.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in locations[tensor.name]:
+            stub.external_data.add(key=key, value=value)
+    return shell
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    """Every set field of `source` but `skip` into `target` (messages of the same type)."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes the tensor takes in a protobuf file, nearly: its data's size from dims and type
+    when it keeps it in raw_data, without reading it (reading copies it; and protobuf's own
+    ByteSize serialises the message to count it)."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
+        return tensor.ByteSize()
+    itemsize = _itemsize(tensor.data_type)
+    if itemsize is None:
+        return tensor.ByteSize()
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize + 16 * len(tensor.dims) + 64
+
+
+def _itemsize(data_type: int) -> int | None:
+    """Bytes per element of a tensor type; None for strings, sub-byte and unknown types."""
+    if data_type not in onnx.TensorProto.DataType.values():
+        return None
+    name = onnx.TensorProto.DataType.Name(data_type)
+    if name in ("UNDEFINED", "STRING") or "4" in name:  # int4, uint4, float4 pack two a byte
+        return None
+    return np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize

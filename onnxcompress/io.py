@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import onnx
+from google.protobuf.message import EncodeError
 
 from onnxcompress import graph
 from onnxcompress.errors import CompressError, first_line
@@ -50,7 +51,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise CompressError(f"{path}: not a file")
     if path.stat().st_size == 0:
         raise CompressError(f"{path}: file is empty, not an ONNX model")
-    if _is_onnxc(path):  # a coded model file: decode it transparently
+    if is_onnxc(path):  # a coded model file: decode it transparently
         from onnxcompress.coding import onnxc_reader as onnxc_reader
 
         model = onnxc_reader.load_onnxc(path)
@@ -73,8 +74,12 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def model_bytes(model: onnx.ModelProto) -> int:
-    """Size the model takes on disk as one protobuf file."""
-    return model.ByteSize()
+    """Size the model takes on disk as one protobuf file, nearly (see graph.tensor_bytes):
+    protobuf's own ByteSize serialises the whole model to count it, which costs twice its
+    size in memory and fails past 2 GB."""
+    weights = model.graph.initializer  # tensors in subgraphs are counted with their nodes
+    shell = graph.with_external_tensors(model, {tensor.name: [] for tensor in weights})
+    return shell.ByteSize() + sum(graph.tensor_bytes(tensor) for tensor in weights)
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, replace: bool = True) -> int:
@@ -86,7 +91,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, replace: bool
     `replace=False` refuses (OutputTaken) to replace a file that exists when the write ends.
     """
     path = output_file(path)
-    if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
+    if model_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
         return _save_with_external_data(model, path, replace)
     with _folder_lock(path):
         written = write_bytes_atomic(model.SerializeToString(), path, replace=replace)
@@ -137,10 +142,11 @@ def free_path(preferred: Path) -> Path:
 
 
 def _save_with_external_data(model: onnx.ModelProto, path: Path, replace: bool) -> int:
+    # Top-level weights only: a subgraph's stay in its node (rarely large).
     tensors = [
         tensor
-        for tensor in _initializers(model.graph)
-        if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_TENSOR_BYTES
+        for tensor in model.graph.initializer
+        if tensor.HasField("raw_data") and graph.tensor_bytes(tensor) >= EXTERNAL_TENSOR_BYTES
     ]
     with _temp_beside(path, ".data.tmp") as data_tmp, _temp_beside(path, ".tmp") as graph_tmp:
         spans, digest = _write_file(data_tmp, (tensor.raw_data for tensor in tensors))
@@ -200,25 +206,16 @@ def _initializers(body: onnx.GraphProto):
 def _serialize_with_external(
     model: onnx.ModelProto, tensors: list, spans: list[tuple[int, int]], location: str
 ) -> bytes:
-    """The model's bytes with `tensors` pointing into the data file; the tensors get their
-    bytes back afterwards (moved out and in, so memory never holds them twice)."""
-    moved = []
+    """The model's bytes with `tensors` pointing into the data file (a copy without their
+    bytes is serialised: the model is left as it was)."""
+    locations = {
+        tensor.name: [("location", location), ("offset", str(offset)), ("length", str(length))]
+        for tensor, (offset, length) in zip(tensors, spans, strict=True)
+    }
     try:
-        for tensor, (offset, length) in zip(tensors, spans, strict=True):
-            moved.append(tensor.raw_data)
-            tensor.ClearField("raw_data")
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", location), ("offset", offset), ("length", length)):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, str(value)
-        return model.SerializeToString()
-    except ValueError as exc:  # protobuf's own limit, met by what stays in the graph
+        return graph.with_external_tensors(model, locations).SerializeToString()
+    except (ValueError, EncodeError) as exc:  # protobuf's limit, met by what stays inline
         raise CompressError(f"the model's graph is too large to write: {first_line(exc)}") from exc
-    finally:
-        for tensor, raw in zip(tensors, moved, strict=False):
-            del tensor.external_data[:]
-            tensor.ClearField("data_location")
-            tensor.raw_data = raw
 
 
 def stored_bytes(path: str | os.PathLike) -> int:
@@ -370,7 +367,7 @@ def _default_permissions(path: str) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
-def _is_onnxc(path: Path) -> bool:
+def is_onnxc(path: Path) -> bool:
     from onnxcompress.coding.onnxc import MAGIC
 
     with open(path, "rb") as fh:

@@ -3,6 +3,7 @@ benchmark → write + report. Passes are looked up by name in `onnxcompress.regi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -12,12 +13,13 @@ from typing import Any
 
 import onnx
 
-from onnxcompress import graph, io
+from onnxcompress import graph, io, large_models
 from onnxcompress.analyse import analyse
 from onnxcompress.errors import CompressError
 from onnxcompress.holdout import ReadWatch, split_holdout, validation_entry
 from onnxcompress.input_checks import require_sized_tensors
 from onnxcompress.layer_roles import layer_roles
+from onnxcompress.pass_contract import check_contract, fingerprint
 from onnxcompress.passkit import PassContext, PassSpec, Progress, no_outline, no_progress
 from onnxcompress.resources import run_resources
 from onnxcompress.samples.training_set import watched_training_set
@@ -160,11 +162,11 @@ def compress(
     input_hash = io.file_sha256(model_path) if model_path.is_file() else None
     original = io.load_model(model_path)
     check_input_model(original, model_path)
-    session = runtime.make_session(original, threads=options.threads)  # refuses opsets ORT lacks
+    runnable = runnable_original(original, model_path)
+    session = runtime.make_session(runnable, threads=options.threads)  # refuses opsets ORT lacks
     shapes = graph.resolve_input_shapes(original, options.input_shapes)
 
     step("analyse")
-    before = analyse(original, shapes)
     calibration = validate.calibration_inputs(
         original,
         shapes,
@@ -180,6 +182,7 @@ def compress(
     timed_batch = calibration.batches[0]  # a whole batch: held-out rows may be a cut one
     validate.require_nan_free_outputs(original, session, calibration)
     del session  # it holds a copy of the weights
+    before = analyse(original, shapes)
     fit, calibration = split_holdout(calibration, options.holdout)
     training = watched_training_set(
         original, shapes, options.train_data, options.preprocess, options.train_labels
@@ -200,43 +203,51 @@ def compress(
     coded: list = []
     model, pass_reports = run_passes(original, specs, typed, context, step, coded=coded)
 
-    step("check")
-    graph.check_model(model)
-    after = analyse(model, shapes)
+    if runnable is not original:  # sessions read its file: its weights are not held twice
+        original = context = None
+    # A result too large for one protobuf is checked, validated and timed from a temp file.
+    with contextlib.ExitStack() as files:
+        step("check")
+        result_runnable = checked_result(model, files)
+        after = analyse(model, shapes)
 
-    step("validate")
-    with progress("validation batches", len(calibration.batches)) as task:
-        counted = dataclasses.replace(calibration, batches=_CountedBatches(calibration, task))
-        fidelity = validate.compare_models(original, model, counted, threads=options.threads)
-    fidelity = validation_entry(fidelity, fit, calibration, bool(user_data and user_data.read))
-    verdict = judge(fidelity)
-    weight_only = [
-        entry["name"] for spec, entry in zip(specs, pass_reports, strict=True)
-        if spec.lossy and entry["changed"]
-    ]  # fmt: skip
-    warnings = [weight_only_warning(weight_only)] if weight_only and user_data is None else []
-    if training is not None and not training.read:
-        warnings.append(f"no pass of this run trains: --train-data ({training.description}) unread")
-
-    latency = None
-    if options.bench:
-        step("benchmark")
-        # benchmark_models times rounds internally: a running clock, no count.
-        with progress(f"benchmark, {options.bench_repeats} timed runs per model", None):
-            latency = benchmark.benchmark_models(
-                {"original": original, "result": model},
-                timed_batch,
-                threads=options.threads,
-                repeats=options.bench_repeats,
+        step("validate")
+        with progress("validation batches", len(calibration.batches)) as task:
+            counted = dataclasses.replace(calibration, batches=_CountedBatches(calibration, task))
+            fidelity = validate.compare_models(
+                runnable, result_runnable, counted, threads=options.threads
             )
-        latency["speedup"] = benchmark.speedup(latency, "original", "result")
+        fidelity = validation_entry(fidelity, fit, calibration, bool(user_data and user_data.read))
+        verdict = judge(fidelity)
+        weight_only = [
+            entry["name"] for spec, entry in zip(specs, pass_reports, strict=True)
+            if spec.lossy and entry["changed"]
+        ]  # fmt: skip
+        warnings = [weight_only_warning(weight_only)] if weight_only and user_data is None else []
+        if training is not None and not training.read:
+            warnings.append(
+                f"no pass of this run trains: --train-data ({training.description}) unread"
+            )
 
-    step("write")
-    sizes = None
-    if output.suffix.lower() == ".onnxc":
-        written, sizes = write_onnxc(original, model, output, coded)
-    else:
-        written, output = save_result(model, output, model_path, options.output is not None)
+        latency = None
+        if options.bench:
+            step("benchmark")
+            # benchmark_models times rounds internally: a running clock, no count.
+            with progress(f"benchmark, {options.bench_repeats} timed runs per model", None):
+                latency = benchmark.benchmark_models(
+                    {"original": runnable, "result": result_runnable},
+                    timed_batch,
+                    threads=options.threads,
+                    repeats=options.bench_repeats,
+                )
+            latency["speedup"] = benchmark.speedup(latency, "original", "result")
+
+        step("write")
+        sizes = None
+        if output.suffix.lower() == ".onnxc":
+            written, sizes = write_onnxc(original, model, output, coded)
+        else:
+            written, output = save_result(model, output, model_path, options.output is not None)
     if input_hash is not None and io.file_sha256(model_path) != input_hash:
         raise CompressError(f"{model_path}: input file changed during the run (not by this tool?)")
 
@@ -288,7 +299,7 @@ class _CountedBatches(list):
 
 
 def write_onnxc(
-    original: onnx.ModelProto, model: onnx.ModelProto, output: Path, coded: list
+    original: onnx.ModelProto | None, model: onnx.ModelProto, output: Path, coded: list
 ) -> tuple[int, dict[str, Any]]:
     """Write the `.onnxc` file; return its bytes and the reference sizes of plain files:
     the original and the result as `.onnx`, each also under gzip -9 and zstd -19."""
@@ -297,7 +308,7 @@ def write_onnxc(
     written = io.save_onnxc(model, output, coded)
     sizes: dict[str, Any] = {"onnxc_bytes": written}
     for label, which in (("original", original), ("result", model)):
-        if which.ByteSize() < io.EXTERNAL_DATA_THRESHOLD:
+        if which is not None and not large_models.too_large(which):
             sizes[label] = onnxc_writer.reference_sizes(which.SerializeToString())
     return written, sizes
 
@@ -322,7 +333,7 @@ def run_passes(
     for spec in specs:
         step(f"pass {spec.name}")
         started = time.perf_counter()
-        before = _fingerprint(model)
+        before = fingerprint(model)
         result = spec.run(model, typed[spec.name], context)
         check_contract(spec.name, model, before, result)
         if coded is not None:
@@ -352,48 +363,29 @@ def _with_role(record: dict[str, Any], roles: dict[str, str]) -> dict[str, Any]:
     return record
 
 
-STATUSES = ("rewritten", "skipped", "reverted")
+def runnable_original(model: onnx.ModelProto, path: Path) -> onnx.ModelProto | Path:
+    """What sessions of the original are made from: its file when it is too large to hand to
+    onnxruntime in memory (and is plain ONNX), else the model."""
+    if large_models.too_large(model) and not io.is_onnxc(path):
+        return path
+    return model
 
 
-class PassContractError(RuntimeError):
-    """A pass broke the pass contract: a bug in the pass, reported to its author."""
-
-
-def check_contract(name: str, model: onnx.ModelProto, before: tuple, result) -> None:
-    """The contract every pass keeps (see passkit.PassResult): `changed=False` means the
-    model, handed back, is the one it was given, untouched; every record's status is one of
-    STATUSES; a skipped or reverted node says why."""
-    touched = _fingerprint(model) != before
-    if not result.changed:
-        # The model handed back is most often the one given: no deep compare with itself.
-        if touched or (result.model is not model and result.model != model):
-            raise PassContractError(f"pass {name} says changed=False but changed the model")
-    elif touched:
-        raise PassContractError(f"pass {name} changed the model it was given in place")
-    for record in result.records:
-        if record.status not in STATUSES:
-            raise PassContractError(
-                f"pass {name}: record of {record.node} has status {record.status!r}, "
-                f"not one of {', '.join(STATUSES)}"
-            )
-        if record.status != "rewritten" and not record.reason:
-            raise PassContractError(f"pass {name}: {record.status} {record.node} without a reason")
-
-
-def _fingerprint(model: onnx.ModelProto) -> tuple:
-    """What a pass could change, cheaply: the nodes, and each initializer's name, type,
-    dims and size (not its bytes: a 2 GB model is not copied to be compared)."""
-    nodes = tuple(node.SerializeToString() for node in model.graph.node)
-    tensors = tuple(
-        (t.name, t.data_type, tuple(t.dims), t.ByteSize()) for t in model.graph.initializer
-    )
-    return nodes, tensors, tuple(model.graph.input), tuple(model.graph.output)
+def checked_result(model: onnx.ModelProto, files: contextlib.ExitStack) -> onnx.ModelProto | Path:
+    """Check the result as every written model is checked; returns what its sessions are made
+    from: the model, or a temp file (removed with `files`) when it is too large."""
+    if not large_models.too_large(model):
+        graph.check_model(model)
+        return model
+    path = files.enter_context(large_models.written(model))
+    large_models.check_file(path)
+    return path
 
 
 def check_input_model(model: onnx.ModelProto, path: Path) -> None:
     """Reject models the ONNX checker rejects (the light check: real exporters pass it)."""
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(model if runnable_original(model, path) is model else str(path))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CompressError(f"{path}: model fails the ONNX checker: {first[:200]}") from exc

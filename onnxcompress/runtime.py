@@ -4,6 +4,7 @@ tensors and hands them over batch by batch."""
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Iterator
 
@@ -35,16 +36,26 @@ def session_options(threads: int = 2, optimize: bool = False) -> ort.SessionOpti
 
 
 def make_session(
-    model: onnx.ModelProto | bytes,
+    model: onnx.ModelProto | bytes | str | os.PathLike,
     threads: int = 2,
     optimize: bool = False,
     options: ort.SessionOptions | None = None,
 ) -> ort.InferenceSession:
-    """A CPU session; unoptimised by default, so runtime fusions cannot hide graph bugs."""
+    """A CPU session; unoptimised by default, so runtime fusions cannot hide graph bugs.
+    `model` may be a path (its external data beside it); a model too large for one protobuf
+    is written to a temporary file first (see large_models)."""
+    from onnxcompress import large_models
+
     options = options or session_options(threads, optimize)
-    payload = model if isinstance(model, bytes) else model.SerializeToString()
+    if isinstance(model, onnx.ModelProto) and large_models.too_large(model):
+        with large_models.written(model) as path:
+            return make_session(path, options=options)
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    elif not isinstance(model, bytes):
+        model = str(model)
     try:
-        return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... classes
         raise CompressError(f"onnxruntime cannot run the model: {ort_message(exc)}") from exc
 
