@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from onnxcompress import graph, large_models
 from onnxcompress.errors import ORT_LOG_SEVERITY
@@ -193,11 +193,10 @@ def analyse(
     (`runtime_fallback`); a node whose shapes stay unknown gets 0 MACs and note "shape unknown".
     """
     shapes = graph.resolve_input_shapes(model, input_shapes)
-    # A model too large to serialise is inferred from its skeleton (no weight bytes).
-    structure = large_models.skeleton(model) if large_models.too_large(model) else model
-    pinned = graph.with_input_shapes(structure, shapes)
+    # Shapes come from the skeleton: no weight is copied or serialised for them.
+    pinned = graph.with_input_shapes(large_models.skeleton(model), shapes)
     tensors = _known_tensors(graph.infer_shapes(pinned))
-    constants = graph.constant_tensors(model)
+    constants = _constant_shapes(model)
     # Weights: float constants, and the integer data of a DequantizeLinear (quantized weights).
     quantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     weights = {n: v for n, v in constants.items() if _is_float(v) or n in quantized}
@@ -207,7 +206,8 @@ def analyse(
     missing = [
         out for node in model.graph.node for out in node.output if out and out not in tensors
     ]
-    if missing and runtime_fallback:
+    if missing and runtime_fallback and not large_models.too_large(model):
+        pinned = graph.with_input_shapes(model, shapes)  # the probe runs: weights needed
         tensors.update(_shapes_from_onnxruntime(pinned, shapes, missing))
 
     def shape_of(name: str) -> list[int]:
@@ -229,6 +229,20 @@ def analyse(
         total_params=sum(weights[name].size for name in used),
         weight_bytes=sum(weights[name].nbytes for name in used),
     )
+
+
+def _constant_shapes(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Every constant (graph.constant_tensors) as an array of its shape and dtype; an
+    initializer's is a zero-stride view that reads none of its data (counts need no more)."""
+    constants = graph.constant_tensors(model, initializers=False)
+    for tensor in model.graph.initializer:
+        try:
+            dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        except (KeyError, ValueError):  # no numpy type: read it as it is
+            constants[tensor.name] = numpy_helper.to_array(tensor)
+            continue
+        constants[tensor.name] = np.broadcast_to(np.zeros((), dtype), tuple(tensor.dims))
+    return constants
 
 
 def flops_by_node(

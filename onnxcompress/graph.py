@@ -15,13 +15,16 @@ from onnxcompress.errors import CompressError, first_line
 MIN_IR_WITHOUT_INITIALIZER_INPUTS = 4
 
 
-def constant_tensors(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Every tensor whose value is fixed in the file: initializers and `Constant` outputs.
+def constant_tensors(model: onnx.ModelProto, initializers: bool = True) -> dict[str, np.ndarray]:
+    """Every tensor whose value is fixed in the file: initializers and `Constant` outputs
+    (only the latter with `initializers=False`).
 
     Initializers that old exporters also list as graph inputs count as constants too: the
     tool treats them as weights, as every runtime does when the caller does not feed them.
     """
-    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    values = {}
+    if initializers:
+        values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             value = constant_node_value(node)
@@ -288,24 +291,25 @@ def check_model(model: onnx.ModelProto) -> None:
         raise CompressError(f"model fails the ONNX checker: {first_line(exc)}") from exc
 
 
-def with_external_tensors(
-    model: onnx.ModelProto, locations: dict[str, list[tuple[str, str]]]
+def stub_tensors(
+    model: onnx.ModelProto, stubs: dict[str, list[tuple[str, str]]]
 ) -> onnx.ModelProto:
-    """A copy of the model whose top-level initializers named in `locations` keep their name,
-    type and dims but hold no bytes: they point to external data at the given (key, value)
-    entries (`location`, `offset`, `length`). Built field by field, so the bytes of those
+    """A copy of the model whose top-level initializers named in `stubs` keep their name,
+    type and dims but hold no bytes; given (key, value) entries (`location`, `offset`,
+    `length`), they point to external data there. Built field by field, so the bytes of those
     tensors are never copied (a copy of the model would copy every weight)."""
     shell = onnx.ModelProto()
     _copy_fields(model, shell, skip="graph")
     _copy_fields(model.graph, shell.graph, skip="initializer")
     for tensor in model.graph.initializer:
-        if tensor.name not in locations:
+        if tensor.name not in stubs:
             shell.graph.initializer.add().CopyFrom(tensor)
             continue
         stub = shell.graph.initializer.add(name=tensor.name, data_type=tensor.data_type)
         stub.dims.extend(tensor.dims)
-        stub.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in locations[tensor.name]:
+        if stubs[tensor.name]:
+            stub.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in stubs[tensor.name]:
             stub.external_data.add(key=key, value=value)
     return shell
 

@@ -78,7 +78,7 @@ def model_bytes(model: onnx.ModelProto) -> int:
     protobuf's own ByteSize serialises the whole model to count it, which costs twice its
     size in memory and fails past 2 GB."""
     weights = model.graph.initializer  # tensors in subgraphs are counted with their nodes
-    shell = graph.with_external_tensors(model, {tensor.name: [] for tensor in weights})
+    shell = graph.stub_tensors(model, {tensor.name: [] for tensor in weights})
     return shell.ByteSize() + sum(graph.tensor_bytes(tensor) for tensor in weights)
 
 
@@ -213,7 +213,7 @@ def _serialize_with_external(
         for tensor, (offset, length) in zip(tensors, spans, strict=True)
     }
     try:
-        return graph.with_external_tensors(model, locations).SerializeToString()
+        return graph.stub_tensors(model, locations).SerializeToString()
     except (ValueError, EncodeError) as exc:  # protobuf's limit, met by what stays inline
         raise CompressError(f"the model's graph is too large to write: {first_line(exc)}") from exc
 

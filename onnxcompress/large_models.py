@@ -53,11 +53,6 @@ def check_file(path: str | os.PathLike) -> None:
         raise CompressError(f"model fails the ONNX checker: {first_line(exc)}") from exc
 
 
-def check_input_file(path: str | os.PathLike) -> None:
-    """The light check an input model passes (real exporters pass it), from its file."""
-    onnx.checker.check_model(str(path))
-
-
 def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of the model whose large tensors (SKELETON_TENSOR_BYTES or more) keep their
     name, type and dims but point to placeholder external data: shape inference and the
@@ -68,4 +63,4 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
         if tensor.data_location != onnx.TensorProto.EXTERNAL
         and graph.tensor_bytes(tensor) >= SKELETON_TENSOR_BYTES
     }
-    return graph.with_external_tensors(model, large)
+    return graph.stub_tensors(model, large)

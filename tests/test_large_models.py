@@ -112,3 +112,21 @@ def test_skeleton_keeps_structure_without_weight_bytes(stack):
     assert shell.graph.node == model.graph.node and shell.opset_import == model.opset_import
     inferred = onnx.shape_inference.infer_shapes(shell, strict_mode=True)
     assert {vi.name for vi in inferred.graph.value_info} >= {"m0", "a1", "h1"}
+
+
+def test_onnxc_of_a_large_model_keeps_its_graph_small(stack, tmp_path, lowered_limit):
+    from onnxcompress.coding import onnxc_reader, onnxc_writer
+
+    data, _ = _data(tmp_path)
+    out = tmp_path / "out.onnxc"
+    options = CompressOptions(
+        passes=["svd"], pass_options={"svd": {"target_macs": 0.5}}, output=str(out),
+        data=str(data), bench=False,
+    )  # fmt: skip
+    result = compress(stack, options)
+    assert onnxc_writer.coded_size(result.model)["graph_bytes"] < LIMIT
+    decoded = onnxc_reader.load_onnxc(out)
+    for before, after in zip(
+        result.model.graph.initializer, decoded.graph.initializer, strict=True
+    ):
+        assert before.raw_data == after.raw_data

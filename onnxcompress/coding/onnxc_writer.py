@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 import zstandard
 
+from onnxcompress.graph import stub_tensors
+from onnxcompress.large_models import too_large
 from onnxcompress.coding.entropy import decode_budget, pack_sections
 from onnxcompress.coding.onnxc import (
     FORMAT_VERSION,
@@ -92,6 +94,8 @@ def _encode_parts(model: onnx.ModelProto, coded: list[CodedWeights]) -> _Parts:
             blocks.append(_block(block.codec, block.payload, arrays, typed))
             done.update(block.tensors)
             charge += spent
+    # A graph over protobuf's limit cannot be written: then every float weight is coded.
+    code_all = too_large(model)
     for name, tensor in tensors.items():
         if name in done or tensor.data_type not in FLOAT_TYPES:
             continue
@@ -99,14 +103,14 @@ def _encode_parts(model: onnx.ModelProto, coded: list[CodedWeights]) -> _Parts:
         if array.size < MIN_CODED_ELEMENTS:
             continue
         payload = encode_sparse({name: array})
-        if len(payload) < array.nbytes:
+        if len(payload) < array.nbytes or code_all:
             blocks.append(_block("sparse", payload, {name: array}, typed))
             done.add(name)
             charge += sparse_charge(array)
-    stripped = onnx.ModelProto()
-    stripped.CopyFrom(model)
+    # Coded initializers are left out as the copy is made (a whole copy would double memory).
+    stripped = stub_tensors(model, {t.name: [] for t in model.graph.initializer if t.name in done})
     for name, tensor in weight_tensors(stripped).items():
-        if name in done:
+        if name in done:  # Constant values, copied with their nodes
             for field in ("raw_data", "float_data", "int32_data"):
                 tensor.ClearField(field)
     serial = stripped.SerializeToString()
