@@ -16,8 +16,6 @@ import numpy as np
 import onnx
 import zstandard
 
-from onnxcompress.graph import stub_tensors
-from onnxcompress.large_models import too_large
 from onnxcompress.coding.entropy import decode_budget, pack_sections
 from onnxcompress.coding.onnxc import (
     FORMAT_VERSION,
@@ -32,6 +30,8 @@ from onnxcompress.coding.onnxc import (
     weights_digest,
 )
 from onnxcompress.coding.sparse_codec import FLOAT_TYPES, encode_sparse, sparse_charge
+from onnxcompress.graph import stub_tensors
+from onnxcompress.large_models import too_large
 
 log = logging.getLogger(__name__)
 
