@@ -194,7 +194,7 @@ def analyse(
     """
     shapes = graph.resolve_input_shapes(model, input_shapes)
     # Shapes come from the skeleton: no weight is copied or serialised for them.
-    pinned = graph.with_input_shapes(large_models.skeleton(model), shapes)
+    pinned = graph.with_input_shapes(graph.skeleton(model), shapes)
     tensors = _known_tensors(graph.infer_shapes(pinned))
     constants = _constant_shapes(model)
     # Weights: float constants, and the integer data of a DequantizeLinear (quantized weights).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -31,6 +32,30 @@ def constant_tensors(model: onnx.ModelProto, initializers: bool = True) -> dict[
             if value is not None:
                 values[node.output[0]] = value
     return values
+
+
+class LazyConstants(Mapping):
+    """`constant_tensors(model)` read on demand: a tensor becomes an array when first looked
+    up (then kept), so code that looks at a few weights of a large model holds only those."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self._tensors = {init.name: init for init in model.graph.initializer}
+        self._values = constant_tensors(model, initializers=False)
+        self._names = [*self._tensors, *self._values]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._values:
+            self._values[name] = numpy_helper.to_array(self._tensors[name])  # KeyError if none
+        return self._values[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors or name in self._values
+
+    def __iter__(self):
+        return iter(dict.fromkeys(self._names))
+
+    def __len__(self) -> int:
+        return len(dict.fromkeys(self._names))
 
 
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
@@ -242,10 +267,13 @@ def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> o
 
 
 def infer_shapes(model: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:
-    """onnx shape inference with data propagation; strict raises on any inconsistency."""
+    """onnx shape inference with data propagation; strict raises on any inconsistency. Runs
+    on the model's skeleton: the result's value infos are the model's, its large weights hold
+    no data (inference reads none; copying and serialising them cost memory, and fail past
+    protobuf's 2 GB)."""
     try:
         return onnx.shape_inference.infer_shapes(
-            model, check_type=True, strict_mode=strict, data_prop=True
+            skeleton(model), check_type=True, strict_mode=strict, data_prop=True
         )
     except Exception as exc:
         raise CompressError(f"shape inference failed: {first_line(exc)}") from exc
@@ -347,3 +375,23 @@ def _itemsize(data_type: int) -> int | None:
     if name in ("UNDEFINED", "STRING") or "4" in name:  # int4, uint4, float4 pack two a byte
         return None
     return np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+
+
+# Tensors of this many bytes or more lose their data in a skeleton; shape tensors (Reshape's
+# target, Slice's starts) are far smaller and keep theirs, as data propagation reads them.
+SKELETON_TENSOR_BYTES = 1 << 16
+# Where a skeleton's tensors say their data is: nothing reads it.
+PLACEHOLDER_LOCATION = "onnxcompress-skeleton.data"
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model whose large tensors (SKELETON_TENSOR_BYTES or more) keep their
+    name, type and dims but point to placeholder external data: shape inference and the
+    structure checks read no more, and the copy costs no weight bytes."""
+    large = {
+        tensor.name: [("location", PLACEHOLDER_LOCATION)]
+        for tensor in model.graph.initializer
+        if tensor.data_location != onnx.TensorProto.EXTERNAL
+        and tensor_bytes(tensor) >= SKELETON_TENSOR_BYTES
+    }
+    return stub_tensors(model, large)

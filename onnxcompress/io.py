@@ -113,7 +113,8 @@ def save_onnxc(model: onnx.ModelProto, path: str | os.PathLike, coded=()) -> int
     `coded`: weights a pass coded already); returns the bytes written."""
     from onnxcompress.coding import onnxc_writer
 
-    return write_bytes_atomic(onnxc_writer.encode_model(model, coded), path)
+    code_all = model_bytes(model) >= EXTERNAL_DATA_THRESHOLD  # its graph must stay small
+    return write_bytes_atomic(onnxc_writer.encode_model(model, coded, code_all), path)
 
 
 def output_file(path: str | os.PathLike) -> Path:

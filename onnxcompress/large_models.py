@@ -3,7 +3,7 @@ onnxruntime cannot be handed them in memory, since each would serialise the whol
 They are given a file instead: the model written once with external data (`written`), then
 checked and inferred from its path (`check_file`) and run by sessions made from that path.
 Code that needs only a model's structure (shape inference, op counts) works on its
-`skeleton`, which carries every tensor's type and dims but not the bytes of large ones."""
+`graph.skeleton`, which carries every tensor's type and dims but not the bytes of large ones."""
 
 from __future__ import annotations
 
@@ -15,14 +15,8 @@ from pathlib import Path
 
 import onnx
 
-from onnxcompress import graph, io
+from onnxcompress import io
 from onnxcompress.errors import CompressError, first_line
-
-# Tensors of this many bytes or more lose their data in a skeleton; shape tensors (Reshape's
-# target, Slice's starts) are far smaller and keep theirs, as data propagation reads them.
-SKELETON_TENSOR_BYTES = 1 << 16
-# Where a skeleton's tensors say their data is: nothing reads it.
-PLACEHOLDER_LOCATION = "onnxcompress-skeleton.data"
 
 
 def too_large(model: onnx.ModelProto) -> bool:
@@ -51,16 +45,3 @@ def check_file(path: str | os.PathLike) -> None:
             )
     except Exception as exc:
         raise CompressError(f"model fails the ONNX checker: {first_line(exc)}") from exc
-
-
-def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of the model whose large tensors (SKELETON_TENSOR_BYTES or more) keep their
-    name, type and dims but point to placeholder external data: shape inference and the
-    structure checks read no more, and the copy costs no weight bytes."""
-    large = {
-        tensor.name: [("location", PLACEHOLDER_LOCATION)]
-        for tensor in model.graph.initializer
-        if tensor.data_location != onnx.TensorProto.EXTERNAL
-        and graph.tensor_bytes(tensor) >= SKELETON_TENSOR_BYTES
-    }
-    return graph.stub_tensors(model, large)

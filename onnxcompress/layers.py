@@ -67,7 +67,7 @@ def conv_layers(
     model: onnx.ModelProto, analysis: ModelAnalysis
 ) -> tuple[list[ConvLayer], list[NodeRecord]]:
     """Every Conv with constant weights and known shapes; a skip record for every other."""
-    constants = graph.constant_tensors(model)
+    constants = graph.LazyConstants(model)  # only the layers' weights are read
     shapes = tensor_shapes(model, analysis)
     layers, skipped = [], []
     for node, stats in zip(model.graph.node, analysis.nodes, strict=True):

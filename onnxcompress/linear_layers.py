@@ -67,7 +67,7 @@ def linear_layers(
     model: onnx.ModelProto, analysis: ModelAnalysis
 ) -> tuple[list[LinearLayer], list[NodeRecord]]:
     """Every Gemm/MatMul with one constant 2-D float operand; a skip record for every other."""
-    constants = graph.constant_tensors(model)
+    constants = graph.LazyConstants(model)  # only the layers' weights are read
     initializers = {init.name for init in model.graph.initializer}
     # An initializer also listed as a graph input may be fed by the caller: not a fixed bias.
     listed = {inp.name for inp in model.graph.input}

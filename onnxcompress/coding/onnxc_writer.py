@@ -31,7 +31,6 @@ from onnxcompress.coding.onnxc import (
 )
 from onnxcompress.coding.sparse_codec import FLOAT_TYPES, encode_sparse, sparse_charge
 from onnxcompress.graph import stub_tensors
-from onnxcompress.large_models import too_large
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +38,13 @@ MIN_CODED_ELEMENTS = 64
 _GRAPH_ZSTD_LEVEL, _LARGE_GRAPH_ZSTD_LEVEL, _LARGE_GRAPH = 19, 9, 16 << 20
 
 
-def encode_model(model: onnx.ModelProto, coded: Iterable[CodedWeights] = ()) -> bytes:
+def encode_model(
+    model: onnx.ModelProto, coded: Iterable[CodedWeights] = (), code_all: bool = False
+) -> bytes:
     """The `.onnxc` bytes of `model`; `coded` blocks are used where they decode to the model's
-    current weights bit for bit, every other worthwhile float32 weight is coded `sparse`."""
-    return _frame(_encode_parts(model, list(coded)))
+    current weights bit for bit, every other worthwhile float32 weight is coded `sparse`
+    (every one with `code_all`: a graph over protobuf's 2 GB limit cannot be written)."""
+    return _frame(_encode_parts(model, list(coded), code_all))
 
 
 def coded_size(model: onnx.ModelProto, coded: Iterable[CodedWeights] = ()) -> dict[str, int]:
@@ -82,7 +84,9 @@ def _block(codec: str, payload: bytes, weights: dict[str, np.ndarray], typed: se
     return pack_sections([codec.encode(), payload, check])
 
 
-def _encode_parts(model: onnx.ModelProto, coded: list[CodedWeights]) -> _Parts:
+def _encode_parts(
+    model: onnx.ModelProto, coded: list[CodedWeights], code_all: bool = False
+) -> _Parts:
     tensors = weight_tensors(model)
     typed = {name for name, t in tensors.items() if len(t.float_data) or len(t.int32_data)}
     blocks: list[bytes] = []
@@ -94,8 +98,6 @@ def _encode_parts(model: onnx.ModelProto, coded: list[CodedWeights]) -> _Parts:
             blocks.append(_block(block.codec, block.payload, arrays, typed))
             done.update(block.tensors)
             charge += spent
-    # A graph over protobuf's limit cannot be written: then every float weight is coded.
-    code_all = too_large(model)
     for name, tensor in tensors.items():
         if name in done or tensor.data_type not in FLOAT_TYPES:
             continue
