@@ -16,31 +16,21 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from benchmarks.fuzz_inputs import RUN_CAPTURED
 from tests.conftest import REPO
 
 # Runs every (command, model) in one process; argv: the JSON list of runs, then "loud" to
 # let onnxruntime log its warnings and errors (the control).
-_CASES = r"""
-import json, os, sys, tempfile
+_CASES = (
+    r"""
+import sys
 if sys.argv[2] == "loud":
     from onnxcompress import errors
     errors.ORT_LOG_SEVERITY = 2
-from onnxcompress.cli import main
-
-def run(argv):
-    with tempfile.TemporaryFile() as err:
-        saved = os.dup(2)
-        os.dup2(err.fileno(), 2)
-        try:
-            code = main(argv)
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        err.seek(0)
-        return code, err.read().decode(errors="replace")
-
-print(json.dumps([run(argv) for argv in json.loads(sys.argv[1])]))
 """
+    + RUN_CAPTURED
+    + "print(json.dumps([run(argv) for argv in json.loads(sys.argv[1])]))"
+)
 
 _X = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
 
