@@ -15,6 +15,8 @@ import random
 import signal
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -26,6 +28,7 @@ from onnxcompress import io
 from onnxcompress.interrupts import signals_held
 from tests.conftest import REPO
 
+_RUN_TIMEOUT = 120  # seconds; one run takes well under one
 _RUNNER = r"""
 import json, os, signal, sys
 from io import FileIO
@@ -53,7 +56,8 @@ def inside(path):
 
 
 def audit(event, args):
-    if event == "open" and args[2] & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and inside(args[0]):
+    writing = (args[2] or 0) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) if event == "open" else 0
+    if writing and inside(args[0]):
         step()
     elif event in ("os.rename", "os.remove", "os.link", "os.mkdir") and inside(args[0]):
         step()
@@ -111,8 +115,8 @@ for line in sys.stdin:
 
 
 class Runner:
-    """The runner process: `run(argv)` runs the CLI to the end and returns (exit code, steps);
-    `stop(argv, at, signal)` stops it before step `at` and sends it the signal."""
+    """The runner process: `run(argv)` runs the CLI to the end (exit 0) and returns the steps
+    it took; `stop(argv, at, signal)` stops it before step `at` and sends it the signal."""
 
     def __init__(self, folder, scratch):
         self.scratch = scratch
@@ -122,15 +126,23 @@ class Runner:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # a group of its own: the watchdog ends it and its runs
         )
 
     def _send(self, argv, stop_at, signal_name):
         files = {name: str(self.scratch / name) for name in ("stdout", "stderr", "steps")}
-        os.unlink(files["steps"]) if os.path.exists(files["steps"]) else None
+        Path(files["steps"]).unlink(missing_ok=True)
         command = {"argv": argv, "stop_at": stop_at, "signal": signal_name, **files}
         self.process.stdin.write(json.dumps(command) + "\n")
         self.process.stdin.flush()
-        return json.loads(self.process.stdout.readline())
+        watchdog = threading.Timer(_RUN_TIMEOUT, os.killpg, (self.process.pid, signal.SIGKILL))
+        watchdog.start()
+        try:
+            answer = self.process.stdout.readline()
+        finally:
+            watchdog.cancel()
+        assert answer, f"the runner died, or a run hung and was killed after {_RUN_TIMEOUT} s"
+        return json.loads(answer)
 
     def run(self, argv) -> int:
         done = self._send(argv, 0, "SIGKILL")
