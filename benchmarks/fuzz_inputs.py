@@ -26,9 +26,9 @@ import onnx
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = [REPO / "models" / "resnet_style.onnx", REPO / "models" / "mlp.onnx"]
 
-# Runs both commands in one process on one file; stderr of each is captured at fd level, so
-# that onnxruntime's C++ log lines count too.
-_CASE = r"""
+# Defines run(argv) -> (exit code, stderr): the CLI in this process, its stderr captured at
+# fd level, so that onnxruntime's C++ log lines count too (tests/test_ort_logs.py uses it).
+RUN_CAPTURED = r"""
 import json, os, sys, tempfile
 from onnxcompress.cli import main
 
@@ -43,7 +43,11 @@ def run(argv):
             os.close(saved)
         err.seek(0)
         return code, err.read().decode(errors="replace")
-
+"""
+# Runs both commands in one process on one file.
+_CASE = (
+    RUN_CAPTURED
+    + r"""
 path, out = sys.argv[1], sys.argv[2]
 results = {
     "analyse": run(["analyse", path]),
@@ -51,6 +55,7 @@ results = {
 }
 print(json.dumps(results))
 """
+)
 
 
 def byte_flip(data: bytes, rng: random.Random) -> bytes:

@@ -18,6 +18,7 @@ from google.protobuf.message import EncodeError
 from onnxcompress import graph
 from onnxcompress.errors import CompressError, first_line
 from onnxcompress.input_checks import require_utf8_strings
+from onnxcompress.interrupts import signals_held
 
 # protobuf cannot serialise a message of 2 GiB or more; stay clear of the limit.
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
@@ -93,10 +94,14 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, replace: bool
     path = output_file(path)
     if model_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
         return _save_with_external_data(model, path, replace)
-    with _folder_lock(path):
-        written = write_bytes_atomic(model.SerializeToString(), path, replace=replace)
-        _remove_own_data(path, keep=None)  # a model written before with external data
-    return written
+    data = model.SerializeToString()
+    with _temp_beside(path, ".tmp") as tmp:
+        _write_file(tmp, [data])
+        # Held signals: the old data goes with the rename, or neither happens.
+        with _folder_lock(path), signals_held():
+            _publish(tmp, path, replace)
+            _remove_own_data(path, keep=None)  # a model written before with external data
+    return len(data)
 
 
 def write_bytes_atomic(data: bytes, path: str | os.PathLike, *, replace: bool = True) -> int:
@@ -155,7 +160,8 @@ def _save_with_external_data(model: onnx.ModelProto, path: Path, replace: bool) 
         _write_file(graph_tmp, [_serialize_with_external(model, tensors, spans, data_path.name)])
         # Data files named as ours are renamed and removed only under this lock: once the
         # graph is in place, every other one is a leftover (of a replaced or killed run).
-        with _folder_lock(path):
+        # Signals wait: an interrupted run leaves no data file the graph there does not read.
+        with _folder_lock(path), signals_held():
             os.replace(data_tmp, data_path)
             try:
                 _publish(graph_tmp, path, replace)

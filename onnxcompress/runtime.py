@@ -216,11 +216,18 @@ def run_model(
     return {name: np.concatenate(parts) for name, parts in collected.items() if parts}
 
 
+# `file.cc:81 Type ns::Function(args)`, and ORT_ENFORCE's `cond was false.` after it.
+_SOURCE_LOCATION = re.compile(
+    r"\S+\.(?:h|cc|cpp):\d+ [^(\n]*\([^)\n]*\)(?:[^.\n]* was false\.)?\s*"
+)
+
+
 def ort_message(exc: Exception) -> str:
-    """onnxruntime's message without its status prefix and C++ source location."""
+    """onnxruntime's message without its status prefix, C++ source location and the failed
+    check's wording (`file.h:81 Type ns::Function(args) cond was false.`), wherever they are."""
     text = str(exc).strip()
     text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
-    text = re.sub(r"^\S+\.(?:h|cc|cpp):\d+ [^(]*\([^)]*\)\s*", "", text)
+    text = _SOURCE_LOCATION.sub("", text)
     lines = [line for line in text.splitlines() if line.strip()]
     return lines[0][:300] if lines else type(exc).__name__
 
