@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
-from onnxcompress import activation_scale, layer_refit, output_sensitivity
+from onnxcompress import activation_scale, graph, layer_refit, output_sensitivity
 from onnxcompress.analyse import ModelAnalysis, analyse
 from onnxcompress.default_budget import DefaultBudget
 from onnxcompress.errors import CompressError
@@ -30,7 +30,7 @@ from onnxcompress.layer_plan import (  # noqa: F401  (CLIFF_ERROR, pareto_ladder
     warn_past_the_cliff,
 )
 from onnxcompress.layer_roles import last_weighted_layer
-from onnxcompress.layers import Namer, conv_layers, conv_node, named_copy, replace_node
+from onnxcompress.layers import Namer, conv_layers, conv_node, named, replace_node
 from onnxcompress.never_slower import check_target_after_reverts, faster_only
 from onnxcompress.passkit import NodeRecord, PassContext, PassResult, option
 
@@ -222,7 +222,7 @@ def run_factorization(
     pass_name: str,
 ) -> PassResult:
     """Apply `method` to every layer it can take, as `options` and the budget say."""
-    given, model = model, named_copy(model)  # unchanged, the pass hands back what it was given
+    given, model = model, named(model)  # unchanged, the pass hands back what it was given
     analysis = analyse(model, context.input_shapes)
     layers, skipped = method.layers(model, analysis)
     layers, kept = _split_kept(model, layers, options.keep, f"{pass_name}.keep")
@@ -272,8 +272,7 @@ def run_factorization(
             return _finish(model, given, {}, plan, options, context, analysis, pass_name)
     else:
         plan.settle(set())
-    rewritten = onnx.ModelProto()
-    rewritten.CopyFrom(model)
+    rewritten = graph.copy_without_initializers(model, _read_only_by(model, chosen))
     rewrites = {}
     for layer, candidate in chosen:
         rewrite = built.get(id(candidate))  # faster_only built it with the method alone
@@ -281,6 +280,19 @@ def run_factorization(
         replace_node(rewritten, layer.name, rewrite.nodes, rewrite.initializers)
         rewrites[layer.name] = (layer, candidate, rewrite)
     return _finish(model, rewritten, rewrites, plan, options, context, analysis, pass_name)
+
+
+def _read_only_by(model, chosen) -> set[str]:
+    """Initializers that only the rewritten layers read: the copy that gets the rewrites
+    leaves them out (copied, they would be dropped at cleanup, after doubling memory)."""
+    replaced = {layer.name for layer, _ in chosen}
+    readers = graph.consumers(model)
+    weights = {init.name for init in model.graph.initializer}
+    return {
+        name
+        for name in weights
+        if readers.get(name) and all(node.name in replaced for node in readers[name])
+    }
 
 
 def _fast_plan(model, plan: Plan, method, namer, built: dict, options: DriverOptions, context):

@@ -342,10 +342,21 @@ def stub_tensors(
     return shell
 
 
-def _copy_fields(source, target, skip: str) -> None:
-    """Every set field of `source` but `skip` into `target` (messages of the same type)."""
+def copy_without_initializers(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of the model without the initializers in `names` (never copied), nor their
+    entries among the graph inputs (old IRs list weights there)."""
+    shell = onnx.ModelProto()
+    _copy_fields(model, shell, skip="graph")
+    _copy_fields(model.graph, shell.graph, skip=("initializer", "input"))
+    shell.graph.input.extend(value for value in model.graph.input if value.name not in names)
+    shell.graph.initializer.extend(t for t in model.graph.initializer if t.name not in names)
+    return shell
+
+
+def _copy_fields(source, target, skip: str | tuple[str, ...]) -> None:
+    """Every set field of `source` but those in `skip` into `target` (same message type)."""
     for field, value in source.ListFields():
-        if field.name == skip:
+        if field.name in ((skip,) if isinstance(skip, str) else skip):
             continue
         if field.is_repeated:
             getattr(target, field.name).extend(value)

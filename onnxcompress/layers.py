@@ -216,6 +216,13 @@ def replace_node(
     model.graph.value_info.extend(keep)
 
 
+def named(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model itself when its nodes all have unique names (a copy costs its size), else
+    `named_copy`: for callers that only read it."""
+    names = [node.name for node in model.graph.node]
+    return model if all(names) and len(set(names)) == len(names) else named_copy(model)
+
+
 def named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy in which every node has a unique name (`<op>_<index>` where it had none),
     matching the names `analyse` reports, so records and surgery can refer to nodes by name."""
