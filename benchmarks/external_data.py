@@ -3,7 +3,7 @@ SIGKILL while writing, and what is left in the output folder after each.
 
     python benchmarks/external_data.py [--gigabytes 2.05] [--folder /tmp/onnxcompress-ext]
 
-Builds a MatMul stack of seeded weights just over the tool's external-data threshold, saved
+Builds `models/large.py`'s MatMul stack just over the tool's external-data threshold, written
 with external data, then runs `python -m onnxcompress IN --passes identity -o OUT`: twice, once
 stopped by SIGTERM and once by SIGKILL as soon as its temp file appears (while it writes), and
 once more after that. Prints one line per run: exit code, seconds, and every file in the
@@ -21,29 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
-
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from models.large import layers_for, write_matmul_stack  # noqa: E402
+
 WIDTH = 4096  # one 4096 x 4096 float32 weight is 64 MiB
-
-
-def matmul_stack(total_bytes: float, seed: int = 0) -> onnx.ModelProto:
-    """x [1, WIDTH] through as many MatMuls as `total_bytes` of weights hold."""
-    rng = np.random.default_rng(seed)
-    layers = max(1, int(total_bytes // (WIDTH * WIDTH * 4)) + 1)
-    nodes, weights, name = [], [], "x"
-    for i in range(layers):
-        w = rng.standard_normal((WIDTH, WIDTH), dtype=np.float32) / np.float32(WIDTH**0.5)
-        weights.append(numpy_helper.from_array(w, f"w{i}"))
-        out = "y" if i == layers - 1 else f"h{i}"
-        nodes.append(helper.make_node("MatMul", [name, f"w{i}"], [out], name=f"mm{i}"))
-        name = out
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, WIDTH])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, WIDTH])
-    graph = helper.make_graph(nodes, "stack", [x], [y], weights)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def listing(folder: Path) -> str:
@@ -81,12 +65,7 @@ def main() -> None:
     (folder / "in").mkdir(parents=True)
     (folder / "out").mkdir()
     source = folder / "in" / "stack.onnx"
-    onnx.save_model(
-        matmul_stack(options.gigabytes * 1e9),
-        source,
-        save_as_external_data=True,
-        location="stack.onnx.data",
-    )
+    write_matmul_stack(source, layers_for(options.gigabytes, WIDTH), WIDTH)
     print(f"# External data at {options.gigabytes:g} GB\n")
     print(f"command: `python benchmarks/external_data.py --gigabytes {options.gigabytes:g}`\n")
     print(f"- input: {listing(folder / 'in')}")
