@@ -147,6 +147,8 @@ class RayExecutor:
         """fn(item) as tasks that each reserve `cpus` of the cluster; results in input order."""
         ray = self._connect()
         items = list(items)
+        # A task asking for more CPUs than any node has would wait for one forever.
+        cpus = max(1, min(cpus, _largest_node_cpus(ray)))
         # A job's numerical libraries keep to the CPUs it reserved, as in worker processes.
         caps = {name: str(max(1, cpus)) for name in THREAD_VARIABLES}
         task = self._task.options(num_cpus=cpus, runtime_env={"env_vars": caps})
@@ -196,6 +198,11 @@ class RayExecutor:
         if self._task is None:
             self._task = ray.remote(max_retries=self.retries)(_run_job)
         return ray
+
+
+def _largest_node_cpus(ray) -> int:
+    nodes = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
+    return int(max(nodes, default=1))
 
 
 def _cause(exc: Exception) -> Exception:

@@ -29,6 +29,7 @@ from onnxcompress.passes import get_pass
 from onnxcompress.passkit import PassContext
 from onnxcompress.ray_executor import INSTALL, RayExecutor
 from tests.conftest import REPO, shared_model
+from tests.test_executor import bad_input, fail_on_three
 
 ray = pytest.importorskip("ray", reason='Ray is not installed: pip install "onnxcompress[ray]"')
 
@@ -41,8 +42,11 @@ def worker_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(worker_cache):
-    before = os.environ.get(latency_cache.ENV_VAR)
+    # Workers inherit the environment the cluster starts in: their cache folder, and this
+    # checkout on their path (they import tests/, models/, benchmarks/ by name).
+    saved = {name: os.environ.get(name) for name in (latency_cache.ENV_VAR, "PYTHONPATH")}
     os.environ[latency_cache.ENV_VAR] = str(worker_cache)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), saved["PYTHONPATH"]]))
     # "local": a new cluster, never one left running on this machine.
     ray.init(
         address="local",
@@ -53,10 +57,11 @@ def cluster(worker_cache):
     )
     yield
     ray.shutdown()
-    if before is None:
-        os.environ.pop(latency_cache.ENV_VAR)
-    else:
-        os.environ[latency_cache.ENV_VAR] = before
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture
@@ -70,16 +75,6 @@ def driver_cache(tmp_path, monkeypatch) -> Path:
 # Jobs are module-level: workers import them by name.
 def square_with_pid(x):
     return x * x, os.getpid(), os.environ.get("OPENBLAS_NUM_THREADS")
-
-
-def fail_on_three(x):
-    if x == 3:
-        raise ValueError("three is not allowed")
-    return x
-
-
-def bad_input(x):
-    raise CompressError(f"no data for {x}")
 
 
 def die_the_first_time(marker: str) -> str:
@@ -103,6 +98,9 @@ def test_map_keeps_order_runs_in_workers_and_caps_their_threads(cluster):
         assert {threads for _, _, threads in results} == {"1"}
         shared = pool.share(np.arange(10.0))
         assert list(pool.map(sum_shared, [(shared, 1), (shared, 2)])) == [45.0, 90.0]
+        # More CPUs a job than any node has: it runs on the largest, not waits for ever.
+        ((_, _, threads),) = pool.map(square_with_pid, [5], cpus=64)
+        assert threads == "2"
     assert ray.is_initialized()  # a cluster it did not start is left running
 
 
@@ -192,6 +190,27 @@ def test_auto_on_resnet20_plans_on_ray_as_it_does_serially(cluster, worker_cache
     assert damage[0].keys() == damage[1].keys()
     for key, value in damage[0].items():
         assert damage[1][key] == pytest.approx(value, rel=1e-4, abs=1e-9)
+
+
+# What differs between two runs of the same grid: how long things took, and latency.
+TIMED = ("seconds", "then_seconds", "latency", "latency_ratio")
+
+
+def test_the_benchmark_grid_on_ray_gives_the_serial_rows_in_order(cluster, tmp_path, monkeypatch):
+    from benchmarks import run
+    from tests.test_bench_run import FAST, tiny
+
+    rows = {}
+    for executor in ("local", "ray"):
+        if executor == "ray":  # the cells must run in the workers, which import their own
+            monkeypatch.setattr(run, "run_variant", lambda *args: pytest.fail("ran here"))
+        argv = ["--models", "tiny", "--passes", "svd,prune", *FAST, "--no-plots"]
+        argv += ["--out", str(tmp_path / executor), "--executor", executor]
+        args = run.parse_args(argv, known_models=["tiny"])
+        (entry,) = run.run_suite(args, {"tiny": tiny})["models"]
+        rows[executor] = [{k: v for k, v in r.items() if k not in TIMED} for r in entry["rows"]]
+    assert [r["label"] for r in rows["ray"]] == ["original", "svd@0.5", "prune@0.5"]
+    assert rows["ray"] == rows["local"]
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
