@@ -160,7 +160,14 @@ class RayExecutor:
             try:
                 result = ray.get(ref)
             except Exception as exc:
-                raise job_error(index, item, _cause(exc)) from exc
+                cause = _cause(exc)
+                # A worker that cannot load the job (RaySystemError) or what it imports.
+                if isinstance(cause, (ray.exceptions.RaySystemError, ImportError)):
+                    raise CompressError(
+                        f"a Ray worker could not run job {index}: {_first_line(cause)}; "
+                        f"every node needs this onnxcompress installed ({INSTALL})"
+                    ) from exc
+                raise job_error(index, item, cause) from exc
             yield result
 
     def share(self, value: Any) -> RayObject:
@@ -198,6 +205,11 @@ class RayExecutor:
         if self._task is None:
             self._task = ray.remote(max_retries=self.retries)(_run_job)
         return ray
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 def _largest_node_cpus(ray) -> int:

@@ -77,6 +77,10 @@ def square_with_pid(x):
     return x * x, os.getpid(), os.environ.get("OPENBLAS_NUM_THREADS")
 
 
+def import_what_the_worker_lacks(_):
+    import onnxcompress.not_installed_here  # noqa: F401
+
+
 def die_the_first_time(marker: str) -> str:
     """Kills its own worker process the first time (the marker file says it was tried)."""
     if not os.path.exists(marker):
@@ -110,6 +114,11 @@ def test_a_failed_job_names_its_item_and_bad_input_stays_a_compress_error(cluste
         list(pool.map(fail_on_three, [1, 2, 3, 4]))
     with pytest.raises(CompressError, match=r"job 0 \('a.npz'\) failed: .*no data for a.npz"):
         list(pool.map(bad_input, ["a.npz"]))
+
+
+def test_a_worker_without_what_the_job_imports_says_to_install_it(cluster):
+    with pytest.raises(CompressError, match=r"job 0: .*not_installed_here.*every node needs"):
+        list(RayExecutor().map(import_what_the_worker_lacks, [0]))
 
 
 def test_a_worker_killed_mid_job_is_retried(cluster, tmp_path):
