@@ -36,10 +36,7 @@ PROBE_SECONDS = 30.0
 # Addresses Ray resolves itself: "auto" a cluster already running on this machine, "local" a
 # new one.
 NAMED_ADDRESSES = ("auto", "local")
-_PROBE = (
-    "import logging, sys, ray; ray.init(address=sys.argv[1], log_to_driver=False, "
-    "logging_level=logging.ERROR); print(ray.cluster_resources().get('CPU', 0))"
-)
+_PROBE = "import sys, ray; ray.init(address=sys.argv[1], log_to_driver=False)"
 # Workers' output stays in their log files; ray's own log lines only for errors.
 QUIET = {"log_to_driver": False, "logging_level": logging.ERROR}
 _REACHED: set[str] = set()  # addresses probed in this process, so a run probes once
@@ -150,7 +147,7 @@ class RayExecutor:
         # A task asking for more CPUs than any node has would wait for one forever.
         cpus = max(1, min(cpus, _largest_node_cpus(ray)))
         # A job's numerical libraries keep to the CPUs it reserved, as in worker processes.
-        caps = {name: str(max(1, cpus)) for name in THREAD_VARIABLES}
+        caps = {name: str(cpus) for name in THREAD_VARIABLES}
         task = self._task.options(num_cpus=cpus, runtime_env={"env_vars": caps})
         refs = [task.remote(fn, item) for item in items]
         # Jobs left when one fails are not cancelled: ray.cancel on a task whose result is
@@ -160,14 +157,7 @@ class RayExecutor:
             try:
                 result = ray.get(ref)
             except Exception as exc:
-                cause = _cause(exc)
-                # A worker that cannot load the job (RaySystemError) or what it imports.
-                if isinstance(cause, (ray.exceptions.RaySystemError, ImportError)):
-                    raise CompressError(
-                        f"a Ray worker could not run job {index}: {_first_line(cause)}; "
-                        f"every node needs this onnxcompress installed ({INSTALL})"
-                    ) from exc
-                raise job_error(index, item, cause) from exc
+                raise _failure(ray, index, item, exc) from exc
             yield result
 
     def share(self, value: Any) -> RayObject:
@@ -207,17 +197,21 @@ class RayExecutor:
         return ray
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:300] if lines else type(exc).__name__
-
-
 def _largest_node_cpus(ray) -> int:
     nodes = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
     return int(max(nodes, default=1))
 
 
-def _cause(exc: Exception) -> Exception:
-    """The job's own exception inside Ray's wrapper (a worker's death has none)."""
+def _failure(ray, index: int, item: Any, exc: Exception) -> Exception:
+    """What to raise for a failed task: the job's own exception inside Ray's wrapper, named by
+    `job_error` (a worker's death has none: Ray's says it); a worker that could not load the
+    job (RaySystemError) or what it imports gets one line of advice."""
     cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, Exception) else exc
+    cause = cause if isinstance(cause, Exception) else exc
+    if not isinstance(cause, (ray.exceptions.RaySystemError, ImportError)):
+        return job_error(index, item, cause)
+    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+    return CompressError(
+        f"a Ray worker could not run job {index}: {first}; every node needs this onnxcompress "
+        f"installed ({INSTALL})"
+    )
