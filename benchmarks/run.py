@@ -58,6 +58,7 @@ from onnxcompress import CompressError, graph, io  # noqa: E402
 from onnxcompress.analyse import analyse  # noqa: E402
 from onnxcompress.benchmark import DEFAULT_SPINNING, benchmark_models  # noqa: E402
 from onnxcompress.coding import onnxc_writer as onnxc_writer  # noqa: E402
+from onnxcompress.executor import EXECUTORS, check_executor, make_executor  # noqa: E402
 from onnxcompress.passkit import PassContext  # noqa: E402
 from onnxcompress.pipeline import run_passes  # noqa: E402
 from onnxcompress.report.files import write_json  # noqa: E402
@@ -153,8 +154,7 @@ def run_model(bench: BenchModel, todo: list[Variant], args, say: Callable[[str],
         threads=args.threads,
         training=bench.training,  # None without --train-count; only training passes read it
     )
-    for variant in todo:
-        row, model = run_variant(bench, variant, context, args)
+    for variant, (row, model) in zip(todo, run_cells(bench, todo, context, args), strict=True):
         rows.append(row)
         if model is not None:
             models[variant.label] = model
@@ -211,6 +211,28 @@ def at_batch(bench: BenchModel, batch: int) -> BenchModel:
         raise ValueError(f"--batch {batch}: {bench.name} has fewer evaluation samples")
     shapes = {name: [batch, *shape[1:]] for name, shape in bench.input_shapes.items()}
     return dataclasses.replace(bench, input_shapes=shapes, latency_inputs=feeds, batch=batch)
+
+
+def run_cells(bench: BenchModel, todo: list[Variant], context: PassContext, args):
+    """(row, model) of every variant, in order: here one after another, or as tasks on a Ray
+    cluster (--executor ray), which get the model and its data once through its object
+    store. Latency is timed afterwards here, all models together, either way."""
+    if args.executor == "local":
+        yield from (run_variant(bench, variant, context, args) for variant in todo)
+        return
+    # A local cluster's workers import benchmarks/ and models/ from this checkout.
+    paths = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
+    # Not closed: the cluster it joins (or starts) serves the next models too, until exit.
+    pool = make_executor(1, kind="ray", address=args.ray_address)
+    shared = pool.share((bench, context, args))
+    yield from pool.map(_run_cell, [(shared, variant) for variant in todo])
+
+
+def _run_cell(item) -> tuple[dict, onnx.ModelProto | None]:
+    shared, variant = item
+    bench, context, args = shared.get()
+    return run_variant(bench, variant, context, args)
 
 
 def run_variant(bench: BenchModel, variant: Variant, context: PassContext, args):
@@ -424,6 +446,7 @@ def settings(args) -> dict:
         "batch": args.batch,
         "quick": args.quick,
         "opt": args.opt,
+        "executor": args.executor,
     }
 
 
@@ -468,6 +491,15 @@ def parse_args(argv: list[str] | None = None, known_models=None) -> argparse.Nam
         "ones (the machine's state moves ratios between loops)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--executor", choices=EXECUTORS, default="local",
+        help="where the model x method cells run: local (one after another) or ray (tasks on "
+        "a Ray cluster; latency is timed here either way)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ray-address", metavar="ADDR",
+        help="with --executor ray: the cluster (default $RAY_ADDRESS, else a local one)",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="resnet20 + mnist, one budget")
     parser.add_argument(
         "--opt", action="append", default=[], metavar="METHOD.KEY=VALUE",
@@ -495,6 +527,8 @@ def parse_args(argv: list[str] | None = None, known_models=None) -> argparse.Nam
         parser.error(f"--train-count must be at least 1, got {args.train_count}")
     if args.timing_loops < 1:
         parser.error(f"--timing-loops must be at least 1, got {args.timing_loops}")
+    if args.ray_address and args.executor != "ray":
+        parser.error("--ray-address names a Ray cluster: add --executor ray")
     args.budgets, args.sparsities = _floats(args.budgets), _floats(args.sparsities)
     args.latency_budgets = _floats(args.latency_budgets)
     try:
@@ -514,6 +548,10 @@ def parse_args(argv: list[str] | None = None, known_models=None) -> argparse.Nam
             )  # fmt: skip
         )
     except (ValueError, CompressError) as exc:
+        parser.error(str(exc))
+    try:
+        check_executor(args.executor, args.ray_address)
+    except CompressError as exc:
         parser.error(str(exc))
     given = sys.argv[1:] if argv is None else argv
     args.command = "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in given)

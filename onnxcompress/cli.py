@@ -58,6 +58,8 @@ def run_compress(args: argparse.Namespace, console: Console) -> int:
         return EXIT_OK
     if not args.model:
         raise CompressError("no model given: python -m onnxcompress MODEL.onnx --passes NAMES")
+    if args.ray_address and args.executor != "ray":
+        raise CompressError("--ray-address names a Ray cluster: add --executor ray")
     config_passes, pass_options = parse_pass_options(args.opt, args.config)
     names = comma_list(args.passes) or config_passes
     options = CompressOptions(
@@ -78,6 +80,8 @@ def run_compress(args: argparse.Namespace, console: Console) -> int:
         seed=args.seed,
         threads=args.threads,
         jobs=args.jobs,
+        executor=args.executor,
+        ray_address=args.ray_address,
         bench=not args.no_bench,
         bench_repeats=args.bench_repeats,
         max_rel_l2=args.max_rel_l2,

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from onnxcompress.errors import CompressError
+from onnxcompress.executor import EXECUTORS
 from onnxcompress.passkit import MAX_SEED, comma_list
 
 
@@ -181,6 +182,19 @@ def compress_parser() -> argparse.ArgumentParser:
         type=up_to_cores,
         default=1,
         help="worker processes for independent jobs (auto)",
+    )
+    p.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="local",
+        help="where auto's jobs run: local (this machine, --jobs processes) or ray (a Ray "
+        'cluster; pip install "onnxcompress[ray]")',
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="with --executor ray: the cluster (HOST:6379, ray://HOST:10001 or auto; default "
+        "$RAY_ADDRESS, else a local cluster on this machine)",
     )
     p.add_argument("--no-bench", action="store_true", help="skip the latency benchmark")
     p.add_argument("--bench-repeats", type=at_least_one, default=30, help="timed runs per model")

@@ -8,51 +8,93 @@ do not exist in the child), which can hang; a spawned child starts a fresh inter
 Spawn starts an interpreter per worker, once per pool: keep one executor for a run (see
 docs/decisions.md#spawn-cost-per-worker).
 
-Another backend plugs in by providing the same `map(fn, items)`; e.g. with Ray:
-`refs = [ray.remote(fn).remote(item) for item in items]`, then yield `ray.get(ref)` in order,
-wrapping failures with `job_error`. `fn` and the items must be picklable (module-level
-functions, plain data, ModelProto), as for processes.
+A cluster backend (Ray, `onnxcompress/ray_executor.py`, an optional extra) provides the same
+`map(fn, items)`. Large inputs every job reads (the model, calibration data) travel as
+`share(value)` handles that a job opens with `.get()`: the value itself here, a file for worker
+processes, an object in Ray's store on a cluster, never a path only the driver can read. `fn`
+and the items must be picklable (module-level functions, plain data, ModelProto).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Any, Protocol, TypeVar
 
 from onnxcompress.errors import CompressError
+from onnxcompress.jobs import THREAD_VARIABLES, job_error
+from onnxcompress.jobs import JobError as JobError  # what callers catch, also named here
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Thread pools of numerical libraries a worker should keep to its share of the cores.
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
+class Shared(Protocol):
+    """A value handed to many jobs once (see `share`); a job reads it with `get()`."""
 
-class JobError(RuntimeError):
-    """A job failed; `item` is what it was given, the cause is the job's own exception."""
-
-    def __init__(self, message: str, item: Any):
-        super().__init__(message)
-        self.item = item
+    def get(self) -> Any: ...
 
 
 class Executor(Protocol):
-    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-        """fn(item) for every item, in input order."""
+    # Whether jobs may run on other machines (timing jobs then run there, not here).
+    remote: bool
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T], cpus: int = 1) -> Iterator[R]:
+        """fn(item) for every item, in input order; `cpus`: the cores each job keeps busy
+        (a cluster reserves them; local executors run jobs as they were made)."""
+
+    def share(self, value: Any) -> Shared:
+        """A handle the jobs of this executor read `value` from, valid until `close`."""
+
+    def close(self) -> None:
+        """Stop the workers and drop what was shared (also on leaving a `with` block)."""
+
+    def __enter__(self) -> Executor: ...
+
+    def __exit__(self, *exc_info) -> None: ...
+
+
+@dataclass(frozen=True)
+class Held:
+    """A value shared with jobs that run in this process: the value itself."""
+
+    value: Any = field(repr=False)
+
+    def get(self) -> Any:
+        return self.value
+
+
+@dataclass(frozen=True)
+class PickledFile:
+    """A value shared with local worker processes: a pickle they load on `get()`."""
+
+    path: str
+
+    def get(self) -> Any:
+        with open(self.path, "rb") as fh:
+            return pickle.load(fh)
 
 
 class SerialExecutor:
     """Jobs in this process, one at a time, lazily."""
 
-    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+    remote = False
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T], cpus: int = 1) -> Iterator[R]:
         for index, item in enumerate(items):
             try:
                 yield fn(item)
             except Exception as exc:
                 raise job_error(index, item, exc) from exc
+
+    def share(self, value: Any) -> Held:
+        return Held(value)
 
     def close(self) -> None:
         pass
@@ -69,14 +111,26 @@ class ProcessExecutor:
     `close`). `threads` caps the numerical libraries' threads in each worker (onnxruntime's
     are set per session by the job itself: pass it `threads_per_job(jobs, threads)`)."""
 
+    remote = False
+
     def __init__(self, jobs: int, threads: int = 1):
         if jobs < 1:
             raise CompressError(f"jobs={jobs}: expected at least 1")
         self.jobs = jobs
         self.threads = threads
         self._pool: ProcessPoolExecutor | None = None
+        self._folder: str | None = None
 
-    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+    def share(self, value: Any) -> PickledFile:
+        """`value` pickled once into this executor's temporary folder (not once per job)."""
+        if self._folder is None:
+            self._folder = tempfile.mkdtemp(prefix="onnxcompress-jobs-")
+        handle, path = tempfile.mkstemp(dir=self._folder, suffix=".pickle")
+        with os.fdopen(handle, "wb") as fh:
+            pickle.dump(value, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        return PickledFile(path)
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T], cpus: int = 1) -> Iterator[R]:
         items = list(items)
         pool = self._start()
         futures: list[Future] = [pool.submit(fn, item) for item in items]
@@ -95,6 +149,9 @@ class ProcessExecutor:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
 
     def __enter__(self) -> ProcessExecutor:
         return self
@@ -113,11 +170,35 @@ class ProcessExecutor:
         return self._pool
 
 
-def make_executor(jobs: int, threads: int = 1) -> SerialExecutor | ProcessExecutor:
-    """Serial for one job, else a process pool of `jobs` workers (see ProcessExecutor)."""
+EXECUTORS = ("local", "ray")
+
+
+def make_executor(
+    jobs: int, threads: int = 1, kind: str = "local", address: str | None = None
+) -> Executor:
+    """`kind` "local": serial for one job, else a process pool of `jobs` workers (see
+    ProcessExecutor); "ray": tasks on the Ray cluster at `address` (else $RAY_ADDRESS, else a
+    local one), whatever `jobs` says: the cluster's CPUs set how many run at once."""
+    if kind not in EXECUTORS:
+        raise CompressError(f"executor {kind!r}: one of {', '.join(EXECUTORS)}")
     if jobs < 1:
         raise CompressError(f"jobs={jobs}: expected at least 1")
+    if kind == "ray":
+        from onnxcompress.ray_executor import RayExecutor  # an optional extra: only when asked
+
+        return RayExecutor(address)
     return SerialExecutor() if jobs == 1 else ProcessExecutor(jobs, threads)
+
+
+def check_executor(kind: str, address: str | None = None) -> None:
+    """CompressError, before a run starts, for an executor this machine cannot use: Ray not
+    installed, or no Ray cluster answering at `address` (or $RAY_ADDRESS)."""
+    if kind not in EXECUTORS:
+        raise CompressError(f"executor {kind!r}: one of {', '.join(EXECUTORS)}")
+    if kind == "ray":
+        from onnxcompress import ray_executor
+
+        ray_executor.check_cluster(address)
 
 
 def threads_per_job(jobs: int, threads: int, cpus: int | None = None) -> int:
@@ -132,15 +213,6 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-def job_error(index: int, item: Any, exc: Exception) -> Exception:
-    """The exception to raise for a failed job: the job's message with its item in front; a
-    CompressError stays one (bad input is bad input, wherever it is found)."""
-    shown = repr(item)
-    shown = shown if len(shown) <= 200 else shown[:197] + "..."
-    message = f"job {index} ({shown}) failed: {type(exc).__name__}: {exc}"
-    return CompressError(message) if isinstance(exc, CompressError) else JobError(message, item)
 
 
 def _limit_threads(threads: int) -> None:

@@ -115,6 +115,10 @@ class PassContext:
     labels: np.ndarray | None = None
     # Worker processes a pass may use for independent jobs (--jobs).
     jobs: int = 1
+    # Where those jobs run: "local" (this machine) or "ray" (--executor), and the Ray cluster
+    # (--ray-address; None: $RAY_ADDRESS, else a local cluster).
+    executor: str = "local"
+    ray_address: str | None = None
     # Where a long pass outlines its loops (the CLI estimates the time left); silent by default.
     outline: Outline = no_outline
     # The model the run started from, before any pass (run_passes sets it): what `distill`

@@ -13,7 +13,7 @@ from typing import Any
 
 import onnx
 
-from onnxcompress import graph, io, large_models
+from onnxcompress import executor, graph, io, large_models
 from onnxcompress.analyse import analyse
 from onnxcompress.errors import CompressError
 from onnxcompress.holdout import ReadWatch, split_holdout, validation_entry
@@ -52,6 +52,8 @@ class CompressOptions:
     seed: int = 0
     threads: int = 2
     jobs: int = 1  # worker processes for passes with independent jobs (auto)
+    executor: str = "local"  # where those jobs run: "local" or "ray" (a Ray cluster)
+    ray_address: str | None = None  # the Ray cluster's (None: $RAY_ADDRESS, else a local one)
     bench: bool = True
     bench_repeats: int = 30
     max_rel_l2: float | None = None
@@ -155,6 +157,7 @@ def compress(
     model_path = Path(model_path)
     specs = lookup_passes(options.passes)
     typed = build_options(specs, options.pass_options)
+    executor.check_executor(options.executor, options.ray_address)  # before the long steps
     output = resolve_output_path(model_path, options.output)
     report_path = report_target(options.report) if options.report else None
 
@@ -196,6 +199,8 @@ def compress(
         progress=progress,
         labels=fit.labels if user_data is not None else None,
         jobs=options.jobs,
+        executor=options.executor,
+        ray_address=options.ray_address,
         outline=getattr(progress, "outline", no_outline),
         training=training,
     )

@@ -134,6 +134,17 @@ def test_only_the_train_modules_import_torch():
         assert not torch_imports, (name, torch_imports)
 
 
+def test_only_the_ray_executor_imports_ray():
+    # Ray is the optional `ray` extra: only onnxcompress/ray_executor.py loads it, inside its
+    # functions, and the core reaches that module only lazily (executor.make_executor).
+    for name, path in _modules().items():
+        ray_imports = {m for m in _imports(path) if m.split(".")[0] == "ray"}
+        eager = {m for m in _top_level_imports(path) if m.split(".")[0] == "ray"}
+        eager |= {m for m in _top_level_imports(path) if m.startswith("onnxcompress.ray_")}
+        assert not eager, (name, eager)
+        assert name == "onnxcompress.ray_executor" or not ray_imports, (name, ray_imports)
+
+
 def _top_level_imports(path: Path) -> set[str]:
     """Modules a file imports when it is imported: its body, not inside functions."""
     return _import_names(ast.parse(path.read_text()).body)

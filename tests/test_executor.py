@@ -93,3 +93,27 @@ def test_threads_per_job_keeps_the_product_within_the_cpus():
     assert threads_per_job(16, 4, cpus=8) == 1
     for jobs in range(1, 9):
         assert jobs * threads_per_job(jobs, 8, cpus=8) <= 8
+
+
+def total_of_shared(item):
+    shared, scale = item
+    return sum(shared.get()) * scale
+
+
+@pytest.mark.parametrize("executor", ["serial", "processes"])
+def test_a_shared_value_reaches_every_job(executor, pool):
+    runner = SerialExecutor() if executor == "serial" else pool
+    shared = runner.share([1, 2, 3])
+    assert list(runner.map(total_of_shared, [(shared, 1), (shared, 10)])) == [6, 60]
+
+
+def test_closing_the_process_pool_removes_what_it_shared():
+    with ProcessExecutor(1) as executor:
+        shared = executor.share(list(range(1000)))
+        assert os.path.exists(shared.path)
+    assert not os.path.exists(shared.path)
+
+
+def test_an_unknown_executor_is_refused():
+    with pytest.raises(CompressError, match="one of local, ray"):
+        make_executor(1, kind="spark")

@@ -39,6 +39,7 @@ from benchmarks.run import builders  # noqa: E402
 from onnxcompress import downstream  # noqa: E402
 from onnxcompress.auto import sensitivity  # noqa: E402
 from onnxcompress.auto.candidates import layer_choices  # noqa: E402
+from onnxcompress.executor import SerialExecutor  # noqa: E402
 from onnxcompress.layers import Namer, named_copy  # noqa: E402
 from onnxcompress.maths import factors  # noqa: E402
 
@@ -101,15 +102,12 @@ def _parafac(w: np.ndarray, rank: int) -> float:
 
 
 def sensitivity_runs(model: onnx.ModelProto, bench, args) -> None:
-    folder = tempfile.mkdtemp(prefix="auto-time-")
-    model_path, data_path = f"{folder}/model.onnx", f"{folder}/data.npz"
-    onnx.save(model, model_path)
     samples = [
         {k: v[i : i + 1] for k, v in batch.items()}
         for batch in bench.calibration
         for i in range(len(next(iter(batch.values()))))
     ][: args.samples]
-    sensitivity.save_batches(samples, data_path)
+    shared = sensitivity.share_inputs(SerialExecutor(), model, samples)
     inits = {init.name for init in model.graph.initializer}
     shapes = {
         value.name: [d.dim_value or 1 for d in value.type.tensor_type.shape.dim]
@@ -122,7 +120,7 @@ def sensitivity_runs(model: onnx.ModelProto, bench, args) -> None:
     seconds, worst, count = {"whole model": 0.0, "downstream part": 0.0}, 0.0, 0
     for layer in layers[:: args.every]:
         job = sensitivity.SensitivityJob(
-            model_path, data_path, "onnxcompress.passes.auto:make_methods", factory_options,
+            *shared, "onnxcompress.passes.auto:make_methods", factory_options,
             layer, shapes, args.threads, 0,
         )  # fmt: skip
         _fit_untimed(job)

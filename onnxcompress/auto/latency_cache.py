@@ -206,8 +206,14 @@ def environment(threads: int) -> dict:
         "providers": list(PROVIDERS),
         "threads": threads,
         "spinning": benchmark.DEFAULT_SPINNING,
-        "machine": [platform.node(), platform.machine(), _processor(), os.cpu_count()],
+        "machine": machine(),
     }
+
+
+def machine() -> list:
+    """The machine this process runs on, which the keys name: on a cluster the worker's that
+    ran the timing job, not the driver's. Host name, architecture, CPU model, CPU count."""
+    return [platform.node(), platform.machine(), _processor(), os.cpu_count()]
 
 
 def _attribute_signature(attribute: onnx.AttributeProto) -> list:

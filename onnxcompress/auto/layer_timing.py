@@ -2,10 +2,15 @@
 layer's real input shape, same session options, interleaved runs when both are timed. Medians
 are kept in the persistent latency cache (`latency_cache`), keyed by shapes, attributes,
 threads and machine: identical layers are timed once, and again only on another machine or
-runtime. A cache hit for one side means the two were timed at different moments."""
+runtime. A cache hit for one side means the two were timed at different moments.
+
+`time_candidates` times one layer against all its candidates as one job: it carries the layer,
+the rewrites' shapes and the session settings, so an executor may run it on another machine
+(a cluster's worker, the kind the model will run on); the cache there keys on that machine."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -13,9 +18,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxcompress.auto import latency_cache as latency_cache
+from onnxcompress.benchmark import DEFAULT_SPINNING
+from onnxcompress.errors import CompressError
 
 REPEATS = 20
 MIN_SECONDS = 0.05
+# The graph optimisation level of every timing session (`benchmark.timing_session`).
+TIMING_OPTIMIZATION = "all"
 
 
 def compare_layer(
@@ -113,6 +122,84 @@ def net_ms(ms: float, overhead: float) -> float:
     """A layer's time alone less one call's fixed cost (`call_overhead_ms`), at least
     MIN_NET_MS."""
     return max(ms - overhead, MIN_NET_MS)
+
+
+@dataclass(frozen=True)
+class TimingJob:
+    """One layer (named `layer`) and its candidates to time alone. `layers` maps a method to
+    the layer as that method sees it, `weights` holds the layer's constants, `candidates`
+    lists (method, measured rewrite: serialized nodes and initializer shapes, see
+    `stand_in`). The sessions' settings: `threads`, and `optimization` and `spinning`, which
+    the timing code fixes (checked against the worker's: a worker of another onnxcompress
+    version must not time otherwise). `quantize(model, feeds)`: time int8 models instead; a
+    local callable, for jobs run here."""
+
+    layer: str
+    layers: dict[str, Any] = field(repr=False)
+    weights: dict[str, np.ndarray] = field(repr=False)
+    candidates: list[tuple[str, Any]] = field(repr=False)
+    threads: int = 2
+    optimization: str = TIMING_OPTIMIZATION
+    spinning: str = DEFAULT_SPINNING
+    quantize: Any = field(default=None, repr=False)
+
+
+@dataclass
+class LayerTimes:
+    """What a timing job found: the layer's net ms, each candidate's net ms (in the job's
+    order), and the machine that timed them (`latency_cache.machine`)."""
+
+    keep_ms: float
+    candidate_ms: list[float]
+    machine: list
+
+
+def time_candidates(job: TimingJob) -> LayerTimes:
+    """Every candidate of `job` against its layer, net of one call's fixed cost."""
+    here = (TIMING_OPTIMIZATION, DEFAULT_SPINNING)
+    if (job.optimization, job.spinning) != here:
+        raise CompressError(
+            f"timing job of {job.layer} asks for sessions {job.optimization}/{job.spinning}, "
+            f"this worker's onnxcompress times with {here[0]}/{here[1]}: install the same "
+            "version on every node"
+        )
+    first = next(iter(job.layers.values()))
+    overhead = call_overhead_ms(first, first.weight.dtype, job.threads)
+    keep_ms, found = 0.0, []
+    for method, measured in job.candidates:
+        timing = compare_layer(
+            job.weights, job.layers[method], stand_in(measured), job.threads,
+            quantize=job.quantize,
+        )  # fmt: skip
+        keep_ms = net_ms(timing["original_ms"], overhead)
+        found.append(net_ms(timing["rewritten_ms"], overhead))
+    return LayerTimes(keep_ms, found, latency_cache.machine())
+
+
+def stand_in(measured: Any) -> Any:
+    """A rewrite with the nodes of `measured` (a sensitivity.Measured) and seeded random
+    weights of its initializers' shapes: speed depends on shapes, not values."""
+    rng = np.random.default_rng(0)
+    nodes = []
+    for blob in measured.nodes:
+        node = onnx.NodeProto()
+        node.ParseFromString(blob)
+        nodes.append(node)
+    inits = []
+    for name, dims, elem in measured.initializers:
+        dtype = helper.tensor_dtype_to_np_dtype(elem)
+        if np.issubdtype(dtype, np.floating):
+            value = (0.1 * rng.standard_normal(dims)).astype(dtype)
+        else:
+            value = np.zeros(dims, dtype)  # indices (lrs's Gather): zeros are valid ones
+        inits.append(numpy_helper.from_array(value, name))
+    return _Rewrite(nodes, inits)
+
+
+@dataclass
+class _Rewrite:
+    nodes: list[onnx.NodeProto]
+    initializers: list[onnx.TensorProto]
 
 
 def _single_input_model(nodes, initializers, layer, activation, dtype) -> onnx.ModelProto:

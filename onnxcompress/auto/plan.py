@@ -10,9 +10,8 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from onnxcompress import graph, layer_refit
+from onnxcompress import executor, graph, layer_refit
 from onnxcompress.auto import latency_cache as latency_cache
 from onnxcompress.auto import layer_timing as layer_timing
 from onnxcompress.auto.candidates import LayerChoices
@@ -61,9 +60,11 @@ def score_layers(
     threads: int,
     progress=None,
     time_alone: bool = True,
+    pool=None,
 ) -> list[LayerTable]:
     """Put each measured candidate's cost and damage side by side. With `time_alone`, time it
-    against its layer (`time_layers_alone`); without, latencies stay 0 for `time_in_graph`."""
+    against its layer (`time_layers_alone`, on `pool` when it is remote); without, latencies
+    stay 0 for `time_in_graph`."""
     tables = []
     for choice in choices:
         by_key = {m.key: m for m in measured.get(choice.name, [])}
@@ -80,30 +81,41 @@ def score_layers(
             table.options.append(scored)
         tables.append(table)
     if time_alone:
-        time_layers_alone(model, tables, measured, threads, progress)
+        time_layers_alone(model, tables, measured, threads, progress, pool=pool)
     return tables
 
 
-def time_layers_alone(model, tables, measured, threads, progress=None, quantize=None) -> None:
+def time_layers_alone(
+    model, tables, measured, threads, progress=None, quantize=None, pool=None
+) -> None:
     """Fill in every candidate's latency: timed against its layer (stand-in weights: speed
     depends on shapes only; timings are cached), net of one onnxruntime call's fixed cost,
     which a layer inside the whole graph does not pay. `quantize(model, feeds)`: time both
-    sides as int8 models instead."""
+    sides as int8 models instead. A layer is one `layer_timing.TimingJob`; with a remote
+    `pool` (a cluster) the jobs are timed there, each reserving `threads` CPUs of a worker,
+    else here, one after another (timings side by side would slow each other)."""
     constants = graph.constant_tensors(model)
-    for table in tables:
-        choice = table.choice
-        by_key = {m.key: m for m in measured[choice.name]}
-        layer = next(iter(choice.layers.values()))
-        overhead = layer_timing.call_overhead_ms(layer, layer.weight.dtype, threads)
-        for scored in table.options:
-            timing = layer_timing.compare_layer(
-                constants, choice.layers[scored.method], _stand_in(by_key[scored.key]),
-                threads, quantize=quantize,
-            )  # fmt: skip
-            table.keep.latency_ms = layer_timing.net_ms(timing["original_ms"], overhead)
-            scored.latency_ms = layer_timing.net_ms(timing["rewritten_ms"], overhead)
-            if progress is not None:
-                progress.advance()
+    jobs = [_timing_job(table, measured, constants, threads, quantize) for table in tables]
+    remote = pool is not None and pool.remote and quantize is None
+    runner = pool if remote else executor.SerialExecutor()
+    timed = runner.map(layer_timing.time_candidates, jobs, threads)
+    for table, times in zip(tables, timed, strict=True):
+        table.keep.latency_ms = times.keep_ms
+        for scored, ms in zip(table.options, times.candidate_ms, strict=True):
+            scored.latency_ms = ms
+        if progress is not None:
+            progress.advance(len(table.options))
+
+
+def _timing_job(table, measured, constants, threads, quantize) -> layer_timing.TimingJob:
+    choice = table.choice
+    by_key = {m.key: m for m in measured[choice.name]}
+    names = {name for layer in choice.layers.values() for name in layer.node.input}
+    weights = {name: constants[name] for name in names if name in constants}
+    candidates = [(s.method, by_key[s.key]) for s in table.options]
+    return layer_timing.TimingJob(
+        choice.name, choice.layers, weights, candidates, threads, quantize=quantize
+    )
 
 
 def int8_tables(
@@ -144,7 +156,7 @@ def time_in_graph(
         for option in table.options:
             trial = onnx.ModelProto()
             trial.CopyFrom(model)
-            stand_in = _stand_in(by_key[option.key])
+            stand_in = layer_timing.stand_in(by_key[option.key])
             replace_node(trial, table.choice.name, stand_in.nodes, stand_in.initializers)
             models[option.key] = trial
         medians = latency_cache.time_subgraphs(
@@ -246,31 +258,6 @@ def budget_for(
         return target * layers, 0.0, layers
     rest = model_total - layers
     return target * model_total - rest, rest, model_total
-
-
-def _stand_in(measured: Measured):
-    """A rewrite with the measured one's nodes and random weights of the same shapes."""
-    rng = np.random.default_rng(0)
-    nodes = []
-    for blob in measured.nodes:
-        node = onnx.NodeProto()
-        node.ParseFromString(blob)
-        nodes.append(node)
-    inits = []
-    for name, dims, elem in measured.initializers:
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
-        if np.issubdtype(dtype, np.floating):
-            value = (0.1 * rng.standard_normal(dims)).astype(dtype)
-        else:
-            value = np.zeros(dims, dtype)  # indices (lrs's Gather): zeros are valid ones
-        inits.append(numpy_helper.from_array(value, name))
-    return _Rewrite(nodes, inits)
-
-
-@dataclass
-class _Rewrite:
-    nodes: list[onnx.NodeProto]
-    initializers: list[onnx.TensorProto]
 
 
 def factorized(plan: dict[str, Scored]) -> bool:

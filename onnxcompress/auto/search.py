@@ -4,11 +4,6 @@ together at the end; the round on target with the least output error is kept."""
 
 from __future__ import annotations
 
-import os
-import tempfile
-
-import onnx
-
 from onnxcompress import executor
 from onnxcompress.auto import plan as auto_plan
 from onnxcompress.auto import sensitivity as sensitivity
@@ -65,12 +60,13 @@ def search(
     kind, target = settings.kind, settings.target
     context.outline(OUTLINE)
     sample = first_samples(context.calibration, settings.sensitivity_samples)
-    measured = run_sensitivity(model, choices, settings, context, sample, factory)
     in_graph = kind == "latency" and settings.latency_basis == "graph"
-    with context.progress(TIMING_LOOP, sum(len(c.candidates) for c in choices)) as bar:
-        tables = auto_plan.score_layers(
-            model, choices, measured, context.threads, bar, time_alone=not in_graph
-        )
+    with open_executor(settings, context) as pool:
+        measured = run_sensitivity(model, choices, settings, context, sample, factory, pool)
+        with context.progress(TIMING_LOOP, sum(len(c.candidates) for c in choices)) as bar:
+            tables = auto_plan.score_layers(
+                model, choices, measured, context.threads, bar, not in_graph, pool
+            )
     feeds = timing_feeds(model, context)
     if in_graph:
         count = sum(len(t.options) for t in tables)
@@ -139,6 +135,7 @@ def search(
         "basis": "outputs" if sample else "weights (no calibration data)",
         "samples": sample_count(sample),
         "jobs": settings.jobs,
+        "executor": context.executor,
     }
     quantized = bool(rounds[chosen].get("int8"))
     if quantize:
@@ -215,38 +212,36 @@ def search_again(rounds: Rounds, state: Search, bounds, max_error) -> bool:
     return bool(more)
 
 
-def run_sensitivity(model, choices, settings, context, sample, factory) -> dict[str, list]:
-    """Damage of every candidate, one job per layer, through the executor."""
-    jobs = settings.jobs
-    threads = executor.threads_per_job(jobs, context.threads)
-    with tempfile.TemporaryDirectory(prefix="onnxcompress-auto-") as folder:
-        model_path = os.path.join(folder, "model.onnx")
-        onnx.save(model, model_path)
-        data_path = None
-        if sample:
-            data_path = os.path.join(folder, "data.npz")
-            sensitivity.save_batches(sample, data_path)
-        factory_options = {"methods": list(settings.methods), "align": settings.align}
-        work = [
-            sensitivity.SensitivityJob(
-                model_path,
-                data_path,
-                factory,
-                factory_options,
-                c.name,
-                context.input_shapes,
-                threads,
-                context.seed,
-            )  # fmt: skip
-            for c in choices
-        ]
-        found: dict[str, list] = {}
-        with (
-            context.progress(SENSITIVITY_LOOP, len(work)) as bar,
-            executor.make_executor(jobs) as pool,
-        ):
-            results = pool.map(sensitivity.measure_layer, work)
-            for job, result in zip(work, results, strict=True):
-                found[job.layer] = result
-                bar.advance()
+def open_executor(settings: SearchSettings, context: PassContext) -> executor.Executor:
+    """The executor of the search's jobs: local (serial, or `settings.jobs` processes) or the
+    Ray cluster the context names."""
+    return executor.make_executor(settings.jobs, kind=context.executor, address=context.ray_address)
+
+
+def run_sensitivity(model, choices, settings, context, sample, factory, pool) -> dict[str, list]:
+    """Damage of every candidate, one job per layer, through `pool`."""
+    # Remote jobs take one CPU each: the cluster's CPUs are the parallelism.
+    threads = 1 if pool.remote else executor.threads_per_job(settings.jobs, context.threads)
+    shared_model, shared_data, digest = sensitivity.share_inputs(pool, model, sample)
+    factory_options = {"methods": list(settings.methods), "align": settings.align}
+    work = [
+        sensitivity.SensitivityJob(
+            shared_model,
+            shared_data,
+            digest,
+            factory,
+            factory_options,
+            c.name,
+            context.input_shapes,
+            threads,
+            context.seed,
+        )  # fmt: skip
+        for c in choices
+    ]
+    found: dict[str, list] = {}
+    with context.progress(SENSITIVITY_LOOP, len(work)) as bar:
+        results = pool.map(sensitivity.measure_layer, work)
+        for job, result in zip(work, results, strict=True):
+            found[job.layer] = result
+            bar.advance()
     return found

@@ -1,11 +1,12 @@
 """Damage of each candidate rewrite, measured: the model's output error on calibration data
 when only that one layer is replaced (and refit), the rest of the model left original.
 
-One job per layer, independent of the others, so jobs run through an `Executor` (serial, or
-processes with `--jobs`). A job carries paths, not models: a worker loads the model and the
-data once and keeps them for the jobs that follow (`_STATE`), which is what makes process
-pools pay off. A job also returns the shape of each rewrite (nodes and initializer specs), so
-the caller can time it without rebuilding it."""
+One job per layer, independent of the others, so jobs run through an `Executor` (serial,
+processes with `--jobs`, Ray tasks with `--executor ray`). A job carries handles the executor
+shared the model and the data through (`share_inputs`), not copies or driver-local paths: a
+worker reads them once and keeps them for the jobs that follow (`_STATE`), which is what makes
+worker pools pay off. A job also returns the shape of each rewrite (nodes and initializer
+specs), so the caller can time it without rebuilding it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import hashlib
 import importlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from onnxcompress.analyse import analyse
 from onnxcompress.auto import latency_cache as latency_cache
 from onnxcompress.auto.candidates import RUNG_FRACTIONS, layer_choices, method_layers
 from onnxcompress.errors import CompressError
+from onnxcompress.executor import Executor, Shared
 from onnxcompress.io import write_bytes_atomic
 from onnxcompress.layers import Namer
 from onnxcompress.passkit import PassContext
@@ -38,10 +39,13 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SensitivityJob:
     """Measure the candidates of one layer. `factory` is "module:function" returning the
-    methods by name from `factory_options` (importable by a fresh worker process)."""
+    methods by name from `factory_options` (importable by a fresh worker process). `model`
+    holds the serialized model, `data` the calibration batches (None: weight error), `digest`
+    identifies both (`share_inputs`)."""
 
-    model_path: str
-    data_path: str | None  # .npz of calibration batches ("b<i>/<input>"), None: weight error
+    model: Shared
+    data: Shared | None
+    digest: str
     factory: str
     factory_options: dict[str, Any]
     layer: str
@@ -76,21 +80,20 @@ class _WorkerState:
     reference: list[np.ndarray] | None
 
 
-def save_batches(batches: list[dict[str, np.ndarray]], path: str) -> None:
-    """Write calibration batches for `SensitivityJob.data_path`."""
-    arrays = {
-        f"b{i}/{name}": value for i, batch in enumerate(batches) for name, value in batch.items()
-    }
-    np.savez(path, **arrays)
-
-
-def load_batches(path: str) -> list[dict[str, np.ndarray]]:
-    batches: dict[int, dict[str, np.ndarray]] = {}
-    with np.load(path) as data:
-        for key in data.files:
-            index, name = key.split("/", 1)
-            batches.setdefault(int(index[1:]), {})[name] = data[key]
-    return [batches[i] for i in sorted(batches)]
+def share_inputs(
+    pool: Executor, model: onnx.ModelProto, batches: list[dict[str, np.ndarray]] | None
+) -> tuple[Shared, Shared | None, str]:
+    """The model and calibration batches shared through `pool` once for all jobs, and a digest
+    of both (the result cache's and the workers' key)."""
+    blob = model.SerializeToString()
+    digest = hashlib.sha256(blob)
+    for batch in batches or []:
+        for name in sorted(batch):
+            value = np.ascontiguousarray(batch[name])
+            digest.update(f"{name}{value.dtype}{value.shape}".encode())
+            digest.update(value.tobytes())
+    data = pool.share(batches) if batches else None
+    return pool.share(blob), data, digest.hexdigest()
 
 
 def measure_layer(job: SensitivityJob) -> list[Measured]:
@@ -165,16 +168,11 @@ def run_outputs(model: onnx.ModelProto, context: PassContext) -> list[np.ndarray
 
 
 def _state(job: SensitivityJob) -> _WorkerState:
-    key = (
-        job.model_path,
-        job.data_path,
-        job.factory,
-        json.dumps(job.factory_options, sort_keys=True),
-    )
+    key = (job.digest, job.factory, json.dumps(job.factory_options, sort_keys=True))
     if key not in _STATE:
         _STATE.clear()  # one model per worker at a time: memory stays bounded
-        model = onnx.load(job.model_path)
-        batches = load_batches(job.data_path) if job.data_path else None
+        model = onnx.load_model_from_string(job.model.get())
+        batches = job.data.get() if job.data is not None else None
         context = PassContext(job.input_shapes, batches, job.seed, job.threads)
         module, _, name = job.factory.partition(":")
         methods = getattr(importlib.import_module(module), name)(job.factory_options, context)
@@ -191,23 +189,10 @@ CACHE_VERSION = 2
 
 def _cache_key(job: SensitivityJob) -> str:
     digest = hashlib.sha256(f"v{CACHE_VERSION}".encode())
-    for path in (job.model_path, job.data_path):
-        digest.update(_file_hash(path).encode() if path else b"-")
+    digest.update(job.digest.encode())
     settings = [job.factory, job.factory_options, job.layer, job.input_shapes, job.seed]
     digest.update(json.dumps([*settings, list(job.fractions)], sort_keys=True).encode())
     return digest.hexdigest()
-
-
-_FILE_HASHES: dict[tuple[str, float, int], str] = {}
-
-
-def _file_hash(path: str) -> str:
-    stat = os.stat(path)
-    key = (path, stat.st_mtime, stat.st_size)
-    if key not in _FILE_HASHES:
-        with open(path, "rb") as fh:
-            _FILE_HASHES[key] = hashlib.file_digest(fh, "sha256").hexdigest()
-    return _FILE_HASHES[key]
 
 
 def _cache_path(key: str) -> Path:

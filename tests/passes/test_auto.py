@@ -6,7 +6,6 @@ run times nothing."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from onnxcompress.passes import get_pass
 
@@ -21,6 +20,7 @@ from onnxcompress.auto import search as auto_search
 from onnxcompress.auto import sensitivity as sensitivity
 from onnxcompress.auto.settings import SearchSettings
 from onnxcompress.errors import CompressError
+from onnxcompress.executor import SerialExecutor
 from onnxcompress.passkit import PassContext
 from onnxcompress.pipeline import build_options, lookup_passes, run_passes
 from onnxcompress.report import rows as report_rows
@@ -1002,15 +1002,14 @@ def _nodes_and_weights_as_milliseconds(monkeypatch, original, per_weight=1 / 500
     monkeypatch.setattr(benchmark, "benchmark_models", model_ms)
 
 
-def test_sensitivity_runs_only_the_layers_part_with_the_same_damage(monkeypatch, tmp_path):
+def test_sensitivity_runs_only_the_layers_part_with_the_same_damage(monkeypatch):
     """Each candidate is refit and run on the part of the model its layer reaches, fed the
     upstream tensors once: the damages are the whole model's (residual adds and the
     projection shortcut make the upstream tensors several)."""
     model = layers.named_copy(resnet_style())
     shapes = {"input": [1, 3, 32, 32]}
-    model_path, data_path = str(tmp_path / "m.onnx"), str(tmp_path / "d.npz")
-    onnx.save(model, model_path)
-    sensitivity.save_batches(_batches("input", [1, 3, 32, 32], seed=4, count=6), data_path)
+    data = _batches("input", [1, 3, 32, 32], seed=4, count=6)
+    shared_model, shared_data, digest = sensitivity.share_inputs(SerialExecutor(), model, data)
     factory = "onnxcompress.passes.auto:make_methods"
     names = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
     found = {}
@@ -1021,8 +1020,9 @@ def test_sensitivity_runs_only_the_layers_part_with_the_same_damage(monkeypatch,
         found[how] = [
             sensitivity._measure_layer(
                 sensitivity.SensitivityJob(
-                    model_path,
-                    data_path,
+                    shared_model,
+                    shared_data,
+                    digest,
                     factory,
                     {"methods": ["svd", "tucker2"], "align": 4},
                     name,
