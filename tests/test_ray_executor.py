@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnxcompress.passes import get_pass
 
 from models.fixtures import vgg_style
 from onnxcompress.analyse import analyse
@@ -25,7 +26,6 @@ from onnxcompress.auto.sensitivity import Measured
 from onnxcompress.errors import CompressError
 from onnxcompress.executor import JobError, SerialExecutor, make_executor
 from onnxcompress.layers import conv_layers
-from onnxcompress.passes import get_pass
 from onnxcompress.passkit import PassContext
 from onnxcompress.ray_executor import INSTALL, RayExecutor
 from tests.conftest import REPO, shared_model
