@@ -222,7 +222,13 @@ def run_factorization(
     pass_name: str,
 ) -> PassResult:
     """Apply `method` to every layer it can take, as `options` and the budget say."""
-    model = named_copy(model)
+    result = _factorize(named_copy(model), method, options, context, pass_name)
+    if not result.changed:  # the model given, not its named copy (the pass contract)
+        result.model = model
+    return result
+
+
+def _factorize(model, method: Method, options: DriverOptions, context, pass_name) -> PassResult:
     analysis = analyse(model, context.input_shapes)
     layers, skipped = method.layers(model, analysis)
     layers, kept = _split_kept(model, layers, options.keep, f"{pass_name}.keep")

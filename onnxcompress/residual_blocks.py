@@ -110,10 +110,10 @@ def refit_after(
     )
     later = {node.name for node in original.graph.node[first_change:]}
     analysis = analyse(dropped, context.input_shapes)
-    convs, _ = layers.conv_layers(dropped, analysis)
-    sites = [_conv_site(c) for c in convs if c.node.name in later and _refittable(c)]
-    linears, _ = linear_layers.linear_layers(dropped, analysis)
     fixed = _fixed_initializers(dropped)
+    convs, _ = layers.conv_layers(dropped, analysis)
+    sites = [_conv_site(c) for c in convs if c.node.name in later and _refittable(c, fixed)]
+    linears, _ = linear_layers.linear_layers(dropped, analysis)
     samples = sample_count(context.calibration)
     linear_sites = [
         _linear_site(layer, fixed)
@@ -151,10 +151,13 @@ def damage_alone(
     return damage
 
 
-def _refittable(layer: layers.ConvLayer) -> bool:
+def _refittable(layer: layers.ConvLayer, fixed: set[str]) -> bool:
     """A 2-D conv with a bias and one group: its weight maps the input's whole kh×kw patches
-    (grouped and depthwise convs would need one fit per group)."""
-    return layer.bias is not None and layer.group == 1 and layer.weight.ndim == 4
+    (grouped and depthwise convs would need one fit per group); weight and bias initializers
+    only it reads (a refit rewrites them)."""
+    stored = all(name in fixed for name in layer.node.input[1:3])
+    plain = layer.group == 1 and layer.weight.ndim == 4
+    return layer.bias is not None and plain and stored
 
 
 def _conv_site(layer: layers.ConvLayer) -> RefitSite:
