@@ -198,14 +198,14 @@ class TorchExportBuilder(GraphBuilder):
 
     def node_constant(self, scope: str, index: int, value: np.ndarray) -> str:
         name = f"/{scope}/Constant_{index}_output_0" if index else f"/{scope}/Constant_output_0"
-        tensor = numpy_helper.from_array(value.astype(np.float32), name)
+        tensor = numpy_helper.from_array(value, name)
         node_name = name.removesuffix("_output_0")
         self.nodes.append(helper.make_node("Constant", [], [name], name=node_name, value=tensor))
         return name
 
     def norm_params(self, scope: str, c: int) -> tuple[str, str]:
-        scale = self.node_constant(scope, 0, self.rng.uniform(0.8, 1.2, c))
-        return scale, self.node_constant(scope, 1, self.rng.normal(0.0, 0.05, c))
+        scale = self.node_constant(scope, 0, self.rng.uniform(0.8, 1.2, c).astype(np.float32))
+        return scale, self.node_constant(scope, 1, self.rng.normal(0.0, 0.05, c).astype(np.float32))
 
 
 def torch_constant_norms(seed: int = 0) -> onnx.ModelProto:
@@ -223,6 +223,7 @@ def torch_constant_norms(seed: int = 0) -> onnx.ModelProto:
     scale, bias = b.norm_params("in2", 16)
     x = b.op("InstanceNormalization", "/in2/InstanceNormalization", [x, scale, bias])
     x = b.relu("/relu2/Relu", x)
+    x = _group_norm(b, "gn", x, 16, groups=4)
     tokens = b.const("tokens_shape", np.array([0, 16, 64], dtype=np.int64))
     x = b.op("Reshape", "/Reshape", [x, tokens])
     x = b.op("Transpose", "/Transpose", [x], perm=[0, 2, 1])  # [B, 64 tokens, 16]
@@ -233,6 +234,21 @@ def torch_constant_norms(seed: int = 0) -> onnx.ModelProto:
     logits = b.gemm("/fc/Gemm", x, 32, 10, out="logits")
     inputs = [_tensor("input", ["batch", 3, 16, 16])]
     return b.model("torch_constant_norms", seed, inputs, [_tensor(logits, ["batch", 10])])
+
+
+def _group_norm(b: TorchExportBuilder, scope: str, x: str, c: int, groups: int) -> str:
+    """GroupNorm as torch.onnx writes it: reshape to [N, groups, -1], InstanceNormalization
+    with `Constant` ones and zeros, reshape back, then the affine Mul and Add."""
+    grouped = b.node_constant(scope, 0, np.array([0, groups, -1]))
+    y = b.op("Reshape", f"/{scope}/Reshape", [x, grouped])
+    ones = b.node_constant(scope, 1, np.ones(groups, np.float32))
+    zeros = b.node_constant(scope, 2, np.zeros(groups, np.float32))
+    y = b.op("InstanceNormalization", f"/{scope}/InstanceNormalization", [y, ones, zeros])
+    shape = b.op("Shape", f"/{scope}/Shape", [x])
+    y = b.op("Reshape", f"/{scope}/Reshape_1", [y, shape])
+    weight = b.const(f"{scope}.weight", b.rng.uniform(0.8, 1.2, (c, 1, 1)).astype(np.float32))
+    bias = b.normal(f"{scope}.bias", (c, 1, 1), 0.05)
+    return b.op("Add", f"/{scope}/Add", [b.op("Mul", f"/{scope}/Mul", [y, weight]), bias])
 
 
 def _reflect_conv(b: GraphBuilder, name: str, x: str, cin: int, cout: int, act: bool) -> str:
