@@ -143,8 +143,12 @@ def _bilstm(b: GraphBuilder, name: str, x: str, cin: int, hidden: int) -> str:
     y, last_h, last_c = (f"{name}.lstm.{out}" for out in ("Y", "Y_h", "Y_c"))
     b.nodes.append(
         helper.make_node(
-            "LSTM", [x, w, r, bias, "", state, state], [y, last_h, last_c],
-            name=f"{name}.lstm", direction="bidirectional", hidden_size=hidden,
+            "LSTM",
+            [x, w, r, bias, "", state, state],
+            [y, last_h, last_c],
+            name=f"{name}.lstm",
+            direction="bidirectional",
+            hidden_size=hidden,
         )
     )  # fmt: skip; Y_h and Y_c are written but unread, as paddle2onnx leaves them
     y = b.op("Transpose", f"{name}.transpose", [y], perm=[0, 2, 1, 3])  # [T, B, 2, hidden]
@@ -153,9 +157,13 @@ def _bilstm(b: GraphBuilder, name: str, x: str, cin: int, hidden: int) -> str:
 
 
 def _zero_state(b: GraphBuilder, name: str, x: str, hidden: int) -> str:
-    """Zeros [2, batch, hidden], the batch read from x at run time (fill_constant_batch_size_like)."""
+    """Zeros [2, batch, hidden], the batch read from x at run time (paddle's
+    fill_constant_batch_size_like)."""
     shape = b.op("Shape", f"{name}.shape", [x])
-    start, end = b.const("lstm.batch_start", np.array([1])), b.const("lstm.batch_end", np.array([2]))
+    start, end = (
+        b.const("lstm.batch_start", np.array([1])),
+        b.const("lstm.batch_end", np.array([2])),
+    )
     batch = b.op("Slice", f"{name}.batch", [shape, start, end])
     directions = b.const("lstm.directions", np.array([2]))
     size = b.const(f"lstm.hidden_{hidden}", np.array([hidden]))
@@ -177,7 +185,9 @@ def paddle_crnn(seed: int = 0) -> onnx.ModelProto:
     x = b.op("Add", "block3.add", [x, _inverted_residual(b, "block3", x, 32)])
     x = _se(b, "block4.se", _conv_bn(b, "block4.dw", x, 32, 32, 3, stride=(2, 1), group=32), 32)
     x = _hard_swish(b, "block4.hswish", _conv_bn(b, "block4.pw", x, 32, 48, 1))
-    x = b.op("MaxPool", "neck.pool", [x], kernel_shape=[2, 2], strides=[2, 2])  # [B, 48, 1, width / 4]
+    x = b.op(
+        "MaxPool", "neck.pool", [x], kernel_shape=[2, 2], strides=[2, 2]
+    )  # [B, 48, 1, width / 4]
     x = b.op("Squeeze", "neck.squeeze", [x], axes=[2])
     x = b.op("Transpose", "neck.time_major", [x], perm=[2, 0, 1])  # [T, B, C]
     x = _bilstm(b, "neck.lstm0", x, 48, 24)
