@@ -62,7 +62,10 @@ def compensate_means(
         node = original.graph.node[edit.node]
         columns = _input_columns(node, constants[node.input[1]])
         if columns is None:
-            done[label(node)] = {"mode": "none", "reason": f"{_kind(node, constants)}: no mean shift"}
+            done[label(node)] = {
+                "mode": "none",
+                "reason": f"{_kind(node, constants)}: no mean shift",
+            }
             continue
         kept = channel_graph.positions(edit.layout, keep)
         removed = np.setdiff1d(np.arange(columns.shape[1]), kept)
