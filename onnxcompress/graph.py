@@ -46,22 +46,21 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
-def lift_constant_nodes(model: onnx.ModelProto) -> int:
+def lift_constant_nodes(model: onnx.ModelProto) -> None:
     """Turn, in place, every top-level `Constant` node that holds a tensor (paddle2onnx and
     torch exports keep weights so) into an initializer of the same name, as onnxruntime does at
-    load: passes that rewrite weights find them where they look. The count lifted."""
+    load: passes that rewrite weights find them where they look."""
     g, outputs, kept = model.graph, {o.name for o in model.graph.output}, []
-    lifted = 0
     for node in g.node:
         value = constant_node_value(node) if node.op_type == "Constant" else None
         if value is None or node.domain not in ("", "ai.onnx") or node.output[0] in outputs:
             kept.append(node)
             continue
         g.initializer.append(numpy_helper.from_array(value, node.output[0]))
-        lifted += 1
+    if len(kept) < len(g.node):  # IR 3 would want the new initializers listed as inputs too
+        model.ir_version = max(model.ir_version, MIN_IR_WITHOUT_INITIALIZER_INPUTS)
     del g.node[:]
     g.node.extend(kept)
-    return lifted
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
