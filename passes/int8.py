@@ -163,10 +163,12 @@ def _complaint_note(complaints: list[str]) -> str:
         (line.strip() for text in reversed(complaints) for line in reversed(text.splitlines())
          if line.strip()), "",
     )  # fmt: skip
+    for text in complaints:  # whole, with its traceback, for -v
+        log.debug("int8: onnxruntime's quantizer logged: %s", text)
     return (
-        f"onnxruntime's quantizer reported an error it went on from ({last[:200]}); "
-        "the model was quantized without that step (its pre-processing folds "
-        "BatchNormalization into convs), and validated as usual"
+        f"onnxruntime's quantizer logged an error and went on ({last[:200]}); when its "
+        "pre-processing's optimizer fails, BatchNormalization is not folded into the convs "
+        "first; the result is validated as usual"
     )
 
 
