@@ -16,7 +16,7 @@ import pytest
 
 from models.exports import paddle_crnn, torch_constant_norms
 from onnxcompress import cli, graph, registry
-from onnxcompress.passkit import PassContext
+from onnxcompress.passkit import PassContext, first_samples, sample_count
 
 REPO = Path(__file__).resolve().parents[1]
 CRNN_SHAPE = ["--input-shape", "x:1,3,32,64"]
@@ -175,6 +175,20 @@ def test_channels_prunes_one_d_convs_and_says_why_their_consumers_are_not_refit(
     refits = [v for r in records for v in r.get("details", {}).get("refit", {}).values()]
     assert any("1-D Conv" in refit.get("reason", "") for refit in refits)
     onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+def test_calibration_samples_with_a_scalar_input_and_a_batch_axis_not_first():
+    """Silero VAD's inputs: audio [batch, 512], state [2, batch, 128], sr a scalar (int8 on it
+    ended in an internal IndexError)."""
+    batch = {
+        "input": np.zeros((3, 512), np.float32),
+        "state": np.zeros((2, 3, 128), np.float32),
+        "sr": np.array(16000, np.int64),
+    }
+    assert sample_count([batch, batch]) == 6
+    taken = first_samples([batch, batch], 4)
+    assert taken[0] is batch  # whole batches as they are: state keeps its batch axis
+    assert taken[1]["input"].shape == (1, 512) and taken[1]["sr"] == 16000
 
 
 # auto and distill are left out here: they run the passes above (and torch) on these models.
