@@ -29,37 +29,29 @@ from onnx import TensorProto, helper, numpy_helper
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.fixtures import IR_VERSION, PRODUCER, GraphBuilder  # noqa: E402
+from models.fixtures import GraphBuilder  # noqa: E402
 
 # Encoder skip features of the depth decoder: (channels, downsampling) from the finest.
 DEPTH_SKIPS = ((16, 2), (24, 4), (40, 8), (112, 16), (320, 32))
 DEPTH_DECODER = (8, 12, 20, 40, 80)  # decoder channels at each scale, finest first
 
 
+SCRIPT = "models/exports.py"
+
+
 class ConstantNodeBuilder(GraphBuilder):
     """A GraphBuilder whose constants are `Constant` nodes, as paddle2onnx writes every weight."""
 
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.made: set[str] = set()  # constants made once, as the base class's initializers
+
     def const(self, name: str, value: np.ndarray) -> str:
-        if name not in self.initializers:
+        if name not in self.made:
             tensor = numpy_helper.from_array(np.asarray(value), name)
             self.nodes.append(helper.make_node("Constant", [], [name], value=tensor))
-            self.initializers[name] = tensor  # remembered only so it is made once
+            self.made.add(name)
         return name
-
-    def model(self, name: str, seed: int, inputs: list, outputs: list, opset: int = 17):
-        graph = helper.make_graph(self.nodes, name, inputs, outputs)
-        return _finish(graph, name, seed, opset)
-
-
-def _finish(graph: onnx.GraphProto, name: str, seed: int, opset: int) -> onnx.ModelProto:
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", opset)],
-        producer_name=PRODUCER,
-        doc_string=f"onnxcompress fixture {name} (seed {seed}), built by models/exports.py",
-    )
-    model.ir_version = IR_VERSION
-    return model
 
 
 def _tensor(name: str, dims: list) -> onnx.ValueInfoProto:
@@ -199,7 +191,7 @@ def paddle_crnn(seed: int = 0) -> onnx.ModelProto:
     probs = b.op("Softmax", "head.softmax", [y], out="softmax_0.tmp_0", axis=2)
     inputs = [_tensor("x", ["batch", 3, 32, "width"])]  # paddle2onnx: dynamic batch and width
     outputs = [_tensor(probs, ["batch", "steps", 37])]
-    return b.model("paddle_crnn", seed, inputs, outputs, opset=11)
+    return b.model("paddle_crnn", seed, inputs, outputs, opset=11, script=SCRIPT)
 
 
 class TorchExportBuilder(GraphBuilder):
@@ -243,7 +235,8 @@ def torch_constant_norms(seed: int = 0) -> onnx.ModelProto:
     x = b.op("ReduceMean", "/ReduceMean", [x], axes=[1], keepdims=0)
     logits = b.gemm("/fc/Gemm", x, 32, 10, out="logits")
     inputs = [_tensor("input", ["batch", 3, 16, 16])]
-    return b.model("torch_constant_norms", seed, inputs, [_tensor(logits, ["batch", 10])])
+    outputs = [_tensor(logits, ["batch", 10])]
+    return b.model("torch_constant_norms", seed, inputs, outputs, script=SCRIPT)
 
 
 def _group_norm(b: TorchExportBuilder, scope: str, x: str, c: int, groups: int) -> str:
@@ -296,7 +289,7 @@ def depth_decoder(seed: int = 0, height: int = 192, width: int = 640) -> onnx.Mo
             name = f"disp.{i}"
             outputs.append(_tensor(b.op("Sigmoid", name, [disp]), ["batch", 1, None, None]))
     outputs = [_tensor(o.name, _disp_dims(o.name, height, width)) for o in outputs]
-    return b.model(f"depth_decoder_{height}x{width}", seed, inputs, outputs)
+    return b.model(f"depth_decoder_{height}x{width}", seed, inputs, outputs, script=SCRIPT)
 
 
 def _disp_dims(name: str, height: int, width: int) -> list:
