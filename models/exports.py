@@ -132,6 +132,7 @@ def _bilstm(b: GraphBuilder, name: str, x: str, cin: int, hidden: int) -> str:
         b.op("Concat", f"{name}.{key}", per_direction[key], axis=0) for key in ("W", "R", "B")
     )
     state = _zero_state(b, name, x, hidden)
+    # Y_h and Y_c are written but read by nothing, as paddle2onnx leaves them.
     y, last_h, last_c = (f"{name}.lstm.{out}" for out in ("Y", "Y_h", "Y_c"))
     b.nodes.append(
         helper.make_node(
@@ -142,7 +143,7 @@ def _bilstm(b: GraphBuilder, name: str, x: str, cin: int, hidden: int) -> str:
             direction="bidirectional",
             hidden_size=hidden,
         )
-    )  # fmt: skip; Y_h and Y_c are written but unread, as paddle2onnx leaves them
+    )
     y = b.op("Transpose", f"{name}.transpose", [y], perm=[0, 2, 1, 3])  # [T, B, 2, hidden]
     merge = b.const("lstm.merge_shape", np.array([0, 0, -1], dtype=np.int64))
     return b.op("Reshape", f"{name}.merge", [y, merge])
@@ -177,9 +178,8 @@ def paddle_crnn(seed: int = 0) -> onnx.ModelProto:
     x = b.op("Add", "block3.add", [x, _inverted_residual(b, "block3", x, 32)])
     x = _se(b, "block4.se", _conv_bn(b, "block4.dw", x, 32, 32, 3, stride=(2, 1), group=32), 32)
     x = _hard_swish(b, "block4.hswish", _conv_bn(b, "block4.pw", x, 32, 48, 1))
-    x = b.op(
-        "MaxPool", "neck.pool", [x], kernel_shape=[2, 2], strides=[2, 2]
-    )  # [B, 48, 1, width / 4]
+    # [B, 48, 1, width / 4]
+    x = b.op("MaxPool", "neck.pool", [x], kernel_shape=[2, 2], strides=[2, 2])
     x = b.op("Squeeze", "neck.squeeze", [x], axes=[2])
     x = b.op("Transpose", "neck.time_major", [x], perm=[2, 0, 1])  # [T, B, C]
     x = _bilstm(b, "neck.lstm0", x, 48, 24)
