@@ -124,15 +124,23 @@ class GraphBuilder:
         flat = self.op("Flatten", "head.flatten", [pooled], axis=1)
         return self.gemm("head.fc", flat, c, classes, out="logits")
 
-    def model(self, name: str, seed: int, inputs: list, outputs: list) -> onnx.ModelProto:
+    def model(
+        self,
+        name: str,
+        seed: int,
+        inputs: list,
+        outputs: list,
+        opset: int = OPSET,
+        script: str = "models/fixtures.py",
+    ) -> onnx.ModelProto:
         graph = helper.make_graph(
             self.nodes, name, inputs, outputs, initializer=list(self.initializers.values())
         )
         model = helper.make_model(
             graph,
-            opset_imports=[helper.make_opsetid("", OPSET)],
+            opset_imports=[helper.make_opsetid("", opset)],
             producer_name=PRODUCER,
-            doc_string=f"onnxcompress fixture {name} (seed {seed}), built by models/fixtures.py",
+            doc_string=f"onnxcompress fixture {name} (seed {seed}), built by {script}",
         )
         model.ir_version = IR_VERSION
         return model

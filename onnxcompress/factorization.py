@@ -222,7 +222,13 @@ def run_factorization(
     pass_name: str,
 ) -> PassResult:
     """Apply `method` to every layer it can take, as `options` and the budget say."""
-    given, model = model, named(model)  # unchanged, the pass hands back what it was given
+    result = _factorize(named(model), method, options, context, pass_name)
+    if not result.changed:  # the model given, not its named copy (the pass contract)
+        result.model = model
+    return result
+
+
+def _factorize(model, method: Method, options: DriverOptions, context, pass_name) -> PassResult:
     analysis = analyse(model, context.input_shapes)
     layers, skipped = method.layers(model, analysis)
     layers, kept = _split_kept(model, layers, options.keep, f"{pass_name}.keep")
@@ -262,14 +268,14 @@ def run_factorization(
     )
     if not plan.chosen():
         plan.settle(set())
-        return PassResult(given, False, plan.records, plan.summary)
+        return PassResult(model, False, plan.records, plan.summary)
     chosen, built, namer = plan.chosen(), {}, Namer(model)
     if options.never_slower:
         chosen, reverted = _fast_plan(model, plan, method, namer, built, options, context)
         plan.records += reverted
         if not chosen:  # every layer would be slower: hand back the model as it came
             plan.settle({r.node for r in reverted})
-            return _finish(model, given, {}, plan, options, context, analysis, pass_name)
+            return _finish(model, model, {}, plan, options, context, analysis, pass_name)
     else:
         plan.settle(set())
     rewritten = graph.copy_without_initializers(model, _read_only_by(model, chosen))

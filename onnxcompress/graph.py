@@ -74,6 +74,23 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
+def lift_constant_nodes(model: onnx.ModelProto) -> None:
+    """Turn, in place, every top-level `Constant` node that holds a tensor (paddle2onnx and
+    torch exports keep weights so) into an initializer of the same name, as onnxruntime does at
+    load: passes that rewrite weights find them where they look."""
+    g, outputs, kept = model.graph, {o.name for o in model.graph.output}, []
+    for node in g.node:
+        value = constant_node_value(node) if node.op_type == "Constant" else None
+        if value is None or node.domain not in ("", "ai.onnx") or node.output[0] in outputs:
+            kept.append(node)
+            continue
+        g.initializer.append(numpy_helper.from_array(value, node.output[0]))
+    if len(kept) < len(g.node):  # IR 3 would want the new initializers listed as inputs too
+        model.ir_version = max(model.ir_version, MIN_IR_WITHOUT_INITIALIZER_INPUTS)
+    del g.node[:]
+    g.node.extend(kept)
+
+
 def weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of every constant tensor (initializers and Constant values)."""
     return sum(value.nbytes for value in constant_tensors(model).values())
@@ -289,11 +306,28 @@ def value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
 
 def cleanup_and_sort(model: onnx.ModelProto) -> onnx.ModelProto:
     """Drop dead nodes and unused weights, then sort topologically (after every pass)."""
+    unnamed = _unnamed_attribute_tensors(model.graph)
     graph = gs.import_onnx(model)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     result = gs.export_onnx(graph, do_type_check=False)
+    # graphsurgeon's export sets `name` on the tensors it was given (ConstantOfShape's value):
+    # clear it again, so that the model given stays as it was (the pass contract).
+    for tensor in unnamed:
+        tensor.ClearField("name")
     _keep_model_metadata(model, result)
     return result
+
+
+def _unnamed_attribute_tensors(g: onnx.GraphProto) -> list[onnx.TensorProto]:
+    """The tensor attributes without a name of every node of `g`, subgraphs included."""
+    found = []
+    for node in g.node:
+        for attr in node.attribute:
+            if attr.HasField("t") and not attr.t.HasField("name"):
+                found.append(attr.t)
+        for sub in subgraphs(node):
+            found += _unnamed_attribute_tensors(sub)
+    return found
 
 
 def _keep_model_metadata(source: onnx.ModelProto, target: onnx.ModelProto) -> None:

@@ -80,7 +80,12 @@ def track(progress: Progress, description: str, items: Sequence[T]) -> Iterator[
 
 def sample_count(batches: list[dict[str, np.ndarray]] | None) -> int:
     """Samples in calibration batches: the leading axis of each batch's first input."""
-    return sum(len(next(iter(batch.values()))) for batch in batches or [])
+    return sum(_rows(batch) for batch in batches or [])
+
+
+def _rows(batch: dict[str, np.ndarray]) -> int:
+    # A scalar input (Silero VAD's sample rate) has no batch axis: the first that has one.
+    return next((len(value) for value in batch.values() if np.ndim(value) > 0), 1)
 
 
 def first_samples(
@@ -91,9 +96,10 @@ def first_samples(
         return None
     out, left = [], count
     for batch in batches:
-        rows = len(next(iter(batch.values())))
+        rows = _rows(batch)
         take = min(rows, left)
-        out.append({name: value[:take] for name, value in batch.items()})
+        # A whole batch goes as it is: inputs whose batch axis is not the first stay whole.
+        out.append(batch if take == rows else _leading(batch, take))
         left -= take
         if left <= 0:
             break
@@ -195,6 +201,10 @@ class PassSpec:
             return self.options(**values)
         except (ValueError, TypeError) as exc:
             raise CompressError(f"{self.name}: {exc}") from exc
+
+
+def _leading(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    return {name: value[:rows] if np.ndim(value) > 0 else value for name, value in batch.items()}
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:

@@ -110,10 +110,11 @@ def refit_after(
     )
     later = {node.name for node in original.graph.node[first_change:]}
     analysis = analyse(dropped, context.input_shapes)
+    own = _read_once(dropped)
     convs, _ = layers.conv_layers(dropped, analysis)
-    sites = [_conv_site(c) for c in convs if c.node.name in later and _refittable(c)]
+    sites = [_conv_site(c) for c in convs if c.node.name in later and _refittable(c, own)]
     linears, _ = linear_layers.linear_layers(dropped, analysis)
-    fixed = _fixed_initializers(dropped)
+    fixed = own - {inp.name for inp in dropped.graph.input}
     samples = sample_count(context.calibration)
     linear_sites = [
         _linear_site(layer, fixed)
@@ -151,10 +152,13 @@ def damage_alone(
     return damage
 
 
-def _refittable(layer: layers.ConvLayer) -> bool:
+def _refittable(layer: layers.ConvLayer, own: set[str]) -> bool:
     """A 2-D conv with a bias and one group: its weight maps the input's whole kh×kw patches
-    (grouped and depthwise convs would need one fit per group)."""
-    return layer.bias is not None and layer.group == 1 and layer.weight.ndim == 4
+    (grouped and depthwise convs would need one fit per group); weight and bias initializers
+    only it reads (a refit rewrites them)."""
+    stored = all(name in own for name in layer.node.input[1:3])
+    plain = layer.group == 1 and layer.weight.ndim == 4
+    return layer.bias is not None and plain and stored
 
 
 def _conv_site(layer: layers.ConvLayer) -> RefitSite:
@@ -164,11 +168,11 @@ def _conv_site(layer: layers.ConvLayer) -> RefitSite:
     return RefitSite(inputs[0], layer.node.output[0], inputs[1], inputs[2], "conv", conv=geometry)
 
 
-def _fixed_initializers(model: onnx.ModelProto) -> set[str]:
-    """Initializers read by one node and not fed by the caller: a refit may rewrite them."""
+def _read_once(model: onnx.ModelProto) -> set[str]:
+    """Initializers read by one node: a refit of that node may rewrite them. (Linear layers
+    also want them not listed as graph inputs, which a caller could feed.)"""
     readers = graph.consumers(model)
-    listed = {inp.name for inp in model.graph.input}
-    return {i.name for i in model.graph.initializer if len(readers[i.name]) == 1} - listed
+    return {i.name for i in model.graph.initializer if len(readers[i.name]) == 1}
 
 
 def _enough_rows(layer: linear_layers.LinearLayer, samples: int) -> bool:

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from onnxcompress.auto import checks as auto_checks
+from onnxcompress.auto import sample_budget
 from onnxcompress.auto import search as auto_search
 from onnxcompress.auto import summary as auto_summary
 from onnxcompress.auto.candidates import layer_choices, method_layers
@@ -58,7 +59,11 @@ class AutoOptions:
     )  # fmt: skip
     methods: str = option(DEFAULT_METHODS, f"candidate methods, from {', '.join(METHODS)}")
     align: int = option(8, "rank alignment of every method's candidates")
-    sensitivity_samples: int = option(64, "calibration samples each sensitivity run uses")
+    sensitivity_samples: int | None = option(
+        None,
+        "calibration samples each sensitivity run uses (default 64; for dense outputs, "
+        "fewer, down to 16: as many as hold 262,144 output values)",
+    )
     jobs: int | None = option(None, "parallel processes for the sensitivity runs (default --jobs)")
     refit: bool = option(True, "refit the last factors of the plan on calibration data")
     int8: bool | None = option(
@@ -135,7 +140,7 @@ class AutoOptions:
             target=target,
             methods=tuple(self.method_names()),
             align=self.align,
-            sensitivity_samples=self.sensitivity_samples,
+            sensitivity_samples=self.sensitivity_samples or sample_budget.DEFAULT_SAMPLES,
             jobs=self.jobs or context.jobs,
             refit=self.refit,
             max_rel_l2=self.max_rel_l2,
@@ -245,18 +250,23 @@ def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> 
                 log.debug("auto: int8 timing of a layer in float: %s", exc)
                 return source
 
+    settings, budget = _sensitivity_settings(model, analysis, options, context)
+    if budget is not None:
+        effective["sensitivity_samples"] = settings.sensitivity_samples
     found = auto_search.search(
         model,
         analysis,
         choices,
         methods,
-        options.search_settings(context),
+        settings,
         context,
         quantize,
         quantize_layer,
         factory=f"{__name__}:{make_methods.__name__}",
     )
     records += found.records
+    if budget is not None:
+        found.summary["sensitivity"]["default"] = budget
     if found.summary.get("int8", {}).get("quantized"):
         auto_summary.mark_precision(records, found.summary, found.model)
     summary = {"auto": found.summary, "effective_options": effective}
@@ -267,6 +277,18 @@ def auto(model: onnx.ModelProto, options: AutoOptions, context: PassContext) -> 
     if warning:
         summary["note"] = warning
     return PassResult(found.model, found.changed or bool(upcast), records, summary)
+
+
+def _sensitivity_settings(model, analysis, options: AutoOptions, context: PassContext):
+    """The search's settings, `sensitivity_samples` left unset resolved for this model
+    (`sample_budget`), and what the report says of that (None when the user set it)."""
+    settings = options.search_settings(context)
+    if options.sensitivity_samples is not None:
+        return settings, None
+    values = sample_budget.values_per_sample(model, analysis)
+    samples = sample_budget.default_samples(values)
+    resolved = dataclasses.replace(settings, sensitivity_samples=samples)
+    return resolved, sample_budget.summary(values, samples)
 
 
 def _upcast_first(model, options: AutoOptions, context: PassContext):

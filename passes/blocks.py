@@ -54,6 +54,8 @@ class BlocksOptions:
 )
 def blocks(model: onnx.ModelProto, options: BlocksOptions, context: PassContext) -> PassResult:
     model = named_copy(model)  # blocks and the layers refit after them are found by node name
+    # Weights in Constant nodes (paddle2onnx) become initializers, which a refit rewrites.
+    graph.lift_constant_nodes(model)
     found = residual_blocks.identity_blocks(model)
     if not found:
         raise CompressError("blocks: the model has no residual block with an identity shortcut")

@@ -12,6 +12,7 @@ DequantizeLinear needs its `axis` attribute), and a float16 model is upcast to f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import tempfile
@@ -91,18 +92,22 @@ def int8(model: onnx.ModelProto, options: Int8Options, context: PassContext) -> 
     source, summary = _at_qdq_opset(graph.cleanup_and_sort(model))
     # Named nodes keep their names through the quantizer, so records, timings and roles agree.
     source = named_copy(source)
+    # Weights and norm parameters in Constant nodes (paddle2onnx, torch) as initializers: the
+    # quantizer takes only initializers for weights when its own optimizer does not run.
+    graph.lift_constant_nodes(source)
     summary.update(upcast_summary)
     keep = comma_list(options.keep)
     unknown = sorted(set(keep) - {node.name for node in source.graph.node})
     if unknown:
         raise CompressError(f"int8: keep names no node of the model: {', '.join(unknown)}")
     batches = first_samples(context.calibration, options.samples)
-    quantized = _quantize(source, options, batches, keep)
+    quantized, complaints = _quantize(source, options, batches, keep)
+    if complaints:
+        summary["notes"] = [*_notes(summary), _complaint_note(complaints)]
     records = _records(quantized, keep)
     if options.time_layers:
         timed = _time_layers(source, records, options, context)
-        upcast_note = summary.get("notes")  # the one note so far, if any
-        summary["notes"] = [*([upcast_note] if upcast_note else []), _timing_note(timed)]
+        summary["notes"] = [*_notes(summary), _timing_note(timed)]
     summary.update(
         calibration_samples=sample_count(batches),
         quantized_layers=sum(r.status == "rewritten" for r in records),
@@ -146,6 +151,52 @@ def _time_layers(source, records: list[NodeRecord], options, context: PassContex
                 timed += 1
             bar.advance()
     return timed
+
+
+def _notes(summary: dict) -> list[str]:
+    notes = summary.get("notes") or []  # the upcast's is one string
+    return [notes] if isinstance(notes, str) else list(notes)
+
+
+def _complaint_note(complaints: list[str]) -> str:
+    last = next(
+        (line.strip() for text in reversed(complaints) for line in reversed(text.splitlines())
+         if line.strip()), "",
+    )  # fmt: skip
+    for text in complaints:  # whole, with its traceback, for -v
+        log.debug("int8: onnxruntime's quantizer logged: %s", text)
+    return (
+        f"onnxruntime's quantizer logged an error and went on ({last[:200]}); when its "
+        "pre-processing's optimizer fails, BatchNormalization is not folded into the convs "
+        "first; the result is validated as usual"
+    )
+
+
+class _Collected(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _quantizer_logs():
+    """Silence onnxruntime's quantizer: its advice goes to the root logger (dropped), and the
+    errors it goes on from (its pre-processing's optimizer, logged with a traceback) are
+    collected for a note instead of reaching the user's stderr."""
+    logger = logging.getLogger("onnxruntime.quantization")
+    collected, propagate = _Collected(), logger.propagate
+    logger.addHandler(collected)
+    logger.propagate = False
+    logging.disable(logging.WARNING)
+    try:
+        yield collected.messages
+    finally:
+        logging.disable(logging.NOTSET)
+        logger.removeHandler(collected)
+        logger.propagate = propagate
 
 
 def _timing_note(timed: int) -> str:
@@ -214,7 +265,28 @@ class _Batches:
         return next(self._batches, None)
 
 
-def _quantize(model: onnx.ModelProto, options: Int8Options, batches, keep) -> onnx.ModelProto:
+def _quantize(model: onnx.ModelProto, options: Int8Options, batches, keep):
+    """The quantized model, and the errors onnxruntime's quantizer logged and went on from."""
+    # The quantizer reads and writes files; a private temp dir keeps that out of the user's way.
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-int8-") as tmp:
+        source, target = Path(tmp) / "source.onnx", Path(tmp) / "int8.onnx"
+        # A file, not the ModelProto: given a proto, the preparation hands its weights to the
+        # session as external initializers and writes a model pointing at a file it never
+        # writes ("foo.bin"), which then fails on large weights (MiniLM's embeddings).
+        onnx.save(model, source)
+        with _quantizer_logs() as complaints:
+            try:
+                _prepare_and_quantize(
+                    source, Path(tmp) / "prepared.onnx", target, batches, options, keep
+                )
+            except Exception as exc:  # noqa: BLE001 - its errors are plain exceptions
+                raise CompressError(
+                    f"int8: onnxruntime's quantizer failed: {ort_message(exc)}"
+                ) from exc
+        return io.load_model(target), complaints
+
+
+def _prepare_and_quantize(source: Path, prepared: Path, target: Path, batches, options, keep):
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -224,33 +296,16 @@ def _quantize(model: onnx.ModelProto, options: Int8Options, batches, keep) -> on
         "percentile": CalibrationMethod.Percentile,
     }[options.ranges]
     activation = QuantType.QUInt8 if options.activations == "uint8" else QuantType.QInt8
-    # The quantizer reads and writes files; a private temp dir keeps that out of the user's way.
-    with tempfile.TemporaryDirectory(prefix="onnxcompress-int8-") as tmp:
-        source, prepared = Path(tmp) / "source.onnx", Path(tmp) / "prepared.onnx"
-        target = Path(tmp) / "int8.onnx"
-        # A file, not the ModelProto: given a proto, the preparation hands its weights to the
-        # session as external initializers and writes a model pointing at a file it never
-        # writes ("foo.bin"), which then fails on large weights (MiniLM's embeddings).
-        onnx.save(model, source)
-        logging.disable(logging.WARNING)  # the quantizer's advice goes to the root logger
-        try:
-            # onnxruntime's own preparation: shapes, and BatchNormalization folded into the
-            # convs, which would otherwise stay float between two quantized layers.
-            quant_pre_process(str(source), prepared, skip_symbolic_shape=True)
-            quantize_static(
-                prepared, target, _Batches(batches),
-                quant_format=QuantFormat.QDQ, per_channel=options.per_channel,
-                activation_type=activation, weight_type=QuantType.QInt8,
-                calibrate_method=method, op_types_to_quantize=comma_list(options.ops) or None,
-                nodes_to_exclude=keep or None,
-            )  # fmt: skip
-        except Exception as exc:  # noqa: BLE001 - its errors are plain exceptions
-            raise CompressError(
-                f"int8: onnxruntime's quantizer failed: {ort_message(exc)}"
-            ) from exc
-        finally:
-            logging.disable(logging.NOTSET)
-        return io.load_model(target)
+    # onnxruntime's own preparation: shapes, and BatchNormalization folded into the convs,
+    # which would otherwise stay float between two quantized layers.
+    quant_pre_process(str(source), prepared, skip_symbolic_shape=True)
+    quantize_static(
+        prepared, target, _Batches(batches),
+        quant_format=QuantFormat.QDQ, per_channel=options.per_channel,
+        activation_type=activation, weight_type=QuantType.QInt8,
+        calibrate_method=method, op_types_to_quantize=comma_list(options.ops) or None,
+        nodes_to_exclude=keep or None,
+    )  # fmt: skip
 
 
 def _records(quantized: onnx.ModelProto, keep) -> list[NodeRecord]:

@@ -53,14 +53,19 @@ def compensate_means(
         if e.kind == "producer" and channel_graph.touches(e, keep)
     }
     nodes = [original.graph.node[e.node] for e in edits]
-    means = _tap_means(original, nodes, constants, context)
+    # Only consumers with a mean-shift form are measured (a 1-D conv's input has no 2-D taps).
+    nodes = [n for n in nodes if _input_columns(n, constants[n.input[1]]) is not None]
+    means = _tap_means(original, nodes, constants, context) if nodes else {}
     editor = ConstantEditor(pruned)
     done = {}
     for edit in edits:
         node = original.graph.node[edit.node]
         columns = _input_columns(node, constants[node.input[1]])
         if columns is None:
-            done[label(node)] = {"mode": "none", "reason": f"{node.op_type}: no mean shift"}
+            done[label(node)] = {
+                "mode": "none",
+                "reason": f"{_kind(node, constants)}: no mean shift",
+            }
             continue
         kept = channel_graph.positions(edit.layout, keep)
         removed = np.setdiff1d(np.arange(columns.shape[1]), kept)
@@ -70,6 +75,15 @@ def compensate_means(
         _add_to_bias(editor, pruned.graph.node[edit.node], shift)
         done[label(node)] = {"mode": "mean shift", "removed_inputs": int(removed.size)}
     return done
+
+
+def _kind(node: onnx.NodeProto, constants: dict) -> str:
+    """What the consumer is, in the words of a reason: "1-D Conv", "grouped Conv", "MatMul"."""
+    if node.op_type != "Conv":
+        return node.op_type
+    if int(graph.node_attributes(node).get("group", 1)) != 1:
+        return "grouped Conv"
+    return f"{constants[node.input[1]].ndim - 2}-D Conv"
 
 
 def _tap_means(model, nodes: list[onnx.NodeProto], constants: dict, context: PassContext) -> dict:
