@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxcompress import graph, large_models
+from onnxcompress import graph, large_models, model_copies
 from onnxcompress.errors import ORT_LOG_SEVERITY
 from onnxcompress.report.tables import format_table, human  # noqa: F401  (re-exported for callers)
 
@@ -194,7 +194,7 @@ def analyse(
     """
     shapes = graph.resolve_input_shapes(model, input_shapes)
     # Shapes come from the skeleton: no weight is copied or serialised for them.
-    pinned = graph.with_input_shapes(graph.skeleton(model), shapes)
+    pinned = graph.with_input_shapes(model_copies.skeleton(model), shapes)
     tensors = _known_tensors(graph.infer_shapes(pinned))
     constants = _constant_shapes(model)
     # Weights: float constants, and the integer data of a DequantizeLinear (quantized weights).

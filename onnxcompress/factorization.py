@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
-from onnxcompress import activation_scale, graph, layer_refit, output_sensitivity
+from onnxcompress import activation_scale, graph, layer_refit, model_copies, output_sensitivity
 from onnxcompress.analyse import ModelAnalysis, analyse
 from onnxcompress.default_budget import DefaultBudget
 from onnxcompress.errors import CompressError
@@ -278,7 +278,7 @@ def _factorize(model, method: Method, options: DriverOptions, context, pass_name
             return _finish(model, model, {}, plan, options, context, analysis, pass_name)
     else:
         plan.settle(set())
-    rewritten = graph.copy_without_initializers(model, _read_only_by(model, chosen))
+    rewritten = model_copies.copy_without_initializers(model, _read_only_by(model, chosen))
     rewrites = {}
     for layer, candidate in chosen:
         rewrite = built.get(id(candidate))  # faster_only built it with the method alone

@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import EncodeError
 
-from onnxcompress import graph
+from onnxcompress import graph, model_copies
 from onnxcompress.errors import CompressError, first_line
 from onnxcompress.input_checks import require_utf8_strings
 from onnxcompress.interrupts import signals_held
@@ -75,12 +75,12 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def model_bytes(model: onnx.ModelProto) -> int:
-    """Size the model takes on disk as one protobuf file, nearly (see graph.tensor_bytes):
+    """Size the model takes on disk as one protobuf file, nearly (see model_copies.tensor_bytes):
     protobuf's own ByteSize serialises the whole model to count it, which costs twice its
     size in memory and fails past 2 GB."""
     weights = model.graph.initializer  # tensors in subgraphs are counted with their nodes
-    shell = graph.stub_tensors(model, {tensor.name: [] for tensor in weights})
-    return shell.ByteSize() + sum(graph.tensor_bytes(tensor) for tensor in weights)
+    shell = model_copies.stub_tensors(model, {tensor.name: [] for tensor in weights})
+    return shell.ByteSize() + sum(model_copies.tensor_bytes(tensor) for tensor in weights)
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, replace: bool = True) -> int:
@@ -152,7 +152,8 @@ def _save_with_external_data(model: onnx.ModelProto, path: Path, replace: bool) 
     tensors = [
         tensor
         for tensor in model.graph.initializer
-        if tensor.HasField("raw_data") and graph.tensor_bytes(tensor) >= EXTERNAL_TENSOR_BYTES
+        if tensor.HasField("raw_data")
+        and model_copies.tensor_bytes(tensor) >= EXTERNAL_TENSOR_BYTES
     ]
     with _temp_beside(path, ".data.tmp") as data_tmp, _temp_beside(path, ".tmp") as graph_tmp:
         spans, digest = _write_file(data_tmp, (tensor.raw_data for tensor in tensors))
@@ -220,7 +221,7 @@ def _serialize_with_external(
         for tensor, (offset, length) in zip(tensors, spans, strict=True)
     }
     try:
-        return graph.stub_tensors(model, locations).SerializeToString()
+        return model_copies.stub_tensors(model, locations).SerializeToString()
     except (ValueError, EncodeError) as exc:  # protobuf's limit, met by what stays inline
         raise CompressError(f"the model's graph is too large to write: {first_line(exc)}") from exc
 

@@ -30,7 +30,7 @@ from onnxcompress.coding.onnxc import (
     weights_digest,
 )
 from onnxcompress.coding.sparse_codec import FLOAT_TYPES, encode_sparse, sparse_charge
-from onnxcompress.graph import stub_tensors
+from onnxcompress.model_copies import stub_tensors
 
 log = logging.getLogger(__name__)
 
