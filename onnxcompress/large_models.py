@@ -2,8 +2,8 @@
 onnxruntime cannot be handed them in memory, since each would serialise the whole model first.
 They are given a file instead: the model written once with external data (`written`), then
 checked and inferred from its path (`check_file`) and run by sessions made from that path.
-Code that needs only a model's structure (shape inference, op counts) works on its
-`model_copies.skeleton`, which carries every tensor's type and dims but not the bytes of large ones."""
+Code that needs only a model's structure (shape inference, op counts) works on its skeleton
+(`model_copies.skeleton`): every tensor's type and dims, not the bytes of large ones."""
 
 from __future__ import annotations
 
