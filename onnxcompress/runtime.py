@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnxcompress import model_copies
 from onnxcompress.errors import ORT_LOG_SEVERITY, CompressError
 
 # Only fatal messages: onnxruntime's own errors reach the user as our one line.
@@ -73,29 +74,29 @@ def expose_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 def expose_only(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A copy whose only outputs are `names`, cut down to the nodes they depend on:
     onnxruntime runs every node of a graph whatever outputs are asked for, so a refit that
-    reads an early tensor would otherwise pay for the whole model. Graphs with subgraphs
-    (If, Loop, Scan) are only exposed, not cut: their bodies may read any outer tensor."""
-    cut = onnx.ModelProto()
-    cut.CopyFrom(model)
-    graph = cut.graph
-    del graph.output[:]
-    graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
-    if has_subgraphs(cut):
+    reads an early tensor would otherwise pay for the whole model. Built without the weights
+    it leaves out (a whole copy would hold every weight twice). Graphs with subgraphs (If,
+    Loop, Scan) are only exposed, not cut: their bodies may read any outer tensor."""
+    outputs = [onnx.ValueInfoProto(name=n) for n in names]
+    if has_subgraphs(model):
+        cut = onnx.ModelProto()
+        cut.CopyFrom(model)
+        del cut.graph.output[:]
+        cut.graph.output.extend(outputs)
         return cut
     needed, keep = set(names), []
-    for node in reversed(graph.node):
+    for node in reversed(model.graph.node):
         if needed.intersection(node.output):
             keep.append(node)
             needed.update(i for i in node.input if i)
-    initializers = [init for init in graph.initializer if init.name in needed]
-    inputs = [value for value in graph.input if value.name in needed]
-    for field, items in (
-        (graph.node, keep[::-1]),
-        (graph.initializer, initializers),
-        (graph.input, inputs),
-    ):
+    unread = {init.name for init in model.graph.initializer if init.name not in needed}
+    cut = model_copies.copy_without_initializers(model, unread)
+    inputs = [value for value in cut.graph.input if value.name in needed]
+    for field, items in ((cut.graph.node, keep[::-1]), (cut.graph.input, inputs)):
         del field[:]
         field.extend(items)
+    del cut.graph.output[:]
+    cut.graph.output.extend(outputs)
     return cut
 
 
