@@ -42,7 +42,7 @@ class LazyConstants(Mapping):
     def __init__(self, model: onnx.ModelProto) -> None:
         self._tensors = {init.name: init for init in model.graph.initializer}
         self._values = constant_tensors(model, initializers=False)
-        self._names = [*self._tensors, *self._values]
+        self._names = list(dict.fromkeys([*self._tensors, *self._values]))
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._values:
@@ -53,10 +53,10 @@ class LazyConstants(Mapping):
         return name in self._tensors or name in self._values
 
     def __iter__(self):
-        return iter(dict.fromkeys(self._names))
+        return iter(self._names)
 
     def __len__(self) -> int:
-        return len(dict.fromkeys(self._names))
+        return len(self._names)
 
 
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:

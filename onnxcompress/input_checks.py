@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
-from onnx import helper
 
+from onnxcompress import model_copies
 from onnxcompress.errors import CompressError
 from onnxcompress.graph import dim_values, runtime_inputs
 
@@ -129,12 +129,13 @@ def _values_held(tensor: onnx.TensorProto) -> int | None:
     strings, sub-byte or unknown types)."""
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         return None
-    name = onnx.TensorProto.DataType.Name(tensor.data_type)
-    if name in ("UNDEFINED", "STRING") or "4" in name:  # int4, uint4, float4 pack two a byte
+    itemsize = model_copies.itemsize_of(tensor.data_type)
+    if itemsize is None:
         return None
     if tensor.HasField("raw_data"):
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-        return len(tensor.raw_data) // itemsize if len(tensor.raw_data) % itemsize == 0 else -1
+        size = len(tensor.raw_data)  # each read of raw_data copies it
+        return size // itemsize if size % itemsize == 0 else -1
+    name = onnx.TensorProto.DataType.Name(tensor.data_type)
     fields = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
     held = sum(len(getattr(tensor, field)) for field in fields)
     return held // 2 if name.startswith("COMPLEX") else held

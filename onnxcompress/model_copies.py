@@ -18,8 +18,8 @@ def stub_tensors(
     `length`), they point to external data there. Built field by field, so the bytes of those
     tensors are never copied (a copy of the model would copy every weight)."""
     shell = onnx.ModelProto()
-    _copy_fields(model, shell, skip="graph")
-    _copy_fields(model.graph, shell.graph, skip="initializer")
+    _copy_fields(model, shell, skip=("graph",))
+    _copy_fields(model.graph, shell.graph, skip=("initializer",))
     for tensor in model.graph.initializer:
         if tensor.name not in stubs:
             shell.graph.initializer.add().CopyFrom(tensor)
@@ -37,17 +37,17 @@ def copy_without_initializers(model: onnx.ModelProto, names: set[str]) -> onnx.M
     """A copy of the model without the initializers in `names` (never copied), nor their
     entries among the graph inputs (old IRs list weights there)."""
     shell = onnx.ModelProto()
-    _copy_fields(model, shell, skip="graph")
+    _copy_fields(model, shell, skip=("graph",))
     _copy_fields(model.graph, shell.graph, skip=("initializer", "input"))
     shell.graph.input.extend(value for value in model.graph.input if value.name not in names)
     shell.graph.initializer.extend(t for t in model.graph.initializer if t.name not in names)
     return shell
 
 
-def _copy_fields(source, target, skip: str | tuple[str, ...]) -> None:
+def _copy_fields(source, target, skip: tuple[str, ...]) -> None:
     """Every set field of `source` but those in `skip` into `target` (same message type)."""
     for field, value in source.ListFields():
-        if field.name in ((skip,) if isinstance(skip, str) else skip):
+        if field.name in skip:
             continue
         if field.is_repeated:
             getattr(target, field.name).extend(value)
@@ -63,13 +63,13 @@ def tensor_bytes(tensor: onnx.TensorProto) -> int:
     ByteSize serialises the message to count it)."""
     if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
         return tensor.ByteSize()
-    itemsize = _itemsize(tensor.data_type)
+    itemsize = itemsize_of(tensor.data_type)
     if itemsize is None:
         return tensor.ByteSize()
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize + 16 * len(tensor.dims) + 64
 
 
-def _itemsize(data_type: int) -> int | None:
+def itemsize_of(data_type: int) -> int | None:
     """Bytes per element of a tensor type; None for strings, sub-byte and unknown types."""
     if data_type not in onnx.TensorProto.DataType.values():
         return None
